@@ -1,0 +1,52 @@
+"""flask-silo-sql: per-client server-side state for Flask APIs, durable in SQL.
+
+The API of flask-silo 0.1.6 (change the import), with sessions, namespaces,
+expired SIDs, files and tasks kept in SQLite or PostgreSQL through SQLAlchemy,
+and the schema managed by Alembic (``flask silo-db upgrade``).
+"""
+
+from .cleanup import CleanupDaemon
+from .errors import (
+    NamespaceError,
+    SchemaError,
+    SessionBusy,
+    SessionExpired,
+    SiloError,
+    StateConflict,
+    StateNotSerializable,
+    StateTooLarge,
+    StorageUnavailable,
+)
+from .ext import Silo
+from .files import FileStore
+from .schema import alembic_include_name, alembic_include_object
+from .sql_storage import SQLStorage
+from .storage import InMemoryStorage, SiloStorage
+from .store import SessionStore
+from .tasks import BackgroundTask, TaskState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackgroundTask",
+    "CleanupDaemon",
+    "FileStore",
+    "InMemoryStorage",
+    "NamespaceError",
+    "SQLStorage",
+    "SchemaError",
+    "SessionBusy",
+    "SessionExpired",
+    "SessionStore",
+    "Silo",
+    "SiloError",
+    "SiloStorage",
+    "StateConflict",
+    "StateNotSerializable",
+    "StateTooLarge",
+    "StorageUnavailable",
+    "TaskState",
+    "__version__",
+    "alembic_include_name",
+    "alembic_include_object",
+]

@@ -1,0 +1,117 @@
+"""``flask silo-db``: thin click wrappers over :mod:`flask_silo_sql.schema` and the store.
+
+Installed as a ``flask.commands`` entry point, so it is available in every
+Flask app that uses :class:`~flask_silo_sql.Silo`, with no file in the project.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from . import schema
+from .ext import EXTENSION_KEY, Silo
+from .sql_storage import SQLStorage
+
+
+def _silo() -> Silo:
+    silo = current_app.extensions.get(EXTENSION_KEY)
+    if not isinstance(silo, Silo):
+        raise click.ClickException("this application does not use flask_silo_sql.Silo")
+    return silo
+
+
+def _storage() -> SQLStorage:
+    storage = _silo().store.sql
+    if storage is None:
+        raise click.ClickException("this application's Silo does not use SQL storage")
+    return storage
+
+
+@click.group("silo-db")
+def silo_db() -> None:
+    """flask-silo-sql's tables: migrations, expiry, statistics."""
+
+
+@silo_db.command()
+@click.argument("revision", default="head")
+@click.option("--sql", is_flag=True, help="Print the SQL instead of running it.")
+@with_appcontext
+def upgrade(revision: str, sql: bool) -> None:
+    """Migrate the silo tables up to REVISION (default: head)."""
+    schema.upgrade(_storage().engine, revision, sql=sql)
+    if not sql:
+        click.echo(f"silo schema at {schema.current(_storage().engine)}", err=True)
+
+
+@silo_db.command()
+@click.argument("revision")
+@click.option("--sql", is_flag=True, help="Print the SQL instead of running it.")
+@with_appcontext
+def downgrade(revision: str, sql: bool) -> None:
+    """Migrate the silo tables down to REVISION (`base` drops them all)."""
+    schema.downgrade(_storage().engine, revision, sql=sql)
+
+
+@silo_db.command()
+@with_appcontext
+def current() -> None:
+    """Show the revision the database is at."""
+    click.echo(schema.current(_storage().engine) or "(no silo schema)")
+
+
+@silo_db.command()
+def history() -> None:
+    """List the migrations this version ships."""
+    schema.history(stdout=sys.stdout)
+
+
+@silo_db.command()
+@click.argument("revision")
+@with_appcontext
+def stamp(revision: str) -> None:
+    """Record REVISION as current without running migrations."""
+    schema.stamp(_storage().engine, revision)
+
+
+@silo_db.command()
+@with_appcontext
+def check() -> None:
+    """Exit with status 1 unless the schema is at head."""
+    engine = _storage().engine
+    rev, want = schema.current(engine), schema.head()
+    if rev != want:
+        click.echo(f"silo schema at {rev or 'nothing'}, head is {want}: run `flask silo-db upgrade`")
+        sys.exit(1)
+    click.echo(f"silo schema is current ({rev})")
+
+
+@silo_db.command()
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sessions per batch.")
+@with_appcontext
+def cleanup(batch_size: int | None) -> None:
+    """Run one expiry sweep now (for cron)."""
+    store = _silo().store
+    if batch_size is not None:
+        store.sweep_batch_size = batch_size
+    expired = store.cleanup()
+    click.echo(f"expired {len(expired)} session(s)")
+
+
+@silo_db.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_appcontext
+def stats(as_json: bool) -> None:
+    """Counts of sessions, namespaces, expired SIDs, files and tasks."""
+    numbers = _storage().stats()
+    if as_json:
+        click.echo(json.dumps(numbers, sort_keys=True))
+        return
+    for key in ("sessions", "namespaces", "expired_sids", "files", "file_bytes"):
+        click.echo(f"{key:<14}{numbers[key]}")
+    tasks = numbers["tasks"] or {}
+    click.echo("tasks         " + (", ".join(f"{k}={v}" for k, v in sorted(tasks.items())) or "0"))

@@ -1,0 +1,189 @@
+"""The tables flask-silo-sql keeps, as SQLAlchemy Core metadata.
+
+The migrations in ``migrations/`` are the source of truth for the schema; a
+test holds these definitions and the migrations to the same shape on SQLite
+and PostgreSQL. Operators query these tables directly, so names are fixed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+SID_LENGTH = 128
+"""Longest SID the tables hold (and the longest one a client may present)."""
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    PostgreSQL stores ``timestamptz``; SQLite stores UTC as ISO-8601 text
+    (``YYYY-MM-DD HH:MM:SS.ffffff``), which sorts and compares correctly.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; silo timestamps are timezone-aware UTC")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+"""JSON on SQLite, JSONB on PostgreSQL."""
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+sessions = Table(
+    "silo_sessions",
+    metadata,
+    Column("sid", String(SID_LENGTH), primary_key=True, comment="Session ID the client presents"),
+    Column("created_at", UTCDateTime(), nullable=False, comment="When the session was created"),
+    Column(
+        "last_active",
+        UTCDateTime(),
+        nullable=False,
+        comment="Last request seen (written at most once per touch interval)",
+    ),
+    Index("ix_silo_sessions_last_active", "last_active"),
+    comment="One row per live flask-silo-sql session",
+)
+
+namespaces = Table(
+    "silo_namespaces",
+    metadata,
+    Column(
+        "sid",
+        String(SID_LENGTH),
+        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
+        primary_key=True,
+        comment="Owning session",
+    ),
+    Column("name", String(255), primary_key=True, comment="Namespace name given to register()"),
+    Column("data", JSONDocument, nullable=False, comment="The namespace's state as JSON"),
+    Column(
+        "version",
+        Integer,
+        nullable=False,
+        comment="Bumped on every write; guards against lost updates",
+    ),
+    Column("updated_at", UTCDateTime(), nullable=False, comment="Time of the last write"),
+    comment="One row per (session, namespace): the state of that namespace",
+)
+
+expired_sids = Table(
+    "silo_expired_sids",
+    metadata,
+    Column("sid", String(SID_LENGTH), primary_key=True, comment="SID of an expired session"),
+    Column("expired_at", UTCDateTime(), nullable=False, comment="When the session was expired"),
+    Index("ix_silo_expired_sids_expired_at", "expired_at"),
+    comment="Expired SIDs remembered for expired_retain seconds, to answer 410 Gone",
+)
+
+files = Table(
+    "silo_files",
+    metadata,
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+        comment="Surrogate key",
+    ),
+    Column(
+        "sid",
+        String(SID_LENGTH),
+        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
+        nullable=False,
+        comment="Owning session",
+    ),
+    Column("store", String(255), nullable=False, comment="File store name (add_file_store)"),
+    Column("filename", String(255), nullable=False, comment="Sanitised file name on disk"),
+    Column("size_bytes", BigInteger, nullable=False, comment="Size of the file in bytes"),
+    Column("sha256", String(64), nullable=False, comment="Hex SHA-256 of the content"),
+    Column("content_type", String(255), nullable=True, comment="MIME type, when known"),
+    Column("created_at", UTCDateTime(), nullable=False, comment="When the file was stored"),
+    UniqueConstraint("sid", "store", "filename", name="uq_silo_files_sid_store_filename"),
+    comment="One row per file kept in a session's directory",
+)
+
+tasks = Table(
+    "silo_tasks",
+    metadata,
+    Column("id", String(32), primary_key=True, comment="Task ID (random hex)"),
+    Column(
+        "sid",
+        String(SID_LENGTH),
+        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
+        nullable=False,
+        comment="Owning session",
+    ),
+    Column("name", String(255), nullable=False, comment="Task name given to BackgroundTask"),
+    Column(
+        "status",
+        String(16),
+        nullable=False,
+        comment="idle, running, complete or failed",
+    ),
+    Column("progress", Float, nullable=False, comment="Percent complete, 0 to 100"),
+    Column("message", Text, nullable=False, comment="Latest status message"),
+    Column("logs", JSONDocument, nullable=False, comment="Newest log lines (bounded list)"),
+    Column("error", Text, nullable=True, comment="Error text when failed"),
+    Column("started_at", UTCDateTime(), nullable=True, comment="When the task started"),
+    Column("finished_at", UTCDateTime(), nullable=True, comment="When the task ended"),
+    Column(
+        "heartbeat_at",
+        UTCDateTime(),
+        nullable=True,
+        comment="Last sign of life from the worker running it",
+    ),
+    Index("ix_silo_tasks_sid", "sid"),
+    Index("ix_silo_tasks_status_heartbeat_at", "status", "heartbeat_at"),
+    comment="One row per background task owned by a session",
+)
+
+SILO_TABLES = frozenset(metadata.tables)
+"""Names of every table flask-silo-sql owns."""
+
+VERSION_TABLE = "silo_alembic_version"
+"""Alembic's version table for our migrations (never the host's ``alembic_version``)."""

@@ -1,0 +1,165 @@
+"""Alembic, driven from Python: upgrade, downgrade, stamp, inspect the schema.
+
+The migrations ship inside the package; the version table is
+``silo_alembic_version``, so a host's own ``alembic_version`` is never read or
+written. Upgrades hold a lock (an advisory lock on PostgreSQL, a lock file
+beside an SQLite database) so that workers starting together do not race.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, func, select
+
+from .errors import SchemaError, SiloError
+from .models import SILO_TABLES, VERSION_TABLE
+
+ADVISORY_LOCK_KEY = 0x5110_5C4E  # "silo schema"
+
+
+def migrations_dir() -> Path:
+    """Where the migrations are: inside the installed package, else the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SiloError("flask-silo-sql's migrations are missing from this installation")
+
+
+def alembic_config(
+    *, connection: Connection | None = None, url: str | None = None, stdout: IO[str] | None = None
+) -> Config:
+    """An Alembic config for our migrations (no ini file, no logging setup)."""
+    config = Config(stdout=stdout or sys.stdout)
+    config.set_main_option("script_location", str(migrations_dir()))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head() -> str:
+    """The newest revision this version of the library ships."""
+    revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert revision is not None
+    return revision
+
+
+def current(engine: Engine) -> str | None:
+    """The revision the database is at, or None when our schema is absent."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def is_current(engine: Engine) -> bool:
+    """Whether the database is at :func:`head`."""
+    return current(engine) == head()
+
+
+def check(engine: Engine) -> None:
+    """Raise :class:`SchemaError` (naming ``flask silo-db upgrade``) unless at head."""
+    rev, want = current(engine), head()
+    if rev != want:
+        raise SchemaError(rev, want, engine.url.render_as_string(hide_password=True))
+
+
+@contextmanager
+def migration_lock(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction that holds the schema lock."""
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            lock_path = Path(database).with_name(Path(database).name + ".silo-migrate.lock")
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    with engine.begin() as conn:
+                        yield conn
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.begin() as conn:
+        conn.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
+        yield conn
+
+
+def _offline_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+def upgrade(
+    engine: Engine, revision: str = "head", *, sql: bool = False, stdout: IO[str] | None = None
+) -> None:
+    """Migrate up to *revision*; with *sql*, print the DDL instead of running it."""
+    if sql:
+        command.upgrade(alembic_config(url=_offline_url(engine), stdout=stdout), revision, sql=True)
+        return
+    with migration_lock(engine) as conn:
+        command.upgrade(alembic_config(connection=conn, stdout=stdout), revision)
+
+
+def downgrade(
+    engine: Engine, revision: str, *, sql: bool = False, stdout: IO[str] | None = None
+) -> None:
+    """Migrate down to *revision* (``base`` removes every silo table)."""
+    if sql:
+        command.downgrade(
+            alembic_config(url=_offline_url(engine), stdout=stdout), revision, sql=True
+        )
+        return
+    with migration_lock(engine) as conn:
+        command.downgrade(alembic_config(connection=conn, stdout=stdout), revision)
+
+
+def stamp(engine: Engine, revision: str, *, stdout: IO[str] | None = None) -> None:
+    """Record *revision* as current without running migrations."""
+    with migration_lock(engine) as conn:
+        command.stamp(alembic_config(connection=conn, stdout=stdout), revision)
+
+
+def history(*, stdout: IO[str] | None = None) -> str:
+    """The revision history, newest first, as text (also written to *stdout*)."""
+    buffer = io.StringIO()
+    command.history(alembic_config(stdout=buffer), verbose=False)
+    text = buffer.getvalue()
+    if stdout is not None:
+        stdout.write(text)
+    return text
+
+
+def alembic_include_name(name: str | None, type_: str, parent_names: dict[str, Any]) -> bool:
+    """For a host's ``context.configure(include_name=...)``: hide silo's tables.
+
+    With it, a host's autogenerate neither drops nor alters ``silo_*`` tables
+    nor ``silo_alembic_version``.
+    """
+    if type_ == "table":
+        return name not in SILO_TABLES and name != VERSION_TABLE
+    table = parent_names.get("table_name")
+    return table not in SILO_TABLES and table != VERSION_TABLE
+
+
+def alembic_include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """For a host's ``context.configure(include_object=...)``: hide silo's tables."""
+    if type_ == "table":
+        return name not in SILO_TABLES and name != VERSION_TABLE
+    table = getattr(getattr(obj, "table", None), "name", None)
+    return table not in SILO_TABLES and table != VERSION_TABLE

@@ -1,0 +1,614 @@
+"""SQL storage: sessions, namespaces and expired SIDs in tables, via SQLAlchemy Core.
+
+Besides the 12 :class:`~flask_silo_sql.storage.SiloStorage` methods (so it can
+serve flask-silo itself), :class:`SQLStorage` offers the row-level operations
+that :class:`~flask_silo_sql.store.SessionStore` uses to keep a request cheap:
+one SELECT to load a session, one UPDATE per changed namespace, and a throttled
+``last_active`` write. Statements are built once per storage and reused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    String,
+    Integer,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .engine import make_engine
+from .errors import SessionExpired, SiloError, StateConflict, StorageUnavailable
+from .models import (
+    SID_LENGTH,
+    JSONDocument,
+    UTCDateTime,
+    expired_sids,
+    files,
+    namespaces,
+    sessions,
+    tasks,
+)
+from .storage import SiloStorage
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+UTC = dt.timezone.utc
+CHILD_TABLES = (namespaces, files, tasks)
+
+
+def to_datetime(timestamp: float) -> dt.datetime:
+    """Unix time to an aware UTC datetime."""
+    return dt.datetime.fromtimestamp(timestamp, UTC)
+
+
+@dataclass(slots=True)
+class LoadedSession:
+    """A session row and its namespaces, as one SELECT returned them."""
+
+    created_at: dt.datetime
+    last_active: dt.datetime
+    namespaces: dict[str, tuple[Any, int]]
+    """Namespace name to ``(data, version)``."""
+
+
+@dataclass(slots=True)
+class NamespaceWrite:
+    """One namespace to write; ``expected_version`` None means "insert"."""
+
+    name: str
+    data: Any
+    expected_version: int | None
+
+
+@dataclass(slots=True)
+class SweepResult:
+    """What one expiry sweep did."""
+
+    expired: list[str]
+    skipped_busy: int
+
+
+class _Statements:
+    """Every statement of the request path, compiled once per dialect."""
+
+    def __init__(self, dialect: str) -> None:
+        insert = pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
+
+        def typed(value: Any, type_: Any) -> Any:
+            # PostgreSQL must be told the type of a bound SELECT column; SQLite's
+            # CAST would coerce JSON text and timestamps to numbers.
+            return cast(value, type_) if dialect == "postgresql" else value
+
+        sid = bindparam("k_sid", type_=String(SID_LENGTH))
+        now = bindparam("now", type_=UTCDateTime())
+
+        self.load = (
+            select(
+                sessions.c.created_at,
+                sessions.c.last_active,
+                namespaces.c.name,
+                namespaces.c.data,
+                namespaces.c.version,
+            )
+            .select_from(sessions.outerjoin(namespaces, namespaces.c.sid == sessions.c.sid))
+            .where(sessions.c.sid == sid)
+        )
+        self.has_session = select(literal(1)).where(sessions.c.sid == sid)
+        self.is_expired = select(literal(1)).where(expired_sids.c.sid == sid)
+
+        self.create = (
+            insert(sessions)
+            .values(sid=sid, created_at=now, last_active=now)
+            .on_conflict_do_nothing(index_elements=[sessions.c.sid])
+        )
+        upsert = insert(sessions).values(sid=sid, created_at=now, last_active=now)
+        self.touch_or_create = upsert.on_conflict_do_update(
+            index_elements=[sessions.c.sid],
+            set_={"last_active": upsert.excluded.last_active},
+            where=sessions.c.last_active < bindparam("stale_before", type_=UTCDateTime()),
+        ).returning(sessions.c.created_at)
+        self.touch = update(sessions).where(sessions.c.sid == sid).values(last_active=now)
+        self.clear_expired = delete(expired_sids).where(expired_sids.c.sid == sid)
+
+        mark = insert(expired_sids).values(
+            sid=sid, expired_at=bindparam("k_expired_at", type_=UTCDateTime())
+        )
+        self.mark_expired = mark.on_conflict_do_update(
+            index_elements=[expired_sids.c.sid], set_={"expired_at": mark.excluded.expired_at}
+        )
+
+        name = bindparam("k_name", type_=String(255))
+        data = bindparam("k_data", type_=JSONDocument)
+        self.insert_namespace = (
+            insert(namespaces)
+            .from_select(
+                ["sid", "name", "data", "version", "updated_at"],
+                select(
+                    typed(sid, String(SID_LENGTH)),
+                    typed(name, String(255)),
+                    typed(data, JSONDocument),
+                    typed(literal(1), Integer()),
+                    typed(now, UTCDateTime()),
+                ).where(exists().where(sessions.c.sid == sid)),
+            )
+            .on_conflict_do_nothing(index_elements=[namespaces.c.sid, namespaces.c.name])
+        )
+        self.update_namespace = (
+            update(namespaces)
+            .where(
+                namespaces.c.sid == sid,
+                namespaces.c.name == name,
+                namespaces.c.version == bindparam("expected_version", type_=Integer()),
+            )
+            .values(data=data, version=namespaces.c.version + 1, updated_at=now)
+        )
+        ns_upsert = insert(namespaces).values(
+            sid=sid, name=name, data=data, version=1, updated_at=now
+        )
+        self.upsert_namespace = ns_upsert.on_conflict_do_update(
+            index_elements=[namespaces.c.sid, namespaces.c.name],
+            set_={
+                "data": ns_upsert.excluded.data,
+                "version": namespaces.c.version + 1,
+                "updated_at": ns_upsert.excluded.updated_at,
+            },
+        )
+        session_upsert = insert(sessions).values(
+            sid=sid,
+            created_at=bindparam("k_created_at", type_=UTCDateTime()),
+            last_active=bindparam("k_last_active", type_=UTCDateTime()),
+        )
+        self.upsert_session = session_upsert.on_conflict_do_update(
+            index_elements=[sessions.c.sid],
+            set_={"last_active": session_upsert.excluded.last_active},
+        )
+
+        # -- expiry ---------------------------------------------------------
+        cutoff = bindparam("cutoff", type_=UTCDateTime())
+        sids = bindparam("sids", expanding=True, type_=String(SID_LENGTH))
+        running_task = (
+            exists()
+            .where(
+                tasks.c.sid == sessions.c.sid,
+                tasks.c.status == "running",
+                tasks.c.heartbeat_at >= bindparam("heartbeat_cutoff", type_=UTCDateTime()),
+            )
+        )
+        after = tuple_(sessions.c.last_active, sessions.c.sid) > tuple_(
+            bindparam("after_ts", type_=UTCDateTime()), bindparam("after_sid", type_=String())
+        )
+        self.sweep_candidates = (
+            select(sessions.c.sid, sessions.c.last_active)
+            .where(sessions.c.last_active < cutoff, after, ~running_task)
+            .order_by(sessions.c.last_active, sessions.c.sid)
+            .limit(bindparam("batch_size", type_=Integer()))
+        )
+        victims = select(sessions.c.sid).where(sessions.c.sid.in_(sids), sessions.c.last_active < cutoff)
+        if dialect == "postgresql":
+            victims = victims.with_for_update(skip_locked=True)
+        self.sweep_delete = (
+            delete(sessions).where(sessions.c.sid.in_(victims.scalar_subquery())).returning(
+                sessions.c.sid
+            )
+        )
+        self.delete_children = [delete(t).where(t.c.sid.in_(sids)) for t in CHILD_TABLES]
+        self.prune_expired = delete(expired_sids).where(
+            expired_sids.c.sid.in_(
+                select(expired_sids.c.sid)
+                .where(expired_sids.c.expired_at < cutoff)
+                .limit(bindparam("batch_size", type_=Integer()))
+                .scalar_subquery()
+            )
+        )
+
+
+class SQLStorage(SiloStorage):
+    """Session storage in SQL tables (SQLite or PostgreSQL).
+
+    *bind* is a database URL, an SQLAlchemy :class:`~sqlalchemy.Engine`, or a
+    Flask-SQLAlchemy ``SQLAlchemy`` object whose engine is shared (its
+    ``db.session`` is never used). *engine_options* go to ``create_engine``
+    when *bind* is a URL.
+    """
+
+    def __init__(self, bind: str | URL | Engine | Any, **engine_options: Any) -> None:
+        self._engine: Engine | None = None
+        self._flask_sqlalchemy: Any = None
+        self._statements: _Statements | None = None
+        if isinstance(bind, Engine):
+            self._engine = bind
+        elif isinstance(bind, (str, URL)):
+            self._engine = make_engine(bind, **engine_options)
+        elif hasattr(bind, "engines") and hasattr(bind, "init_app"):
+            self._flask_sqlalchemy = bind
+        else:
+            raise TypeError(
+                "SQLStorage needs a database URL, an SQLAlchemy Engine or a "
+                f"Flask-SQLAlchemy object, not {type(bind).__name__}"
+            )
+        self.owns_engine = isinstance(bind, (str, URL))
+
+    # -- engine ------------------------------------------------------------
+
+    def bind_app(self, app: Flask) -> None:
+        """Resolve a Flask-SQLAlchemy object's engine within *app*."""
+        if self._engine is None and self._flask_sqlalchemy is not None:
+            with app.app_context():
+                self._engine = self._flask_sqlalchemy.engine
+
+    @property
+    def engine(self) -> Engine:
+        """The engine in use (a Flask-SQLAlchemy engine needs an app context once)."""
+        if self._engine is None:
+            try:
+                self._engine = self._flask_sqlalchemy.engine
+            except RuntimeError as exc:
+                raise SiloError(
+                    "SQLStorage was given a Flask-SQLAlchemy object: initialise it with "
+                    "Silo(app) / init_app(app), or use it inside an application context."
+                ) from exc
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.engine.dialect.name
+
+    @property
+    def _sql(self) -> _Statements:
+        if self._statements is None:
+            if self.dialect not in ("sqlite", "postgresql"):
+                raise SiloError(f"Unsupported database {self.dialect!r}")
+            self._statements = _Statements(self.dialect)
+        return self._statements
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A connection for reads; database outages become StorageUnavailable."""
+        with self._translate_errors(), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        """A connection in one transaction, committed at the end of the block."""
+        with self._translate_errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+            raise StorageUnavailable(f"Silo database unavailable: {exc}") from exc
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StorageUnavailable(f"Silo database connection lost: {exc}") from exc
+            raise
+
+    def dispose(self) -> None:
+        """Close pooled connections, when this storage created its engine."""
+        if self.owns_engine and self._engine is not None:
+            self._engine.dispose()
+
+    # -- row-level operations used by SessionStore -------------------------
+
+    def load(self, sid: str) -> LoadedSession | None:
+        """The session and all its namespaces in one SELECT, or None."""
+        with self._connect() as conn:
+            rows = conn.execute(self._sql.load, {"k_sid": sid}).all()
+        if not rows:
+            return None
+        loaded = LoadedSession(rows[0].created_at, rows[0].last_active, {})
+        for row in rows:
+            if row.name is not None:
+                loaded.namespaces[row.name] = (row.data, row.version)
+        return loaded
+
+    def create(self, sid: str, now: float) -> bool:
+        """Create an empty session row and forget any expiry mark; True if created."""
+        with self._begin() as conn:
+            created = conn.execute(self._sql.create, {"k_sid": sid, "now": to_datetime(now)})
+            if created.rowcount:
+                conn.execute(self._sql.clear_expired, {"k_sid": sid})
+        return bool(created.rowcount)
+
+    def touch_or_create(self, sid: str, now: float, stale_before: float) -> bool:
+        """One statement: create the session, or refresh a stale ``last_active``.
+
+        Returns True when the session was created (its expiry mark is then cleared).
+        """
+        when = to_datetime(now)
+        with self._begin() as conn:
+            row = conn.execute(
+                self._sql.touch_or_create,
+                {"k_sid": sid, "now": when, "stale_before": to_datetime(stale_before)},
+            ).first()
+            created = row is not None and row.created_at == when
+            if created:
+                conn.execute(self._sql.clear_expired, {"k_sid": sid})
+        return created
+
+    def touch(self, sid: str, now: float) -> None:
+        """Set ``last_active`` (no-op for a missing session)."""
+        with self._begin() as conn:
+            conn.execute(self._sql.touch, {"k_sid": sid, "now": to_datetime(now)})
+
+    def write(
+        self, sid: str, writes: Sequence[NamespaceWrite], now: float, *, touch: bool
+    ) -> list[int]:
+        """Write changed namespaces (and maybe ``last_active``) in one transaction.
+
+        Each namespace is written only if its version is still the one that was
+        read: otherwise :class:`StateConflict`, and nothing is written. A session
+        that was expired meanwhile raises :class:`SessionExpired` and is not
+        recreated. Returns the new version of each write.
+        """
+        sql = self._sql
+        when = to_datetime(now)
+        versions: list[int] = []
+        with self._begin() as conn:
+            for w in writes:
+                params = {"k_sid": sid, "k_name": w.name, "k_data": w.data, "now": when}
+                if w.expected_version is None:
+                    result = conn.execute(sql.insert_namespace, params)
+                    versions.append(1)
+                else:
+                    params["expected_version"] = w.expected_version
+                    result = conn.execute(sql.update_namespace, params)
+                    versions.append(w.expected_version + 1)
+                if result.rowcount != 1:
+                    if conn.execute(sql.has_session, {"k_sid": sid}).first() is None:
+                        raise SessionExpired(sid)
+                    raise StateConflict(sid, w.name)
+            if touch:
+                conn.execute(sql.touch, {"k_sid": sid, "now": when})
+        return versions
+
+    def sweep(
+        self,
+        *,
+        now: float,
+        cutoff: float,
+        heartbeat_cutoff: float,
+        batch_size: int = 500,
+        is_busy: Callable[[list[str]], set[str]] | None = None,
+        on_batch: Callable[[list[str]], None] | None = None,
+        dry_run: bool = False,
+    ) -> SweepResult:
+        """Expire sessions idle since before *cutoff*, batch by batch.
+
+        Candidates come through the ``last_active`` index in keyset order, so
+        each batch is a short transaction and cost follows the number of idle
+        sessions. A session with a running task whose heartbeat is newer than
+        *heartbeat_cutoff* is not a candidate; *is_busy* may veto more (it is
+        called outside any transaction). Deleted SIDs are recorded as expired
+        in the same transaction; ``DELETE ... RETURNING`` means that when
+        several workers sweep at once each SID is expired by exactly one.
+        *on_batch* receives each batch's expired SIDs after its commit.
+        """
+        sql = self._sql
+        result = SweepResult([], 0)
+        after_ts, after_sid = dt.datetime.min.replace(tzinfo=UTC), ""
+        params = {
+            "cutoff": to_datetime(cutoff),
+            "heartbeat_cutoff": to_datetime(heartbeat_cutoff),
+            "batch_size": batch_size,
+        }
+        while True:
+            with self._connect() as conn:
+                rows = conn.execute(
+                    sql.sweep_candidates, {**params, "after_ts": after_ts, "after_sid": after_sid}
+                ).all()
+            if not rows:
+                break
+            after_ts, after_sid = rows[-1].last_active, rows[-1].sid
+            candidates = [row.sid for row in rows]
+            busy = is_busy(candidates) if is_busy is not None else set()
+            result.skipped_busy += len(busy)
+            chosen = [s for s in candidates if s not in busy]
+            if dry_run:
+                result.expired.extend(chosen)
+                continue
+            if chosen:
+                expired = self._expire_batch(chosen, cutoff=params["cutoff"], now=now)
+                result.expired.extend(expired)
+                if on_batch is not None and expired:
+                    on_batch(expired)
+            if len(rows) < batch_size:
+                break
+        return result
+
+    def _expire_batch(self, sids: list[str], *, cutoff: dt.datetime, now: float) -> list[str]:
+        sql = self._sql
+        when = to_datetime(now)
+        with self._begin() as conn:
+            deleted = list(
+                conn.execute(sql.sweep_delete, {"sids": sids, "cutoff": cutoff})
+                .scalars()
+                .all()
+            )
+            if deleted:
+                if self.dialect == "sqlite":  # foreign keys may be off on a host's engine
+                    for stmt in sql.delete_children:
+                        conn.execute(stmt, {"sids": deleted})
+                conn.execute(
+                    sql.mark_expired, [{"k_sid": s, "k_expired_at": when} for s in deleted]
+                )
+        return deleted
+
+    def prune_expired(self, max_age: float, *, now: float | None = None, batch_size: int = 5000) -> None:
+        """Forget expired SIDs older than *max_age* seconds, in batches."""
+        self.prune_expired_count(max_age, now=now, batch_size=batch_size)
+
+    def prune_expired_count(
+        self, max_age: float, *, now: float | None = None, batch_size: int = 5000
+    ) -> int:
+        """:meth:`prune_expired`, returning how many records were removed."""
+        cutoff = to_datetime((time.time() if now is None else now) - max_age)
+        total = 0
+        while True:
+            with self._begin() as conn:
+                count = conn.execute(
+                    self._sql.prune_expired, {"cutoff": cutoff, "batch_size": batch_size}
+                ).rowcount
+            total += count
+            if count < batch_size:
+                return total
+
+    # -- SiloStorage interface ---------------------------------------------
+
+    def get_session(self, sid: str) -> dict[str, Any] | None:
+        loaded = self.load(sid)
+        if loaded is None:
+            return None
+        session: dict[str, Any] = {name: data for name, (data, _) in loaded.namespaces.items()}
+        session["_meta"] = {
+            "created_at": loaded.created_at.timestamp(),
+            "last_active": loaded.last_active.timestamp(),
+            "sid": sid,
+        }
+        return session
+
+    def set_session(self, sid: str, data: dict[str, Any]) -> None:
+        meta = data.get("_meta") or {}
+        now = time.time()
+        created_at = to_datetime(float(meta.get("created_at", now)))
+        last_active = to_datetime(float(meta.get("last_active", now)))
+        with self._begin() as conn:
+            conn.execute(
+                self._sql.upsert_session,
+                {"k_sid": sid, "k_created_at": created_at, "k_last_active": last_active},
+            )
+            rows = [
+                {"k_sid": sid, "k_name": name, "k_data": value, "now": last_active}
+                for name, value in data.items()
+                if name != "_meta"
+            ]
+            if rows:
+                conn.execute(self._sql.upsert_namespace, rows)
+
+    def replace_namespaces(self, sid: str, fresh: dict[str, Any], now: float) -> None:
+        """Reset: every namespace of *sid* becomes *fresh* (others are dropped).
+
+        Versions are bumped, never restarted, so a request that read the old
+        state cannot overwrite the reset.
+        """
+        when = to_datetime(now)
+        with self._begin() as conn:
+            if conn.execute(self._sql.has_session, {"k_sid": sid}).first() is None:
+                return
+            conn.execute(
+                delete(namespaces).where(
+                    namespaces.c.sid == sid, namespaces.c.name.not_in(list(fresh))
+                )
+            )
+            if fresh:
+                conn.execute(
+                    self._sql.upsert_namespace,
+                    [{"k_sid": sid, "k_name": n, "k_data": v, "now": when} for n, v in fresh.items()],
+                )
+
+    def delete_session(self, sid: str) -> None:
+        self.delete_sessions([sid])
+
+    def delete_sessions(self, sids: list[str]) -> None:
+        """Delete sessions and everything they own, without marking them expired."""
+        with self._begin() as conn:
+            for stmt in self._sql.delete_children:
+                conn.execute(stmt, {"sids": sids})
+            conn.execute(delete(sessions).where(sessions.c.sid.in_(sids)))
+
+    def has_session(self, sid: str) -> bool:
+        with self._connect() as conn:
+            return conn.execute(self._sql.has_session, {"k_sid": sid}).first() is not None
+
+    def all_sessions(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._connect() as conn:
+            heads = conn.execute(select(sessions).order_by(sessions.c.sid)).all()
+            rows = conn.execute(select(namespaces.c.sid, namespaces.c.name, namespaces.c.data)).all()
+        out: dict[str, dict[str, Any]] = {
+            h.sid: {
+                "_meta": {
+                    "created_at": h.created_at.timestamp(),
+                    "last_active": h.last_active.timestamp(),
+                    "sid": h.sid,
+                }
+            }
+            for h in heads
+        }
+        for row in rows:
+            if row.sid in out:
+                out[row.sid][row.name] = row.data
+        return list(out.items())
+
+    def session_count(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(sessions)).scalar_one())
+
+    def all_sids(self) -> list[str]:
+        with self._connect() as conn:
+            return list(conn.execute(select(sessions.c.sid)).scalars())
+
+    def mark_expired(self, sid: str, timestamp: float) -> None:
+        with self._begin() as conn:
+            conn.execute(self._sql.mark_expired, {"k_sid": sid, "k_expired_at": to_datetime(timestamp)})
+
+    def is_expired(self, sid: str) -> bool:
+        with self._connect() as conn:
+            return conn.execute(self._sql.is_expired, {"k_sid": sid}).first() is not None
+
+    def clear_expired(self, sid: str) -> None:
+        with self._begin() as conn:
+            conn.execute(self._sql.clear_expired, {"k_sid": sid})
+
+    def expired_count(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(expired_sids)).scalar_one())
+
+    # -- operators ---------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Row counts for ``flask silo-db stats``."""
+        with self._connect() as conn:
+            def count(table: Any) -> int:
+                return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+            by_status = {
+                row.status: int(row.n)
+                for row in conn.execute(
+                    select(tasks.c.status, func.count().label("n")).group_by(tasks.c.status)
+                )
+            }
+            file_bytes = conn.execute(
+                select(func.coalesce(func.sum(files.c.size_bytes), 0))
+            ).scalar_one()
+            return {
+                "sessions": count(sessions),
+                "namespaces": count(namespaces),
+                "expired_sids": count(expired_sids),
+                "files": count(files),
+                "file_bytes": int(file_bytes),
+                "tasks": by_status,
+            }
