@@ -23,7 +23,6 @@ from sqlalchemy import (
     String,
     Integer,
     bindparam,
-    cast,
     delete,
     exists,
     func,
@@ -94,12 +93,6 @@ class _Statements:
 
     def __init__(self, dialect: str) -> None:
         insert = pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
-
-        def typed(value: Any, type_: Any) -> Any:
-            # PostgreSQL must be told the type of a bound SELECT column; SQLite's
-            # CAST would coerce JSON text and timestamps to numbers.
-            return cast(value, type_) if dialect == "postgresql" else value
-
         sid = bindparam("k_sid", type_=String(SID_LENGTH))
         now = bindparam("now", type_=UTCDateTime())
 
@@ -121,6 +114,7 @@ class _Statements:
             insert(sessions)
             .values(sid=sid, created_at=now, last_active=now)
             .on_conflict_do_nothing(index_elements=[sessions.c.sid])
+            .returning(sessions.c.sid)
         )
         upsert = insert(sessions).values(sid=sid, created_at=now, last_active=now)
         self.touch_or_create = upsert.on_conflict_do_update(
@@ -144,15 +138,12 @@ class _Statements:
             insert(namespaces)
             .from_select(
                 ["sid", "name", "data", "version", "updated_at"],
-                select(
-                    typed(sid, String(SID_LENGTH)),
-                    typed(name, String(255)),
-                    typed(data, JSONDocument),
-                    typed(literal(1), Integer()),
-                    typed(now, UTCDateTime()),
-                ).where(exists().where(sessions.c.sid == sid)),
+                select(sid, name, data, literal(1, Integer()), now).where(
+                    exists().where(sessions.c.sid == sid)
+                ),
             )
             .on_conflict_do_nothing(index_elements=[namespaces.c.sid, namespaces.c.name])
+            .returning(namespaces.c.version)
         )
         self.update_namespace = (
             update(namespaces)
@@ -329,10 +320,10 @@ class SQLStorage(SiloStorage):
     def create(self, sid: str, now: float) -> bool:
         """Create an empty session row and forget any expiry mark; True if created."""
         with self._begin() as conn:
-            created = conn.execute(self._sql.create, {"k_sid": sid, "now": to_datetime(now)})
-            if created.rowcount:
+            row = conn.execute(self._sql.create, {"k_sid": sid, "now": to_datetime(now)}).first()
+            if row is not None:
                 conn.execute(self._sql.clear_expired, {"k_sid": sid})
-        return bool(created.rowcount)
+        return row is not None
 
     def touch_or_create(self, sid: str, now: float, stale_before: float) -> bool:
         """One statement: create the session, or refresh a stale ``last_active``.
@@ -372,13 +363,13 @@ class SQLStorage(SiloStorage):
             for w in writes:
                 params = {"k_sid": sid, "k_name": w.name, "k_data": w.data, "now": when}
                 if w.expected_version is None:
-                    result = conn.execute(sql.insert_namespace, params)
+                    written = conn.execute(sql.insert_namespace, params).first() is not None
                     versions.append(1)
                 else:
                     params["expected_version"] = w.expected_version
-                    result = conn.execute(sql.update_namespace, params)
+                    written = conn.execute(sql.update_namespace, params).rowcount == 1
                     versions.append(w.expected_version + 1)
-                if result.rowcount != 1:
+                if not written:
                     if conn.execute(sql.has_session, {"k_sid": sid}).first() is None:
                         raise SessionExpired(sid)
                     raise StateConflict(sid, w.name)
