@@ -57,6 +57,4 @@ class CleanupDaemon:
     @property
     def running(self) -> bool:
         """Whether the thread is alive in this process."""
-        return (
-            self._thread is not None and self._pid == os.getpid() and self._thread.is_alive()
-        )
+        return self._thread is not None and self._pid == os.getpid() and self._thread.is_alive()

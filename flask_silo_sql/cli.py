@@ -85,7 +85,9 @@ def check() -> None:
     engine = _storage().engine
     rev, want = schema.current(engine), schema.head()
     if rev != want:
-        click.echo(f"silo schema at {rev or 'nothing'}, head is {want}: run `flask silo-db upgrade`")
+        click.echo(
+            f"silo schema at {rev or 'nothing'}, head is {want}: run `flask silo-db upgrade`"
+        )
         sys.exit(1)
     click.echo(f"silo schema is current ({rev})")
 

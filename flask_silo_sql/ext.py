@@ -283,7 +283,9 @@ class Silo:
             else:
                 self.store.touch_or_create(state.sid)
         except SessionExpired:
-            logger.info("session %s expired during the request; its changes were dropped", state.sid)
+            logger.info(
+                "session %s expired during the request; its changes were dropped", state.sid
+            )
         except SiloError as exc:
             response = current_app.make_response(current_app.handle_user_exception(exc))
         response.headers[self._header] = state.sid
@@ -343,8 +345,7 @@ class Silo:
         state = self._request_state()
         session = state.session
         if session is None:
-            store = self.store
-            session = store.open(state.sid) if store.sql is not None else store.get(state.sid)
+            session = self._open(state.sid)
             state.session = session
         if namespace:
             if namespace not in session:
@@ -365,7 +366,15 @@ class Silo:
         self.store.reset(sid)
         for store in self._file_stores.values():
             store.cleanup(sid)
-        state.session = self.store.open(sid) if self.store.sql is not None else self.store.get(sid)
+        state.session = self._open(sid)
+
+    def _open(self, sid: str) -> dict[str, Any]:
+        store = self.store
+        if store.sql is None:
+            return store.get(sid)
+        session = store.open(sid)
+        assert session is not None  # open() creates a missing session
+        return session
 
     def stop(self) -> None:
         """Stop the cleanup daemon."""

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO, cast
 
 from alembic import command
 from alembic.config import Config
@@ -41,7 +41,7 @@ def alembic_config(
     *, connection: Connection | None = None, url: str | None = None, stdout: IO[str] | None = None
 ) -> Config:
     """An Alembic config for our migrations (no ini file, no logging setup)."""
-    config = Config(stdout=stdout or sys.stdout)
+    config = Config(stdout=cast(TextIO, stdout or sys.stdout))
     config.set_main_option("script_location", str(migrations_dir()))
     if url is not None:
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

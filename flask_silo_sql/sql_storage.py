@@ -20,8 +20,8 @@ from sqlalchemy import (
     URL,
     Connection,
     Engine,
-    String,
     Integer,
+    String,
     bindparam,
     delete,
     exists,
@@ -178,13 +178,10 @@ class _Statements:
         # -- expiry ---------------------------------------------------------
         cutoff = bindparam("cutoff", type_=UTCDateTime())
         sids = bindparam("sids", expanding=True, type_=String(SID_LENGTH))
-        running_task = (
-            exists()
-            .where(
-                tasks.c.sid == sessions.c.sid,
-                tasks.c.status == "running",
-                tasks.c.heartbeat_at >= bindparam("heartbeat_cutoff", type_=UTCDateTime()),
-            )
+        running_task = exists().where(
+            tasks.c.sid == sessions.c.sid,
+            tasks.c.status == "running",
+            tasks.c.heartbeat_at >= bindparam("heartbeat_cutoff", type_=UTCDateTime()),
         )
         after = tuple_(sessions.c.last_active, sessions.c.sid) > tuple_(
             bindparam("after_ts", type_=UTCDateTime()), bindparam("after_sid", type_=String())
@@ -195,13 +192,15 @@ class _Statements:
             .order_by(sessions.c.last_active, sessions.c.sid)
             .limit(bindparam("batch_size", type_=Integer()))
         )
-        victims = select(sessions.c.sid).where(sessions.c.sid.in_(sids), sessions.c.last_active < cutoff)
+        victims = select(sessions.c.sid).where(
+            sessions.c.sid.in_(sids), sessions.c.last_active < cutoff
+        )
         if dialect == "postgresql":
             victims = victims.with_for_update(skip_locked=True)
         self.sweep_delete = (
-            delete(sessions).where(sessions.c.sid.in_(victims.scalar_subquery())).returning(
-                sessions.c.sid
-            )
+            delete(sessions)
+            .where(sessions.c.sid.in_(victims.scalar_subquery()))
+            .returning(sessions.c.sid)
         )
         self.delete_children = [delete(t).where(t.c.sid.in_(sids)) for t in CHILD_TABLES]
         self.prune_expired = delete(expired_sids).where(
@@ -402,8 +401,9 @@ class SQLStorage(SiloStorage):
         sql = self._sql
         result = SweepResult([], 0)
         after_ts, after_sid = dt.datetime.min.replace(tzinfo=UTC), ""
-        params = {
-            "cutoff": to_datetime(cutoff),
+        cutoff_at = to_datetime(cutoff)
+        params: dict[str, Any] = {
+            "cutoff": cutoff_at,
             "heartbeat_cutoff": to_datetime(heartbeat_cutoff),
             "batch_size": batch_size,
         }
@@ -423,7 +423,7 @@ class SQLStorage(SiloStorage):
                 result.expired.extend(chosen)
                 continue
             if chosen:
-                expired = self._expire_batch(chosen, cutoff=params["cutoff"], now=now)
+                expired = self._expire_batch(chosen, cutoff=cutoff_at, now=now)
                 result.expired.extend(expired)
                 if on_batch is not None and expired:
                     on_batch(expired)
@@ -436,9 +436,7 @@ class SQLStorage(SiloStorage):
         when = to_datetime(now)
         with self._begin() as conn:
             deleted = list(
-                conn.execute(sql.sweep_delete, {"sids": sids, "cutoff": cutoff})
-                .scalars()
-                .all()
+                conn.execute(sql.sweep_delete, {"sids": sids, "cutoff": cutoff}).scalars().all()
             )
             if deleted:
                 if self.dialect == "sqlite":  # foreign keys may be off on a host's engine
@@ -449,7 +447,9 @@ class SQLStorage(SiloStorage):
                 )
         return deleted
 
-    def prune_expired(self, max_age: float, *, now: float | None = None, batch_size: int = 5000) -> None:
+    def prune_expired(
+        self, max_age: float, *, now: float | None = None, batch_size: int = 5000
+    ) -> None:
         """Forget expired SIDs older than *max_age* seconds, in batches."""
         self.prune_expired_count(max_age, now=now, batch_size=batch_size)
 
@@ -518,7 +518,10 @@ class SQLStorage(SiloStorage):
             if fresh:
                 conn.execute(
                     self._sql.upsert_namespace,
-                    [{"k_sid": sid, "k_name": n, "k_data": v, "now": when} for n, v in fresh.items()],
+                    [
+                        {"k_sid": sid, "k_name": n, "k_data": v, "now": when}
+                        for n, v in fresh.items()
+                    ],
                 )
 
     def delete_session(self, sid: str) -> None:
@@ -538,7 +541,9 @@ class SQLStorage(SiloStorage):
     def all_sessions(self) -> list[tuple[str, dict[str, Any]]]:
         with self._connect() as conn:
             heads = conn.execute(select(sessions).order_by(sessions.c.sid)).all()
-            rows = conn.execute(select(namespaces.c.sid, namespaces.c.name, namespaces.c.data)).all()
+            rows = conn.execute(
+                select(namespaces.c.sid, namespaces.c.name, namespaces.c.data)
+            ).all()
         out: dict[str, dict[str, Any]] = {
             h.sid: {
                 "_meta": {
@@ -564,7 +569,9 @@ class SQLStorage(SiloStorage):
 
     def mark_expired(self, sid: str, timestamp: float) -> None:
         with self._begin() as conn:
-            conn.execute(self._sql.mark_expired, {"k_sid": sid, "k_expired_at": to_datetime(timestamp)})
+            conn.execute(
+                self._sql.mark_expired, {"k_sid": sid, "k_expired_at": to_datetime(timestamp)}
+            )
 
     def is_expired(self, sid: str) -> bool:
         with self._connect() as conn:
@@ -583,6 +590,7 @@ class SQLStorage(SiloStorage):
     def stats(self) -> dict[str, Any]:
         """Row counts for ``flask silo-db stats``."""
         with self._connect() as conn:
+
             def count(table: Any) -> int:
                 return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 

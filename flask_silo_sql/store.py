@@ -286,7 +286,7 @@ class SessionStore:
         if not writes and not touch:
             return
         versions = sql.write(sid, writes, now, touch=touch)
-        for write, text, version in zip(writes, texts, versions):
+        for write, text, version in zip(writes, texts, versions, strict=True):
             session.baseline[write.name] = (text, version)
         if touch:
             session.last_active = now
@@ -351,7 +351,8 @@ class SessionStore:
 
     def _busy_sids(self, sids: list[str]) -> set[str]:
         check = self._busy_check
-        assert check is not None and self.sql is not None
+        assert check is not None
+        assert self.sql is not None
         busy: set[str] = set()
         for sid in sids:
             session = self.sql.get_session(sid)

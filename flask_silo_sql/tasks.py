@@ -77,7 +77,9 @@ class BackgroundTask:
                 self.fail(str(exc))
                 logger.exception("Task '%s' failed", self.name)
 
-        self._thread = threading.Thread(target=run, name=f"flask-silo-task-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=run, name=f"flask-silo-task-{self.name}", daemon=True
+        )
         self._thread.start()
 
     def reset(self) -> None:
@@ -123,8 +125,14 @@ class BackgroundTask:
         with self._lock:
             s = self._state
             return TaskState(
-                s.running, s.progress, s.message, list(s.logs), s.complete, s.error,
-                s.started_at, s.finished_at,
+                s.running,
+                s.progress,
+                s.message,
+                list(s.logs),
+                s.complete,
+                s.error,
+                s.started_at,
+                s.finished_at,
             )
 
     @property

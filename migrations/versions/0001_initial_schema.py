@@ -7,6 +7,7 @@ Create Date: 2026-11-21
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -22,7 +23,7 @@ SID = sa.String(128)
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
-def ts(name: str, comment: str, *, nullable: bool = False) -> sa.Column[sa.DateTime]:
+def ts(name: str, comment: str, *, nullable: bool = False) -> sa.Column[dt.datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable, comment=comment)
 
 
@@ -60,7 +61,9 @@ def upgrade() -> None:
             nullable=False,
             comment="Owning session",
         ),
-        sa.Column("name", sa.String(255), nullable=False, comment="Namespace name given to register()"),
+        sa.Column(
+            "name", sa.String(255), nullable=False, comment="Namespace name given to register()"
+        ),
         sa.Column("data", JSON, nullable=False, comment="The namespace's state as JSON"),
         sa.Column(
             "version",
@@ -100,9 +103,15 @@ def upgrade() -> None:
             nullable=False,
             comment="Owning session",
         ),
-        sa.Column("store", sa.String(255), nullable=False, comment="File store name (add_file_store)"),
-        sa.Column("filename", sa.String(255), nullable=False, comment="Sanitised file name on disk"),
-        sa.Column("size_bytes", sa.BigInteger(), nullable=False, comment="Size of the file in bytes"),
+        sa.Column(
+            "store", sa.String(255), nullable=False, comment="File store name (add_file_store)"
+        ),
+        sa.Column(
+            "filename", sa.String(255), nullable=False, comment="Sanitised file name on disk"
+        ),
+        sa.Column(
+            "size_bytes", sa.BigInteger(), nullable=False, comment="Size of the file in bytes"
+        ),
         sa.Column("sha256", sa.String(64), nullable=False, comment="Hex SHA-256 of the content"),
         sa.Column("content_type", sa.String(255), nullable=True, comment="MIME type, when known"),
         ts("created_at", "When the file was stored"),
@@ -123,8 +132,12 @@ def upgrade() -> None:
             nullable=False,
             comment="Owning session",
         ),
-        sa.Column("name", sa.String(255), nullable=False, comment="Task name given to BackgroundTask"),
-        sa.Column("status", sa.String(16), nullable=False, comment="idle, running, complete or failed"),
+        sa.Column(
+            "name", sa.String(255), nullable=False, comment="Task name given to BackgroundTask"
+        ),
+        sa.Column(
+            "status", sa.String(16), nullable=False, comment="idle, running, complete or failed"
+        ),
         sa.Column("progress", sa.Float(), nullable=False, comment="Percent complete, 0 to 100"),
         sa.Column("message", sa.Text(), nullable=False, comment="Latest status message"),
         sa.Column("logs", JSON, nullable=False, comment="Newest log lines (bounded list)"),
