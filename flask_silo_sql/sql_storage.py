@@ -22,6 +22,8 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
+    Text,
+    cast,
     bindparam,
     delete,
     exists,
@@ -33,13 +35,13 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from .engine import make_engine
+from .engine import dumps, make_engine
 from .errors import SessionExpired, SiloError, StateConflict, StorageUnavailable
 from .models import (
     SID_LENGTH,
-    JSONDocument,
     UTCDateTime,
     expired_sids,
     files,
@@ -76,7 +78,8 @@ class NamespaceWrite:
     """One namespace to write; ``expected_version`` None means "insert"."""
 
     name: str
-    data: Any
+    data: str
+    """The namespace as JSON text."""
     expected_version: int | None
 
 
@@ -133,7 +136,10 @@ class _Statements:
         )
 
         name = bindparam("k_name", type_=String(255))
-        data = bindparam("k_data", type_=JSONDocument)
+        # Namespace JSON arrives already serialised (it was compared as text).
+        data: Any = bindparam("k_data", type_=Text())
+        if dialect == "postgresql":
+            data = cast(data, JSONB())
         self.insert_namespace = (
             insert(namespaces)
             .from_select(
@@ -354,11 +360,17 @@ class SQLStorage(SiloStorage):
         read: otherwise :class:`StateConflict`, and nothing is written. A session
         that was expired meanwhile raises :class:`SessionExpired` and is not
         recreated. Returns the new version of each write.
+
+        The ``last_active`` update comes first: it locks the session row for the
+        transaction, so a concurrent expiry sweep skips (PostgreSQL) or waits
+        for (SQLite) this session instead of deleting it under the write.
         """
         sql = self._sql
         when = to_datetime(now)
         versions: list[int] = []
         with self._begin() as conn:
+            if touch and conn.execute(sql.touch, {"k_sid": sid, "now": when}).rowcount != 1:
+                raise SessionExpired(sid)
             for w in writes:
                 params = {"k_sid": sid, "k_name": w.name, "k_data": w.data, "now": when}
                 if w.expected_version is None:
@@ -372,8 +384,6 @@ class SQLStorage(SiloStorage):
                     if conn.execute(sql.has_session, {"k_sid": sid}).first() is None:
                         raise SessionExpired(sid)
                     raise StateConflict(sid, w.name)
-            if touch:
-                conn.execute(sql.touch, {"k_sid": sid, "now": when})
         return versions
 
     def sweep(
@@ -493,15 +503,15 @@ class SQLStorage(SiloStorage):
                 {"k_sid": sid, "k_created_at": created_at, "k_last_active": last_active},
             )
             rows = [
-                {"k_sid": sid, "k_name": name, "k_data": value, "now": last_active}
+                {"k_sid": sid, "k_name": name, "k_data": dumps(value), "now": last_active}
                 for name, value in data.items()
                 if name != "_meta"
             ]
             if rows:
                 conn.execute(self._sql.upsert_namespace, rows)
 
-    def replace_namespaces(self, sid: str, fresh: dict[str, Any], now: float) -> None:
-        """Reset: every namespace of *sid* becomes *fresh* (others are dropped).
+    def replace_namespaces(self, sid: str, fresh: dict[str, str], now: float) -> None:
+        """Reset: every namespace of *sid* becomes *fresh* (JSON text; others dropped).
 
         Versions are bumped, never restarted, so a request that read the old
         state cannot overwrite the reset.
@@ -519,8 +529,8 @@ class SQLStorage(SiloStorage):
                 conn.execute(
                     self._sql.upsert_namespace,
                     [
-                        {"k_sid": sid, "k_name": n, "k_data": v, "now": when}
-                        for n, v in fresh.items()
+                        {"k_sid": sid, "k_name": n, "k_data": text, "now": when}
+                        for n, text in fresh.items()
                     ],
                 )
 

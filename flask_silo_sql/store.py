@@ -279,7 +279,7 @@ class SessionStore:
             text = serialise(name, value, self.max_state_bytes)
             base = session.baseline.get(name)
             if base is None or base[0] != text:
-                writes.append(NamespaceWrite(name, value, base[1] if base else None))
+                writes.append(NamespaceWrite(name, text, base[1] if base else None))
                 texts.append(text)
         now = self.clock()
         touch = now - session.last_active >= self.touch_interval
@@ -316,9 +316,10 @@ class SessionStore:
             return
         if self._busy_check and self._busy_check(sid, current):
             raise SessionBusy(sid)
-        fresh = {name: factory() for name, factory in self._factories.items()}
-        for name, value in fresh.items():
-            serialise(name, value, self.max_state_bytes)
+        fresh = {
+            name: serialise(name, factory(), self.max_state_bytes)
+            for name, factory in self._factories.items()
+        }
         sql.replace_namespaces(sid, fresh, self.clock())
 
     def destroy(self, sid: str) -> None:
