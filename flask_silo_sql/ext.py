@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import click
@@ -47,6 +48,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_MAX_STATE_BYTES": None,
     "SILO_SWEEP_BATCH_SIZE": 500,
     "SILO_TASK_HEARTBEAT_TIMEOUT": 60.0,
+    "SILO_TASK_FLUSH_INTERVAL": 0.5,
+    "SILO_TASK_MAX_LOGS": 200,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
@@ -164,6 +167,8 @@ class Silo:
             store.max_state_bytes = int(config["SILO_MAX_STATE_BYTES"])
         store.sweep_batch_size = int(config["SILO_SWEEP_BATCH_SIZE"])
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
+        store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
+        store.task_max_logs = int(config["SILO_TASK_MAX_LOGS"])
 
     def _prepare_storage(self, app: Flask) -> None:
         if self._needs_default_storage:
@@ -375,6 +380,16 @@ class Silo:
         session = store.open(sid)
         assert session is not None  # open() creates a missing session
         return session
+
+    def session(self, sid: str) -> AbstractContextManager[dict[str, Any]]:
+        """Load, change and save session *sid* in one locked transaction.
+
+        For threads, scripts and CLI commands::
+
+            with silo.session(sid) as state:
+                state["processing"]["results"] = results
+        """
+        return self.store.transaction(sid)
 
     def stop(self) -> None:
         """Stop the cleanup daemon."""

@@ -40,8 +40,13 @@ def migrations_dir() -> Path:
 def alembic_config(
     *, connection: Connection | None = None, url: str | None = None, stdout: IO[str] | None = None
 ) -> Config:
-    """An Alembic config for our migrations (no ini file, no logging setup)."""
-    config = Config(stdout=cast(TextIO, stdout or sys.stdout))
+    """An Alembic config for our migrations (no ini file, no logging setup).
+
+    *stdout* receives Alembic's messages and, in ``--sql`` mode, the DDL.
+    """
+    config = Config(
+        stdout=cast(TextIO, stdout or sys.stdout), output_buffer=cast("TextIO | None", stdout)
+    )
     config.set_main_option("script_location", str(migrations_dir()))
     if url is not None:
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -20,11 +20,12 @@ from sqlalchemy import (
     URL,
     Connection,
     Engine,
+    Float,
     Integer,
     String,
     Text,
-    cast,
     bindparam,
+    cast,
     delete,
     exists,
     func,
@@ -35,8 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.dialects.postgresql import JSONB
 
 from .engine import dumps, make_engine
 from .errors import SessionExpired, SiloError, StateConflict, StorageUnavailable
@@ -81,6 +82,38 @@ class NamespaceWrite:
     data: str
     """The namespace as JSON text."""
     expected_version: int | None
+
+
+@dataclass(slots=True)
+class TaskRow:
+    """A task run's state as written to ``silo_tasks``."""
+
+    id: str
+    sid: str
+    name: str
+    status: str
+    progress: float
+    message: str
+    logs: list[str]
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+    now: float
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "k_id": self.id,
+            "k_sid": self.sid,
+            "k_name": self.name,
+            "k_status": self.status,
+            "k_progress": self.progress,
+            "k_message": self.message,
+            "k_logs": dumps(self.logs),
+            "k_error": self.error,
+            "k_started_at": None if self.started_at is None else to_datetime(self.started_at),
+            "k_finished_at": None if self.finished_at is None else to_datetime(self.finished_at),
+            "now": to_datetime(self.now),
+        }
 
 
 @dataclass(slots=True)
@@ -179,6 +212,58 @@ class _Statements:
         self.upsert_session = session_upsert.on_conflict_do_update(
             index_elements=[sessions.c.sid],
             set_={"last_active": session_upsert.excluded.last_active},
+        )
+
+        # -- tasks ----------------------------------------------------------
+        task_id = bindparam("k_id", type_=String(32))
+        logs: Any = bindparam("k_logs", type_=Text())
+        if dialect == "postgresql":
+            logs = cast(logs, JSONB())
+        stale_before = bindparam("stale_before", type_=UTCDateTime())
+        started_at = bindparam("k_started_at", type_=UTCDateTime())
+        fields = {
+            "status": bindparam("k_status", type_=String(16)),
+            "progress": bindparam("k_progress", type_=Float()),
+            "message": bindparam("k_message", type_=Text()),
+            "logs": logs,
+            "error": bindparam("k_error", type_=Text()),
+            "finished_at": bindparam("k_finished_at", type_=UTCDateTime()),
+            "heartbeat_at": now,
+        }
+        claim = insert(tasks).values(
+            id=task_id, sid=sid, name=name, started_at=started_at, **fields
+        )
+        self.claim_task = claim.on_conflict_do_update(
+            index_elements=[tasks.c.id],
+            set_={
+                column: getattr(claim.excluded, column)
+                for column in ("name", "started_at", *fields)
+            },
+            where=~((tasks.c.status == "running") & (tasks.c.heartbeat_at >= stale_before)),
+        ).returning(tasks.c.id)
+        self.save_task = (
+            update(tasks)
+            .where(tasks.c.id == task_id, tasks.c.started_at == started_at)
+            .values(**fields)
+        )
+        self.load_task = select(tasks).where(tasks.c.id == task_id)
+        self.mark_task_lost = (
+            update(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.status == "running",
+                tasks.c.heartbeat_at < stale_before,
+            )
+            .values(
+                status="failed",
+                error=bindparam("k_error", type_=Text()),
+                message=bindparam("k_message", type_=Text()),
+                finished_at=now,
+            )
+        )
+        self.delete_task = delete(tasks).where(tasks.c.id == task_id)
+        self.session_running_task = select(literal(1)).where(
+            tasks.c.sid == sid, tasks.c.status == "running", tasks.c.heartbeat_at >= stale_before
         )
 
         # -- expiry ---------------------------------------------------------
@@ -293,6 +378,12 @@ class SQLStorage(SiloStorage):
             yield conn
 
     @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in a transaction (committed at the end of the block)."""
+        with self._begin() as conn:
+            yield conn
+
+    @contextmanager
     def _translate_errors(self) -> Iterator[None]:
         try:
             yield
@@ -310,9 +401,12 @@ class SQLStorage(SiloStorage):
 
     # -- row-level operations used by SessionStore -------------------------
 
-    def load(self, sid: str) -> LoadedSession | None:
+    def load(self, sid: str, conn: Connection | None = None) -> LoadedSession | None:
         """The session and all its namespaces in one SELECT, or None."""
-        with self._connect() as conn:
+        if conn is None:
+            with self._connect() as own:
+                rows = own.execute(self._sql.load, {"k_sid": sid}).all()
+        else:
             rows = conn.execute(self._sql.load, {"k_sid": sid}).all()
         if not rows:
             return None
@@ -351,8 +445,36 @@ class SQLStorage(SiloStorage):
         with self._begin() as conn:
             conn.execute(self._sql.touch, {"k_sid": sid, "now": to_datetime(now)})
 
+    @contextmanager
+    def locked(self, sid: str, now: float) -> Iterator[tuple[Connection, bool]]:
+        """A transaction that holds session *sid* locked, creating it if missing.
+
+        Yields ``(connection, created)``. The first statement updates the
+        session row: on PostgreSQL that takes its row lock (``FOR NO KEY
+        UPDATE`` strength, so inserts into child tables are not blocked); on
+        SQLite it takes the database write lock, as ``BEGIN IMMEDIATE`` would.
+        Other writers of the same session wait until the block ends.
+        """
+        sql = self._sql
+        params = {"k_sid": sid, "now": to_datetime(now)}
+        with self._begin() as conn:
+            created = False
+            if conn.execute(sql.touch, params).rowcount != 1:
+                created = conn.execute(sql.create, params).first() is not None
+                if created:
+                    conn.execute(sql.clear_expired, params)
+                else:
+                    conn.execute(sql.touch, params)
+            yield conn, created
+
     def write(
-        self, sid: str, writes: Sequence[NamespaceWrite], now: float, *, touch: bool
+        self,
+        sid: str,
+        writes: Sequence[NamespaceWrite],
+        now: float,
+        *,
+        touch: bool,
+        conn: Connection | None = None,
     ) -> list[int]:
         """Write changed namespaces (and maybe ``last_active``) in one transaction.
 
@@ -365,26 +487,46 @@ class SQLStorage(SiloStorage):
         transaction, so a concurrent expiry sweep skips (PostgreSQL) or waits
         for (SQLite) this session instead of deleting it under the write.
         """
+        if conn is not None:
+            return self._write_on(conn, sid, writes, to_datetime(now), touch)
+        with self._begin() as own:
+            return self._write_on(own, sid, writes, to_datetime(now), touch)
+
+    def _write_on(
+        self,
+        conn: Connection,
+        sid: str,
+        writes: Sequence[NamespaceWrite],
+        when: dt.datetime,
+        touch: bool,
+    ) -> list[int]:
         sql = self._sql
-        when = to_datetime(now)
         versions: list[int] = []
-        with self._begin() as conn:
-            if touch and conn.execute(sql.touch, {"k_sid": sid, "now": when}).rowcount != 1:
-                raise SessionExpired(sid)
-            for w in writes:
-                params = {"k_sid": sid, "k_name": w.name, "k_data": w.data, "now": when}
-                if w.expected_version is None:
-                    written = conn.execute(sql.insert_namespace, params).first() is not None
-                    versions.append(1)
-                else:
-                    params["expected_version"] = w.expected_version
-                    written = conn.execute(sql.update_namespace, params).rowcount == 1
-                    versions.append(w.expected_version + 1)
-                if not written:
-                    if conn.execute(sql.has_session, {"k_sid": sid}).first() is None:
-                        raise SessionExpired(sid)
-                    raise StateConflict(sid, w.name)
+        if touch and conn.execute(sql.touch, {"k_sid": sid, "now": when}).rowcount != 1:
+            raise SessionExpired(sid)
+        for w in writes:
+            params = {"k_sid": sid, "k_name": w.name, "k_data": w.data, "now": when}
+            if w.expected_version is None:
+                written = conn.execute(sql.insert_namespace, params).first() is not None
+                versions.append(1)
+            else:
+                params["expected_version"] = w.expected_version
+                written = conn.execute(sql.update_namespace, params).rowcount == 1
+                versions.append(w.expected_version + 1)
+            if not written:
+                if conn.execute(sql.has_session, {"k_sid": sid}).first() is None:
+                    raise SessionExpired(sid)
+                raise StateConflict(sid, w.name)
         return versions
+
+    def read_namespace(self, conn: Connection, sid: str, name: str) -> tuple[Any, int] | None:
+        """One namespace's ``(data, version)`` within *conn*'s transaction."""
+        row = conn.execute(
+            select(namespaces.c.data, namespaces.c.version).where(
+                namespaces.c.sid == sid, namespaces.c.name == name
+            )
+        ).first()
+        return None if row is None else (row.data, row.version)
 
     def sweep(
         self,
@@ -478,6 +620,54 @@ class SQLStorage(SiloStorage):
             if count < batch_size:
                 return total
 
+    # -- tasks -------------------------------------------------------------
+
+    def claim_task(self, row: TaskRow, stale_before: float) -> bool:
+        """Start a task run: write its row unless a live run holds it (False then)."""
+        with self._begin() as conn:
+            claimed = conn.execute(
+                self._sql.claim_task, {**row.params(), "stale_before": to_datetime(stale_before)}
+            ).first()
+        return claimed is not None
+
+    def save_task(self, row: TaskRow) -> bool:
+        """Write a run's state (and heartbeat); False if that run no longer owns the row."""
+        with self._begin() as conn:
+            return conn.execute(self._sql.save_task, row.params()).rowcount == 1
+
+    def load_task(self, task_id: str) -> Any:
+        """The task's row, or None."""
+        with self._connect() as conn:
+            return conn.execute(self._sql.load_task, {"k_id": task_id}).first()
+
+    def mark_task_lost(self, task_id: str, stale_before: float, now: float, error: str) -> None:
+        """Record a run whose worker stopped heartbeating as failed."""
+        with self._begin() as conn:
+            conn.execute(
+                self._sql.mark_task_lost,
+                {
+                    "k_id": task_id,
+                    "stale_before": to_datetime(stale_before),
+                    "now": to_datetime(now),
+                    "k_error": error,
+                    "k_message": f"Failed: {error}",
+                },
+            )
+
+    def delete_task(self, task_id: str) -> None:
+        """Forget a task's state (its reset)."""
+        with self._begin() as conn:
+            conn.execute(self._sql.delete_task, {"k_id": task_id})
+
+    def has_running_task(self, sid: str, stale_before: float) -> bool:
+        """Whether session *sid* has a task running with a fresh heartbeat."""
+        with self._connect() as conn:
+            found = conn.execute(
+                self._sql.session_running_task,
+                {"k_sid": sid, "stale_before": to_datetime(stale_before)},
+            ).first()
+        return found is not None
+
     # -- SiloStorage interface ---------------------------------------------
 
     def get_session(self, sid: str) -> dict[str, Any] | None:
@@ -507,6 +697,12 @@ class SQLStorage(SiloStorage):
                 for name, value in data.items()
                 if name != "_meta"
             ]
+            conn.execute(  # a replacement: namespaces missing from *data* go
+                delete(namespaces).where(
+                    namespaces.c.sid == sid,
+                    namespaces.c.name.not_in([row["k_name"] for row in rows]),
+                )
+            )
             if rows:
                 conn.execute(self._sql.upsert_namespace, rows)
 
@@ -525,6 +721,7 @@ class SQLStorage(SiloStorage):
                     namespaces.c.sid == sid, namespaces.c.name.not_in(list(fresh))
                 )
             )
+            conn.execute(delete(tasks).where(tasks.c.sid == sid))
             if fresh:
                 conn.execute(
                     self._sql.upsert_namespace,

@@ -9,17 +9,26 @@ writes only the namespaces whose JSON changed, each guarded by its version.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from .engine import dumps
-from .errors import NamespaceError, SessionBusy, StateNotSerializable, StateTooLarge
+from .errors import (
+    NamespaceError,
+    SessionBusy,
+    StateConflict,
+    StateNotSerializable,
+    StateTooLarge,
+)
 from .sids import new_sid
 from .sql_storage import LoadedSession, NamespaceWrite, SQLStorage, to_datetime
 from .storage import InMemoryStorage, SiloStorage
+from .tasks import TASK_MARKER, BackgroundTask, TaskLink
 
 logger = logging.getLogger("flask_silo_sql")
 
@@ -34,18 +43,73 @@ class Session(dict[str, Any]):
     None for a namespace that has no row yet (made by its factory).
     """
 
-    __slots__ = ("baseline", "last_active")
+    __slots__ = ("baseline", "last_active", "lock")
 
     def __init__(self) -> None:
         super().__init__()
         self.baseline: dict[str, tuple[str, int | None]] = {}
         self.last_active = 0.0
+        self.lock = threading.Lock()  # a task thread may save this session too
+
+
+class _UnlinkedTask(TypeError):
+    """A BackgroundTask in a namespace that has no row yet."""
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, BackgroundTask):
+        reference = obj.reference()
+        if reference is None:
+            raise _UnlinkedTask(obj.name)
+        return reference
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def encode(value: Any) -> str:
+    """Compact JSON; a linked BackgroundTask becomes a reference to its row."""
+    return json.dumps(
+        value, default=_default, separators=(",", ":"), allow_nan=False, ensure_ascii=False
+    )
+
+
+def tasks_in(value: Any, path: str = "") -> Iterator[tuple[str, BackgroundTask]]:
+    """Every BackgroundTask inside *value*, with its path (``key/0/key``)."""
+    if isinstance(value, BackgroundTask):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from tasks_in(item, f"{path}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from tasks_in(item, f"{path}/{index}")
+
+
+def revive_tasks(value: Any, make: Callable[[str, str], BackgroundTask]) -> Any:
+    """Replace task references in loaded JSON by task objects (``make(id, name)``)."""
+    if isinstance(value, dict):
+        if TASK_MARKER in value:
+            return make(str(value[TASK_MARKER]), str(value.get("name", "task")))
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                value[key] = revive_tasks(item, make)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                value[index] = revive_tasks(item, make)
+    return value
+
+
+def task_id_for(sid: str, namespace: str, path: str) -> str:
+    """A stable row ID for the task at *path*: a factory makes the same task each load."""
+    return hashlib.sha256(f"{sid}\0{namespace}\0{path}".encode()).hexdigest()[:32]
 
 
 def serialise(namespace: str, value: Any, max_bytes: int | None = None) -> str:
     """JSON text of a namespace, or an error naming the namespace and key."""
     try:
-        text = dumps(value)
+        text = encode(value)
+    except _UnlinkedTask:
+        raise
     except (TypeError, ValueError) as exc:
         raise StateNotSerializable(namespace, _offending_key(value), str(exc)) from None
     if max_bytes is not None and len(text) > max_bytes // 4:  # cheap pre-check
@@ -61,7 +125,9 @@ def _offending_key(value: Any) -> str | None:
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 return repr(key)
             try:
-                dumps(item)
+                encode(item)
+            except _UnlinkedTask:
+                continue
             except (TypeError, ValueError):
                 return str(key)
     return None
@@ -98,6 +164,10 @@ class SessionStore:
         self.max_state_bytes = max_state_bytes
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_batch_size = sweep_batch_size
+        self.task_flush_interval = 0.5
+        """Seconds between writes of a running task's progress (coalescing)."""
+        self.task_max_logs = 200
+        """Log lines a linked task keeps (the newest)."""
         self._touch_interval = touch_interval
         self._sid_gen = sid_generator or new_sid
         self._lock = threading.RLock()
@@ -196,14 +266,19 @@ class SessionStore:
         session = Session()
         baseline = session.baseline
         for name, (data, version) in loaded.namespaces.items():
+            text = encode(data)
+            if TASK_MARKER in text:
+                data = revive_tasks(data, self._task_maker(sid, session, name))
+                text = encode(data)
             session[name] = data
-            baseline[name] = (dumps(data), version)
+            baseline[name] = (text, version)
         for name, factory in self._factories.items():
             if name not in session:
                 value = factory()
+                self._link_tasks(sid, session, name, value)
                 session[name] = value
                 try:
-                    baseline[name] = (dumps(value), None)
+                    baseline[name] = (encode(value), None)
                 except (TypeError, ValueError):
                     baseline[name] = (UNSERIALISABLE, None)
         session.last_active = loaded.last_active.timestamp()
@@ -213,6 +288,21 @@ class SessionStore:
             "sid": sid,
         }
         return session
+
+    def _task_maker(
+        self, sid: str, session: Session | None, namespace: str
+    ) -> Callable[[str, str], BackgroundTask]:
+        def make(task_id: str, name: str) -> BackgroundTask:
+            return BackgroundTask.linked(name, TaskLink(self, sid, task_id, namespace, session))
+
+        return make
+
+    def _link_tasks(self, sid: str, session: Session | None, namespace: str, value: Any) -> None:
+        """Give every unlinked BackgroundTask in *value* its row in ``silo_tasks``."""
+        for path, task in tasks_in(value):
+            if task.task_id is None:
+                task_id = task_id_for(sid, namespace, path)
+                task.link(TaskLink(self, sid, task_id, namespace, session))
 
     def get_namespace(self, sid: str, namespace: str) -> dict[str, Any]:
         """The state of one registered namespace of session *sid*."""
@@ -271,26 +361,110 @@ class SessionStore:
         if not isinstance(session, Session):
             self._save_plain(sql, sid, session)
             return
+        with session.lock:
+            writes = self._changes(sid, session)
+            now = self.clock()
+            touch = now - session.last_active >= self.touch_interval
+            if not writes and not touch:
+                return
+            versions = sql.write(sid, writes, now, touch=touch)
+            self._written(session, writes, versions)
+            if touch:
+                session.last_active = now
+                session[META]["last_active"] = now
+
+    def _serialise(self, sid: str, session: Session | None, name: str, value: Any) -> str:
+        try:
+            return serialise(name, value, self.max_state_bytes)
+        except _UnlinkedTask:  # a handler put a new BackgroundTask in the namespace
+            self._link_tasks(sid, session, name, value)
+            return serialise(name, value, self.max_state_bytes)
+
+    def _changes(self, sid: str, session: Session) -> list[NamespaceWrite]:
+        """The namespaces whose JSON differs from what was read (all checked first)."""
         writes: list[NamespaceWrite] = []
-        texts: list[str] = []
         for name, value in session.items():
             if name == META:
                 continue
-            text = serialise(name, value, self.max_state_bytes)
+            text = self._serialise(sid, session, name, value)
             base = session.baseline.get(name)
             if base is None or base[0] != text:
                 writes.append(NamespaceWrite(name, text, base[1] if base else None))
-                texts.append(text)
-        now = self.clock()
-        touch = now - session.last_active >= self.touch_interval
-        if not writes and not touch:
+        return writes
+
+    @staticmethod
+    def _written(session: Session, writes: list[NamespaceWrite], versions: list[int]) -> None:
+        for write, version in zip(writes, versions, strict=True):
+            session.baseline[write.name] = (write.data, version)
+
+    def save_namespace_merged(self, sid: str, session: Session, name: str) -> None:
+        """Save one namespace from outside its request (a task thread), merging by key.
+
+        The top-level keys this copy changed since it was read are applied to
+        the namespace as stored now, so changes made meanwhile by requests to
+        other keys survive. Retries on a concurrent write.
+        """
+        sql = self.sql
+        if sql is None:
             return
-        versions = sql.write(sid, writes, now, touch=touch)
-        for write, text, version in zip(writes, texts, versions, strict=True):
-            session.baseline[write.name] = (text, version)
-        if touch:
-            session.last_active = now
-            session[META]["last_active"] = now
+        with session.lock:
+            if name not in session:
+                return
+            text = self._serialise(sid, session, name, session[name])
+            base_text, _ = session.baseline.get(name, (UNSERIALISABLE, None))
+            if text == base_text:
+                return
+            mine = json.loads(text)
+            base = json.loads(base_text) if base_text != UNSERIALISABLE else None
+            for _attempt in range(20):
+                with sql.transaction() as conn:
+                    current = sql.read_namespace(conn, sid, name)
+                    if current is None:
+                        write = NamespaceWrite(name, text, None)
+                    else:
+                        merged = _merge(current[0], base, mine)
+                        write = NamespaceWrite(name, encode(merged), current[1])
+                    try:
+                        versions = sql.write(sid, [write], self.clock(), touch=False, conn=conn)
+                    except StateConflict:
+                        continue
+                session.baseline[name] = (text, versions[0])
+                return
+            raise StateConflict(sid, name)
+
+    @contextmanager
+    def transaction(self, sid: str) -> Iterator[dict[str, Any]]:
+        """Load, change and save session *sid* in one transaction, with it locked.
+
+        For code outside a request (threads, scripts, the CLI)::
+
+            with store.transaction(sid) as session:
+                session["cart"]["items"].append(item)
+
+        The session is created if missing. Other writers of the same session
+        wait for the block; an exception inside it discards every change.
+        """
+        sql = self.sql
+        if sql is None:
+            with self._lock:
+                session = self._get_memory(sid)
+                yield session
+                self.storage.set_session(sid, session)
+            return
+        now = self.clock()
+        with sql.locked(sid, now) as (conn, created):
+            loaded = sql.load(sid, conn)
+            assert loaded is not None
+            built = self._build(sid, loaded)
+            yield built
+            with built.lock:
+                writes = self._changes(sid, built)
+                if writes:
+                    self._written(
+                        built, writes, sql.write(sid, writes, now, touch=False, conn=conn)
+                    )
+        if created:
+            self._fire(self._on_create_cbs, sid)
 
     def _save_plain(self, sql: SQLStorage, sid: str, session: dict[str, Any]) -> None:
         for name, value in session.items():
@@ -311,16 +485,19 @@ class SessionStore:
             with self._lock:
                 self.storage.set_session(sid, self._fresh_memory(sid))
             return
-        current = sql.get_session(sid)
+        now = self.clock()
+        if sql.has_running_task(sid, now - self.heartbeat_timeout):
+            raise SessionBusy(sid)
+        current = self._session_for_check(sid)
         if current is None:
             return
         if self._busy_check and self._busy_check(sid, current):
             raise SessionBusy(sid)
         fresh = {
-            name: serialise(name, factory(), self.max_state_bytes)
+            name: self._serialise(sid, None, name, factory())
             for name, factory in self._factories.items()
         }
-        sql.replace_namespaces(sid, fresh, self.clock())
+        sql.replace_namespaces(sid, fresh, now)
 
     def destroy(self, sid: str) -> None:
         """Remove session *sid* without remembering it as expired."""
@@ -356,10 +533,16 @@ class SessionStore:
         assert self.sql is not None
         busy: set[str] = set()
         for sid in sids:
-            session = self.sql.get_session(sid)
+            session = self._session_for_check(sid)
             if session is not None and self._vetoes(check, sid, session):
                 busy.add(sid)
         return busy
+
+    def _session_for_check(self, sid: str) -> Session | None:
+        """An SQL session as a busy check sees it: with every registered namespace."""
+        assert self.sql is not None
+        loaded = self.sql.load(sid)
+        return None if loaded is None else self._build(sid, loaded)
 
     @staticmethod
     def _vetoes(check: Callable[[str, dict[str, Any]], bool], sid: str, session: Any) -> bool:
@@ -450,3 +633,17 @@ class SessionStore:
                 callback(sid)
             except Exception:
                 logger.exception("silo callback %r failed for session %s", callback, sid)
+
+
+def _merge(current: Any, base: Any, mine: Any) -> Any:
+    """Apply the top-level keys *mine* changed relative to *base* onto *current*."""
+    if not (isinstance(current, dict) and isinstance(base, dict) and isinstance(mine, dict)):
+        return mine
+    merged = dict(current)
+    for key, value in mine.items():
+        if key not in base or base[key] != value:
+            merged[key] = value
+    for key in base:
+        if key not in mine:
+            merged.pop(key, None)
+    return merged
