@@ -7,6 +7,7 @@ and the schema managed by Alembic (``flask silo-db upgrade``).
 
 from .cleanup import CleanupDaemon
 from .errors import (
+    FileTooLarge,
     NamespaceError,
     SchemaError,
     SessionBusy,
@@ -31,6 +32,7 @@ __all__ = [
     "BackgroundTask",
     "CleanupDaemon",
     "FileStore",
+    "FileTooLarge",
     "InMemoryStorage",
     "NamespaceError",
     "SQLStorage",

@@ -61,6 +61,16 @@ class StateTooLarge(SiloError):
         )
 
 
+class FileTooLarge(SiloError):
+    """A file (or a session's files together) would exceed a configured byte limit."""
+
+    def __init__(self, filename: str, size: int, limit: int) -> None:
+        self.filename = filename
+        self.size = size
+        self.limit = limit
+        super().__init__(f"File '{filename}' exceeds the limit of {limit} bytes.")
+
+
 class StateConflict(SiloError):
     """Another request changed a namespace after this request read it.
 

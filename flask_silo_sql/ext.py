@@ -21,6 +21,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from . import schema
 from .cleanup import CleanupDaemon
 from .errors import (
+    FileTooLarge,
     NamespaceError,
     SchemaError,
     SessionBusy,
@@ -50,6 +51,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_TASK_HEARTBEAT_TIMEOUT": 60.0,
     "SILO_TASK_FLUSH_INTERVAL": 0.5,
     "SILO_TASK_MAX_LOGS": 200,
+    "SILO_MAX_FILE_BYTES": None,
+    "SILO_MAX_SESSION_BYTES": None,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
@@ -128,6 +131,7 @@ class Silo:
         self._api_prefix = api_prefix
         self._file_stores: dict[str, FileStore] = {}
         self._needs_default_storage = storage is None
+        self._file_limits: tuple[int | None, int | None] = (None, None)
         self._schema_ok = True
         self.store = SessionStore(
             ttl=ttl,
@@ -169,6 +173,12 @@ class Silo:
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
         store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
         store.task_max_logs = int(config["SILO_TASK_MAX_LOGS"])
+        for files in self._file_stores.values():
+            if files.max_file_bytes is None:
+                files.max_file_bytes = config["SILO_MAX_FILE_BYTES"]
+            if files.max_session_bytes is None:
+                files.max_session_bytes = config["SILO_MAX_SESSION_BYTES"]
+        self._file_limits = (config["SILO_MAX_FILE_BYTES"], config["SILO_MAX_SESSION_BYTES"])
 
     def _prepare_storage(self, app: Flask) -> None:
         if self._needs_default_storage:
@@ -217,11 +227,36 @@ class Silo:
         """Register a namespace and the factory of its default state."""
         self.store.register_namespace(namespace, factory)
 
-    def add_file_store(self, name: str, base_dir: str) -> FileStore:
-        """Add a per-session file store, cleaned when sessions expire or reset."""
-        store = FileStore(base_dir)
+    def add_file_store(
+        self,
+        name: str,
+        base_dir: str,
+        *,
+        max_file_bytes: int | None = None,
+        max_session_bytes: int | None = None,
+    ) -> FileStore:
+        """Add a per-session file store, cleaned when sessions expire or reset.
+
+        Its files are recorded in ``silo_files`` under *name*. Limits default
+        to ``SILO_MAX_FILE_BYTES`` / ``SILO_MAX_SESSION_BYTES``.
+        """
+        default_file, default_session = self._file_limits
+        store = FileStore(
+            base_dir,
+            name=name,
+            store=self.store,
+            max_file_bytes=max_file_bytes if max_file_bytes is not None else default_file,
+            max_session_bytes=(
+                max_session_bytes if max_session_bytes is not None else default_session
+            ),
+        )
         self._file_stores[name] = store
         return store
+
+    @property
+    def file_stores(self) -> dict[str, FileStore]:
+        """Every registered file store, by name."""
+        return dict(self._file_stores)
 
     def file_store(self, name: str) -> FileStore:
         """The file store registered as *name* (KeyError if none)."""
@@ -303,6 +338,8 @@ class Silo:
             body, status = {"error": "state_conflict", "namespace": exc.namespace}, 409
         elif isinstance(exc, StateTooLarge):
             body, status = {"error": "state_too_large", "namespace": exc.namespace}, 413
+        elif isinstance(exc, FileTooLarge):
+            body, status = {"error": "file_too_large", "limit": exc.limit}, 413
         elif isinstance(exc, StorageUnavailable):
             logger.error("%s", exc)
             body = {"error": "storage_unavailable", "message": "Session storage is unavailable."}

@@ -3,22 +3,38 @@
 Same API as flask-silo 0.1.6, without its path flaws: a SID must be a valid
 SID before it names a directory, file names go through werkzeug's
 ``secure_filename`` (so ``../../x`` or ``/etc/passwd`` stay inside the
-session's directory), and files are written to a temporary name and renamed
-into place, so a partial file is never visible under its final name.
+session's directory), and files are written to a temporary name, synced and
+renamed into place, so a partial file is never visible under its final name.
+
+A file store registered with :meth:`Silo.add_file_store
+<flask_silo_sql.Silo.add_file_store>` also records every file in
+``silo_files`` (size, SHA-256, content type, time), written after the rename,
+so a row never points at a missing or partial file; ``list_files``,
+``get_path`` and ``total_size_bytes`` answer from that table. Optional
+per-file and per-session byte limits raise :class:`FileTooLarge`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from typing import BinaryIO
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from werkzeug.utils import secure_filename
 
+from .errors import FileTooLarge, SessionExpired
 from .sids import is_valid_sid
+from .sql_storage import FileRecord
+
+if TYPE_CHECKING:
+    from .sql_storage import SQLStorage
+    from .store import SessionStore
 
 logger = logging.getLogger("flask_silo_sql.files")
 
@@ -37,13 +53,31 @@ def safe_filename(filename: str) -> str:
 class FileStore:
     """Per-session file directories under *base_dir*."""
 
-    __slots__ = ("auto_create", "base_dir")
+    __slots__ = ("_store", "auto_create", "base_dir", "max_file_bytes", "max_session_bytes", "name")
 
-    def __init__(self, base_dir: str, *, auto_create: bool = True) -> None:
+    def __init__(
+        self,
+        base_dir: str,
+        *,
+        auto_create: bool = True,
+        name: str | None = None,
+        store: SessionStore | None = None,
+        max_file_bytes: int | None = None,
+        max_session_bytes: int | None = None,
+    ) -> None:
         self.base_dir = os.path.abspath(base_dir)
         self.auto_create = auto_create
+        self.name = name or os.path.basename(self.base_dir)
+        self.max_file_bytes = max_file_bytes
+        self.max_session_bytes = max_session_bytes
+        self._store = store
         if auto_create:
             os.makedirs(self.base_dir, exist_ok=True)
+
+    @property
+    def records(self) -> SQLStorage | None:
+        """The SQL storage recording this store's files, if any."""
+        return self._store.sql if self._store is not None else None
 
     def _dir(self, sid: str) -> str:
         if not is_valid_sid(sid):
@@ -57,21 +91,39 @@ class FileStore:
             os.makedirs(path, exist_ok=True)
         return path
 
-    def save(self, sid: str, filename: str, data: BinaryIO | bytes) -> str:
+    def save(
+        self,
+        sid: str,
+        filename: str,
+        data: BinaryIO | bytes,
+        *,
+        content_type: str | None = None,
+    ) -> str:
         """Store *data* as *filename* (sanitised) in the session's directory.
 
-        Returns the absolute path of the stored file.
+        Returns the absolute path of the stored file. Raises ValueError for a
+        name with nothing safe left, :class:`FileTooLarge` past a byte limit.
         """
+        name = safe_filename(filename)
+        records = self.records
+        limit = self.max_file_bytes
+        if records is not None and self.max_session_bytes is not None:
+            used = records.file_bytes(self.name, sid, excluding=name)
+            room = self.max_session_bytes - used
+            limit = room if limit is None else min(limit, room)
         directory = self.session_dir(sid)
-        path = os.path.join(directory, safe_filename(filename))
+        path = os.path.join(directory, name)
+        digest = hashlib.sha256()
+        size = 0
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
         try:
             with os.fdopen(fd, "wb") as out:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    out.write(data)
-                else:
-                    while chunk := data.read(CHUNK):
-                        out.write(chunk)
+                for chunk in _chunks(data):
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise FileTooLarge(name, size, limit)
+                    digest.update(chunk)
+                    out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
@@ -79,13 +131,32 @@ class FileStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if records is not None:
+            record = FileRecord(
+                sid, self.name, name, size, digest.hexdigest(), content_type, time.time()
+            )
+            try:
+                recorded = records.record_file(record)
+                if not recorded and self._store is not None:
+                    self._store.ensure(sid)
+                    recorded = records.record_file(record)
+                if not recorded:
+                    raise SessionExpired(sid)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # no file without its row
+                raise
         return path
 
     def get_path(self, sid: str, filename: str) -> str | None:
         """The path of a stored file, or None."""
         try:
-            path = os.path.join(self._dir(sid), safe_filename(filename))
+            name = safe_filename(filename)
+            path = os.path.join(self._dir(sid), name)
         except ValueError:
+            return None
+        records = self.records
+        if records is not None and not records.has_file(self.name, sid, name):
             return None
         return path if os.path.isfile(path) else None
 
@@ -95,21 +166,30 @@ class FileStore:
             directory = self._dir(sid)
         except ValueError:
             return []
+        records = self.records
+        if records is not None:
+            return records.file_names(self.name, sid)
         if not os.path.isdir(directory):
             return []
         return sorted(n for n in os.listdir(directory) if not n.startswith(TEMP_PREFIX))
 
     def cleanup(self, sid: str) -> None:
-        """Remove the session's directory and everything in it."""
+        """Remove the session's files: rows first, then the directory."""
         try:
             directory = self._dir(sid)
         except ValueError:
             return
+        records = self.records
+        if records is not None:
+            records.forget_files(self.name, sid)
         if os.path.isdir(directory):
             shutil.rmtree(directory, ignore_errors=True)
 
     def cleanup_all(self) -> None:
         """Remove every session directory."""
+        records = self.records
+        if records is not None:
+            records.forget_files(self.name)
         if os.path.isdir(self.base_dir):
             for name in os.listdir(self.base_dir):
                 path = os.path.join(self.base_dir, name)
@@ -119,9 +199,19 @@ class FileStore:
     @property
     def total_size_bytes(self) -> int:
         """Bytes used by every stored file."""
+        records = self.records
+        if records is not None:
+            return records.file_bytes(self.name)
         total = 0
         for dirpath, _, filenames in os.walk(self.base_dir):
             for name in filenames:
                 with contextlib.suppress(OSError):
                     total += os.path.getsize(os.path.join(dirpath, name))
         return total
+
+
+def _chunks(data: BinaryIO | bytes | bytearray | memoryview) -> Iterator[bytes]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield bytes(data)
+        return
+    yield from iter(lambda: data.read(CHUNK), b"")

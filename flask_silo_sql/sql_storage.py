@@ -117,6 +117,19 @@ class TaskRow:
 
 
 @dataclass(slots=True)
+class FileRecord:
+    """A stored file's row in ``silo_files``."""
+
+    sid: str
+    store: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    content_type: str | None
+    created_at: float
+
+
+@dataclass(slots=True)
 class SweepResult:
     """What one expiry sweep did."""
 
@@ -212,6 +225,23 @@ class _Statements:
         self.upsert_session = session_upsert.on_conflict_do_update(
             index_elements=[sessions.c.sid],
             set_={"last_active": session_upsert.excluded.last_active},
+        )
+
+        file_row = insert(files).values(
+            sid=bindparam("sid"),
+            store=bindparam("store"),
+            filename=bindparam("filename"),
+            size_bytes=bindparam("size_bytes"),
+            sha256=bindparam("sha256"),
+            content_type=bindparam("content_type"),
+            created_at=bindparam("created_at", type_=UTCDateTime()),
+        )
+        self.upsert_file = file_row.on_conflict_do_update(
+            index_elements=[files.c.sid, files.c.store, files.c.filename],
+            set_={
+                c: getattr(file_row.excluded, c)
+                for c in ("size_bytes", "sha256", "content_type", "created_at")
+            },
         )
 
         # -- tasks ----------------------------------------------------------
@@ -667,6 +697,78 @@ class SQLStorage(SiloStorage):
                 {"k_sid": sid, "stale_before": to_datetime(stale_before)},
             ).first()
         return found is not None
+
+    # -- files -------------------------------------------------------------
+
+    def record_file(self, record: FileRecord) -> bool:
+        """Insert or replace a file's row; False when its session does not exist."""
+        values = {
+            "sid": record.sid,
+            "store": record.store,
+            "filename": record.filename,
+            "size_bytes": record.size_bytes,
+            "sha256": record.sha256,
+            "content_type": record.content_type,
+            "created_at": to_datetime(record.created_at),
+        }
+        with self._begin() as conn:
+            if conn.execute(self._sql.has_session, {"k_sid": record.sid}).first() is None:
+                return False
+            conn.execute(self._sql.upsert_file, values)
+        return True
+
+    def file_names(self, store: str, sid: str) -> list[str]:
+        """Names of the files recorded for *sid* in *store*."""
+        with self._connect() as conn:
+            return list(
+                conn.execute(
+                    select(files.c.filename)
+                    .where(files.c.store == store, files.c.sid == sid)
+                    .order_by(files.c.filename)
+                ).scalars()
+            )
+
+    def has_file(self, store: str, sid: str, filename: str) -> bool:
+        """Whether a row exists for that file."""
+        with self._connect() as conn:
+            found = conn.execute(
+                select(literal(1)).where(
+                    files.c.store == store, files.c.sid == sid, files.c.filename == filename
+                )
+            ).first()
+        return found is not None
+
+    def file_bytes(
+        self, store: str, sid: str | None = None, *, excluding: str | None = None
+    ) -> int:
+        """Bytes recorded in *store* (for one session, optionally without one file)."""
+        query = select(func.coalesce(func.sum(files.c.size_bytes), 0)).where(files.c.store == store)
+        if sid is not None:
+            query = query.where(files.c.sid == sid)
+        if excluding is not None:
+            query = query.where(files.c.filename != excluding)
+        with self._connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def forget_files(self, store: str, sid: str | None = None, filename: str | None = None) -> int:
+        """Delete file rows of *store* (one session's, or one file's); returns how many."""
+        query = delete(files).where(files.c.store == store)
+        if sid is not None:
+            query = query.where(files.c.sid == sid)
+        if filename is not None:
+            query = query.where(files.c.filename == filename)
+        with self._begin() as conn:
+            return conn.execute(query).rowcount
+
+    def file_rows(self, store: str) -> list[tuple[str, str, int]]:
+        """Every ``(sid, filename, size_bytes)`` recorded in *store* (for fsck)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                select(files.c.sid, files.c.filename, files.c.size_bytes).where(
+                    files.c.store == store
+                )
+            ).all()
+        return [(r.sid, r.filename, int(r.size_bytes)) for r in rows]
 
     # -- SiloStorage interface ---------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,10 +105,30 @@ def task_id_for(sid: str, namespace: str, path: str) -> str:
     return hashlib.sha256(f"{sid}\0{namespace}\0{path}".encode()).hexdigest()[:32]
 
 
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _storable(text: str) -> str:
+    """*text*, if every database can store it (ValueError otherwise).
+
+    PostgreSQL's JSONB refuses NUL characters in strings, and a lone surrogate
+    is not UTF-8: both are refused on every database, so that state that works
+    on SQLite keeps working on PostgreSQL.
+    """
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):
+        raise ValueError("a string holds a NUL character (\\u0000), which cannot be stored")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate, which is not valid UTF-8") from None
+    return text
+
+
 def serialise(namespace: str, value: Any, max_bytes: int | None = None) -> str:
     """JSON text of a namespace, or an error naming the namespace and key."""
     try:
-        text = encode(value)
+        text = _storable(encode(value))
     except _UnlinkedTask:
         raise
     except (TypeError, ValueError) as exc:
@@ -125,7 +146,7 @@ def _offending_key(value: Any) -> str | None:
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 return repr(key)
             try:
-                encode(item)
+                _storable(encode(item))
             except _UnlinkedTask:
                 continue
             except (TypeError, ValueError):
@@ -322,6 +343,14 @@ class SessionStore:
             if session is not None:
                 session[META]["last_active"] = now
                 self.storage.set_session(sid, session)
+
+    def ensure(self, sid: str) -> None:
+        """Create session *sid* if it does not exist (firing ``on_create``)."""
+        sql = self.sql
+        if sql is None:
+            self.get(sid)
+        elif sql.create(sid, self.clock()):
+            self._fire(self._on_create_cbs, sid)
 
     def touch_or_create(self, sid: str) -> None:
         """For a request that never read state: one statement at most (SQL)."""
