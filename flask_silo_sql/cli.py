@@ -15,6 +15,7 @@ from flask.cli import with_appcontext
 
 from . import schema
 from .ext import EXTENSION_KEY, Silo
+from .files import fsck as check_files
 from .sql_storage import SQLStorage
 
 
@@ -102,6 +103,32 @@ def cleanup(batch_size: int | None) -> None:
         store.sweep_batch_size = batch_size
     expired = store.cleanup()
     click.echo(f"expired {len(expired)} session(s)")
+
+
+@silo_db.command()
+@click.option("--fix", is_flag=True, help="Delete orphan files and rows without a file.")
+@with_appcontext
+def fsck(fix: bool) -> None:
+    """Compare file stores on disk with silo_files (exit 1 if anything is wrong)."""
+    stores = _silo().file_stores
+    if not stores:
+        click.echo("no file stores registered")
+        return
+    dirty = False
+    for files in stores.values():
+        report = check_files(files, fix=fix)
+        for label, entries in (
+            ("file without a row", report.unrecorded),
+            ("row without a file", report.missing),
+            ("partial upload", report.partial),
+        ):
+            for entry in entries:
+                click.echo(f"{files.name}: {label}: {entry}")
+        verdict = "clean" if report.clean else ("repaired" if fix else "problems found")
+        click.echo(f"{files.name}: {verdict}")
+        dirty = dirty or (not report.clean and not fix)
+    if dirty:
+        sys.exit(1)
 
 
 @silo_db.command()

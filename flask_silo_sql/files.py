@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from werkzeug.utils import secure_filename
@@ -215,3 +216,57 @@ def _chunks(data: BinaryIO | bytes | bytearray | memoryview) -> Iterator[bytes]:
         yield bytes(data)
         return
     yield from iter(lambda: data.read(CHUNK), b"")
+
+
+@dataclass
+class FsckReport:
+    """What :func:`fsck` found (and, with ``fix``, repaired) in one file store."""
+
+    store: str
+    unrecorded: list[str] = field(default_factory=list)
+    """Files on disk without a row (``sid/filename``)."""
+    missing: list[str] = field(default_factory=list)
+    """Rows whose file is not on disk (``sid/filename``)."""
+    partial: list[str] = field(default_factory=list)
+    """Leftover temporary files of interrupted uploads."""
+    fixed: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unrecorded or self.missing or self.partial)
+
+
+def fsck(files: FileStore, *, fix: bool = False) -> FsckReport:
+    """Compare a file store's directories with its rows in ``silo_files``.
+
+    With *fix*: files without a row and leftover partial uploads are deleted
+    (their session never recorded them, so nothing refers to them), and rows
+    without a file are removed.
+    """
+    records = files.records
+    if records is None:
+        raise ValueError(f"file store {files.name!r} has no SQL storage to check against")
+    report = FsckReport(files.name)
+    recorded = {(sid, name) for sid, name, _ in records.file_rows(files.name)}
+    on_disk: set[tuple[str, str]] = set()
+    if os.path.isdir(files.base_dir):
+        for sid in sorted(os.listdir(files.base_dir)):
+            directory = os.path.join(files.base_dir, sid)
+            if not os.path.isdir(directory) or os.path.islink(directory):
+                continue
+            for name in sorted(os.listdir(directory)):
+                if name.startswith(TEMP_PREFIX):
+                    report.partial.append(f"{sid}/{name}")
+                else:
+                    on_disk.add((sid, name))
+    report.unrecorded = sorted(f"{s}/{n}" for s, n in on_disk - recorded)
+    report.missing = sorted(f"{s}/{n}" for s, n in recorded - on_disk)
+    if fix:
+        for entry in report.unrecorded + report.partial:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(files.base_dir, entry))
+        for entry in report.missing:
+            sid, name = entry.split("/", 1)
+            records.forget_files(files.name, sid, name)
+        report.fixed = True
+    return report
