@@ -33,7 +33,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .files import FileStore
-from .sids import is_valid_sid
+from .sids import is_signed_sid, is_valid_sid, new_signed_sid
 from .sql_storage import SQLStorage
 from .storage import SiloStorage
 from .store import SessionStore
@@ -53,6 +53,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_TASK_MAX_LOGS": 200,
     "SILO_MAX_FILE_BYTES": None,
     "SILO_MAX_SESSION_BYTES": None,
+    "SILO_LOCKING": False,
+    "SILO_STRICT_SIDS": False,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
@@ -62,12 +64,14 @@ EXPIRED_MESSAGE = "Your session has expired due to inactivity. Please re-upload 
 class _RequestState:
     """What the extension knows about the current request."""
 
-    __slots__ = ("gone", "session", "sid")
+    __slots__ = ("gone", "lock", "session", "sid")
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
         self.session: dict[str, Any] | None = None
         self.gone = False
+        self.lock: AbstractContextManager[dict[str, Any]] | None = None
+        """The open locked transaction, in locking mode."""
 
 
 class LazySession(MutableMapping[str, Any]):
@@ -132,6 +136,8 @@ class Silo:
         self._file_stores: dict[str, FileStore] = {}
         self._needs_default_storage = storage is None
         self._file_limits: tuple[int | None, int | None] = (None, None)
+        self._locking = False
+        self._sid_keys: list[bytes] = []  # strict SIDs: signing key first, then fallbacks
         self._schema_ok = True
         self.store = SessionStore(
             ttl=ttl,
@@ -157,6 +163,7 @@ class Silo:
 
         app.before_request(self._before_request)
         app.after_request(self._after_request)
+        app.teardown_request(self._teardown_request)
         self._register_error_handlers(app)
         app.extensions[EXTENSION_KEY] = self
         if self._auto_cleanup:
@@ -173,6 +180,12 @@ class Silo:
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
         store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
         store.task_max_logs = int(config["SILO_TASK_MAX_LOGS"])
+        self._locking = bool(config["SILO_LOCKING"])
+        if config["SILO_STRICT_SIDS"]:
+            keys = [app.secret_key, *(config.get("SECRET_KEY_FALLBACKS") or ())]
+            if not keys[0]:
+                raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
+            self._sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
         for files in self._file_stores.values():
             if files.max_file_bytes is None:
                 files.max_file_bytes = config["SILO_MAX_FILE_BYTES"]
@@ -268,14 +281,23 @@ class Silo:
 
     # -- request lifecycle ------------------------------------------------------
 
+    def _acceptable(self, sid: str) -> bool:
+        if not is_valid_sid(sid, self._min_sid_length):
+            return False
+        return not self._sid_keys or is_signed_sid(sid, self._sid_keys)
+
     def _extract_sid(self) -> str:
-        minimum = self._min_sid_length
         sid = request.headers.get(self._header, "").strip()
-        if not is_valid_sid(sid, minimum):
+        if not self._acceptable(sid):
             sid = request.args.get(self._query_param, "").strip()
-            if not is_valid_sid(sid, minimum):
-                sid = self.store.generate_sid()
+            if not self._acceptable(sid):
+                sid = self._new_sid()
         return sid
+
+    def _new_sid(self) -> str:
+        if self._sid_keys:
+            return new_signed_sid(self._sid_keys[0])
+        return self.store.generate_sid()
 
     def _before_request(self) -> Any:
         if not request.path.startswith(self._api_prefix):
@@ -299,12 +321,13 @@ class Silo:
             return None
         if data_endpoint:
             session = store.open(sid, create=False)
-            if session is None:
-                if store.is_expired(sid):
-                    state.gone = True
-                    return self._gone()
-                session = store.open(sid)
-            state.session = session
+            if session is None and store.is_expired(sid):
+                state.gone = True
+                return self._gone()
+            if self._locking:
+                self.state()
+            else:
+                state.session = session if session is not None else store.open(sid)
         return None
 
     @staticmethod
@@ -316,7 +339,9 @@ class Silo:
         if state is None:
             return response
         try:
-            if state.gone or response.status_code >= 500:
+            if state.lock is not None:
+                self._close_lock(state, commit=response.status_code < 500)
+            elif state.gone or response.status_code >= 500:
                 pass
             elif state.session is not None:
                 self.store.save(state.sid, state.session)
@@ -330,6 +355,21 @@ class Silo:
             response = current_app.make_response(current_app.handle_user_exception(exc))
         response.headers[self._header] = state.sid
         return response
+
+    @staticmethod
+    def _close_lock(state: _RequestState, *, commit: bool) -> None:
+        lock, state.lock = state.lock, None
+        assert lock is not None
+        if commit:
+            lock.__exit__(None, None, None)  # saves the changes, commits
+        else:
+            error = RuntimeError("request failed")
+            lock.__exit__(RuntimeError, error, None)  # rolls back
+
+    def _teardown_request(self, exc: BaseException | None) -> None:
+        state: _RequestState | None = g.get("_silo_request")
+        if state is not None and state.lock is not None:
+            self._close_lock(state, commit=False)  # after_request never ran
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""
@@ -382,13 +422,27 @@ class Silo:
             raise RuntimeError("No active session. Are you inside a request context?")
         return state
 
-    def state(self, namespace: str | None = None) -> dict[str, Any]:
-        """The current request's session, or one namespace of it."""
+    def state(self, namespace: str | None = None, *, lock: bool | None = None) -> dict[str, Any]:
+        """The current request's session, or one namespace of it.
+
+        With *lock* (default: ``SILO_LOCKING``) the session is loaded in a
+        transaction that holds it locked until the response is sent, so
+        concurrent requests of the same session run their read-modify-write
+        one after another (exact, never a 409). It must be the request's first
+        access to state.
+        """
         state = self._request_state()
         session = state.session
+        locking = self._locking if lock is None else lock
         if session is None:
-            session = self._open(state.sid)
+            if locking:
+                state.lock = self.store.transaction(state.sid)
+                session = state.lock.__enter__()
+            else:
+                session = self._open(state.sid)
             state.session = session
+        elif lock and state.lock is None:
+            raise RuntimeError("state(lock=True) must be the first access to state in a request")
         if namespace:
             if namespace not in session:
                 raise NamespaceError(namespace)
@@ -405,6 +459,8 @@ class Silo:
         """Fresh state for the current session, and its files removed."""
         state = self._request_state()
         sid = state.sid
+        if state.lock is not None:  # release our lock: the reset writes on its own
+            self._close_lock(state, commit=True)
         self.store.reset(sid)
         for store in self._file_stores.values():
             store.cleanup(sid)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 import secrets
 
@@ -19,3 +22,26 @@ def new_sid() -> str:
 def is_valid_sid(sid: str, min_length: int = 1) -> bool:
     """Whether *sid* may be used: length within bounds and only safe characters."""
     return min_length <= len(sid) <= SID_LENGTH and SID_PATTERN.fullmatch(sid) is not None
+
+
+SIGNED_TOKEN_LENGTH = 32
+SIGNATURE_LENGTH = 22
+
+
+def _signature(key: bytes, token: str) -> str:
+    mac = hmac.new(key, b"flask-silo-sql sid:" + token.encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def new_signed_sid(key: bytes) -> str:
+    """A SID the server can recognise as its own: 192 random bits plus an HMAC."""
+    token = secrets.token_urlsafe(24)
+    return token + _signature(key, token)
+
+
+def is_signed_sid(sid: str, keys: list[bytes]) -> bool:
+    """Whether *sid* was issued with one of *keys* (the first signs, all verify)."""
+    if len(sid) != SIGNED_TOKEN_LENGTH + SIGNATURE_LENGTH or not SID_PATTERN.fullmatch(sid):
+        return False
+    token, signature = sid[:SIGNED_TOKEN_LENGTH], sid[SIGNED_TOKEN_LENGTH:]
+    return any(hmac.compare_digest(signature, _signature(key, token)) for key in keys)

@@ -351,7 +351,7 @@ class SQLStorage(SiloStorage):
             self._engine = bind
         elif isinstance(bind, (str, URL)):
             self._engine = make_engine(bind, **engine_options)
-        elif hasattr(bind, "engines") and hasattr(bind, "init_app"):
+        elif hasattr(type(bind), "engines") and hasattr(bind, "init_app"):  # no app context needed
             self._flask_sqlalchemy = bind
         else:
             raise TypeError(
