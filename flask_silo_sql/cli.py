@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import click
 from flask import current_app
@@ -95,14 +96,30 @@ def check() -> None:
 
 @silo_db.command()
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sessions per batch.")
+@click.option("--dry-run", is_flag=True, help="Count what would expire; change nothing.")
 @with_appcontext
-def cleanup(batch_size: int | None) -> None:
-    """Run one expiry sweep now (for cron)."""
+def cleanup(batch_size: int | None, dry_run: bool) -> None:
+    """Run one expiry sweep now (for cron): idle sessions, their files, old expired SIDs."""
     store = _silo().store
-    if batch_size is not None:
-        store.sweep_batch_size = batch_size
-    expired = store.cleanup()
-    click.echo(f"expired {len(expired)} session(s)")
+    _storage()
+    interactive = sys.stderr.isatty()
+    verb = "would expire" if dry_run else "expired"
+
+    def progress(count: int) -> None:
+        if interactive:
+            click.echo(f"\r{verb} {count} session(s)…", nl=False, err=True)
+
+    started = time.perf_counter()
+    result = store.sweep(batch_size=batch_size, dry_run=dry_run, progress=progress)
+    if interactive and result.batches:
+        click.echo("", err=True)
+    summary = (
+        f"{verb} {len(result.expired)} session(s) in {time.perf_counter() - started:.2f} s "
+        f"({result.batches} batch(es), {result.skipped_busy} busy skipped"
+    )
+    if not dry_run:
+        summary += f", {result.pruned} expired SID record(s) pruned"
+    click.echo(summary + ")")
 
 
 @silo_db.command()

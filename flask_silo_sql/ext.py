@@ -410,7 +410,7 @@ class Silo:
     def _on_session_expire(self, sid: str) -> None:
         for store in self._file_stores.values():
             try:
-                store.cleanup(sid)
+                store.cleanup(sid, rows=False)  # the rows went with the session
             except Exception:
                 logger.exception("Error cleaning up file store for session %s", sid)
 

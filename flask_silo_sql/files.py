@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING
 
 from werkzeug.utils import secure_filename
 
@@ -96,7 +96,7 @@ class FileStore:
         self,
         sid: str,
         filename: str,
-        data: BinaryIO | bytes,
+        data: IO[bytes] | bytes,
         *,
         content_type: str | None = None,
     ) -> str:
@@ -174,14 +174,14 @@ class FileStore:
             return []
         return sorted(n for n in os.listdir(directory) if not n.startswith(TEMP_PREFIX))
 
-    def cleanup(self, sid: str) -> None:
-        """Remove the session's files: rows first, then the directory."""
+    def cleanup(self, sid: str, *, rows: bool = True) -> None:
+        """Remove the session's files: rows first (unless *rows* is False), then the directory."""
         try:
             directory = self._dir(sid)
         except ValueError:
             return
         records = self.records
-        if records is not None:
+        if records is not None and rows:
             records.forget_files(self.name, sid)
         if os.path.isdir(directory):
             shutil.rmtree(directory, ignore_errors=True)
@@ -211,7 +211,7 @@ class FileStore:
         return total
 
 
-def _chunks(data: BinaryIO | bytes | bytearray | memoryview) -> Iterator[bytes]:
+def _chunks(data: IO[bytes] | bytes | bytearray | memoryview) -> Iterator[bytes]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         yield bytes(data)
         return

@@ -86,7 +86,8 @@ sessions = Table(
         nullable=False,
         comment="Last request seen (written at most once per touch interval)",
     ),
-    Index("ix_silo_sessions_last_active", "last_active"),
+    # (last_active, sid): the expiry sweep pages through idle sessions in this order.
+    Index("ix_silo_sessions_last_active", "last_active", "sid"),
     comment="One row per live flask-silo-sql session",
 )
 

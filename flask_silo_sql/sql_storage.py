@@ -135,6 +135,8 @@ class SweepResult:
 
     expired: list[str]
     skipped_busy: int
+    batches: int = 0
+    pruned: int = 0
 
 
 class _Statements:
@@ -602,8 +604,12 @@ class SQLStorage(SiloStorage):
             result.skipped_busy += len(busy)
             chosen = [s for s in candidates if s not in busy]
             if dry_run:
+                result.batches += 1
                 result.expired.extend(chosen)
+                if on_batch is not None and chosen:
+                    on_batch(chosen)
                 continue
+            result.batches += 1
             if chosen:
                 expired = self._expire_batch(chosen, cutoff=cutoff_at, now=now)
                 result.expired.extend(expired)
@@ -621,13 +627,19 @@ class SQLStorage(SiloStorage):
                 conn.execute(sql.sweep_delete, {"sids": sids, "cutoff": cutoff}).scalars().all()
             )
             if deleted:
-                if self.dialect == "sqlite":  # foreign keys may be off on a host's engine
+                if not self._cascades(conn):  # a host's SQLite engine may not enforce FKs
                     for stmt in sql.delete_children:
                         conn.execute(stmt, {"sids": deleted})
                 conn.execute(
                     sql.mark_expired, [{"k_sid": s, "k_expired_at": when} for s in deleted]
                 )
         return deleted
+
+    def _cascades(self, conn: Connection) -> bool:
+        """Whether deleting a session row deletes its children by itself."""
+        if self.dialect != "sqlite":
+            return True
+        return bool(conn.exec_driver_sql("PRAGMA foreign_keys").scalar())
 
     def prune_expired(
         self, max_age: float, *, now: float | None = None, batch_size: int = 5000
@@ -839,7 +851,7 @@ class SQLStorage(SiloStorage):
     def delete_sessions(self, sids: list[str]) -> None:
         """Delete sessions and everything they own, without marking them expired."""
         with self._begin() as conn:
-            for stmt in self._sql.delete_children:
+            for stmt in self._sql.delete_children:  # explicit: FKs may be off (SQLite)
                 conn.execute(stmt, {"sids": sids})
             conn.execute(delete(sessions).where(sessions.c.sid.in_(sids)))
 

@@ -27,7 +27,7 @@ from .errors import (
     StateTooLarge,
 )
 from .sids import new_sid
-from .sql_storage import LoadedSession, NamespaceWrite, SQLStorage, to_datetime
+from .sql_storage import LoadedSession, NamespaceWrite, SQLStorage, SweepResult, to_datetime
 from .storage import InMemoryStorage, SiloStorage
 from .tasks import TASK_MARKER, BackgroundTask, TaskLink
 
@@ -537,24 +537,49 @@ class SessionStore:
 
     def cleanup(self) -> list[str]:
         """Expire idle sessions, prune old expired-SID records; return expired SIDs."""
-        sql = self.sql
-        if sql is None:
+        if self.sql is None:
             return self._cleanup_memory()
+        return self.sweep().expired
+
+    def sweep(
+        self,
+        *,
+        batch_size: int | None = None,
+        dry_run: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> SweepResult:
+        """One expiry sweep over SQL storage, in batches of *batch_size* sessions.
+
+        Each batch is one short transaction; ``on_expire`` fires once per SID
+        after its batch commits. *progress* gets the running count of expired
+        (or, with *dry_run*, expirable) sessions after each batch.
+        """
+        sql = self.sql
+        assert sql is not None, "sweep() needs SQL storage; use cleanup()"
         now = self.clock()
+        done = 0
+
+        def after_batch(sids: list[str]) -> None:
+            nonlocal done
+            done += len(sids)
+            if not dry_run:
+                for sid in sids:
+                    self._fire(self._on_expire_cbs, sid)
+            if progress is not None:
+                progress(done)
+
         result = sql.sweep(
             now=now,
             cutoff=now - self.ttl - self.touch_interval,
             heartbeat_cutoff=now - self.heartbeat_timeout,
-            batch_size=self.sweep_batch_size,
+            batch_size=batch_size or self.sweep_batch_size,
             is_busy=self._busy_sids if self._busy_check else None,
-            on_batch=self._fire_expired,
+            on_batch=after_batch,
+            dry_run=dry_run,
         )
-        sql.prune_expired(self.expired_retain, now=now)
-        return result.expired
-
-    def _fire_expired(self, sids: list[str]) -> None:
-        for sid in sids:
-            self._fire(self._on_expire_cbs, sid)
+        if not dry_run:
+            result.pruned = sql.prune_expired_count(self.expired_retain, now=now)
+        return result
 
     def _busy_sids(self, sids: list[str]) -> set[str]:
         check = self._busy_check

@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("sid", name="pk_silo_sessions"),
         comment="One row per live flask-silo-sql session",
     )
-    op.create_index("ix_silo_sessions_last_active", "silo_sessions", ["last_active"])
+    op.create_index("ix_silo_sessions_last_active", "silo_sessions", ["last_active", "sid"])
 
     op.create_table(
         "silo_namespaces",
