@@ -384,6 +384,8 @@ class Silo:
             logger.error("%s", exc)
             body = {"error": "storage_unavailable", "message": "Session storage is unavailable."}
             return jsonify(body), 503
+        elif isinstance(exc, SessionExpired):
+            return self._gone()
         elif isinstance(exc, SessionBusy):
             body, status = {"error": "session_busy"}, 409
         elif isinstance(exc, SchemaError):

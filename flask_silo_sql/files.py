@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flask_silo_sql.files")
 
 TEMP_PREFIX = ".silo-upload-"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of stored files: what ``open()`` would give under the process umask."""
 CHUNK = 64 * 1024
 
 
@@ -118,11 +122,12 @@ class FileStore:
         size = 0
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
         try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; others (a web server) may read
             with os.fdopen(fd, "wb") as out:
                 for chunk in _chunks(data):
                     size += len(chunk)
                     if limit is not None and size > limit:
-                        raise FileTooLarge(name, size, limit)
+                        raise FileTooLarge(name, size, self._limit_hit(limit))
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()
@@ -148,6 +153,12 @@ class FileStore:
                     os.unlink(path)  # no file without its row
                 raise
         return path
+
+    def _limit_hit(self, allowed: int) -> int:
+        """The configured limit that *allowed* (bytes left for this file) comes from."""
+        if self.max_file_bytes is not None and allowed == self.max_file_bytes:
+            return self.max_file_bytes
+        return self.max_session_bytes if self.max_session_bytes is not None else allowed
 
     def get_path(self, sid: str, filename: str) -> str | None:
         """The path of a stored file, or None."""

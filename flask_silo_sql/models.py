@@ -152,7 +152,7 @@ files = Table(
 tasks = Table(
     "silo_tasks",
     metadata,
-    Column("id", String(32), primary_key=True, comment="Task ID (random hex)"),
+    Column("id", String(32), primary_key=True, comment="Task ID (32 hex characters)"),
     Column(
         "sid",
         String(SID_LENGTH),

@@ -122,7 +122,7 @@ def upgrade() -> None:
 
     op.create_table(
         "silo_tasks",
-        sa.Column("id", sa.String(32), nullable=False, comment="Task ID (random hex)"),
+        sa.Column("id", sa.String(32), nullable=False, comment="Task ID (32 hex characters)"),
         sa.Column(
             "sid",
             SID,
