@@ -1,0 +1,169 @@
+"""The SQL in the README's "Querying the tables" runs, on both databases, and answers right."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, insert, text
+
+from flask_silo_sql import schema
+from flask_silo_sql.engine import make_engine
+from flask_silo_sql.models import expired_sids, files, namespaces, sessions, tasks
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+UTC = dt.timezone.utc
+
+
+def readme_queries() -> list[tuple[str, str, str | None]]:
+    """``(title, sql, dialect or None)`` for each query block of the section."""
+    body = README.read_text()
+    section = body.split("## Querying the tables", 1)[1].split("\n## ", 1)[0]
+    found = []
+    for block in re.findall(r"```sql\n(.*?)```", section, flags=re.S):
+        first, sql = block.split("\n", 1)
+        title = first.removeprefix("-- ").strip()
+        tag = re.search(r"\((PostgreSQL|SQLite)\)$", title)
+        dialect = {"PostgreSQL": "postgresql", "SQLite": "sqlite"}[tag.group(1)] if tag else None
+        found.append((title, sql.strip().rstrip(";"), dialect))
+    return found
+
+
+QUERIES = readme_queries()
+
+
+def test_readme_has_the_queries_operators_need() -> None:
+    titles = " ".join(title for title, _, _ in QUERIES)
+    for needed in (
+        "Active sessions in the last hour",
+        "Largest namespaces",
+        "Running and failed tasks",
+        "Disk used per session",
+        "Expired SIDs still remembered",
+    ):
+        assert needed in titles
+    for title, _, dialect in QUERIES:
+        if dialect is not None:  # every dialect-specific query has its twin
+            base = title.rsplit("(", 1)[0]
+            assert {d for t, _, d in QUERIES if t.startswith(base)} == {"postgresql", "sqlite"}
+
+
+CASES = [
+    pytest.param(database, title, id=f"{database}-{title}")
+    for title, _, dialect in QUERIES
+    for database in ("sqlite", "postgresql")
+    if dialect in (None, database)
+]
+
+
+def seed(url: str) -> Engine:
+    engine = make_engine(url)
+    schema.upgrade(engine)
+    now = dt.datetime.now(UTC)
+    old = now - dt.timedelta(hours=3)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(sessions),
+            [
+                {"sid": "client-a-0123456789", "created_at": old, "last_active": now},
+                {"sid": "client-b-0123456789", "created_at": old, "last_active": old},
+            ],
+        )
+        conn.execute(
+            insert(namespaces),
+            [
+                {
+                    "sid": "client-a-0123456789",
+                    "name": "counter",
+                    "data": {"count": 3},
+                    "version": 3,
+                    "updated_at": now,
+                },
+                {
+                    "sid": "client-b-0123456789",
+                    "name": "big",
+                    "data": {"x": "y" * 5000},
+                    "version": 1,
+                    "updated_at": old,
+                },
+            ],
+        )
+        task = {
+            "progress": 40.0,
+            "message": "",
+            "logs": [],
+            "error": None,
+            "started_at": old,
+            "finished_at": None,
+            "heartbeat_at": now,
+        }
+        conn.execute(
+            insert(tasks),
+            [
+                {
+                    **task,
+                    "id": "a" * 32,
+                    "sid": "client-a-0123456789",
+                    "name": "p",
+                    "status": "running",
+                },
+                {
+                    **task,
+                    "id": "b" * 32,
+                    "sid": "client-b-0123456789",
+                    "name": "q",
+                    "status": "failed",
+                    "error": "boom",
+                },
+                {
+                    **task,
+                    "id": "c" * 32,
+                    "sid": "client-b-0123456789",
+                    "name": "r",
+                    "status": "complete",
+                },
+            ],
+        )
+        conn.execute(
+            insert(files),
+            [
+                {
+                    "sid": "client-a-0123456789",
+                    "store": "uploads",
+                    "filename": f"f{i}",
+                    "size_bytes": 100 * (i + 1),
+                    "sha256": "0" * 64,
+                    "content_type": None,
+                    "created_at": now,
+                }
+                for i in range(3)
+            ],
+        )
+        conn.execute(insert(expired_sids), [{"sid": "gone-0123456789ab", "expired_at": old}])
+    return engine
+
+
+@pytest.mark.parametrize(("database", "title"), CASES)
+def test_readme_query(request: pytest.FixtureRequest, database: str, title: str) -> None:
+    _, sql, _ = next(q for q in QUERIES if q[0] == title)
+    url: str = request.getfixturevalue("sqlite_url" if database == "sqlite" else "pg_url")
+    seeded = seed(url)
+    with seeded.connect() as conn:
+        rows = conn.execute(text(sql)).all()
+    if title.startswith("Active sessions"):
+        assert [r.sid for r in rows] == ["client-a-0123456789"]
+    elif title.startswith("Largest namespaces"):
+        assert [r.name for r in rows] == ["big", "counter"]
+        assert rows[0].bytes > 1000
+    elif title.startswith("Running and failed"):
+        assert sorted((r.status, r.name) for r in rows) == [("failed", "q"), ("running", "p")]
+    elif title.startswith("Disk used"):
+        assert [(r.sid, r.files, r.bytes) for r in rows] == [("client-a-0123456789", 3, 600)]
+    elif title.startswith("Expired SIDs"):
+        assert [r.sid for r in rows] == ["gone-0123456789ab"]
+    elif title.startswith("One client's state"):
+        assert [(r.name, r.version) for r in rows] == [("counter", 3)]
+    else:
+        raise AssertionError(f"no expectation for query {title!r}")
