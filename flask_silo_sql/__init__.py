@@ -8,6 +8,7 @@ and the schema managed by Alembic (``flask silo-db upgrade``).
 from .cleanup import CleanupDaemon
 from .errors import (
     FileTooLarge,
+    InvalidFilename,
     NamespaceError,
     SchemaError,
     SessionBusy,
@@ -34,6 +35,7 @@ __all__ = [
     "FileStore",
     "FileTooLarge",
     "InMemoryStorage",
+    "InvalidFilename",
     "NamespaceError",
     "SQLStorage",
     "SchemaError",

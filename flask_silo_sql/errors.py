@@ -39,12 +39,19 @@ class StateNotSerializable(SiloError, TypeError):
     """Namespace state holds a value that cannot be stored as JSON.
 
     Durable state is JSON: the error names the namespace and the top-level key
-    whose value failed, and nothing of the session is written.
+    whose value failed, and nothing of the session is written. ``invalid_value``
+    is True for JSON data that cannot be stored (NaN or Infinity, a NUL
+    character, a lone surrogate, nesting too deep, the reserved task key):
+    data a client may have sent, answered ``422``; False for a value that is
+    not JSON at all (a bug in the application), answered ``500``.
     """
 
-    def __init__(self, namespace: str, key: str | None, reason: str) -> None:
+    def __init__(
+        self, namespace: str, key: str | None, reason: str, *, invalid_value: bool = False
+    ) -> None:
         self.namespace = namespace
         self.key = key
+        self.invalid_value = invalid_value
         where = f"key '{key}' of namespace '{namespace}'" if key else f"namespace '{namespace}'"
         super().__init__(f"Cannot store {where} as JSON: {reason}")
 
@@ -69,6 +76,14 @@ class FileTooLarge(SiloError):
         self.size = size
         self.limit = limit
         super().__init__(f"File '{filename}' exceeds the limit of {limit} bytes.")
+
+
+class InvalidFilename(SiloError, ValueError):
+    """A file name with nothing safe left, or too long (answered ``400``)."""
+
+    def __init__(self, filename: str, reason: str = "nothing safe is left of it") -> None:
+        self.filename = filename
+        super().__init__(f"Invalid file name {filename[:100]!r}: {reason}.")
 
 
 class StateConflict(SiloError):

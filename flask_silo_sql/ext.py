@@ -22,6 +22,7 @@ from . import schema
 from .cleanup import CleanupDaemon
 from .errors import (
     FileTooLarge,
+    InvalidFilename,
     NamespaceError,
     SchemaError,
     SessionBusy,
@@ -289,7 +290,10 @@ class Silo:
     def _extract_sid(self) -> str:
         sid = request.headers.get(self._header, "").strip()
         if not self._acceptable(sid):
-            sid = request.args.get(self._query_param, "").strip()
+            try:
+                sid = request.args.get(self._query_param, "").strip()
+            except UnicodeDecodeError:  # raw non-UTF-8 bytes in the query string
+                sid = ""
             if not self._acceptable(sid):
                 sid = self._new_sid()
         return sid
@@ -380,6 +384,8 @@ class Silo:
             body, status = {"error": "state_too_large", "namespace": exc.namespace}, 413
         elif isinstance(exc, FileTooLarge):
             body, status = {"error": "file_too_large", "limit": exc.limit}, 413
+        elif isinstance(exc, InvalidFilename):
+            body, status = {"error": "invalid_filename"}, 400
         elif isinstance(exc, StorageUnavailable):
             logger.error("%s", exc)
             body = {"error": "storage_unavailable", "message": "Session storage is unavailable."}
@@ -397,9 +403,12 @@ class Silo:
             }
             return jsonify(body), 500
         elif isinstance(exc, StateNotSerializable):
-            logger.error("%s", exc)
             body = {"error": "state_not_serializable", "namespace": exc.namespace, "key": exc.key}
-            status = 500
+            if exc.invalid_value:  # JSON data that cannot be stored: the request's data
+                status = 422
+            else:  # not JSON at all: a bug in the application
+                logger.error("%s", exc)
+                status = 500
         elif isinstance(exc, NamespaceError):
             logger.error("%s", exc)
             body, status = {"error": "namespace_not_registered", "namespace": exc.namespace}, 500

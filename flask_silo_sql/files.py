@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING
 
 from werkzeug.utils import secure_filename
 
-from .errors import FileTooLarge, SessionExpired
+from .errors import FileTooLarge, InvalidFilename, SessionExpired
 from .sids import is_valid_sid
 from .sql_storage import FileRecord
 
@@ -47,11 +47,21 @@ FILE_MODE = 0o666 & ~_UMASK
 CHUNK = 64 * 1024
 
 
+MAX_FILENAME_BYTES = 255
+"""The longest name a file system (and ``silo_files.filename``) takes."""
+
+
 def safe_filename(filename: str) -> str:
-    """A name that cannot leave its directory (ValueError if nothing is left)."""
+    """A name that cannot leave its directory.
+
+    Raises :class:`InvalidFilename` (a ValueError) if nothing safe is left or
+    the name is too long to store.
+    """
     name = secure_filename(filename)
     if not name or name.startswith(TEMP_PREFIX):
-        raise ValueError(f"invalid file name {filename!r}")
+        raise InvalidFilename(filename)
+    if len(name.encode()) > MAX_FILENAME_BYTES:
+        raise InvalidFilename(filename, f"longer than {MAX_FILENAME_BYTES} bytes")
     return name
 
 
@@ -106,8 +116,10 @@ class FileStore:
     ) -> str:
         """Store *data* as *filename* (sanitised) in the session's directory.
 
-        Returns the absolute path of the stored file. Raises ValueError for a
-        name with nothing safe left, :class:`FileTooLarge` past a byte limit.
+        Returns the absolute path of the stored file. Raises
+        :class:`InvalidFilename` (a ValueError, ``400`` through the extension)
+        for a name with nothing safe left or too long, :class:`FileTooLarge`
+        past a byte limit.
         """
         name = safe_filename(filename)
         records = self.records

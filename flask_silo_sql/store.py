@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import accumulate
 from typing import Any
 
 from .errors import (
@@ -125,14 +126,39 @@ def _storable(text: str) -> str:
     return text
 
 
+MAX_NESTING = 512
+"""How deeply state may nest lists and objects.
+
+Far enough below Python's recursion limit that state written in one call
+stack can always be decoded again in a deeper one (the JSON decoder recurses).
+"""
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _nesting_ok(text: str) -> str:
+    """*text*, unless its arrays and objects nest deeper than MAX_NESTING (ValueError)."""
+    if text.count("[") + text.count("{") > MAX_NESTING:  # else it cannot be that deep
+        brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+        if max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_NESTING:
+            raise ValueError(f"state nests deeper than {MAX_NESTING} levels")
+    return text
+
+
 def serialise(namespace: str, value: Any, max_bytes: int | None = None) -> str:
     """JSON text of a namespace, or an error naming the namespace and key."""
     try:
-        text = _storable(encode(value))
+        text = _nesting_ok(_storable(encode(value)))
     except _UnlinkedTask:
         raise
-    except (TypeError, ValueError) as exc:
+    except TypeError as exc:
         raise StateNotSerializable(namespace, _offending_key(value), str(exc)) from None
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc) if isinstance(exc, ValueError) else "state nests too deeply"
+        key = _offending_key(value)
+        raise StateNotSerializable(namespace, key, reason, invalid_value=True) from None
     if max_bytes is not None and len(text) > max_bytes // 4:  # cheap pre-check
         size = len(text.encode())
         if size > max_bytes:
@@ -146,12 +172,26 @@ def _offending_key(value: Any) -> str | None:
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 return repr(key)
             try:
-                _storable(encode(item))
+                _nesting_ok(_storable(encode(item)))
             except _UnlinkedTask:
                 continue
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 return str(key)
     return None
+
+
+def _holds_task_marker(value: Any) -> bool:
+    """Whether a dict in *value* has the key reserved for task references."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if TASK_MARKER in item:
+                return True
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return False
 
 
 class SessionStore:
@@ -196,6 +236,7 @@ class SessionStore:
         self._busy_check: Callable[[str, dict[str, Any]], bool] | None = None
         self._on_expire_cbs: list[Callable[[str], None]] = []
         self._on_create_cbs: list[Callable[[str], None]] = []
+        self._checking = threading.local()  # .active while a busy check runs in this thread
 
     # -- configuration -------------------------------------------------------
 
@@ -252,6 +293,14 @@ class SessionStore:
         """The session *sid*, created (and ``on_create`` fired) when missing."""
         if self.sql is None:
             return self._get_memory(sid)
+        if getattr(self._checking, "active", False):
+            # A busy check reading the store is not client activity: no touch (the
+            # session would never expire), and no re-creating one expired meanwhile.
+            session = self.open(sid, create=False)
+            if session is None:
+                when = to_datetime(self.clock())
+                return self._build(sid, LoadedSession(when, when, {}))
+            return session
         session = self.open(sid)
         assert session is not None
         now = self.clock()
@@ -404,10 +453,17 @@ class SessionStore:
 
     def _serialise(self, sid: str, session: Session | None, name: str, value: Any) -> str:
         try:
-            return serialise(name, value, self.max_state_bytes)
+            text = serialise(name, value, self.max_state_bytes)
         except _UnlinkedTask:  # a handler put a new BackgroundTask in the namespace
             self._link_tasks(sid, session, name, value)
-            return serialise(name, value, self.max_state_bytes)
+            text = serialise(name, value, self.max_state_bytes)
+        if TASK_MARKER in text and _holds_task_marker(value):
+            # Only the library writes task references: such a dict from a client
+            # would be loaded as a task (another session's, given its ID).
+            key = next((str(k) for k, v in value.items() if _holds_task_marker(v)), None)
+            reason = f"the key {TASK_MARKER!r} is reserved for task references"
+            raise StateNotSerializable(name, key, reason, invalid_value=True)
+        return text
 
     def _changes(self, sid: str, session: Session) -> list[NamespaceWrite]:
         """The namespaces whose JSON differs from what was read (all checked first)."""
@@ -598,13 +654,17 @@ class SessionStore:
         loaded = self.sql.load(sid)
         return None if loaded is None else self._build(sid, loaded)
 
-    @staticmethod
-    def _vetoes(check: Callable[[str, dict[str, Any]], bool], sid: str, session: Any) -> bool:
+    def _vetoes(
+        self, check: Callable[[str, dict[str, Any]], bool], sid: str, session: Any
+    ) -> bool:
+        self._checking.active = True
         try:
             return bool(check(sid, session))
         except Exception:
             logger.exception("busy check failed for session %s; treating it as busy", sid)
             return True
+        finally:
+            self._checking.active = False
 
     def _cleanup_memory(self) -> list[str]:
         now = self.clock()
@@ -654,7 +714,8 @@ class SessionStore:
             for ns, factory in self._factories.items():
                 if ns not in session:
                     session[ns] = factory()
-            session[META]["last_active"] = self.clock()
+            if not getattr(self._checking, "active", False):  # a busy check is no activity
+                session[META]["last_active"] = self.clock()
             self.storage.set_session(sid, session)
         if is_new:
             self._fire(self._on_create_cbs, sid)

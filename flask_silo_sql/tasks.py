@@ -88,7 +88,17 @@ class BackgroundTask:
     is marked complete; one that raises is marked failed.
     """
 
-    __slots__ = ("_dirty", "_flushed_at", "_link", "_lock", "_owner", "_state", "_thread", "name")
+    __slots__ = (
+        "_dirty",
+        "_flush_lock",
+        "_flushed_at",
+        "_link",
+        "_lock",
+        "_owner",
+        "_state",
+        "_thread",
+        "name",
+    )
 
     def __init__(self, name: str = "task") -> None:
         self.name = name
@@ -99,6 +109,9 @@ class BackgroundTask:
         self._owner = False  # this object runs (or ran) the current run
         self._dirty = False
         self._flushed_at = 0.0
+        # One flush at a time (task thread or heartbeat): a snapshot taken
+        # earlier must never be written after a newer one.
+        self._flush_lock = threading.Lock()
 
     # -- linking -----------------------------------------------------------------
 
@@ -279,19 +292,20 @@ class BackgroundTask:
         sql = link.store.sql
         if sql is None:
             return
-        now = self._clock()
-        with self._lock:
-            row = self._row(now)
-            self._dirty = False
-            self._flushed_at = now
-        try:
-            sql.save_task(row)
-            if link.session is not None:
-                link.store.save_namespace_merged(link.sid, link.session, link.namespace)
-        except Exception:
+        with self._flush_lock:
+            now = self._clock()
             with self._lock:
-                self._dirty = True
-            logger.exception("could not save task '%s' of session %s", self.name, link.sid)
+                row = self._row(now)
+                self._dirty = False
+                self._flushed_at = now
+            try:
+                sql.save_task(row)
+                if link.session is not None:
+                    link.store.save_namespace_merged(link.sid, link.session, link.namespace)
+            except Exception:
+                with self._lock:
+                    self._dirty = True
+                logger.exception("could not save task '%s' of session %s", self.name, link.sid)
 
     # -- state -------------------------------------------------------------------
 

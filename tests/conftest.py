@@ -17,7 +17,7 @@ from sqlalchemy import make_url
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from pgserver import ExternalPg, PgServer, find_bindir  # noqa: E402
+from pgserver import ExternalPg, PgServer, find_bindir
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _pg_problem: list[str] = []

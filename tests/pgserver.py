@@ -7,6 +7,7 @@ run as root) on a free loopback port in a temporary directory. Set
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -43,7 +44,29 @@ def _free_port() -> int:
         return port
 
 
-class PgServer:
+class Databases:
+    """Creating and dropping databases on a server (``admin_url``, ``url(name)``)."""
+
+    @property
+    def admin_url(self) -> str:
+        raise NotImplementedError
+
+    def url(self, database: str) -> str:
+        raise NotImplementedError
+
+    def create_database(self, name: str | None = None) -> str:
+        """Create an empty database and return its URL."""
+        name = name or "silo_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class PgServer(Databases):
     """A private PostgreSQL cluster; :meth:`stop_server`/:meth:`start_server` simulate outages."""
 
     def __init__(self, *, fsync: bool = False) -> None:
@@ -74,8 +97,17 @@ class PgServer:
             f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 "
             "-c synchronous_commit=" + ("on" if self.fsync else "off")
         )
-        self._run("pg_ctl", "-D", str(self.datadir), "-o", opts, "-l",
-                  str(self.root / "server.log"), "-w", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-o",
+            opts,
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "start",
+        )
 
     def stop_server(self, mode: str = "fast") -> None:
         """Stop the server (``fast`` disconnects clients; ``immediate`` simulates a crash)."""
@@ -89,27 +121,14 @@ class PgServer:
         """SQLAlchemy URL of *database* on this server (psycopg 3)."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str | None = None) -> str:
-        """Create an empty database and return its URL."""
-        name = name or "silo_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def drop_database(self, name: str) -> None:
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
     def destroy(self) -> None:
         """Stop the server and delete its files."""
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop_server("immediate")
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class ExternalPg:
+class ExternalPg(Databases):
     """An existing server given by ``SILO_TEST_PG_URL`` (a URL to a maintenance database)."""
 
     def __init__(self, url: str) -> None:
@@ -123,9 +142,6 @@ class ExternalPg:
 
     def url(self, database: str) -> str:
         return self._base.set(database=database).render_as_string(hide_password=False)
-
-    create_database = PgServer.create_database
-    drop_database = PgServer.drop_database
 
     def destroy(self) -> None:
         pass
