@@ -285,7 +285,11 @@ class BackgroundTask:
             self._flush()
 
     def _flush(self) -> None:
-        """Write this run's state (and heartbeat), then save the namespace holding it."""
+        """Save the namespace holding this task, then write the run's state (and heartbeat).
+
+        In that order: whoever reads the new state (``complete``) also reads
+        what the thread wrote before changing it (``state["results"]``).
+        """
         link = self._link
         if link is None or not self._owner:
             return
@@ -298,10 +302,15 @@ class BackgroundTask:
                 row = self._row(now)
                 self._dirty = False
                 self._flushed_at = now
+            if link.session is not None:
+                try:
+                    link.store.save_namespace_merged(link.sid, link.session, link.namespace)
+                except Exception:
+                    logger.exception(
+                        "could not save namespace %r of session %s", link.namespace, link.sid
+                    )
             try:
                 sql.save_task(row)
-                if link.session is not None:
-                    link.store.save_namespace_merged(link.sid, link.session, link.namespace)
             except Exception:
                 with self._lock:
                     self._dirty = True

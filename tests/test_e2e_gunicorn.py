@@ -1,0 +1,348 @@
+"""End to end: ``examples/data_processor.py`` under ``gunicorn -w 4``, driven over real HTTP.
+
+Each test starts gunicorn with four worker processes on SQLite and on
+PostgreSQL (the schema upgraded first with ``flask silo-db upgrade``) and
+drives it with ``requests``: upload, process, poll progress until complete
+(answered by several workers), fetch the results, reset; and a worker killed
+with SIGKILL while it runs a task: the task must end up failed with "worker
+lost", not running forever. The time from the kill to that answer is printed
+(run with ``-s`` to see it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from flask_silo_sql.engine import make_engine
+from flask_silo_sql.models import tasks
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_FILE = "examples/data_processor.py"
+WORKERS = 4
+HEARTBEAT_TIMEOUT = 2.0
+HEADER = "X-Session-ID"
+TEXT = "".join(f"line {i} alpha beta\n" for i in range(400)) + "the end\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _env(db_url: str, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        SILO_DATABASE_URI=db_url,
+        UPLOAD_DIR=str(tmp_path / "uploads"),
+        SILO_TASK_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT),
+        SILO_TASK_FLUSH_INTERVAL="0.1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("FLASK_APP", None)
+    return env
+
+
+@functools.cache
+def _gunicorn_options() -> tuple[str, ...]:
+    """Options that keep concurrent test servers apart (control socket of gunicorn >= 24)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=30
+    )
+    return ("--no-control-socket",) if "--no-control-socket" in done.stdout else ()
+
+
+def _upgrade(env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", APP_FILE, "silo-db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@dataclass
+class Server:
+    """A running gunicorn: its master process, base URL and log file."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+    def worker_pids(self) -> set[int]:
+        """Live worker processes of this gunicorn master (from /proc)."""
+        pids: set[int] = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and _parent_pid(int(entry.name)) == self.process.pid:
+                pids.add(int(entry.name))
+        return pids
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return None
+
+
+@contextmanager
+def gunicorn(db_url: str, tmp_path: Path) -> Iterator[Server]:
+    """``gunicorn -w 4 examples.data_processor:app`` on *db_url*, stopped in any case."""
+    env = _env(db_url, tmp_path)
+    _upgrade(env)
+    port = _free_port()
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "gunicorn",
+                "-w", str(WORKERS),
+                "-b", f"127.0.0.1:{port}",
+                "--graceful-timeout", "3",
+                *_gunicorn_options(),
+                "examples.data_processor:app",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, "gunicorn exited:\n" + log.read_text()
+            try:
+                if requests.get(server.base + "/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "gunicorn did not answer:\n" + log.read_text()
+            time.sleep(0.1)
+        yield server
+    except BaseException:
+        print("gunicorn log:\n" + log.read_text(errors="replace"))
+        raise
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@dataclass
+class Client:
+    """A real HTTP client that keeps its session ID, as the example's page does."""
+
+    base: str
+    sid: str | None = None
+    workers: set[int] = field(default_factory=set)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = {HEADER: self.sid} if self.sid else {}
+        response = requests.request(method, self.base + path, headers=headers, timeout=10, **kwargs)
+        self.sid = response.headers.get(HEADER, self.sid)
+        return response
+
+    def status(self) -> dict[str, Any]:
+        response = self.call("GET", "/api/status")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        self.workers.add(body["worker"])
+        return body
+
+    def upload(self, name: str, text: str) -> None:
+        response = self.call("POST", "/api/upload", files={"file": (name, text.encode())})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"filename": name, "size": len(text.encode())}
+
+
+def _expected(name: str, text: str) -> dict[str, Any]:
+    words = text.split()
+    return {
+        "filename": name,
+        "bytes": len(text.encode()),
+        "lines": len(text.splitlines()),
+        "words": len(words),
+        "characters": len(text),
+    }
+
+
+def test_upload_process_poll_results_reset(db_url: str, tmp_path: Path) -> None:
+    with gunicorn(db_url, tmp_path) as server:
+        client = Client(server.base)
+        client.upload("report.txt", TEXT)
+        assert client.sid is not None
+
+        started = client.call("POST", "/api/process", params={"steps": 20, "delay": 0.1})
+        assert started.status_code == 200, started.text
+        task_worker = started.json()["worker"]
+
+        progress_seen: list[float] = []
+        seen_complete_by: set[int] = set()
+        deadline = time.monotonic() + 30
+        while True:
+            body = client.status()
+            assert body["error"] is None, body
+            assert body["task_worker"] == task_worker
+            progress_seen.append(body["progress"])
+            if body["complete"]:
+                if not seen_complete_by:
+                    # What the task thread wrote before complete() is there at once.
+                    first = client.call("GET", "/api/results").json()["results"]
+                    assert first is not None, "complete, but the thread's results are missing"
+                seen_complete_by.add(body["worker"])
+                # Several workers must have answered; a few more polls if not yet.
+                if len(client.workers) > 1 or time.monotonic() > deadline:
+                    break
+            assert time.monotonic() < deadline, f"task did not complete: {body}"
+            time.sleep(0.05)
+
+        print(
+            f"\n[{server.base} {db_url.split(':')[0]}] {len(progress_seen)} polls answered by "
+            f"workers {sorted(client.workers)}; task ran in worker {task_worker}; "
+            f"progress seen {sorted(set(progress_seen))}"
+        )
+        assert len(client.workers) > 1, "every poll was answered by the same worker"
+        assert any(0 < p < 100 for p in progress_seen), progress_seen
+        assert progress_seen == sorted(progress_seen), "progress went backwards"
+        assert body["progress"] == 100
+        assert body["running"] is False
+        assert body["logs"]
+        assert body["logs"][-1].startswith("step 20/20")
+
+        results = client.call("GET", "/api/results")
+        assert results.status_code == 200, results.text
+        got = results.json()["results"]
+        top = got.pop("top_words")
+        assert got == _expected("report.txt", TEXT)
+        assert [word for word, _ in top[:3]] == ["line", "alpha", "beta"]
+        assert top[0][1] == 400
+
+        # Every worker reads the same results, including those that did not run the task.
+        for _ in range(2 * WORKERS):
+            again = client.call("GET", "/api/results").json()["results"]
+            again.pop("top_words")
+            assert again == _expected("report.txt", TEXT)
+
+        reset = client.call("POST", "/api/reset")
+        assert reset.status_code == 200, reset.text
+        for _ in range(2 * WORKERS):
+            after = client.call("GET", "/api/results")
+            assert after.status_code == 200
+            assert after.json() == {"results": None, "filename": None}
+            body = client.status()
+            assert body["running"] is False
+            assert body["complete"] is False
+            assert body["error"] is None
+            assert body["progress"] == 0
+        assert not (tmp_path / "uploads" / client.sid / "report.txt").exists()
+
+        assert server.process.poll() is None
+
+
+def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> None:
+    with gunicorn(db_url, tmp_path) as server:
+        client = Client(server.base)
+        client.upload("big.txt", TEXT)
+        started = client.call("POST", "/api/process", params={"steps": 300, "delay": 0.1})
+        assert started.status_code == 200, started.text
+        victim = started.json()["worker"]
+        assert victim in server.worker_pids(), "the task's worker is not one of ours"
+
+        deadline = time.monotonic() + 20
+        while True:  # running, and progress written by its thread
+            body = client.status()
+            assert body["running"] is True, body
+            assert body["task_worker"] == victim
+            if body["progress"] > 0:
+                break
+            assert time.monotonic() < deadline, f"no progress: {body}"
+            time.sleep(0.05)
+
+        assert _parent_pid(victim) == server.process.pid  # only ever kill our own worker
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        answered_by: set[int] = set()
+        deadline = killed_at + 10 * HEARTBEAT_TIMEOUT + 10
+        while True:
+            body = client.status()
+            answered_by.add(body["worker"])
+            if not body["running"]:
+                break
+            assert time.monotonic() < deadline, f"task still running after its worker died: {body}"
+            time.sleep(0.05)
+        detected = time.monotonic() - killed_at
+
+        print(
+            f"\n[{db_url.split(':')[0]}] worker {victim} killed with SIGKILL at "
+            f"{body['progress']}%; lost task detected after {detected:.2f} s "
+            f"(heartbeat timeout {HEARTBEAT_TIMEOUT:g} s), answered by {sorted(answered_by)}"
+        )
+        assert victim not in answered_by
+        assert body["complete"] is False
+        assert body["error"] is not None
+        assert "worker lost" in body["error"]
+        assert body["finished_at"] is not None
+        assert 0 < body["progress"] < 100
+
+        # Recorded as failed in silo_tasks, not merely reported so.
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(tasks.c.status, tasks.c.error).where(tasks.c.sid == client.sid)
+                ).all()
+        finally:
+            engine.dispose()
+        assert len(rows) == 1
+        assert rows[0].status == "failed"
+        assert "worker lost" in rows[0].error
+
+        # Every worker agrees, and the client can start over.
+        for _ in range(WORKERS):
+            again = client.status()
+            assert again["running"] is False
+            assert "worker lost" in again["error"]
+        results = client.call("GET", "/api/results")
+        assert results.status_code == 200
+        assert results.json()["results"] is None
+        reset = client.call("POST", "/api/reset")
+        assert reset.status_code == 200, reset.text
+        assert client.status()["error"] is None
+
+        # gunicorn replaced the dead worker.
+        deadline = time.monotonic() + 20
+        while len(server.worker_pids() - {victim}) < WORKERS:
+            assert time.monotonic() < deadline, "gunicorn did not respawn the worker"
+            time.sleep(0.1)
+        assert server.process.poll() is None
