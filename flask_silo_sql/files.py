@@ -144,6 +144,10 @@ class FileStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            if records is not None and os.path.lexists(path):
+                # The old version's row goes first: a crash before the new row is
+                # written leaves an unrecorded file, never a row describing another.
+                records.forget_files(self.name, sid, name)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

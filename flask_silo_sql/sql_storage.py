@@ -271,18 +271,21 @@ class _Statements:
                 column: getattr(claim.excluded, column)
                 for column in ("name", "started_at", *fields)
             },
-            where=~((tasks.c.status == "running") & (tasks.c.heartbeat_at >= stale_before)),
+            where=(tasks.c.sid == claim.excluded.sid)
+            & ~((tasks.c.status == "running") & (tasks.c.heartbeat_at >= stale_before)),
         ).returning(tasks.c.id)
         self.save_task = (
             update(tasks)
-            .where(tasks.c.id == task_id, tasks.c.started_at == started_at)
+            .where(tasks.c.id == task_id, tasks.c.sid == sid, tasks.c.started_at == started_at)
             .values(**fields)
         )
-        self.load_task = select(tasks).where(tasks.c.id == task_id)
+        # Every task statement is scoped to its session as well as its ID.
+        self.load_task = select(tasks).where(tasks.c.id == task_id, tasks.c.sid == sid)
         self.mark_task_lost = (
             update(tasks)
             .where(
                 tasks.c.id == task_id,
+                tasks.c.sid == sid,
                 tasks.c.status == "running",
                 tasks.c.heartbeat_at < stale_before,
             )
@@ -293,7 +296,7 @@ class _Statements:
                 finished_at=now,
             )
         )
-        self.delete_task = delete(tasks).where(tasks.c.id == task_id)
+        self.delete_task = delete(tasks).where(tasks.c.id == task_id, tasks.c.sid == sid)
         self.session_running_task = select(literal(1)).where(
             tasks.c.sid == sid, tasks.c.status == "running", tasks.c.heartbeat_at >= stale_before
         )
@@ -677,18 +680,21 @@ class SQLStorage(SiloStorage):
         with self._begin() as conn:
             return conn.execute(self._sql.save_task, row.params()).rowcount == 1
 
-    def load_task(self, task_id: str) -> Any:
+    def load_task(self, sid: str, task_id: str) -> Any:
         """The task's row, or None."""
         with self._connect() as conn:
-            return conn.execute(self._sql.load_task, {"k_id": task_id}).first()
+            return conn.execute(self._sql.load_task, {"k_id": task_id, "k_sid": sid}).first()
 
-    def mark_task_lost(self, task_id: str, stale_before: float, now: float, error: str) -> None:
+    def mark_task_lost(
+        self, sid: str, task_id: str, stale_before: float, now: float, error: str
+    ) -> None:
         """Record a run whose worker stopped heartbeating as failed."""
         with self._begin() as conn:
             conn.execute(
                 self._sql.mark_task_lost,
                 {
                     "k_id": task_id,
+                    "k_sid": sid,
                     "stale_before": to_datetime(stale_before),
                     "now": to_datetime(now),
                     "k_error": error,
@@ -696,10 +702,10 @@ class SQLStorage(SiloStorage):
                 },
             )
 
-    def delete_task(self, task_id: str) -> None:
+    def delete_task(self, sid: str, task_id: str) -> None:
         """Forget a task's state (its reset)."""
         with self._begin() as conn:
-            conn.execute(self._sql.delete_task, {"k_id": task_id})
+            conn.execute(self._sql.delete_task, {"k_id": task_id, "k_sid": sid})
 
     def has_running_task(self, sid: str, stale_before: float) -> bool:
         """Whether session *sid* has a task running with a fresh heartbeat."""

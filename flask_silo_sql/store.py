@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from itertools import accumulate
 from typing import Any
 
 from .errors import (
@@ -133,24 +132,26 @@ Far enough below Python's recursion limit that state written in one call
 stack can always be decoded again in a deeper one (the JSON decoder recurses).
 """
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
-
-def _nesting_ok(text: str) -> str:
-    """*text*, unless its arrays and objects nest deeper than MAX_NESTING (ValueError)."""
-    if text.count("[") + text.count("{") > MAX_NESTING:  # else it cannot be that deep
-        brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-        if max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_NESTING:
+def _nesting_ok(text: str, value: Any) -> str:
+    """*text* (the JSON of *value*), unless it nests deeper than MAX_NESTING (ValueError)."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return text  # it cannot be that deep
+    pending = [(value, 1)] if isinstance(value, (dict, list, tuple)) else []
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_NESTING:
             raise ValueError(f"state nests deeper than {MAX_NESTING} levels")
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list, tuple)):
+                pending.append((child, depth + 1))
     return text
 
 
 def serialise(namespace: str, value: Any, max_bytes: int | None = None) -> str:
     """JSON text of a namespace, or an error naming the namespace and key."""
     try:
-        text = _nesting_ok(_storable(encode(value)))
+        text = _nesting_ok(_storable(encode(value)), value)
     except _UnlinkedTask:
         raise
     except TypeError as exc:
@@ -172,7 +173,7 @@ def _offending_key(value: Any) -> str | None:
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 return repr(key)
             try:
-                _nesting_ok(_storable(encode(item)))
+                _nesting_ok(_storable(encode(item)), item)
             except _UnlinkedTask:
                 continue
             except (TypeError, ValueError, RecursionError):
@@ -654,9 +655,7 @@ class SessionStore:
         loaded = self.sql.load(sid)
         return None if loaded is None else self._build(sid, loaded)
 
-    def _vetoes(
-        self, check: Callable[[str, dict[str, Any]], bool], sid: str, session: Any
-    ) -> bool:
+    def _vetoes(self, check: Callable[[str, dict[str, Any]], bool], sid: str, session: Any) -> bool:
         self._checking.active = True
         try:
             return bool(check(sid, session))

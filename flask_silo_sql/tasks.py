@@ -207,7 +207,7 @@ class BackgroundTask:
             self._owner = False
         link = self._link
         if link is not None and link.store.sql is not None:
-            link.store.sql.delete_task(link.task_id)
+            link.store.sql.delete_task(link.sid, link.task_id)
 
     # -- progress (called by the target) ---------------------------------------------
 
@@ -341,7 +341,7 @@ class BackgroundTask:
         sql = link.store.sql
         if sql is None:
             return TaskState()
-        row = sql.load_task(link.task_id)
+        row = sql.load_task(link.sid, link.task_id)
         if row is None:
             return TaskState()
         now = link.store.clock()
@@ -359,7 +359,7 @@ class BackgroundTask:
         heartbeat = row.heartbeat_at.timestamp() if row.heartbeat_at else 0.0
         if state.running and heartbeat < now - timeout:
             error = LOST_WORKER.format(timeout=timeout)
-            sql.mark_task_lost(link.task_id, now - timeout, now, error)
+            sql.mark_task_lost(link.sid, link.task_id, now - timeout, now, error)
             state.running = False
             state.error = error
             state.message = f"Failed: {error}"

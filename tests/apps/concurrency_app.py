@@ -1,0 +1,172 @@
+"""A small API run under gunicorn by the concurrency, outage and crash tests.
+
+Configured from the environment:
+
+- ``SILO_DATABASE_URI``: the database (its schema must already be current);
+- ``SILO_LOCKING``: ``1`` for locking mode;
+- ``SILO_TEST_UPLOAD_DIR``: base directory of the ``uploads`` file store;
+- ``SILO_TEST_BARRIER_DIR``: where the barrier files of paused requests live.
+
+A request can be paused at a chosen point with ``?pause=<point>&token=<name>``:
+it writes ``<token>.ready`` (holding the worker's PID) in the barrier directory,
+then waits until ``<token>.go`` exists. The points are ``handler`` (state
+changed, nothing saved yet), ``mid_save`` (inside the write transaction,
+after the first namespace row was written and before the next one),
+``after_commit`` (state committed, response not yet sent) and
+``before_record`` (upload renamed into place, its ``silo_files`` row not yet
+written).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+from flask import Flask, Response, abort, g, has_app_context, jsonify, request
+from sqlalchemy import event
+
+from flask_silo_sql import Silo
+
+MULTI_NAMESPACES = ("alpha", "beta", "gamma")
+BARRIER_TIMEOUT_S = 120.0
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+app = Flask(__name__)
+app.config["SILO_DATABASE_URI"] = os.environ["SILO_DATABASE_URI"]
+app.config["SILO_LOCKING"] = os.environ.get("SILO_LOCKING", "") == "1"
+
+silo = Silo(app, ttl=3600)
+silo.register("counter", lambda: {"value": 0})
+for _name in MULTI_NAMESPACES:
+    silo.register(_name, lambda: {"value": 0})
+uploads = silo.add_file_store(
+    "uploads", os.environ.get("SILO_TEST_UPLOAD_DIR") or os.path.join(app.instance_path, "up")
+)
+
+
+# -- barriers -----------------------------------------------------------------
+
+
+def _barrier_paths() -> tuple[str, str]:
+    token = request.args.get("token", "")
+    directory = os.environ.get("SILO_TEST_BARRIER_DIR", "")
+    if not directory or not _TOKEN.fullmatch(token):
+        abort(400)
+    base = os.path.join(directory, token)
+    return base + ".ready", base + ".go"
+
+
+def wait_at_barrier() -> None:
+    """Announce this worker's PID, then wait (bounded) for the test's go-ahead."""
+    ready, go = _barrier_paths()
+    tmp = ready + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(str(os.getpid()))
+    os.replace(tmp, ready)
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"barrier {go} never opened")
+        time.sleep(0.01)
+
+
+def _pause_at(point: str) -> bool:
+    return has_app_context() and g.get("pause_at") == point
+
+
+def _pause_in_transaction(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """The ``mid_save`` and ``before_record`` pauses, inside the storage's own SQL."""
+    head = " ".join(statement.split()[:3]).upper()
+    if _pause_at("mid_save") and head in (
+        "UPDATE SILO_NAMESPACES SET",
+        "INSERT INTO SILO_NAMESPACES",
+    ):
+        g.namespace_writes = g.get("namespace_writes", 0) + 1
+        if g.namespace_writes == 2:  # the first namespace is written, uncommitted
+            wait_at_barrier()
+    elif _pause_at("before_record") and head == "INSERT INTO SILO_FILES":
+        wait_at_barrier()
+
+
+_storage = silo.store.sql
+assert _storage is not None
+event.listen(_storage.engine, "before_cursor_execute", _pause_in_transaction)
+
+
+@app.before_request
+def _read_pause() -> None:
+    g.pause_at = request.args.get("pause")
+
+
+@app.teardown_request
+def _pause_after_commit(exc: BaseException | None) -> None:
+    # Teardown runs after the extension's after_request (which committed) and
+    # before the WSGI server sends the response.
+    if _pause_at("after_commit"):
+        wait_at_barrier()
+
+
+# -- routes -------------------------------------------------------------------
+
+
+@app.get("/health")
+def health() -> str:
+    """Outside the API prefix: never touches the database."""
+    return "ok"
+
+
+@app.get("/pid")
+def pid() -> str:
+    """The PID of the worker answering (outside the API prefix)."""
+    return str(os.getpid())
+
+
+@app.get("/api/ping")
+def ping() -> Response:
+    """An API request that never reads state."""
+    return jsonify(sid=silo.sid)
+
+
+@app.post("/api/inc")
+def inc() -> Response:
+    """Read-modify-write of one counter."""
+    state = silo.state("counter")
+    state["value"] += 1
+    return jsonify(value=state["value"])
+
+
+@app.get("/api/counter")
+def counter() -> Response:
+    return jsonify(value=silo.state("counter")["value"])
+
+
+@app.post("/api/multi")
+def multi_write() -> Response:
+    """Set ``value`` in every namespace of MULTI_NAMESPACES (optionally pausing)."""
+    value = int(request.args.get("value", "0"))
+    for name in MULTI_NAMESPACES:
+        silo.state(name)["value"] = value
+    if _pause_at("handler"):
+        wait_at_barrier()
+    return jsonify(value=value)
+
+
+@app.get("/api/multi")
+def multi_read() -> Response:
+    return jsonify({name: silo.state(name)["value"] for name in MULTI_NAMESPACES})
+
+
+@app.put("/api/upload/<name>")
+def upload(name: str) -> tuple[Response, int]:
+    """Stream the request body into the ``uploads`` store."""
+    path = uploads.save(silo.sid, name, request.stream, content_type=request.content_type)
+    return jsonify(path=os.path.basename(path), size=os.path.getsize(path)), 201
+
+
+@app.get("/api/files")
+def list_files() -> Response:
+    return jsonify(files=uploads.list_files(silo.sid))

@@ -1,0 +1,508 @@
+"""``flask silo-db``: every command, against a small app module written into tmp_path.
+
+Commands run in-process through ``app.test_cli_runner()`` (or, where the app
+cannot be created outside the CLI, through click's runner with Flask's
+``ScriptInfo``), and end to end through a real ``flask --app app silo-db``
+subprocess. Every test runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from flask import Flask
+from flask.cli import ScriptInfo
+from flask.cli import cli as flask_cli
+from sqlalchemy import Engine, func, insert, inspect, select, update
+
+from flask_silo_sql import InMemoryStorage, SchemaError, Silo, schema
+from flask_silo_sql.cli import silo_db
+from flask_silo_sql.engine import make_engine
+from flask_silo_sql.models import SILO_TABLES, expired_sids, files, namespaces, sessions, tasks
+
+UTC = dt.timezone.utc
+HEADER = "X-Session-ID"
+
+APP_SOURCE = '''\
+"""A small application using flask_silo_sql on a configured database."""
+
+from flask import Flask, jsonify
+
+from flask_silo_sql import Silo
+
+DATABASE_URI = {url!r}
+INSTANCE_PATH = {instance!r}
+
+
+def create_app():
+    app = Flask(__name__, instance_path=INSTANCE_PATH)
+    app.config["SILO_DATABASE_URI"] = DATABASE_URI
+    silo = Silo(app, ttl=60, auto_cleanup=False)
+    silo.register("counter", lambda: {{"n": 0}})
+    silo.add_data_endpoints("/api/count")
+
+    @app.post("/api/hit")
+    def hit():
+        state = silo.state("counter")
+        state["n"] += 1
+        return jsonify(n=state["n"])
+
+    @app.get("/api/count")
+    def count():
+        return jsonify(n=silo.state("counter")["n"])
+
+    return app
+'''
+
+
+class AppModule:
+    """The app module in tmp_path, its factory, and every app it made (disposed at the end)."""
+
+    def __init__(self, directory: Path, url: str, factory: Callable[[], Flask]) -> None:
+        self.directory = directory
+        self.url = url
+        self._factory = factory
+        self.apps: list[Flask] = []
+
+    def create_app(self) -> Flask:
+        app = self._factory()
+        self.apps.append(app)
+        return app
+
+    def close(self) -> None:
+        for app in self.apps:
+            silo = app.extensions["silo"]
+            assert isinstance(silo, Silo)
+            silo.stop()
+            if silo.store.sql is not None:
+                silo.store.sql.dispose()
+
+
+@pytest.fixture
+def app_module(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[AppModule]:
+    """``app.py`` with a ``create_app`` factory whose Silo uses the (empty) test database."""
+    monkeypatch.delenv("SILO_DATABASE_URI", raising=False)
+    directory = tmp_path / "project"
+    directory.mkdir()
+    path = directory / "app.py"
+    path.write_text(APP_SOURCE.format(url=db_url, instance=str(tmp_path / "instance")))
+    name = f"silo_cli_app_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    factory: Callable[[], Flask] = module.create_app
+    handle = AppModule(directory, db_url, factory)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def migrated(engine: Engine) -> Engine:
+    """The test database, at head."""
+    schema.upgrade(engine)
+    return engine
+
+
+def invoke_loading(app_module: AppModule, *args: str) -> Result:
+    """``flask silo-db ARGS`` in-process, the app created by the CLI (as ``flask`` does)."""
+    info = ScriptInfo(create_app=app_module.create_app)
+    return CliRunner().invoke(silo_db, list(args), obj=info, catch_exceptions=False)
+
+
+def invoke(app: Flask, *args: str) -> Result:
+    """``flask silo-db ARGS`` in-process through ``app.test_cli_runner()``."""
+    return app.test_cli_runner().invoke(silo_db, list(args), catch_exceptions=False)
+
+
+def flask_exe() -> list[str]:
+    script = Path(sys.executable).with_name("flask")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flask"]
+
+
+def run_flask(app_module: AppModule, *args: str) -> subprocess.CompletedProcess[str]:
+    """A real ``flask --app app silo-db ARGS`` in the app's directory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SILO_DATABASE_URI", "FLASK_APP")}
+    return subprocess.run(
+        [*flask_exe(), "--app", "app", "silo-db", *args],
+        cwd=app_module.directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def silo_tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) & SILO_TABLES
+
+
+def hit(client: Any, sid: str | None = None) -> tuple[str, int]:
+    response = client.post("/api/hit", headers={HEADER: sid} if sid else {})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.headers[HEADER], int(response.get_json()["n"])
+
+
+def age_sessions(engine: Engine, sids: list[str], seconds: float) -> None:
+    """Make sessions look idle for *seconds* (as if their clients went away)."""
+    old = dt.datetime.now(UTC) - dt.timedelta(seconds=seconds)
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(sessions).where(sessions.c.sid.in_(sids)).values(last_active=old)
+        )
+        assert result.rowcount == len(sids)
+
+
+def swept(result: Result, verb: str = "expired") -> int:
+    """How many sessions ``cleanup`` reports it expired (or would expire)."""
+    assert result.exit_code == 0, result.output
+    match = re.match(rf"{verb} (\d+) session\(s\)", result.stdout.strip())
+    assert match, result.stdout
+    return int(match.group(1))
+
+
+def count_rows(engine: Engine, table: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+# -- the entry point ------------------------------------------------------------------------
+
+
+def test_entry_point_is_declared() -> None:
+    points = {ep.name: ep for ep in importlib.metadata.entry_points(group="flask.commands")}
+    assert points["silo-db"].value == "flask_silo_sql.cli:silo_db"
+    assert points["silo-db"].load() is silo_db
+
+
+def test_flask_cli_finds_silo_db(app_module: AppModule, migrated: Engine) -> None:
+    """The plain ``flask`` command group (entry-point plugins) knows ``silo-db``."""
+    info = ScriptInfo(create_app=app_module.create_app)
+    result = CliRunner().invoke(flask_cli, ["silo-db", "current"], obj=info)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == schema.head()
+
+
+# -- an empty, non-default database ---------------------------------------------------------
+
+
+def test_unmigrated_database_end_to_end(app_module: AppModule, engine: Engine) -> None:
+    """Outside the CLI the app refuses to start; ``flask silo-db upgrade`` still loads it."""
+    with pytest.raises(SchemaError, match="flask silo-db upgrade"):
+        app_module.create_app()
+
+    behind = run_flask(app_module, "check")
+    assert behind.returncode == 1, behind.stdout + behind.stderr
+    assert "flask silo-db upgrade" in behind.stdout
+
+    upgraded = run_flask(app_module, "upgrade")
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert f"silo schema at {schema.head()}" in upgraded.stderr
+    assert schema.current(engine) == schema.head()
+    assert silo_tables(engine) == SILO_TABLES
+
+    current = run_flask(app_module, "current")
+    assert current.returncode == 0, current.stderr
+    assert current.stdout.strip() == schema.head()
+
+    at_head = run_flask(app_module, "check")
+    assert at_head.returncode == 0, at_head.stdout + at_head.stderr
+
+    app = app_module.create_app()  # now it starts
+    client = app.test_client()
+    sid, n = hit(client)
+    assert n == 1
+    assert hit(client, sid) == (sid, 2)
+
+
+def test_unmigrated_database_upgrade_in_process(app_module: AppModule, engine: Engine) -> None:
+    result = invoke_loading(app_module, "check")
+    assert result.exit_code == 1
+    assert "flask silo-db upgrade" in result.stdout
+
+    result = invoke_loading(app_module, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert schema.current(engine) == schema.head()
+
+    result = invoke_loading(app_module, "check")
+    assert result.exit_code == 0, result.output
+    assert schema.head() in result.stdout
+
+
+def test_unmigrated_database_fails_the_first_api_request_under_the_cli(
+    app_module: AppModule, engine: Engine
+) -> None:
+    """An app loaded by the CLI on an old schema still refuses API requests, by name."""
+    with click.Context(silo_db, obj=ScriptInfo(create_app=app_module.create_app)):
+        app = app_module.create_app()  # loads, with a warning, as under `flask ...`
+    response = app.test_client().post("/api/hit")
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "schema_out_of_date"
+    assert "flask silo-db upgrade" in response.get_json()["message"]
+    assert silo_tables(engine) == set()
+
+
+# -- upgrade / downgrade / current / history / stamp / check --------------------------------
+
+
+def test_upgrade_sql_prints_ddl_only(app_module: AppModule, engine: Engine) -> None:
+    result = invoke_loading(app_module, "upgrade", "--sql")
+    assert result.exit_code == 0, result.output
+    assert "CREATE TABLE silo_sessions" in result.stdout
+    assert "silo_alembic_version" in result.stdout
+    assert silo_tables(engine) == set()
+    assert schema.current(engine) is None
+
+
+def test_upgrade_to_a_revision_then_downgrade_to_base(
+    app_module: AppModule, engine: Engine
+) -> None:
+    head = schema.head()
+    result = invoke_loading(app_module, "upgrade", head)
+    assert result.exit_code == 0, result.output
+    assert schema.current(engine) == head
+
+    app = app_module.create_app()
+    assert invoke(app, "current").stdout.strip() == head
+
+    result = invoke(app, "downgrade", "base")
+    assert result.exit_code == 0, result.output
+    assert silo_tables(engine) == set()
+    assert invoke(app, "current").stdout.strip() == "(no silo schema)"
+    assert invoke(app, "check").exit_code == 1
+
+    result = invoke(app, "upgrade", "head")
+    assert result.exit_code == 0, result.output
+    assert silo_tables(engine) == SILO_TABLES
+    assert invoke(app, "check").exit_code == 0
+
+
+def test_downgrade_needs_a_revision(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    result = app.test_cli_runner().invoke(silo_db, ["downgrade"])
+    assert result.exit_code == 2
+    assert "REVISION" in result.output
+    assert schema.current(migrated) == schema.head()
+
+
+def test_history_lists_the_shipped_revisions(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    result = invoke(app, "history")
+    assert result.exit_code == 0, result.output
+    assert f"<base> -> {schema.head()} (head)" in result.stdout
+
+
+def test_stamp_and_check(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    result = invoke(app, "check")
+    assert result.exit_code == 0
+    assert schema.head() in result.stdout
+
+    result = invoke(app, "stamp", "base")
+    assert result.exit_code == 0, result.output
+    assert schema.current(migrated) is None
+    assert silo_tables(migrated) == SILO_TABLES  # stamp runs no migration
+    result = invoke(app, "check")
+    assert result.exit_code == 1
+    assert "flask silo-db upgrade" in result.stdout
+
+    result = invoke(app, "stamp", "head")
+    assert result.exit_code == 0, result.output
+    assert schema.current(migrated) == schema.head()
+    assert invoke(app, "check").exit_code == 0
+
+
+def test_commands_need_a_silo_app() -> None:
+    plain = Flask("plain")
+    result = plain.test_cli_runner().invoke(silo_db, ["current"])
+    assert result.exit_code == 1
+    assert "does not use flask_silo_sql.Silo" in result.output
+
+    in_memory = Flask("in_memory")
+    silo = Silo(in_memory, storage=InMemoryStorage(), auto_cleanup=False)
+    result = in_memory.test_cli_runner().invoke(silo_db, ["stats"])
+    silo.stop()
+    assert result.exit_code == 1
+    assert "does not use SQL storage" in result.output
+
+
+# -- cleanup ---------------------------------------------------------------------------------
+
+
+def test_cleanup_expires_idle_sessions(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    client = app.test_client()
+    idle = [hit(client)[0] for _ in range(2)]
+    fresh, _ = hit(client)
+    age_sessions(migrated, idle, seconds=2 * 3600)
+
+    dry = invoke(app, "cleanup", "--dry-run")
+    assert swept(dry, "would expire") == 2
+    assert count_rows(migrated, sessions) == 3
+    assert count_rows(migrated, expired_sids) == 0
+
+    assert swept(invoke(app, "cleanup")) == 2
+
+    with migrated.connect() as conn:
+        assert list(conn.execute(select(sessions.c.sid)).scalars()) == [fresh]
+        assert set(conn.execute(select(expired_sids.c.sid)).scalars()) == set(idle)
+        assert set(conn.execute(select(namespaces.c.sid)).scalars()) == {fresh}
+
+    gone = client.get("/api/count", headers={HEADER: idle[0]})
+    assert gone.status_code == 410
+    assert gone.get_json()["error"] == "session_expired"
+    alive = client.get("/api/count", headers={HEADER: fresh})
+    assert alive.status_code == 200
+    assert alive.get_json() == {"n": 1}
+
+    assert swept(invoke(app, "cleanup")) == 0
+
+
+def test_cleanup_keeps_sessions_within_their_ttl(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    client = app.test_client()
+    sid, _ = hit(client)
+    age_sessions(migrated, [sid], seconds=30)  # ttl is 60
+    assert swept(invoke(app, "cleanup")) == 0
+    assert count_rows(migrated, sessions) == 1
+
+
+def test_cleanup_in_batches(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    client = app.test_client()
+    idle = [hit(client)[0] for _ in range(5)]
+    age_sessions(migrated, idle, seconds=3600)
+    assert swept(invoke(app, "cleanup", "--batch-size", "2")) == 5
+    assert count_rows(migrated, sessions) == 0
+    assert count_rows(migrated, expired_sids) == 5
+
+
+def test_cleanup_prunes_old_expired_sid_records(app_module: AppModule, migrated: Engine) -> None:
+    now = dt.datetime.now(UTC)
+    with migrated.begin() as conn:
+        conn.execute(
+            insert(expired_sids),
+            [
+                {"sid": "o" * 32, "expired_at": now - dt.timedelta(hours=3)},  # retain is 2 h
+                {"sid": "r" * 32, "expired_at": now - dt.timedelta(minutes=5)},
+            ],
+        )
+    app = app_module.create_app()
+    assert swept(invoke(app, "cleanup")) == 0
+    with migrated.connect() as conn:
+        assert list(conn.execute(select(expired_sids.c.sid)).scalars()) == ["r" * 32]
+
+
+def test_cleanup_through_a_real_flask_process(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    client = app.test_client()
+    idle, _ = hit(client)
+    age_sessions(migrated, [idle], seconds=3600)
+    done = run_flask(app_module, "cleanup")
+    assert done.returncode == 0, done.stderr
+    assert re.match(r"expired 1 session\(s\)", done.stdout.strip()), done.stdout
+    assert count_rows(migrated, sessions) == 0
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+
+def test_stats_on_an_empty_schema(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    result = invoke(app, "stats", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "sessions": 0,
+        "namespaces": 0,
+        "expired_sids": 0,
+        "files": 0,
+        "file_bytes": 0,
+        "tasks": {},
+    }
+
+
+def test_stats_reports_counts(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    client = app.test_client()
+    first, _ = hit(client)
+    second, _ = hit(client)
+    hit(client, second)
+    now = dt.datetime.now(UTC)
+    with migrated.begin() as conn:
+        conn.execute(
+            insert(files),
+            [
+                {"sid": first, "store": "uploads", "filename": "a.csv", "size_bytes": 10,
+                 "sha256": "0" * 64, "created_at": now},
+                {"sid": second, "store": "uploads", "filename": "b.csv", "size_bytes": 32,
+                 "sha256": "1" * 64, "created_at": now},
+            ],
+        )
+        conn.execute(
+            insert(tasks),
+            [
+                {"id": f"{i:032x}", "sid": first, "name": "job", "status": status,
+                 "progress": 0.0, "message": "", "logs": [], "started_at": now,
+                 "heartbeat_at": now}
+                for i, status in enumerate(["complete", "complete", "running", "failed"])
+            ],
+        )
+        conn.execute(insert(expired_sids).values(sid="x" * 32, expired_at=now))
+
+    result = invoke(app, "stats", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "sessions": 2,
+        "namespaces": 2,
+        "expired_sids": 1,
+        "files": 2,
+        "file_bytes": 42,
+        "tasks": {"complete": 2, "failed": 1, "running": 1},
+    }
+
+    text = invoke(app, "stats").stdout.splitlines()
+    table = {line.split()[0]: line.split(None, 1)[1] for line in text}
+    assert table == {
+        "sessions": "2",
+        "namespaces": "2",
+        "expired_sids": "1",
+        "files": "2",
+        "file_bytes": "42",
+        "tasks": "complete=2, failed=1, running=1",
+    }
+
+
+def test_stats_json_through_a_real_flask_process(app_module: AppModule, migrated: Engine) -> None:
+    app = app_module.create_app()
+    hit(app.test_client())
+    done = run_flask(app_module, "stats", "--json")
+    assert done.returncode == 0, done.stderr
+    numbers: dict[str, Any] = json.loads(done.stdout)
+    assert numbers["sessions"] == 1
+    assert numbers["namespaces"] == 1
