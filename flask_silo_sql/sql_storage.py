@@ -276,7 +276,12 @@ class _Statements:
         ).returning(tasks.c.id)
         self.save_task = (
             update(tasks)
-            .where(tasks.c.id == task_id, tasks.c.sid == sid, tasks.c.started_at == started_at)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.sid == sid,
+                tasks.c.started_at == started_at,
+                tasks.c.status == "running",  # a run declared lost stays failed
+            )
             .values(**fields)
         )
         # Every task statement is scoped to its session as well as its ID.

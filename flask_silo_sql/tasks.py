@@ -52,7 +52,7 @@ class TaskState:
             "running": self.running,
             "progress": round(self.progress, 1),
             "message": self.message,
-            "logs": self.logs[-max_logs:] if max_logs > 0 else [],
+            "logs": self.logs[-max_logs:],  # as flask-silo: max_logs=0 means all
             "complete": self.complete,
             "error": self.error,
             "started_at": self.started_at,
