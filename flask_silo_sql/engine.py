@@ -3,12 +3,16 @@
 SQLite gets WAL journaling, ``synchronous=NORMAL`` (no corruption and no loss
 on an application crash; a power cut may lose the last transactions), foreign
 keys on and a busy timeout so concurrent workers wait instead of failing.
-PostgreSQL URLs without a driver use psycopg 3.
+PostgreSQL URLs without a driver use psycopg 3. A process forked from one that
+holds silo's engines (``gunicorn --preload``) drops the pooled connections it
+inherited, without closing them, so parent and children never share one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
@@ -19,6 +23,18 @@ from .errors import SiloError
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+
+_forkable: weakref.WeakSet[Engine] = weakref.WeakSet()
+"""Engines made by :func:`make_engine` whose pools a forked child must not reuse."""
+
+
+def _drop_inherited_connections() -> None:
+    """In a forked child: forget the parent's pooled connections (they stay open for it)."""
+    for engine in list(_forkable):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_connections)
 
 
 def dumps(value: Any) -> str:
@@ -69,4 +85,6 @@ def make_engine(url: str | URL, **options: Any) -> Engine:
     engine = create_engine(parsed, connect_args=connect_args, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", sqlite_pragmas)
+    if kwargs.get("poolclass") is not StaticPool:
+        _forkable.add(engine)  # an in-memory database has no connection to share
     return engine
