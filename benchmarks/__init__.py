@@ -1,0 +1,1 @@
+"""Benchmarks for flask-silo-sql (run ``python benchmarks/requests.py --help``)."""

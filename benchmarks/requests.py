@@ -1,0 +1,518 @@
+"""Per-request cost of session state: flask_silo_sql against its floor and its peers.
+
+Two endpoints, the same handler code in every app:
+
+* **write** ``POST /api/count`` increments a counter in the client's state;
+* **read** ``GET /api/read`` returns the counter.
+
+Configurations, each driven in-process through Flask's test client:
+
+* bare Flask: no session state (the counter is a module-level dict);
+* flask-silo 0.1.6 with its ``InMemoryStorage`` (the original, not durable);
+* Flask-Session 0.8, SQLAlchemy backend, on SQLite and on PostgreSQL (its
+  SQLite engine gets the same connection settings as flask_silo_sql's);
+* flask_silo_sql on SQLite and on PostgreSQL: ``Silo(app, storage=SQLStorage(url),
+  auto_cleanup=False)`` on a migrated database, one client SID reused;
+* the raw floor on each database, no Flask: one SQLAlchemy Core SELECT (read),
+  and SELECT + UPDATE + commit (write) on a one-row table shaped like
+  ``silo_namespaces`` (string key, JSON/JSONB document, version), with an
+  engine from :func:`flask_silo_sql.engine.make_engine`, so identical
+  connection settings (SQLite WAL, ``synchronous=NORMAL``, busy timeout,
+  foreign keys; psycopg 3 and the same pool on PostgreSQL).
+
+PostgreSQL is a private server started for the run with ``fsync=on`` and
+``synchronous_commit=on`` (``tests/pgserver.py``), or the server named by
+``SILO_TEST_PG_URL``. Every measurement is ``--iterations`` back-to-back calls
+timed with :func:`time.perf_counter_ns` after a warm-up; rounds are interleaved
+across configurations and the median round is reported.
+
+Targets, on each database: a flask_silo_sql write costs at most 1.25 x (bare
+Flask write + raw write floor), a read at most 1.25 x (bare Flask read + raw
+read floor), and Flask-Session costs at least 3 x flask_silo_sql for both.
+The exit status is 0 whatever the verdicts: this is a report.
+
+Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import platform
+import secrets
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Protocol
+
+from flask import Flask, Response, jsonify
+from flask import session as flask_session
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    event,
+    insert,
+    select,
+    update,
+)
+
+import flask_silo_sql
+from flask_silo_sql import schema
+from flask_silo_sql.engine import make_engine, sqlite_pragmas
+from flask_silo_sql.models import SID_LENGTH, JSONDocument
+
+REPO = Path(__file__).resolve().parent.parent
+HEADER = "X-Session-ID"
+WRITE_PATH = "/api/count"
+READ_PATH = "/api/read"
+DATABASES = ("sqlite", "postgresql")
+DB_TITLES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+WRITE_FLOOR_TARGET = 1.25
+READ_FLOOR_TARGET = 1.25
+PEER_TARGET = 3.0
+
+Op = Callable[[], None]
+State = Callable[[], MutableMapping[str, Any]]
+
+
+class BenchError(RuntimeError):
+    """A configuration answered wrongly: its numbers would mean nothing."""
+
+
+class PgServerLike(Protocol):
+    """What the benchmark uses of ``tests/pgserver.py``'s servers."""
+
+    def create_database(self, name: str | None = None) -> str: ...
+
+    def destroy(self) -> None: ...
+
+
+@dataclass
+class Bench:
+    """One configuration: a write op, a read op, and how to check and close it."""
+
+    label: str
+    role: str
+    """``bare``, ``silo``, ``floor``, ``flask_session`` or ``silo_sql``."""
+    db: str | None
+    write: Op
+    read: Op
+    value: Callable[[], int]
+    """The counter as the configuration itself reads it back."""
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    server_version: str | None = None
+    writes_done: int = 0
+    write_rounds: list[float] = field(default_factory=list)
+    read_rounds: list[float] = field(default_factory=list)
+
+    @property
+    def write_us(self) -> float:
+        return statistics.median(self.write_rounds)
+
+    @property
+    def read_us(self) -> float:
+        return statistics.median(self.read_rounds)
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            closer()
+
+
+# -- apps ----------------------------------------------------------------------
+
+
+def add_counter_routes(app: Flask, state: State) -> None:
+    """The two endpoints, identical in every app; *state* is the client's state."""
+
+    @app.post(WRITE_PATH)
+    def count() -> Response:
+        data = state()
+        data["n"] = int(data.get("n", 0)) + 1
+        return jsonify(n=data["n"])
+
+    @app.get(READ_PATH)
+    def read() -> Response:
+        return jsonify(n=state().get("n", 0))
+
+
+def client_ops(app: Flask, sid: str) -> tuple[Op, Op, Callable[[], int]]:
+    """Write, read and value callables that drive *app* through its test client."""
+    client = app.test_client()
+    headers = {HEADER: sid}
+
+    def write() -> None:
+        response = client.post(WRITE_PATH, headers=headers)
+        if response.status_code != 200:
+            raise BenchError(f"{app.name}: write answered {response.status_code}")
+
+    def read() -> None:
+        response = client.get(READ_PATH, headers=headers)
+        if response.status_code != 200:
+            raise BenchError(f"{app.name}: read answered {response.status_code}")
+
+    def value() -> int:
+        body = client.get(READ_PATH, headers=headers).get_json()
+        return int(body["n"])
+
+    return write, read, value
+
+
+def bare_bench(sid: str) -> Bench:
+    app = Flask("bench_bare")
+    counter: dict[str, Any] = {"n": 0}
+    add_counter_routes(app, lambda: counter)
+    write, read, value = client_ops(app, sid)
+    return Bench("bare Flask (no state)", "bare", None, write, read, value)
+
+
+def flask_silo_bench(sid: str) -> Bench:
+    import flask_silo
+
+    app = Flask("bench_flask_silo")
+    silo = flask_silo.Silo(app, storage=flask_silo.InMemoryStorage(), auto_cleanup=False)
+    silo.register("counter", lambda: {"n": 0})
+    add_counter_routes(app, lambda: silo.state("counter"))
+    write, read, value = client_ops(app, sid)
+    return Bench("flask-silo 0.1.6, InMemoryStorage", "silo", None, write, read, value,
+                 closers=[silo.stop])
+
+
+def flask_session_bench(db: str, url: str, sid: str) -> Bench:
+    from flask_session import Session
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask(f"bench_flask_session_{db}")
+    app.config.update(SESSION_TYPE="sqlalchemy", SQLALCHEMY_DATABASE_URI=url)
+    sa = SQLAlchemy()
+    sa.init_app(app)
+    with app.app_context():
+        engine = sa.engine
+    if db == "sqlite":  # the same settings as flask_silo_sql's engines, before any connection
+        event.listen(engine, "connect", sqlite_pragmas)
+    app.config["SESSION_SQLALCHEMY"] = sa
+    Session(app)
+    add_counter_routes(app, lambda: flask_session)
+    write, read, value = client_ops(app, sid)  # the test client keeps the session cookie
+    return Bench("Flask-Session 0.8, SQLAlchemy", "flask_session", db, write, read, value,
+                 closers=[engine.dispose])
+
+
+def silo_sql_bench(db: str, url: str, sid: str) -> Bench:
+    storage = flask_silo_sql.SQLStorage(url)
+    schema.upgrade(storage.engine)
+    app = Flask(f"bench_silo_sql_{db}")
+    silo = flask_silo_sql.Silo(app, storage=storage, auto_cleanup=False)
+    silo.register("counter", lambda: {"n": 0})
+    add_counter_routes(app, lambda: silo.state("counter"))
+    write, read, value = client_ops(app, sid)
+    return Bench("flask_silo_sql", "silo_sql", db, write, read, value,
+                 closers=[storage.dispose, silo.stop])
+
+
+def floor_bench(db: str, url: str, sid: str) -> Bench:
+    """One Core SELECT (read); SELECT + UPDATE + commit (write); no Flask."""
+    engine: Engine = make_engine(url)
+    metadata = MetaData()
+    table = Table(
+        "bench_floor",
+        metadata,
+        Column("sid", String(SID_LENGTH), primary_key=True),
+        Column("data", JSONDocument, nullable=False),
+        Column("version", Integer, nullable=False),
+    )
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(table).values(sid=sid, data={"n": 0}, version=1))
+    key = bindparam("k_sid", type_=String(SID_LENGTH))
+    load = select(table.c.data, table.c.version).where(table.c.sid == key)
+    store = (
+        update(table)
+        .where(table.c.sid == key, table.c.version == bindparam("k_version", type_=Integer()))
+        .values(data=bindparam("k_data", type_=JSONDocument), version=table.c.version + 1)
+    )
+    params = {"k_sid": sid}
+
+    def write() -> None:
+        with engine.begin() as conn:
+            row = conn.execute(load, params).one()
+            data = dict(row.data)
+            data["n"] += 1
+            conn.execute(store, {"k_sid": sid, "k_data": data, "k_version": row.version})
+
+    def read() -> None:
+        with engine.connect() as conn:
+            conn.execute(load, params).one()
+
+    def value() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(load, params).one().data["n"])
+
+    info = engine.dialect.server_version_info
+    return Bench("raw floor (Core, no Flask)", "floor", db, write, read, value,
+                 closers=[engine.dispose],
+                 server_version=".".join(map(str, info)) if info else None)
+
+
+# -- databases -----------------------------------------------------------------
+
+
+def start_postgresql() -> PgServerLike:
+    """A private server with fsync on, or the one named by ``SILO_TEST_PG_URL``."""
+    sys.path.insert(0, str(REPO / "tests"))
+    pgserver = importlib.import_module("pgserver")
+    external = os.environ.get("SILO_TEST_PG_URL")
+    server: PgServerLike = (
+        pgserver.ExternalPg(external) if external else pgserver.PgServer(fsync=True)
+    )
+    return server
+
+
+def database_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Bench]:
+    """Floor, Flask-Session and flask_silo_sql on *db*, each in its own database."""
+    return [
+        floor_bench(db, new_url(), sid),
+        flask_session_bench(db, new_url(), sid),
+        silo_sql_bench(db, new_url(), sid),
+    ]
+
+
+# -- measuring -----------------------------------------------------------------
+
+
+def timed(op: Op, iterations: int) -> float:
+    """Microseconds per call of *op*, over *iterations* back-to-back calls."""
+    gc.collect()
+    start = time.perf_counter_ns()
+    for _ in range(iterations):
+        op()
+    return (time.perf_counter_ns() - start) / iterations / 1000
+
+
+def warm_up(bench: Bench, iterations: int) -> None:
+    """Create the client's state, fill caches and pools, and check the answers."""
+    for _ in range(iterations):
+        bench.write()
+        bench.read()
+    bench.writes_done += iterations
+    check(bench)
+
+
+def check(bench: Bench) -> None:
+    seen = bench.value()
+    if seen != bench.writes_done:
+        raise BenchError(f"{bench.label} ({bench.db}): counter is {seen}, "
+                         f"expected {bench.writes_done}")
+
+
+def run(benches: list[Bench], iterations: int, rounds: int) -> None:
+    warmup = max(30, iterations // 5)
+    for bench in benches:
+        warm_up(bench, warmup)
+    for _ in range(rounds):  # interleaved, so drift hits every configuration alike
+        for bench in benches:
+            bench.write_rounds.append(timed(bench.write, iterations))
+            bench.writes_done += iterations
+            bench.read_rounds.append(timed(bench.read, iterations))
+    for bench in benches:
+        check(bench)
+
+
+# -- report --------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    db: str
+    what: str
+    ratio: float
+    target: float
+    at_most: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= self.target if self.at_most else self.ratio >= self.target
+
+    def cell(self) -> str:
+        return f"{self.ratio:.2f} {'PASS' if self.ok else 'FAIL'}"
+
+    def line(self) -> str:
+        sign = "<=" if self.at_most else ">="
+        mark = "PASS" if self.ok else "FAIL"
+        return f"  {mark}  {DB_TITLES[self.db]:<10}  {self.what:<44} {self.ratio:5.2f}  " \
+               f"(target {sign} {self.target:g})"
+
+
+def verdicts_for(db: str, benches: list[Bench], bare: Bench) -> list[Verdict]:
+    by_role = {b.role: b for b in benches if b.db == db}
+    silo, floor, peer = by_role["silo_sql"], by_role["floor"], by_role["flask_session"]
+    return [
+        Verdict(db, "write / (bare Flask write + raw write floor)",
+                silo.write_us / (bare.write_us + floor.write_us), WRITE_FLOOR_TARGET, True),
+        Verdict(db, "read / (bare Flask read + raw read floor)",
+                silo.read_us / (bare.read_us + floor.read_us), READ_FLOOR_TARGET, True),
+        Verdict(db, "Flask-Session write / flask_silo_sql write",
+                peer.write_us / silo.write_us, PEER_TARGET, False),
+        Verdict(db, "Flask-Session read / flask_silo_sql read",
+                peer.read_us / silo.read_us, PEER_TARGET, False),
+    ]
+
+
+def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
+           iterations: int, rounds: int, pg_version: str | None, load_before: float,
+           verbose: bool) -> None:
+    bare = next(b for b in benches if b.role == "bare")
+    verdicts = {db: verdicts_for(db, benches, bare) for db in dbs}
+    columns = ["configuration", "write µs/req", "read µs/req", "write/(bare+floor)",
+               "read/(bare+floor)", "FS/silo write", "FS/silo read"]
+    rows: list[list[str] | str] = []
+    for bench in benches:
+        if bench.db is None:
+            rows.append(_row(bench, []))
+    for db in DATABASES:
+        if db in skipped:
+            rows.append(f"{DB_TITLES[db]}: skipped ({skipped[db]})")
+            continue
+        if db not in dbs:
+            continue
+        rows.append(DB_TITLES[db])
+        for bench in benches:
+            if bench.db == db:
+                rows.append(_row(bench, verdicts[db] if bench.role == "silo_sql" else []))
+    cells = [columns, *[r for r in rows if isinstance(r, list)]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    rule = "-+-".join("-" * w for w in widths)
+
+    def fmt(row: list[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        return " | ".join([first, *rest]).rstrip()
+
+    print()
+    print(f"Per-request cost, median of {rounds} rounds x {iterations} requests "
+          f"(Flask test client, in-process)")
+    setup = [f"Python {platform.python_version()}", f"Flask {version('flask')}",
+             f"SQLAlchemy {version('sqlalchemy')}"]
+    if "sqlite" in dbs:
+        setup.append(f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=NORMAL)")
+    if "postgresql" in dbs:
+        setup.append(f"PostgreSQL {pg_version or '?'} via psycopg {version('psycopg')} "
+                     "(fsync=on, synchronous_commit=on)")
+    setup.append(f"{os.cpu_count()} CPUs, load average {load_before:.2f} before / "
+                 f"{os.getloadavg()[0]:.2f} after")
+    print(", ".join(setup))
+    print()
+    print(fmt(columns))
+    print(rule)
+    for row in rows:
+        if isinstance(row, str):
+            print(f"-- {row} " + "-" * max(0, len(rule) - len(row) - 4))
+        else:
+            print(fmt(row))
+    print()
+    print("FS = Flask-Session 0.8 (SQLAlchemy backend; by default it saves the session on "
+          "every request, reads included); floor = raw floor on the same database.")
+    if verbose:
+        print("Rounds (µs/req):")
+        for bench in benches:
+            where = f", {DB_TITLES[bench.db]}" if bench.db else ""
+            print(f"  {bench.label}{where}")
+            print("    write " + " ".join(f"{v:.0f}" for v in bench.write_rounds))
+            print("    read  " + " ".join(f"{v:.0f}" for v in bench.read_rounds))
+    all_verdicts = [v for db in dbs for v in verdicts[db]]
+    if not all_verdicts:
+        print("No database measured: no verdicts.")
+        return
+    print("Verdicts:")
+    for verdict in all_verdicts:
+        print(verdict.line())
+    failed = sum(not v.ok for v in all_verdicts)
+    if failed:
+        print(f"RESULT: {failed} of {len(all_verdicts)} targets MISSED")
+    else:
+        print(f"RESULT: all {len(all_verdicts)} targets met")
+    for db, reason in skipped.items():
+        print(f"NOTE: {DB_TITLES[db]} was not measured ({reason}): its targets are unchecked.")
+
+
+def _row(bench: Bench, verdicts: list[Verdict]) -> list[str]:
+    ratio_cells = [v.cell() for v in verdicts] if verdicts else ["", "", "", ""]
+    return [bench.label, f"{bench.write_us:.1f}", f"{bench.read_us:.1f}", *ratio_cells]
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--iterations", type=int, default=300,
+                        help="requests per round, configuration and endpoint (default 300)")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="rounds, interleaved; the median is reported (default 9)")
+    parser.add_argument("--verbose", action="store_true", help="also print every round")
+    parser.add_argument("--only", choices=DATABASES,
+                        help="measure one database only (bare Flask and flask-silo always run)")
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.rounds < 1:
+        parser.error("--iterations and --rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = os.getloadavg()[0]
+    wanted = [args.only] if args.only else list(DATABASES)
+    sid = secrets.token_urlsafe(32)
+    tmp = Path(tempfile.mkdtemp(prefix="silo-bench-"))
+    benches: list[Bench] = [bare_bench(sid), flask_silo_bench(sid)]
+    skipped: dict[str, str] = {}
+    dbs: list[str] = []
+    pg: PgServerLike | None = None
+    pg_version: str | None = None
+    try:
+        if "sqlite" in wanted:
+            count = iter(range(1_000))
+            benches += database_benches(
+                "sqlite", lambda: f"sqlite:///{tmp / f'bench{next(count)}.db'}", sid
+            )
+            dbs.append("sqlite")
+        if "postgresql" in wanted:
+            try:
+                pg = start_postgresql()
+            except Exception as exc:
+                skipped["postgresql"] = f"no PostgreSQL server: {exc}"
+            if pg is not None:
+                benches += database_benches("postgresql", pg.create_database, sid)
+                dbs.append("postgresql")
+                floor = next(b for b in benches if b.role == "floor" and b.db == "postgresql")
+                pg_version = floor.server_version
+        print(f"measuring {len(benches)} configurations, {args.rounds} rounds x "
+              f"{args.iterations} requests each ...", flush=True)
+        run(benches, args.iterations, args.rounds)
+        report(benches, dbs, skipped, args.iterations, args.rounds, pg_version, load_before,
+               args.verbose)
+    finally:
+        for bench in benches:
+            bench.close()
+        if pg is not None:
+            pg.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
