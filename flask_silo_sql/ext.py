@@ -65,12 +65,14 @@ EXPIRED_MESSAGE = "Your session has expired due to inactivity. Please re-upload 
 class _RequestState:
     """What the extension knows about the current request."""
 
-    __slots__ = ("gone", "lock", "session", "sid")
+    __slots__ = ("gone", "held", "lock", "session", "sid")
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
         self.session: dict[str, Any] | None = None
         self.gone = False
+        self.held: SQLStorage | None = None
+        """The storage holding a connection for this request."""
         self.lock: AbstractContextManager[dict[str, Any]] | None = None
         """The open locked transaction, in locking mode."""
 
@@ -317,12 +319,15 @@ class Silo:
         g.silo = LazySession(self)
         store = self.store
         data_endpoint = request.path in self._data_endpoints
-        if store.sql is None:
+        sql = store.sql
+        if sql is None:
             if data_endpoint and store.is_expired(sid):
                 state.gone = True
                 return self._gone()
             state.session = store.get(sid)
             return None
+        sql.hold()  # one pooled connection serves the whole request
+        state.held = sql
         if data_endpoint:
             session = store.open(sid, create=False)
             if session is None and store.is_expired(sid):
@@ -372,8 +377,14 @@ class Silo:
 
     def _teardown_request(self, exc: BaseException | None) -> None:
         state: _RequestState | None = g.get("_silo_request")
-        if state is not None and state.lock is not None:
-            self._close_lock(state, commit=False)  # after_request never ran
+        if state is None:
+            return
+        try:
+            if state.lock is not None:
+                self._close_lock(state, commit=False)  # after_request never ran
+        finally:
+            if state.held is not None:
+                state.held.release()
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""

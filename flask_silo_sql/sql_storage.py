@@ -10,10 +10,10 @@ one SELECT to load a session, one UPDATE per changed namespace, and a throttled
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -41,6 +41,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from .engine import dumps, make_engine
 from .errors import SessionExpired, SiloError, StateConflict, StorageUnavailable
+from .hot_path import HotPath
 from .models import (
     SID_LENGTH,
     UTCDateTime,
@@ -50,93 +51,31 @@ from .models import (
     sessions,
     tasks,
 )
+from .records import (
+    FileRecord,
+    LoadedSession,
+    NamespaceWrite,
+    SweepResult,
+    TaskRow,
+    to_datetime,
+)
 from .storage import SiloStorage
+
+__all__ = [
+    "FileRecord",
+    "LoadedSession",
+    "NamespaceWrite",
+    "SQLStorage",
+    "SweepResult",
+    "TaskRow",
+    "to_datetime",
+]
 
 if TYPE_CHECKING:
     from flask import Flask
 
 UTC = dt.timezone.utc
 CHILD_TABLES = (namespaces, files, tasks)
-
-
-def to_datetime(timestamp: float) -> dt.datetime:
-    """Unix time to an aware UTC datetime."""
-    return dt.datetime.fromtimestamp(timestamp, UTC)
-
-
-@dataclass(slots=True)
-class LoadedSession:
-    """A session row and its namespaces, as one SELECT returned them."""
-
-    created_at: dt.datetime
-    last_active: dt.datetime
-    namespaces: dict[str, tuple[Any, int]]
-    """Namespace name to ``(data, version)``."""
-
-
-@dataclass(slots=True)
-class NamespaceWrite:
-    """One namespace to write; ``expected_version`` None means "insert"."""
-
-    name: str
-    data: str
-    """The namespace as JSON text."""
-    expected_version: int | None
-
-
-@dataclass(slots=True)
-class TaskRow:
-    """A task run's state as written to ``silo_tasks``."""
-
-    id: str
-    sid: str
-    name: str
-    status: str
-    progress: float
-    message: str
-    logs: list[str]
-    error: str | None
-    started_at: float | None
-    finished_at: float | None
-    now: float
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "k_id": self.id,
-            "k_sid": self.sid,
-            "k_name": self.name,
-            "k_status": self.status,
-            "k_progress": self.progress,
-            "k_message": self.message,
-            "k_logs": dumps(self.logs),
-            "k_error": self.error,
-            "k_started_at": None if self.started_at is None else to_datetime(self.started_at),
-            "k_finished_at": None if self.finished_at is None else to_datetime(self.finished_at),
-            "now": to_datetime(self.now),
-        }
-
-
-@dataclass(slots=True)
-class FileRecord:
-    """A stored file's row in ``silo_files``."""
-
-    sid: str
-    store: str
-    filename: str
-    size_bytes: int
-    sha256: str
-    content_type: str | None
-    created_at: float
-
-
-@dataclass(slots=True)
-class SweepResult:
-    """What one expiry sweep did."""
-
-    expired: list[str]
-    skipped_busy: int
-    batches: int = 0
-    pruned: int = 0
 
 
 class _Statements:
@@ -357,6 +296,9 @@ class SQLStorage(SiloStorage):
         self._engine: Engine | None = None
         self._flask_sqlalchemy: Any = None
         self._statements: _Statements | None = None
+        self._hot: HotPath | None = None
+        self._hot_ready = False
+        self._local = threading.local()  # the connection a request holds
         if isinstance(bind, Engine):
             self._engine = bind
         elif isinstance(bind, (str, URL)):
@@ -441,8 +383,80 @@ class SQLStorage(SiloStorage):
 
     # -- row-level operations used by SessionStore -------------------------
 
+    # -- the request path ----------------------------------------------------
+
+    @property
+    def hot_path(self) -> HotPath | None:
+        """Precompiled request statements on the DBAPI cursor, or None to use Core.
+
+        None also while anything observes the engine's statements (``echo``,
+        ``before_cursor_execute`` / ``after_cursor_execute`` listeners such as
+        SQL loggers or tracing): then the same statements run through Core,
+        where those observers see them.
+        """
+        engine = self.engine
+        if not self._hot_ready:
+            self._hot = HotPath(engine, self._sql) if HotPath.supports(engine) else None
+            self._hot_ready = True
+        dispatch = engine.dispatch
+        if engine.echo or dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+            return None
+        return self._hot
+
+    def hold(self) -> None:
+        """Keep one pooled connection for this thread until :meth:`release` (a request)."""
+        self._local.held = True
+
+    def release(self) -> None:
+        """Return the connection :meth:`hold` kept, if one was taken."""
+        local = self._local
+        local.held = False
+        raw = getattr(local, "raw", None)
+        if raw is not None:
+            local.raw = None
+            self._give_back(raw)
+
+    def _give_back(self, raw: Any) -> None:
+        hot = self._hot
+        try:
+            if hot is not None and raw.dbapi_connection is not None:
+                hot.autocommit(raw.dbapi_connection, False)  # the pool's default
+        finally:
+            raw.close()
+
+    @contextmanager
+    def _raw(self) -> Iterator[Any]:
+        """A DBAPI connection: the held one, or a pooled one for this call."""
+        local = self._local
+        raw = getattr(local, "raw", None)
+        temporary = raw is None
+        if raw is None:
+            with self._translate_errors():
+                raw = self.engine.raw_connection()
+            if getattr(local, "held", False):
+                local.raw, temporary = raw, False
+        dbapi = self.engine.dialect.loaded_dbapi
+        try:
+            yield raw.dbapi_connection
+        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+            if self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, None):
+                raw.invalidate(exc)
+                self.engine.dispose(close=False)  # its siblings are as dead as it is
+                if not temporary:
+                    local.raw, temporary = None, True
+            raise StorageUnavailable(f"Silo database unavailable: {exc}") from exc
+        finally:
+            if temporary:
+                self._give_back(raw)
+
+    # -- row-level operations used by SessionStore -------------------------
+
     def load(self, sid: str, conn: Connection | None = None) -> LoadedSession | None:
         """The session and all its namespaces in one SELECT, or None."""
+        hot = self.hot_path
+        if conn is None and hot is not None:
+            with self._raw() as dbapi_connection:
+                return hot.load(dbapi_connection, sid)
         if conn is None:
             with self._connect() as own:
                 rows = own.execute(self._sql.load, {"k_sid": sid}).all()
@@ -470,6 +484,10 @@ class SQLStorage(SiloStorage):
         Returns True when the session was created (its expiry mark is then cleared).
         """
         when = to_datetime(now)
+        hot = self.hot_path
+        if hot is not None:
+            with self._raw() as dbapi_connection:
+                return hot.touch_or_create(dbapi_connection, sid, when, to_datetime(stale_before))
         with self._begin() as conn:
             row = conn.execute(
                 self._sql.touch_or_create,
@@ -529,6 +547,10 @@ class SQLStorage(SiloStorage):
         """
         if conn is not None:
             return self._write_on(conn, sid, writes, to_datetime(now), touch)
+        hot = self.hot_path
+        if hot is not None:
+            with self._raw() as dbapi_connection:
+                return hot.write(dbapi_connection, sid, writes, to_datetime(now), touch)
         with self._begin() as own:
             return self._write_on(own, sid, writes, to_datetime(now), touch)
 

@@ -1,5 +1,13 @@
 """Shared fixtures: real SQLite files and a real, private PostgreSQL server.
 
+Two kinds of database per test, each on SQLite and on PostgreSQL:
+
+* ``db_url`` (``sqlite_url``, ``pg_url``): a fresh, empty database, no schema.
+* ``silo_url`` (``sqlite_silo_url``, ``pg_silo_url``): a database at the current
+  schema with no silo rows. Each test module migrates once per database
+  (``sqlite_template``, ``pg_migrated``); each test then gets a copy of the
+  SQLite file or the PostgreSQL database with its tables emptied.
+
 Without PostgreSQL binaries the PostgreSQL tests are skipped with a loud
 message, except under ``CI=true``, where that is a failure.
 """
@@ -7,17 +15,22 @@ message, except under ``CI=true``, where that is a failure.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import make_url
+from sqlalchemy import Engine, make_url, text
+
+from flask_silo_sql import schema
+from flask_silo_sql.engine import make_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from pgserver import ExternalPg, PgServer, find_bindir
+from support import SILO_TABLES_CHILD_FIRST
 
 UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _pg_problem: list[str] = []
@@ -61,6 +74,51 @@ def sqlite_url(tmp_path: Path) -> str:
 def db_url(request: pytest.FixtureRequest) -> str:
     """Each test runs once on SQLite and once on PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+@pytest.fixture(scope="module")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite file at the current schema, made once per module and copied for each test."""
+    path = tmp_path_factory.mktemp("template") / "silo.db"
+    engine = make_engine(f"sqlite:///{path}")
+    schema.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="module")
+def pg_migrated(pg_server: PgServer | ExternalPg) -> Iterator[Engine]:
+    """One migrated PostgreSQL database for this module, emptied before each test."""
+    url = pg_server.create_database()
+    engine = make_engine(url)
+    schema.upgrade(engine)
+    yield engine
+    engine.dispose()
+    pg_server.drop_database(str(make_url(url).database))
+
+
+@pytest.fixture
+def sqlite_silo_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A fresh SQLite file at the current schema, copied from this module's template."""
+    shutil.copy(sqlite_template, tmp_path / "silo.db")
+    return f"sqlite:///{tmp_path / 'silo.db'}"
+
+
+@pytest.fixture
+def pg_silo_url(pg_migrated: Engine) -> str:
+    """This module's migrated PostgreSQL database, with every silo table emptied."""
+    with pg_migrated.begin() as conn:
+        for table in SILO_TABLES_CHILD_FIRST:
+            conn.execute(text(f"DELETE FROM {table}"))
+    return pg_migrated.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def silo_url(request: pytest.FixtureRequest) -> str:
+    """A database at the current schema with no silo rows, on SQLite and on PostgreSQL."""
+    name = "sqlite_silo_url" if request.param == "sqlite" else "pg_silo_url"
     url: str = request.getfixturevalue(name)
     return url
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from flask import Flask, g
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy import Engine, text
+from support import Clock, Recorder, StatementLog
 
 from flask_silo_sql import (
     SchemaError,
@@ -25,86 +25,15 @@ from flask_silo_sql import (
     SQLStorage,
     schema,
 )
-from flask_silo_sql.engine import make_engine
 
-T0 = 1_700_000_000.0
 TTL = 600
 HEADER = "X-Session-ID"
 ALICE = "alice-0000000000000000"
 BOB = "bob-00000000000000000000"
-SILO_TABLES_CHILD_FIRST = (
-    "silo_tasks",
-    "silo_files",
-    "silo_namespaces",
-    "silo_expired_sids",
-    "silo_sessions",
-)
 SID_RE = re.compile(r"[A-Za-z0-9_-]{22,128}")  # at least 128 bits in the URL-safe alphabet
 
 
-# -- databases ----------------------------------------------------------------
-
-
-class DatabaseServer(Protocol):
-    """The ``pg_server`` fixture: a PostgreSQL server that makes databases."""
-
-    def create_database(self, name: str | None = None) -> str: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
-@pytest.fixture(scope="module")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "silo.db"
-    engine = make_engine(f"sqlite:///{path}")
-    schema.upgrade(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: DatabaseServer) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
-    url = pg_server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
-    pg_server.drop_database(str(make_url(url).database))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def silo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database at the current schema with no silo rows, on SQLite and PostgreSQL."""
-    if request.param == "sqlite":
-        template: Path = request.getfixturevalue("sqlite_template")
-        shutil.copy(template, tmp_path / "silo.db")
-        return f"sqlite:///{tmp_path / 'silo.db'}"
-    engine: Engine = request.getfixturevalue("pg_migrated")
-    with engine.begin() as conn:
-        for table in SILO_TABLES_CHILD_FIRST:
-            conn.execute(text(f"DELETE FROM {table}"))
-    return engine.url.render_as_string(hide_password=False)
-
-
 # -- the application under test ----------------------------------------------------
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, sid: str) -> None:
-        self.calls.append(sid)
 
 
 def define_app(app: Flask, silo: Silo) -> None:
@@ -219,27 +148,6 @@ def make_app(silo_url: str) -> Iterator[Callable[..., SiloApp]]:
 @pytest.fixture
 def api(make_app: Callable[..., SiloApp]) -> SiloApp:
     return make_app()
-
-
-class StatementLog:
-    """SQL statements an engine executes while attached."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.statements: list[str] = []
-
-    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.statements.append(" ".join(statement.split()))
-
-    def __enter__(self) -> StatementLog:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
-
-    def starting(self, prefix: str) -> list[str]:
-        return [s for s in self.statements if s.upper().startswith(prefix.upper())]
 
 
 # -- SIDs -----------------------------------------------------------------------

@@ -9,89 +9,26 @@ import datetime as dt
 import hashlib
 import io
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, make_url, select, text
+from sqlalchemy import Engine, select
+from support import Clock
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import FileStore, FileTooLarge, Silo, schema
+from flask_silo_sql import FileStore, FileTooLarge, Silo
 from flask_silo_sql.cli import silo_db
-from flask_silo_sql.engine import make_engine
 from flask_silo_sql.files import TEMP_PREFIX, fsck
 from flask_silo_sql.models import files as files_table
 
 SID = "files-test-session-0001"
 OTHER_SID = "files-test-session-0002"
-
-
-# -- databases ------------------------------------------------------------------------
-
-SILO_TABLES_CHILD_FIRST = (
-    "silo_tasks",
-    "silo_files",
-    "silo_namespaces",
-    "silo_expired_sids",
-    "silo_sessions",
-)
-
-
-class DatabaseServer(Protocol):
-    """The ``pg_server`` fixture: a PostgreSQL server that makes databases."""
-
-    def create_database(self, name: str | None = None) -> str: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
-@pytest.fixture(scope="module")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "silo.db"
-    engine = make_engine(f"sqlite:///{path}")
-    schema.upgrade(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: DatabaseServer) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
-    url = pg_server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
-    pg_server.drop_database(str(make_url(url).database))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def silo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database at the current schema with no silo rows, on SQLite and PostgreSQL."""
-    if request.param == "sqlite":
-        template: Path = request.getfixturevalue("sqlite_template")
-        shutil.copy(template, tmp_path / "silo.db")
-        return f"sqlite:///{tmp_path / 'silo.db'}"
-    engine: Engine = request.getfixturevalue("pg_migrated")
-    with engine.begin() as conn:
-        for table in SILO_TABLES_CHILD_FIRST:
-            conn.execute(text(f"DELETE FROM {table}"))
-    return engine.url.render_as_string(hide_password=False)
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

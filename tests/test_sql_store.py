@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import shutil
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Engine, create_engine, event, func, make_url, select, text
+from sqlalchemy import Engine, create_engine, func, make_url, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from support import T0, Clock, StatementLog
 
 from flask_silo_sql import (
     SessionExpired,
@@ -29,73 +28,10 @@ from flask_silo_sql import (
     StateNotSerializable,
     schema,
 )
-from flask_silo_sql.engine import make_engine
 from flask_silo_sql.models import namespaces
 
-T0 = 1_700_000_000.0
 TTL = 100
 SID = "sid-sql-store-0000001"
-SILO_TABLES_CHILD_FIRST = (
-    "silo_tasks",
-    "silo_files",
-    "silo_namespaces",
-    "silo_expired_sids",
-    "silo_sessions",
-)
-
-
-# -- databases ----------------------------------------------------------------
-
-
-class DatabaseServer(Protocol):
-    """The ``pg_server`` fixture: a PostgreSQL server that makes databases."""
-
-    def create_database(self, name: str | None = None) -> str: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
-@pytest.fixture(scope="module")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "silo.db"
-    engine = make_engine(f"sqlite:///{path}")
-    schema.upgrade(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: DatabaseServer) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
-    url = pg_server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
-    pg_server.drop_database(str(make_url(url).database))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def silo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database at the current schema with no silo rows, on SQLite and PostgreSQL."""
-    if request.param == "sqlite":
-        template: Path = request.getfixturevalue("sqlite_template")
-        shutil.copy(template, tmp_path / "silo.db")
-        return f"sqlite:///{tmp_path / 'silo.db'}"
-    engine: Engine = request.getfixturevalue("pg_migrated")
-    with engine.begin() as conn:
-        for table in SILO_TABLES_CHILD_FIRST:
-            conn.execute(text(f"DELETE FROM {table}"))
-    return engine.url.render_as_string(hide_password=False)
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -137,27 +73,6 @@ def versions(storage: SQLStorage, sid: str = SID) -> dict[str, tuple[int, dt.dat
             )
         ).all()
     return {row.name: (row.version, row.updated_at) for row in rows}
-
-
-class StatementLog:
-    """SQL statements an engine executes while attached."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.statements: list[str] = []
-
-    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.statements.append(" ".join(statement.split()))
-
-    def __enter__(self) -> StatementLog:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
-
-    def starting(self, prefix: str) -> list[str]:
-        return [s for s in self.statements if s.upper().startswith(prefix.upper())]
 
 
 def saved_session(store: SessionStore, **changes: dict[str, Any]) -> dict[str, Any]:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import random
 import re
 import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, make_url, text
+from support import T0, Clock, Recorder
 
 from flask_silo_sql import (
     InMemoryStorage,
@@ -28,74 +26,43 @@ from flask_silo_sql import (
     SessionStore,
     SiloStorage,
     SQLStorage,
-    schema,
 )
-from flask_silo_sql.engine import make_engine
 
-T0 = 1_700_000_000.0
 TTL = 100
 RETAIN = 50
-SILO_TABLES_CHILD_FIRST = (
-    "silo_tasks",
-    "silo_files",
-    "silo_namespaces",
-    "silo_expired_sids",
-    "silo_sessions",
-)
 
 
-# -- databases ----------------------------------------------------------------
-
-
-class DatabaseServer(Protocol):
-    """The ``pg_server`` fixture: a PostgreSQL server that makes databases."""
-
-    def create_database(self, name: str | None = None) -> str: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: DatabaseServer) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
-    url = pg_server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
-    pg_server.drop_database(str(make_url(url).database))
-
-
-@pytest.fixture
-def pg_silo_url(pg_migrated: Engine) -> str:
-    """The URL of the migrated PostgreSQL database, with every silo table empty."""
-    with pg_migrated.begin() as conn:
-        for table in SILO_TABLES_CHILD_FIRST:
-            conn.execute(text(f"DELETE FROM {table}"))
-    return pg_migrated.url.render_as_string(hide_password=False)
-
-
-@pytest.fixture(scope="module")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "silo.db"
-    engine = make_engine(f"sqlite:///{path}")
-    schema.upgrade(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture
-def sqlite_silo_url(sqlite_template: Path, tmp_path: Path) -> str:
-    """A fresh SQLite file at the current schema."""
-    shutil.copy(sqlite_template, tmp_path / "silo.db")
-    return f"sqlite:///{tmp_path / 'silo.db'}"
+# -- the storages every contract runs on ----------------------------------------------
 
 
 def sql_storage(url: str) -> Iterator[SQLStorage]:
     storage = SQLStorage(url)
     yield storage
     storage.dispose()
+
+
+class InMemoryStorageFixture:
+    """A fresh :class:`InMemoryStorage` for each test."""
+
+    @pytest.fixture
+    def storage(self) -> SiloStorage:
+        return InMemoryStorage()
+
+
+class SQLiteStorageFixture:
+    """:class:`SQLStorage` on a migrated, empty SQLite file."""
+
+    @pytest.fixture
+    def storage(self, sqlite_silo_url: str) -> Iterator[SiloStorage]:
+        yield from sql_storage(sqlite_silo_url)
+
+
+class PostgreSQLStorageFixture:
+    """:class:`SQLStorage` on the migrated, emptied PostgreSQL database."""
+
+    @pytest.fixture
+    def storage(self, pg_silo_url: str) -> Iterator[SiloStorage]:
+        yield from sql_storage(pg_silo_url)
 
 
 # -- the storage contract -------------------------------------------------------
@@ -238,52 +205,23 @@ class StorageContract:
         assert storage.expired_count() == 2
 
 
-class TestInMemoryStorage(StorageContract):
-    @pytest.fixture
-    def storage(self) -> SiloStorage:
-        return InMemoryStorage()
+class TestInMemoryStorage(InMemoryStorageFixture, StorageContract):
+    pass
 
 
-class TestSQLStorageSQLite(StorageContract):
-    @pytest.fixture
-    def storage(self, sqlite_silo_url: str) -> Iterator[SiloStorage]:
-        yield from sql_storage(sqlite_silo_url)
+class TestSQLStorageSQLite(SQLiteStorageFixture, StorageContract):
+    pass
 
 
-class TestSQLStoragePostgreSQL(StorageContract):
-    @pytest.fixture
-    def storage(self, pg_silo_url: str) -> Iterator[SiloStorage]:
-        yield from sql_storage(pg_silo_url)
+class TestSQLStoragePostgreSQL(PostgreSQLStorageFixture, StorageContract):
+    pass
 
 
 # -- the SessionStore contract ------------------------------------------------------
 
 
-class Clock:
-    """A settable clock for ``SessionStore(clock=...)``."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def cart_factory() -> dict[str, Any]:
     return {"items": [], "total": 0}
-
-
-class Recorder:
-    """Collects the SIDs a callback was called with."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, sid: str) -> None:
-        self.calls.append(sid)
 
 
 def run_with_deadline(work: Callable[[], Any], seconds: float = 20.0) -> Any:
@@ -612,24 +550,16 @@ class StoreContract:
         assert store.all_sids == ["sid-c2-00000000000"]
 
 
-class TestStoreInMemory(StoreContract):
-    @pytest.fixture
-    def storage(self) -> SiloStorage:
-        return InMemoryStorage()
-
+class TestStoreInMemory(InMemoryStorageFixture, StoreContract):
     def test_bare_store_defaults_to_memory(self) -> None:
         store = SessionStore()
         assert isinstance(store.storage, InMemoryStorage)
         assert (store.ttl, store.cleanup_interval, store.expired_retain) == (3600, 60, 7200)
 
 
-class TestStoreSQLite(StoreContract):
-    @pytest.fixture
-    def storage(self, sqlite_silo_url: str) -> Iterator[SiloStorage]:
-        yield from sql_storage(sqlite_silo_url)
+class TestStoreSQLite(SQLiteStorageFixture, StoreContract):
+    pass
 
 
-class TestStorePostgreSQL(StoreContract):
-    @pytest.fixture
-    def storage(self, pg_silo_url: str) -> Iterator[SiloStorage]:
-        yield from sql_storage(pg_silo_url)
+class TestStorePostgreSQL(PostgreSQLStorageFixture, StoreContract):
+    pass

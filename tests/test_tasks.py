@@ -10,105 +10,32 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, event, func, insert, make_url, select, text
+from sqlalchemy import Engine, event, func, insert, select
 from sqlalchemy.sql.dml import Update
+from support import T0, Clock, StatementLog
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import BackgroundTask, SessionStore, Silo, schema
-from flask_silo_sql.engine import make_engine
+from flask_silo_sql import BackgroundTask, SessionStore, Silo
 from flask_silo_sql.models import files as files_table
 from flask_silo_sql.models import namespaces, tasks
 from flask_silo_sql.sql_storage import SQLStorage, to_datetime
 
 SID = "tasks-test-session-0001"
 OTHER_SID = "tasks-test-session-0002"
-T0 = 1_700_000_000.0
 WAIT = 15.0  # seconds an Event may take before a test gives up (never reached when passing)
 MARKER = "__silo_task__"
 
 
-# -- databases ------------------------------------------------------------------------
-
-SILO_TABLES_CHILD_FIRST = (
-    "silo_tasks",
-    "silo_files",
-    "silo_namespaces",
-    "silo_expired_sids",
-    "silo_sessions",
-)
-
-
-class DatabaseServer(Protocol):
-    """The ``pg_server`` fixture: a PostgreSQL server that makes databases."""
-
-    def create_database(self, name: str | None = None) -> str: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
-@pytest.fixture(scope="module")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "silo.db"
-    engine = make_engine(f"sqlite:///{path}")
-    schema.upgrade(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: DatabaseServer) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
-    url = pg_server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    yield engine
-    engine.dispose()
-    pg_server.drop_database(str(make_url(url).database))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def silo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database at the current schema with no silo rows, on SQLite and PostgreSQL."""
-    if request.param == "sqlite":
-        template: Path = request.getfixturevalue("sqlite_template")
-        shutil.copy(template, tmp_path / "silo.db")
-        return f"sqlite:///{tmp_path / 'silo.db'}"
-    engine: Engine = request.getfixturevalue("pg_migrated")
-    with engine.begin() as conn:
-        for table in SILO_TABLES_CHILD_FIRST:
-            conn.execute(text(f"DELETE FROM {table}"))
-    return engine.url.render_as_string(hide_password=False)
-
-
 # -- workers ------------------------------------------------------------------------
-
-
-class Clock:
-    """An injectable clock that moves only when told to (thread-safe)."""
-
-    def __init__(self, now: float = T0) -> None:
-        self._now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> float:
-        with self._lock:
-            self._now += seconds
-            return self._now
 
 
 Target = Callable[..., Any]
@@ -535,25 +462,12 @@ def test_logs_keep_the_newest_task_max_logs(env: Env) -> None:
         assert task.state.to_dict(max_logs=2)["logs"] == ["line 18", "line 19"]
 
 
-class TaskUpdates:
+class TaskUpdates(StatementLog):
     """Counts UPDATE statements on silo_tasks executed by an engine."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if " ".join(statement.split()).upper().startswith("UPDATE SILO_TASKS"):
-            with self._lock:
-                self.count += 1
-
-    def __enter__(self) -> TaskUpdates:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
+    @property
+    def count(self) -> int:
+        return len(self.starting("UPDATE silo_tasks"))
 
 
 def busy_loop(probe: Probe, clock: Clock, updates: int) -> Target:
@@ -917,11 +831,11 @@ def test_task_outside_a_session_behaves_as_flask_silo(env: Env, fail: bool) -> N
     theirs = flask_silo.BackgroundTask("standalone")
     assert ours.task_id is None
     assert ours.reference() is None
-    with TaskUpdates(a.sql.engine) as updates, StatementCount(a.sql.engine) as statements:
+    with TaskUpdates(a.sql.engine) as updates:
         for task in (ours, theirs):
             run_script(task, fail=fail)
     assert updates.count == 0
-    assert statements.count == 0  # no database involved at all
+    assert len(updates.statements) == 0  # no database involved at all
     assert task_rows(a.sql.engine) == []
 
     mine, original = ours.state, theirs.state
@@ -942,21 +856,3 @@ def test_task_outside_a_session_behaves_as_flask_silo(env: Env, fail: bool) -> N
     ours.reset()
     theirs.reset()
     assert ours.state.to_dict() == theirs.state.to_dict()
-
-
-class StatementCount:
-    """Counts every statement an engine executes while attached."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.count = 0
-
-    def _record(self, *args: Any) -> None:
-        self.count += 1
-
-    def __enter__(self) -> StatementCount:
-        event.listen(self.engine, "before_cursor_execute", self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
