@@ -107,11 +107,12 @@ class HotPath:
             return None
         first = rows[0]
         loaded = LoadedSession(self.read_timestamp(first[0]), self.read_timestamp(first[1]), {})
-        namespaces = loaded.namespaces
+        namespaces, texts = loaded.namespaces, loaded.texts
         for _, _, name, data, version in rows:
             if name is not None:
                 if isinstance(data, str):  # SQLite: the JSON text as written
                     namespaces[name] = (json.loads(data), version)
+                    texts[name] = data
                 else:
                     namespaces[name] = (data, version)
         return loaded

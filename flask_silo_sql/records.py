@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import dumps
@@ -24,6 +24,8 @@ class LoadedSession:
     last_active: dt.datetime
     namespaces: dict[str, tuple[Any, int]]
     """Namespace name to ``(data, version)``."""
+    texts: dict[str, str] = field(default_factory=dict)
+    """The JSON text as stored, when the driver returned text (SQLite)."""
 
 
 @dataclass(slots=True)

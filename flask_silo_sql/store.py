@@ -336,8 +336,11 @@ class SessionStore:
     def _build(self, sid: str, loaded: LoadedSession) -> Session:
         session = Session()
         baseline = session.baseline
+        texts = loaded.texts
         for name, (data, version) in loaded.namespaces.items():
-            text = encode(data)
+            # The stored text is what encode() wrote; a text written otherwise
+            # merely makes the first save rewrite the row in canonical form.
+            text = texts.get(name) or encode(data)
             if TASK_MARKER in text:
                 data = revive_tasks(data, self._task_maker(sid, session, name))
                 text = encode(data)
