@@ -75,6 +75,19 @@ JSONDocument = JSON().with_variant(JSONB(), "postgresql")
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+
+def owner_sid(*, primary_key: bool = False) -> Column[str]:
+    """The ``sid`` column of a table whose rows belong to a session (deleted with it)."""
+    return Column(
+        "sid",
+        String(SID_LENGTH),
+        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
+        primary_key=primary_key,
+        nullable=False,
+        comment="Owning session",
+    )
+
+
 sessions = Table(
     "silo_sessions",
     metadata,
@@ -94,13 +107,7 @@ sessions = Table(
 namespaces = Table(
     "silo_namespaces",
     metadata,
-    Column(
-        "sid",
-        String(SID_LENGTH),
-        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
-        primary_key=True,
-        comment="Owning session",
-    ),
+    owner_sid(primary_key=True),
     Column("name", String(255), primary_key=True, comment="Namespace name given to register()"),
     Column("data", JSONDocument, nullable=False, comment="The namespace's state as JSON"),
     Column(
@@ -132,13 +139,7 @@ files = Table(
         autoincrement=True,
         comment="Surrogate key",
     ),
-    Column(
-        "sid",
-        String(SID_LENGTH),
-        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
-        nullable=False,
-        comment="Owning session",
-    ),
+    owner_sid(),
     Column("store", String(255), nullable=False, comment="File store name (add_file_store)"),
     Column("filename", String(255), nullable=False, comment="Sanitised file name on disk"),
     Column("size_bytes", BigInteger, nullable=False, comment="Size of the file in bytes"),
@@ -153,13 +154,7 @@ tasks = Table(
     "silo_tasks",
     metadata,
     Column("id", String(32), primary_key=True, comment="Task ID (32 hex characters)"),
-    Column(
-        "sid",
-        String(SID_LENGTH),
-        ForeignKey("silo_sessions.sid", ondelete="CASCADE"),
-        nullable=False,
-        comment="Owning session",
-    ),
+    owner_sid(),
     Column("name", String(255), nullable=False, comment="Task name given to BackgroundTask"),
     Column(
         "status",
