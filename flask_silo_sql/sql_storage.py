@@ -24,6 +24,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    any_,
     bindparam,
     cast,
     delete,
@@ -272,6 +273,33 @@ class _Statements:
             .where(sessions.c.sid.in_(victims.scalar_subquery()))
             .returning(sessions.c.sid)
         )
+        self.sweep_expire: Any = None
+        if dialect == "postgresql":
+            # One statement per batch: the SIDs as one array parameter (not one
+            # parameter each), the rows locked, deleted and recorded as expired.
+            locked = (
+                select(sessions.c.sid)
+                .where(
+                    sessions.c.sid
+                    == any_(bindparam("sid_array", type_=pg_dialect.ARRAY(String(SID_LENGTH)))),
+                    sessions.c.last_active < cutoff,
+                )
+                .with_for_update(skip_locked=True)
+            )
+            gone = (
+                delete(sessions)
+                .where(sessions.c.sid.in_(locked.scalar_subquery()))
+                .returning(sessions.c.sid)
+                .cte("gone")
+            )
+            record = pg_dialect.insert(expired_sids).from_select(
+                ["sid", "expired_at"],
+                select(gone.c.sid, bindparam("k_expired_at", type_=UTCDateTime())),
+            )
+            self.sweep_expire = record.on_conflict_do_update(
+                index_elements=[expired_sids.c.sid],
+                set_={"expired_at": record.excluded.expired_at},
+            ).returning(expired_sids.c.sid)
         self.delete_children = [delete(t).where(t.c.sid.in_(sids)) for t in CHILD_TABLES]
         self.prune_expired = delete(expired_sids).where(
             expired_sids.c.sid.in_(
@@ -653,6 +681,9 @@ class SQLStorage(SiloStorage):
         sql = self._sql
         when = to_datetime(now)
         with self._begin() as conn:
+            if sql.sweep_expire is not None:
+                params = {"sid_array": sids, "cutoff": cutoff, "k_expired_at": when}
+                return list(conn.execute(sql.sweep_expire, params).scalars().all())
             deleted = list(
                 conn.execute(sql.sweep_delete, {"sids": sids, "cutoff": cutoff}).scalars().all()
             )

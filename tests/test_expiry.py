@@ -674,6 +674,7 @@ def _sweeper(url: str, now: float, live: int, out: str, barrier: Any) -> None:
                 fh.flush()
 
             store.on_expire(record)
+            storage.session_count()  # connected before the start line, so all start at once
             barrier.wait(60)
             deadline = time.monotonic() + 120
             while storage.session_count() > live:
