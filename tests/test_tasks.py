@@ -484,7 +484,11 @@ def busy_loop(probe: Probe, clock: Clock, updates: int) -> Target:
 
 def test_progress_writes_from_a_busy_loop_are_coalesced(env: Env) -> None:
     clock = Clock()
-    a, b = env.worker(SILO_TASK_FLUSH_INTERVAL=100.0), env.worker()
+    # The heartbeat thread runs on real time while this clock races ahead: a
+    # timeout far beyond the fake run keeps "worker lost" out of this test.
+    patient = {"SILO_TASK_HEARTBEAT_TIMEOUT": 10_000.0}
+    a = env.worker(SILO_TASK_FLUSH_INTERVAL=100.0, **patient)
+    b = env.worker(**patient)
     a.store.clock = clock
     b.store.clock = clock
     probe = env.probe()
