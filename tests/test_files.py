@@ -401,6 +401,17 @@ def test_reset_removes_files_and_rows(env: App) -> None:
     assert env.uploads.list_files(OTHER_SID) == ["b.txt"]
 
 
+def test_cleanup_all_removes_every_session_files_and_rows(env: App) -> None:
+    assert env.upload("a.txt", b"a").status_code == 200
+    assert env.upload("b.txt", b"bb", sid=OTHER_SID).status_code == 200
+    assert env.uploads.total_size_bytes == 3
+    env.uploads.cleanup_all()
+    assert env.rows() == []
+    assert env.uploads.total_size_bytes == 0
+    assert env.uploads.list_files(SID) == env.uploads.list_files(OTHER_SID) == []
+    assert all_files(Path(env.uploads.base_dir)) == set()
+
+
 # -- fsck ----------------------------------------------------------------------------------
 
 
