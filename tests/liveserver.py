@@ -1,4 +1,4 @@
-"""Run ``tests/apps/concurrency_app.py`` under a real gunicorn, and wait on real events.
+"""Run the test apps and the examples under a real gunicorn, and wait on real events.
 
 Every wait is a bounded poll of something observable (a socket answering, a
 file appearing); a server is always stopped by the ``with`` block that started
@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,13 +47,37 @@ def wait_for(
         time.sleep(interval)
 
 
-class Gunicorn:
-    """A running gunicorn serving the test app on a loopback port."""
+@cache
+def control_socket_options() -> tuple[str, ...]:
+    """Options that keep concurrent test servers apart (control socket of gunicorn >= 24)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=30
+    )
+    return ("--no-control-socket",) if "--no-control-socket" in done.stdout else ()
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of process *pid* (from /proc), or None when it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return None
+
+
+class Gunicorn:
+    """A running gunicorn serving an app on a loopback port."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, log: Path, health: str = "/health"
+    ) -> None:
         self.proc = proc
         self.port = port
         self.log = log
+        self.health = health
         self.base = f"http://127.0.0.1:{port}"
 
     def url(self, path: str) -> str:
@@ -64,12 +89,20 @@ class Gunicorn:
         except OSError:
             return ""
 
+    def worker_pids(self) -> set[int]:
+        """Live worker processes of this gunicorn master (from /proc)."""
+        return {
+            int(entry.name)
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and parent_pid(int(entry.name)) == self.proc.pid
+        }
+
     def healthy(self) -> bool:
-        """Whether a worker answers right now (``/health`` never touches the database)."""
+        """Whether a worker answers its health path right now."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"gunicorn exited ({self.proc.returncode}):\n{self.log_text()}")
         try:
-            return requests.get(self.url("/health"), timeout=2).status_code == 200
+            return requests.get(self.url(self.health), timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
@@ -92,14 +125,22 @@ def gunicorn(
     env: dict[str, str],
     tmp: Path,
     *,
+    app: str = "concurrency_app:app",
+    chdir: Path = APPS_DIR,
+    health: str = "/health",
     workers: int = 1,
     threads: int = 1,
     timeout: int = 120,
+    extra: Sequence[str] = (),
 ) -> Iterator[Gunicorn]:
-    """Start gunicorn with the test app (configured by *env*), wait until it answers."""
+    """Start gunicorn with *app* (configured by *env*), wait until *health* answers.
+
+    The server's log is printed when the block fails; it is stopped in any case.
+    """
     port = free_port()
     log = tmp / f"gunicorn-{port}.log"
     full_env = {**os.environ, **env}
+    full_env.pop("FLASK_APP", None)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
     )
@@ -107,8 +148,10 @@ def gunicorn(
         sys.executable,
         "-m",
         "gunicorn",
+        *control_socket_options(),
+        *extra,
         "--chdir",
-        str(APPS_DIR),
+        str(chdir),
         "-w",
         str(workers),
         "--threads",
@@ -121,16 +164,19 @@ def gunicorn(
         "5",
         "--log-level",
         "warning",
-        "concurrency_app:app",
+        app,
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = Gunicorn(proc, port, log)
+    server = Gunicorn(proc, port, log, health)
     try:
         server.wait_healthy()
         yield server
+    except BaseException:
+        print(f"gunicorn log:\n{server.log_text()}")
+        raise
     finally:
         server.stop()
 

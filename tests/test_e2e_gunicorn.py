@@ -11,10 +11,8 @@ lost", not running forever. The time from the kill to that answer is printed
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,8 @@ from typing import Any
 
 import pytest
 import requests
+from liveserver import Gunicorn, parent_pid
+from liveserver import gunicorn as live_gunicorn
 from sqlalchemy import select
 
 from flask_silo_sql.engine import make_engine
@@ -41,13 +41,6 @@ HEADER = "X-Session-ID"
 TEXT = "".join(f"line {i} alpha beta\n" for i in range(400)) + "the end\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _env(db_url: str, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -59,15 +52,6 @@ def _env(db_url: str, tmp_path: Path) -> dict[str, str]:
     )
     env.pop("FLASK_APP", None)
     return env
-
-
-@functools.cache
-def _gunicorn_options() -> tuple[str, ...]:
-    """Options that keep concurrent test servers apart (control socket of gunicorn >= 24)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=30
-    )
-    return ("--no-control-socket",) if "--no-control-socket" in done.stdout else ()
 
 
 def _upgrade(env: dict[str, str]) -> None:
@@ -82,80 +66,16 @@ def _upgrade(env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@dataclass
-class Server:
-    """A running gunicorn: its master process, base URL and log file."""
-
-    process: subprocess.Popen[bytes]
-    base: str
-    log: Path
-
-    def worker_pids(self) -> set[int]:
-        """Live worker processes of this gunicorn master (from /proc)."""
-        pids: set[int] = set()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and _parent_pid(int(entry.name)) == self.process.pid:
-                pids.add(int(entry.name))
-        return pids
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("PPid:"):
-            return int(line.split()[1])
-    return None
-
-
 @contextmanager
-def gunicorn(db_url: str, tmp_path: Path) -> Iterator[Server]:
+def gunicorn(db_url: str, tmp_path: Path) -> Iterator[Gunicorn]:
     """``gunicorn -w 4 examples.data_processor:app`` on *db_url*, stopped in any case."""
     env = _env(db_url, tmp_path)
     _upgrade(env)
-    port = _free_port()
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn",
-                "-w", str(WORKERS),
-                "-b", f"127.0.0.1:{port}",
-                "--graceful-timeout", "3",
-                *_gunicorn_options(),
-                "examples.data_processor:app",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "gunicorn exited:\n" + log.read_text()
-            try:
-                if requests.get(server.base + "/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not answer:\n" + log.read_text()
-            time.sleep(0.1)
+    with live_gunicorn(
+        env, tmp_path, app="examples.data_processor:app", chdir=ROOT, health="/",
+        workers=WORKERS, timeout=30,
+    ) as server:  # fmt: skip
         yield server
-    except BaseException:
-        print("gunicorn log:\n" + log.read_text(errors="replace"))
-        raise
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
 
 
 @dataclass
@@ -266,7 +186,7 @@ def test_upload_process_poll_results_reset(db_url: str, tmp_path: Path) -> None:
             assert body["progress"] == 0
         assert not (tmp_path / "uploads" / client.sid / "report.txt").exists()
 
-        assert server.process.poll() is None
+        assert server.proc.poll() is None
 
 
 def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> None:
@@ -288,7 +208,7 @@ def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> Non
             assert time.monotonic() < deadline, f"no progress: {body}"
             time.sleep(0.05)
 
-        assert _parent_pid(victim) == server.process.pid  # only ever kill our own worker
+        assert parent_pid(victim) == server.proc.pid  # only ever kill our own worker
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
 
@@ -345,4 +265,4 @@ def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> Non
         while len(server.worker_pids() - {victim}) < WORKERS:
             assert time.monotonic() < deadline, "gunicorn did not respawn the worker"
             time.sleep(0.1)
-        assert server.process.poll() is None
+        assert server.proc.poll() is None

@@ -16,12 +16,7 @@ what they inherited right after a fork.
 
 from __future__ import annotations
 
-import functools
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from liveserver import gunicorn
 from sqlalchemy import Engine, text
 from sqlalchemy.pool import QueuePool
 
@@ -91,70 +87,20 @@ def test_a_forked_child_never_uses_its_parents_pooled_connection(engine: Engine)
 # -- gunicorn --preload end to end ----------------------------------------------------------
 
 
-@functools.cache
-def _gunicorn_options() -> tuple[str, ...]:
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=30
-    )
-    return ("--no-control-socket",) if "--no-control-socket" in done.stdout else ()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def preloaded_gunicorn(db_url: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``gunicorn --preload -w 2 examples.data_processor:app``; yields (base URL, log)."""
-    env = {k: v for k, v in os.environ.items() if k != "FLASK_APP"}
-    env.update(
-        SILO_DATABASE_URI=db_url,
-        UPLOAD_DIR=str(tmp_path / "uploads"),
-        SILO_CLEANUP_INTERVAL="1",  # master and workers sweep while the test runs
-        PYTHONUNBUFFERED="1",
-    )
-    port = _free_port()
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn",
-                "--preload",
-                "-w", "2",
-                "-b", f"127.0.0.1:{port}",
-                "--graceful-timeout", "3",
-                *_gunicorn_options(),
-                "examples.data_processor:app",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "gunicorn exited:\n" + log.read_text()
-            try:
-                if requests.get(base + "/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not answer:\n" + log.read_text()
-            time.sleep(0.1)
-        yield base, log
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+    env = {
+        "SILO_DATABASE_URI": db_url,
+        "UPLOAD_DIR": str(tmp_path / "uploads"),
+        "SILO_CLEANUP_INTERVAL": "1",  # master and workers sweep while the test runs
+        "PYTHONUNBUFFERED": "1",
+    }
+    with gunicorn(
+        env, tmp_path, app="examples.data_processor:app", chdir=ROOT, health="/",
+        workers=2, extra=("--preload",),
+    ) as server:  # fmt: skip
+        yield server.base, server.log
 
 
 def _client(base: str, number: int, outcomes: Counter[str], workers: Counter[int]) -> None:
