@@ -16,7 +16,7 @@ Configurations, each driven in-process through Flask's test client:
 * the raw floor on each database, no Flask: one SQLAlchemy Core SELECT (read),
   and SELECT + UPDATE + commit (write) on a one-row table shaped like
   ``silo_namespaces`` (string key, JSON/JSONB document, version), with an
-  engine from :func:`flask_silo_sql.engine.make_engine`, so identical
+  engine from :func:`flask_silo_sql.sql.engine.make_engine`, so identical
   connection settings (SQLite WAL, ``synchronous=NORMAL``, busy timeout,
   foreign keys; psycopg 3 and the same pool on PostgreSQL).
 
@@ -72,8 +72,9 @@ from sqlalchemy import (
 
 import flask_silo_sql
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine, sqlite_pragmas
-from flask_silo_sql.models import SID_LENGTH, JSONDocument
+from flask_silo_sql.sids import SID_LENGTH
+from flask_silo_sql.sql.engine import make_engine, sqlite_pragmas
+from flask_silo_sql.sql.models import JSONDocument
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = "X-Session-ID"

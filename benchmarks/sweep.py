@@ -13,7 +13,7 @@ Measured on each database (SQLite and PostgreSQL), all reported in one table:
   ``SessionStore(storage=SQLStorage(url), ttl=...).sweep(batch_size=B)`` with the
   store's clock set so that exactly those E sessions are idle (B: the store's
   default, 500, unless ``--batch-size`` gives others; each gets its own copy).
-  Both use engines from :func:`flask_silo_sql.engine.make_engine` (SQLite: WAL,
+  Both use engines from :func:`flask_silo_sql.sql.engine.make_engine` (SQLite: WAL,
   ``synchronous=NORMAL``, busy timeout, foreign keys on; PostgreSQL: psycopg 3),
   and each starts after a checkpoint with the database in the OS cache. This is
   done for two layouts (``--layout``): idle rows stored in no relation to when
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import gc
 import importlib
 import multiprocessing
@@ -82,12 +83,17 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, delete, event, select, text
 
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import sessions
-from flask_silo_sql.sql_storage import SQLStorage, to_datetime
+from flask_silo_sql.sql import SQLStorage
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import sessions
 from flask_silo_sql.store import SessionStore
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def to_datetime(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
 DATABASES = ("sqlite", "postgresql")
 DB_TITLES = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "memory": "memory"}
 
@@ -438,9 +444,9 @@ def write_until_stopped(pipe: Pipe, url: str, cutoff: float) -> None:
             nonlocal count
             sid = sids[count % len(sids)]
             count += 1
-            session = store.open(sid, create=False)
-            if session is None:
+            if not store.exists(sid):
                 raise BenchError(f"live session {sid} is gone")
+            session = store.get(sid)
             session["cart"]["total"] = count
             store.save(sid, session)
 

@@ -18,11 +18,12 @@ from .errors import (
     StateNotSerializable,
     StateTooLarge,
     StorageUnavailable,
+    TaskAlreadyRunning,
 )
 from .ext import Silo
 from .files import FileStore
-from .schema import alembic_include_name, alembic_include_object
-from .sql_storage import SQLStorage
+from .sql import SQLStorage, schema
+from .sql.schema import alembic_include_name, alembic_include_object
 from .storage import InMemoryStorage, SiloStorage
 from .store import SessionStore
 from .tasks import BackgroundTask, TaskState
@@ -49,8 +50,10 @@ __all__ = [
     "StateNotSerializable",
     "StateTooLarge",
     "StorageUnavailable",
+    "TaskAlreadyRunning",
     "TaskState",
     "__version__",
     "alembic_include_name",
     "alembic_include_object",
+    "schema",
 ]

@@ -14,22 +14,21 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from . import schema
-from .ext import EXTENSION_KEY, Silo
+from .ext import EXTENSION_KEY, SiloApp
 from .files import fsck as check_files
-from .sql_storage import SQLStorage
+from .sql import SQLStorage, schema
 
 
-def _silo() -> Silo:
-    silo = current_app.extensions.get(EXTENSION_KEY)
-    if not isinstance(silo, Silo):
+def _silo() -> SiloApp:
+    state = current_app.extensions.get(EXTENSION_KEY)
+    if not isinstance(state, SiloApp):
         raise click.ClickException("this application does not use flask_silo_sql.Silo")
-    return silo
+    return state
 
 
 def _storage() -> SQLStorage:
-    storage = _silo().store.sql
-    if storage is None:
+    storage = _silo().store.storage
+    if not isinstance(storage, SQLStorage):
         raise click.ClickException("this application's Silo does not use SQL storage")
     return storage
 
@@ -127,7 +126,7 @@ def cleanup(batch_size: int | None, dry_run: bool) -> None:
 @with_appcontext
 def fsck(fix: bool) -> None:
     """Compare file stores on disk with silo_files (exit 1 if anything is wrong)."""
-    stores = _silo().file_stores
+    stores = _silo().silo.file_stores
     if not stores:
         click.echo("no file stores registered")
         return

@@ -1,38 +1,87 @@
-"""Exceptions raised by flask-silo-sql.
+"""Exceptions raised by flask-silo-sql, each with the HTTP answer it stands for.
 
 Every error derives from :class:`SiloError`, so ``except SiloError`` catches
-them all. The first four names are those of flask-silo 0.1.6.
+them all; the first four names are flask-silo 0.1.6's. Each class carries its
+HTTP ``status`` and its ``slug`` (the ``error`` field of the JSON body), and
+:meth:`SiloError.body` gives that body, so the extension's error handler is a
+lookup, not a chain of cases. ``public_message`` is what a client is told;
+``str(exc)`` is for logs and may say more (never state, SQL parameters or SIDs).
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 
 class SiloError(Exception):
     """Base class for every flask-silo-sql error."""
 
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "silo_error"
+    logged: ClassVar[bool] = True
+    """Whether the extension logs it when it answers a request with it (an error of ours)."""
+
+    @property
+    def http_status(self) -> int:
+        """The status the extension answers with."""
+        return self.status
+
+    @property
+    def public_message(self) -> str:
+        """What the client is told (``message`` in the JSON body)."""
+        return str(self)
+
+    def details(self) -> dict[str, Any]:
+        """Fields of the JSON body besides ``error`` and ``message``."""
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``error`` (the slug), ``message``, and the details."""
+        return {"error": self.slug, "message": self.public_message, **self.details()}
+
+
+EXPIRED_MESSAGE = "Your session has expired due to inactivity. Please re-upload your data."
+
 
 class SessionExpired(SiloError):
     """A session was expired because it was idle for longer than its TTL."""
 
+    status = 410
+    slug = "session_expired"
+    logged = False
+
     def __init__(self, sid: str, message: str | None = None) -> None:
         self.sid = sid
-        super().__init__(message or f"Session '{sid}' has expired due to inactivity.")
+        super().__init__(message or "The session has expired due to inactivity.")
+
+    @property
+    def public_message(self) -> str:
+        return EXPIRED_MESSAGE
 
 
 class SessionBusy(SiloError):
     """A session is busy (running work) and cannot be reset or expired now."""
 
+    status = 409
+    slug = "session_busy"
+    logged = False
+
     def __init__(self, sid: str, message: str | None = None) -> None:
         self.sid = sid
-        super().__init__(message or f"Session '{sid}' has active tasks and cannot be modified.")
+        super().__init__(message or "The session has active tasks and cannot be modified.")
 
 
 class NamespaceError(SiloError):
     """A namespace was used that was never registered."""
 
+    slug = "namespace_not_registered"
+
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         super().__init__(f"Namespace '{namespace}' is not registered. Call register() first.")
+
+    def details(self) -> dict[str, Any]:
+        return {"namespace": self.namespace}
 
 
 class StateNotSerializable(SiloError, TypeError):
@@ -46,6 +95,8 @@ class StateNotSerializable(SiloError, TypeError):
     not JSON at all (a bug in the application), answered ``500``.
     """
 
+    slug = "state_not_serializable"
+
     def __init__(
         self, namespace: str, key: str | None, reason: str, *, invalid_value: bool = False
     ) -> None:
@@ -55,9 +106,20 @@ class StateNotSerializable(SiloError, TypeError):
         where = f"key '{key}' of namespace '{namespace}'" if key else f"namespace '{namespace}'"
         super().__init__(f"Cannot store {where} as JSON: {reason}")
 
+    @property
+    def http_status(self) -> int:
+        return 422 if self.invalid_value else 500
+
+    def details(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "key": self.key}
+
 
 class StateTooLarge(SiloError):
     """A namespace's JSON is larger than the configured ``max_state_bytes``."""
+
+    status = 413
+    slug = "state_too_large"
+    logged = False
 
     def __init__(self, namespace: str, size: int, limit: int) -> None:
         self.namespace = namespace
@@ -67,9 +129,16 @@ class StateTooLarge(SiloError):
             f"Namespace '{namespace}' would take {size} bytes as JSON; the limit is {limit}."
         )
 
+    def details(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "limit": self.limit}
+
 
 class FileTooLarge(SiloError):
     """A file (or a session's files together) would exceed a configured byte limit."""
+
+    status = 413
+    slug = "file_too_large"
+    logged = False
 
     def __init__(self, filename: str, size: int, limit: int) -> None:
         self.filename = filename
@@ -77,9 +146,16 @@ class FileTooLarge(SiloError):
         self.limit = limit
         super().__init__(f"File '{filename}' exceeds the limit of {limit} bytes.")
 
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
 
 class InvalidFilename(SiloError, ValueError):
     """A file name with nothing safe left, or too long (answered ``400``)."""
+
+    status = 400
+    slug = "invalid_filename"
+    logged = False
 
     def __init__(self, filename: str, reason: str = "nothing safe is left of it") -> None:
         self.filename = filename
@@ -92,6 +168,10 @@ class StateConflict(SiloError):
     The write is refused instead of silently overwriting the other change.
     """
 
+    status = 409
+    slug = "state_conflict"
+    logged = False
+
     def __init__(self, sid: str, namespace: str) -> None:
         self.sid = sid
         self.namespace = namespace
@@ -100,9 +180,29 @@ class StateConflict(SiloError):
             "the change was not saved."
         )
 
+    def details(self) -> dict[str, Any]:
+        return {"namespace": self.namespace}
+
+
+class TaskAlreadyRunning(SiloError, RuntimeError):
+    """``BackgroundTask.start()`` while that task runs (in this or any other worker).
+
+    A ``RuntimeError``, as in flask-silo; answered ``409`` through the extension.
+    """
+
+    status = 409
+    slug = "task_running"
+    logged = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Task '{name}' is already running")
+
 
 class SchemaError(SiloError):
     """The database schema is missing or not at the revision this version needs."""
+
+    slug = "schema_out_of_date"
 
     def __init__(self, current: str | None, head: str, url: str) -> None:
         self.current = current
@@ -113,6 +213,17 @@ class SchemaError(SiloError):
             "Run `flask silo-db upgrade` to migrate it."
         )
 
+    @property
+    def public_message(self) -> str:
+        return "The session database schema is not current: run `flask silo-db upgrade`."
+
 
 class StorageUnavailable(SiloError):
-    """The database could not be reached (answered as 503 by the extension)."""
+    """The database could not be reached or failed (answered ``503``)."""
+
+    status = 503
+    slug = "storage_unavailable"
+
+    @property
+    def public_message(self) -> str:
+        return "Session storage is unavailable."

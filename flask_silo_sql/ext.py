@@ -1,10 +1,16 @@
-"""The Flask extension: request lifecycle, configuration, errors as JSON.
+"""The Flask extension: the request lifecycle, per-app settings, errors as JSON.
 
 Only paths under ``api_prefix`` take part. The SID comes from the header, else
-the query parameter; a missing, short or malformed one gets a new SID. State
-is loaded lazily on SQL storage: a request that never calls :meth:`Silo.state`
-costs one statement, one that reads costs one SELECT, and one that changes
-state writes only the namespaces whose JSON changed, in one transaction.
+the query parameter; a missing, short or malformed one gets a new SID. Each
+API request works through one unit of work of its app's store
+(:meth:`SessionStore.request <flask_silo_sql.store.SessionStore.request>`):
+state is read when the view asks for it, and written, with the request's
+uploads and task starts, by one commit once the response is known.
+
+Each app served keeps its own store, storage and settings in
+``app.extensions["silo"]`` (a :class:`SiloApp`); the :class:`Silo` object
+holds what the application registered (namespaces, file stores, data
+endpoints, callbacks), shared by every app it serves.
 """
 
 from __future__ import annotations
@@ -16,26 +22,14 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import click
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
 
-from . import schema
+from .backends import Unit
 from .cleanup import CleanupDaemon
-from .errors import (
-    FileTooLarge,
-    InvalidFilename,
-    NamespaceError,
-    SchemaError,
-    SessionBusy,
-    SessionExpired,
-    SiloError,
-    StateConflict,
-    StateNotSerializable,
-    StateTooLarge,
-    StorageUnavailable,
-)
+from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .files import FileStore
-from .sids import is_signed_sid, is_valid_sid, new_signed_sid
-from .sql_storage import SQLStorage
+from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
+from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore
 
@@ -59,22 +53,51 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
-EXPIRED_MESSAGE = "Your session has expired due to inactivity. Please re-upload your data."
+NO_REQUEST = (
+    "No active session: silo.state() and silo.sid work inside an API request. "
+    "A task thread should use the state its view handed it (the namespace dict "
+    "captured when the task started); other code uses `with silo.session(sid) as state:`."
+)
+
+
+class SiloApp:
+    """What one app's Silo keeps: its store, its settings, its cleanup thread."""
+
+    def __init__(self, silo: Silo, app: Flask, store: SessionStore) -> None:
+        self.silo = silo
+        self.store = store
+        self.config = config = app.config
+        self.locking = bool(config["SILO_LOCKING"])
+        self.sid_keys: list[bytes] = []
+        """Strict SIDs: the signing key first, then the ones that still verify."""
+        if config["SILO_STRICT_SIDS"]:
+            keys = [app.secret_key, *(config.get("SECRET_KEY_FALLBACKS") or ())]
+            if not keys[0]:
+                raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
+            self.sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
+        self.schema_ok = True
+        self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
+
+    def acceptable(self, sid: str, min_length: int) -> bool:
+        if not is_valid_sid(sid, min_length):
+            return False
+        return not self.sid_keys or is_signed_sid(sid, self.sid_keys)
+
+    def new_sid(self) -> str:
+        if self.sid_keys:
+            return new_signed_sid(self.sid_keys[0])
+        return self.store.generate_sid()
 
 
 class _RequestState:
     """What the extension knows about the current request."""
 
-    __slots__ = ("gone", "held", "lock", "session", "sid")
+    __slots__ = ("gone", "sid", "unit")
 
-    def __init__(self, sid: str) -> None:
+    def __init__(self, sid: str, unit: Unit) -> None:
         self.sid = sid
-        self.session: dict[str, Any] | None = None
+        self.unit = unit
         self.gone = False
-        self.held: SQLStorage | None = None
-        """The storage holding a connection for this request."""
-        self.lock: AbstractContextManager[dict[str, Any]] | None = None
-        """The open locked transaction, in locking mode."""
 
 
 class LazySession(MutableMapping[str, Any]):
@@ -137,44 +160,76 @@ class Silo:
         self._auto_cleanup = auto_cleanup
         self._api_prefix = api_prefix
         self._file_stores: dict[str, FileStore] = {}
-        self._needs_default_storage = storage is None
-        self._file_limits: tuple[int | None, int | None] = (None, None)
-        self._locking = False
-        self._sid_keys: list[bytes] = []  # strict SIDs: signing key first, then fallbacks
-        self._schema_ok = True
-        self.store = SessionStore(
-            ttl=ttl,
-            cleanup_interval=cleanup_interval,
-            expired_retain=expired_retain,
-            storage=storage,
-        )
-        self._daemon = CleanupDaemon(self.store, interval=cleanup_interval)
-        self.store.on_expire(self._on_session_expire)
+        self._explicit_limits: dict[str, tuple[bool, bool]] = {}
+        self._storage = storage
+        self._store_options: dict[str, Any] = {
+            "ttl": ttl,
+            "cleanup_interval": cleanup_interval,
+            "expired_retain": expired_retain,
+        }
+        self._first = SessionStore(**self._store_options, storage=storage)
+        """The store of the first app (and, before any, the registry's home)."""
+        self._first_taken = False
+        self._apps: list[SiloApp] = []
+        self._first.on_expire(self._on_session_expire)
         if app is not None:
             self.init_app(app)
 
     # -- setup ----------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
-        """Attach to *app*: storage, request hooks, error handlers, cleanup daemon."""
+        """Serve *app*: its own store and settings, request hooks, errors, cleanup thread.
+
+        One Silo may serve several apps (the factory pattern): each gets its
+        own storage (its ``SILO_DATABASE_URI``) and settings, unless a
+        ``storage=`` was given to the constructor, which they then share.
+        """
         if EXTENSION_KEY in app.extensions:
-            raise RuntimeError(f"app.extensions[{EXTENSION_KEY!r}] is already registered")
+            raise RuntimeError(
+                f"app.extensions[{EXTENSION_KEY!r}] is already registered: "
+                "init_app() was called twice for this app, or another extension uses the key"
+            )
         for key, value in CONFIG_DEFAULTS.items():
             app.config.setdefault(key, value)
-        self._configure_store(app)
-        self._prepare_storage(app)
+        if self._first_taken:
+            store = SessionStore(
+                **self._store_options, storage=self._storage, registry=self._first.registry
+            )
+            store.clock = self._first.clock
+        else:
+            store = self._first
+        if self._storage is None:
+            store.storage = self._default_storage(app)
+        state = SiloApp(self, app, store)
+        self._configure(app, state)
+        self._prepare_storage(app, state)
+        self._first_taken = True
+        self._apps.append(state)
+        secret: Any = app.secret_key
+        if secret:
+            set_tag_key(secret.encode() if isinstance(secret, str) else bytes(secret))
 
         app.before_request(self._before_request)
         app.after_request(self._after_request)
         app.teardown_request(self._teardown_request)
-        self._register_error_handlers(app)
-        app.extensions[EXTENSION_KEY] = self
+        if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
+            app.register_error_handler(SiloError, self.error_response)
+        app.extensions[EXTENSION_KEY] = state
         if self._auto_cleanup:
-            self._daemon.start()
+            state.daemon.start()
 
-    def _configure_store(self, app: Flask) -> None:
+    @staticmethod
+    def _default_storage(app: Flask) -> SQLStorage:
+        uri = app.config["SILO_DATABASE_URI"] or os.environ.get("SILO_DATABASE_URI")
+        if not uri:
+            os.makedirs(app.instance_path, exist_ok=True)
+            uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
+            app.config["_SILO_EMBEDDED"] = True
+        return SQLStorage(uri, **app.config["SILO_ENGINE_OPTIONS"])
+
+    def _configure(self, app: Flask, state: SiloApp) -> None:
         config = app.config
-        store = self.store
+        store = state.store
         if config["SILO_TOUCH_INTERVAL"] is not None:
             store.touch_interval = float(config["SILO_TOUCH_INTERVAL"])
         if config["SILO_MAX_STATE_BYTES"] is not None:
@@ -183,65 +238,51 @@ class Silo:
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
         store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
         store.task_max_logs = int(config["SILO_TASK_MAX_LOGS"])
-        self._locking = bool(config["SILO_LOCKING"])
-        if config["SILO_STRICT_SIDS"]:
-            keys = [app.secret_key, *(config.get("SECRET_KEY_FALLBACKS") or ())]
-            if not keys[0]:
-                raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
-            self._sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
-        for files in self._file_stores.values():
-            if files.max_file_bytes is None:
-                files.max_file_bytes = config["SILO_MAX_FILE_BYTES"]
-            if files.max_session_bytes is None:
-                files.max_session_bytes = config["SILO_MAX_SESSION_BYTES"]
-        self._file_limits = (config["SILO_MAX_FILE_BYTES"], config["SILO_MAX_SESSION_BYTES"])
+        if not self._first_taken:  # file stores are shared: the first app's limits apply
+            for name, files in self._file_stores.items():
+                self._apply_limits(config, name, files)
 
-    def _prepare_storage(self, app: Flask) -> None:
-        if self._needs_default_storage:
-            self._needs_default_storage = False
-            uri = app.config["SILO_DATABASE_URI"] or os.environ.get("SILO_DATABASE_URI")
-            embedded = not uri
-            if embedded:
-                os.makedirs(app.instance_path, exist_ok=True)
-                uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
-            storage = SQLStorage(uri, **app.config["SILO_ENGINE_OPTIONS"])
-            self.store.storage = storage
-            if embedded:
-                schema.upgrade(storage.engine)  # the embedded default migrates itself
-                return
-        sql = self.store.sql
-        if sql is None:
+    def _apply_limits(self, config: Config, name: str, files: FileStore) -> None:
+        explicit_file, explicit_session = self._explicit_limits.get(name, (False, False))
+        if not explicit_file:
+            files.max_file_bytes = config["SILO_MAX_FILE_BYTES"]
+        if not explicit_session:
+            files.max_session_bytes = config["SILO_MAX_SESSION_BYTES"]
+
+    def _prepare_storage(self, app: Flask, state: SiloApp) -> None:
+        storage = state.store.storage
+        if not isinstance(storage, SQLStorage):
             return
-        sql.bind_app(app)
-        self._schema_ok = False
+        source = storage.source
+        if source is not None:  # a Flask-SQLAlchemy object: its engine needs the app
+            with app.app_context():
+                storage.attach(source.engine)
+        if app.config.pop("_SILO_EMBEDDED", False):
+            schema.upgrade(storage.engine)  # the embedded default migrates itself
+            return
+        state.schema_ok = False
         try:
-            self._verify_schema()
+            self._verify_schema(state)
         except SchemaError:
             if click.get_current_context(silent=True) is None:
                 raise
             # Under the flask CLI: `flask silo-db upgrade` must still load the app.
-            logger.warning("silo schema is not current; run `flask silo-db upgrade`")
-        except StorageUnavailable:
-            logger.warning("silo database unreachable at start-up; schema checked later")
+            state.schema_ok = False
+        except StorageUnavailable as exc:
+            logger.warning("silo database unreachable at start-up (%s); checked again later", exc)
 
-    def _verify_schema(self) -> None:
-        sql = self.store.sql
-        assert sql is not None
-        with sql._translate_errors():
-            schema.check(sql.engine)
-        self._schema_ok = True
-
-    def _register_error_handlers(self, app: Flask) -> None:
-        existing = app.error_handler_spec.get(None, {}).get(None, {})
-        for exc_class in (SiloError,):
-            if exc_class not in existing:
-                app.register_error_handler(exc_class, self.error_response)
+    @staticmethod
+    def _verify_schema(state: SiloApp) -> None:
+        storage = state.store.storage
+        assert isinstance(storage, SQLStorage)
+        schema.check(storage.engine)
+        state.schema_ok = True
 
     # -- registration -----------------------------------------------------------
 
     def register(self, namespace: str, factory: Callable[[], dict[str, Any]]) -> None:
         """Register a namespace and the factory of its default state."""
-        self.store.register_namespace(namespace, factory)
+        self._first.register_namespace(namespace, factory)
 
     def add_file_store(
         self,
@@ -256,18 +297,18 @@ class Silo:
         Its files are recorded in ``silo_files`` under *name*. Limits default
         to ``SILO_MAX_FILE_BYTES`` / ``SILO_MAX_SESSION_BYTES``.
         """
-        default_file, default_session = self._file_limits
-        store = FileStore(
+        files = FileStore(
             base_dir,
             name=name,
-            store=self.store,
-            max_file_bytes=max_file_bytes if max_file_bytes is not None else default_file,
-            max_session_bytes=(
-                max_session_bytes if max_session_bytes is not None else default_session
-            ),
+            records=lambda: self.store.backend.file_records(name),
+            max_file_bytes=max_file_bytes,
+            max_session_bytes=max_session_bytes,
         )
-        self._file_stores[name] = store
-        return store
+        self._explicit_limits[name] = (max_file_bytes is not None, max_session_bytes is not None)
+        if self._apps:
+            self._apply_limits(self._apps[0].config, name, files)
+        self._file_stores[name] = files
+        return files
 
     @property
     def file_stores(self) -> dict[str, FileStore]:
@@ -282,166 +323,106 @@ class Silo:
         """Paths that answer ``410 Gone`` to an expired client instead of starting over."""
         self._data_endpoints.update(paths)
 
+    # -- per app ------------------------------------------------------------------
+
+    def _app_state(self) -> SiloApp:
+        """The current app's state; outside an app context, the only app's."""
+        if has_app_context():
+            state = current_app.extensions.get(EXTENSION_KEY)
+            if isinstance(state, SiloApp) and state.silo is self:
+                return state
+        if len(self._apps) == 1:
+            return self._apps[0]
+        if not self._apps:
+            raise RuntimeError("this Silo serves no app yet: call silo.init_app(app) first")
+        raise RuntimeError(
+            "this Silo serves several apps: use it inside an app context "
+            "(with app.app_context(): ...), or use app.extensions['silo'].store"
+        )
+
+    @property
+    def store(self) -> SessionStore:
+        """The current app's :class:`SessionStore` (before ``init_app``: the one to come)."""
+        if not self._apps:
+            return self._first
+        return self._app_state().store
+
     # -- request lifecycle ------------------------------------------------------
 
-    def _acceptable(self, sid: str) -> bool:
-        if not is_valid_sid(sid, self._min_sid_length):
-            return False
-        return not self._sid_keys or is_signed_sid(sid, self._sid_keys)
-
-    def _extract_sid(self) -> str:
+    def _extract_sid(self, state: SiloApp) -> str:
+        min_length = self._min_sid_length
         sid = request.headers.get(self._header, "").strip()
-        if not self._acceptable(sid):
+        if not state.acceptable(sid, min_length):
             try:
                 sid = request.args.get(self._query_param, "").strip()
             except UnicodeDecodeError:  # raw non-UTF-8 bytes in the query string
                 sid = ""
-            if not self._acceptable(sid):
-                sid = self._new_sid()
+            if not state.acceptable(sid, min_length):
+                sid = state.new_sid()
         return sid
 
-    def _new_sid(self) -> str:
-        if self._sid_keys:
-            return new_signed_sid(self._sid_keys[0])
-        return self.store.generate_sid()
-
-    def _before_request(self) -> Any:
+    def _before_request(self) -> None:
         if not request.path.startswith(self._api_prefix):
-            return None
-        if self._auto_cleanup and not self._daemon.running:
-            self._daemon.start()  # first request in a forked worker
-        if not self._schema_ok:
-            self._verify_schema()
-        sid = self._extract_sid()
-        state = _RequestState(sid)
-        g._silo_request = state
+            return
+        state = self._app_state()
+        if self._auto_cleanup and not state.daemon.running:
+            state.daemon.start()  # first request in a forked worker
+        if not state.schema_ok:
+            self._verify_schema(state)
+        sid = self._extract_sid(state)
+        unit = state.store.request(sid, locking=state.locking)
+        request_state = _RequestState(sid, unit)
+        g._silo_request = request_state
         g.silo_sid = sid
         g.silo = LazySession(self)
-        store = self.store
-        data_endpoint = request.path in self._data_endpoints
-        sql = store.sql
-        if sql is None:
-            if data_endpoint and store.is_expired(sid):
-                state.gone = True
-                return self._gone()
-            state.session = store.get(sid)
-            return None
-        sql.hold()  # one pooled connection serves the whole request
-        state.held = sql
-        if data_endpoint:
-            session = store.open(sid, create=False)
-            if session is None and store.is_expired(sid):
-                state.gone = True
-                return self._gone()
-            if self._locking:
-                self.state()
-            else:
-                state.session = session if session is not None else store.open(sid)
-        return None
-
-    @staticmethod
-    def _gone() -> tuple[Response, int]:
-        return jsonify({"error": "session_expired", "message": EXPIRED_MESSAGE}), 410
+        if request.path in self._data_endpoints and unit.expired():
+            request_state.gone = True
+            raise SessionExpired(sid)
 
     def _after_request(self, response: Response) -> Response:
         state: _RequestState | None = g.get("_silo_request")
         if state is None:
             return response
+        status = response.status_code
         try:
-            if state.lock is not None:
-                self._close_lock(state, commit=response.status_code < 500)
-            elif state.gone or response.status_code >= 500:
-                pass
-            elif state.session is not None:
-                self.store.save(state.sid, state.session)
-            else:
-                self.store.touch_or_create(state.sid)
-        except SessionExpired:
+            if not state.gone:
+                state.unit.commit(state=status < 500, files=status < 400)
+        except SessionExpired as exc:
             logger.info(
-                "session %s expired during the request; its changes were dropped", state.sid
+                "session %s expired during the request; its changes were dropped", tag(state.sid)
             )
+            if status < 400:
+                response = current_app.make_response(current_app.handle_user_exception(exc))
         except SiloError as exc:
             response = current_app.make_response(current_app.handle_user_exception(exc))
         response.headers[self._header] = state.sid
         return response
 
-    @staticmethod
-    def _close_lock(state: _RequestState, *, commit: bool) -> None:
-        lock, state.lock = state.lock, None
-        assert lock is not None
-        if commit:
-            lock.__exit__(None, None, None)  # saves the changes, commits
-        else:
-            error = RuntimeError("request failed")
-            lock.__exit__(RuntimeError, error, None)  # rolls back
-
     def _teardown_request(self, exc: BaseException | None) -> None:
         state: _RequestState | None = g.get("_silo_request")
-        if state is None:
-            return
-        try:
-            if state.lock is not None:
-                self._close_lock(state, commit=False)  # after_request never ran
-        finally:
-            if state.held is not None:
-                state.held.release()
+        if state is not None:
+            state.unit.close()
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""
-        body: dict[str, Any]
-        if isinstance(exc, StateConflict):
-            body, status = {"error": "state_conflict", "namespace": exc.namespace}, 409
-        elif isinstance(exc, StateTooLarge):
-            body, status = {"error": "state_too_large", "namespace": exc.namespace}, 413
-        elif isinstance(exc, FileTooLarge):
-            body, status = {"error": "file_too_large", "limit": exc.limit}, 413
-        elif isinstance(exc, InvalidFilename):
-            body, status = {"error": "invalid_filename"}, 400
-        elif isinstance(exc, StorageUnavailable):
+        status = exc.http_status
+        if exc.logged or status >= 500:
             logger.error("%s", exc)
-            body = {"error": "storage_unavailable", "message": "Session storage is unavailable."}
-            return jsonify(body), 503
-        elif isinstance(exc, SessionExpired):
-            return self._gone()
-        elif isinstance(exc, SessionBusy):
-            body, status = {"error": "session_busy"}, 409
-        elif isinstance(exc, SchemaError):
-            logger.error("%s", exc)
-            body = {
-                "error": "schema_out_of_date",
-                "message": "The session database schema is not current: "
-                "run `flask silo-db upgrade`.",
-            }
-            return jsonify(body), 500
-        elif isinstance(exc, StateNotSerializable):
-            body = {"error": "state_not_serializable", "namespace": exc.namespace, "key": exc.key}
-            if exc.invalid_value:  # JSON data that cannot be stored: the request's data
-                status = 422
-            else:  # not JSON at all: a bug in the application
-                logger.error("%s", exc)
-                status = 500
-        elif isinstance(exc, NamespaceError):
-            logger.error("%s", exc)
-            body, status = {"error": "namespace_not_registered", "namespace": exc.namespace}, 500
-        else:
-            logger.error("%s", exc)
-            body, status = {"error": "silo_error"}, 500
-        body["message"] = str(exc)
-        return jsonify(body), status
+        return jsonify(exc.body()), status
 
     def _on_session_expire(self, sid: str) -> None:
-        for store in self._file_stores.values():
+        for files in self._file_stores.values():
             try:
-                store.cleanup(sid, rows=False)  # the rows went with the session
+                files.cleanup(sid, rows=False)  # the rows went with the session
             except Exception:
-                logger.exception("Error cleaning up file store for session %s", sid)
+                logger.exception("Error cleaning up file store for session %s", tag(sid))
 
     # -- request accessors ------------------------------------------------------
 
     def _request_state(self) -> _RequestState:
         state: _RequestState | None = g.get("_silo_request") if g else None
         if state is None:
-            raise RuntimeError("No active session. Are you inside a request context?")
+            raise RuntimeError(NO_REQUEST)
         return state
 
     def state(self, namespace: str | None = None, *, lock: bool | None = None) -> dict[str, Any]:
@@ -453,24 +434,16 @@ class Silo:
         one after another (exact, never a 409). It must be the request's first
         access to state.
         """
-        state = self._request_state()
-        session = state.session
-        locking = self._locking if lock is None else lock
-        if session is None:
-            if locking:
-                state.lock = self.store.transaction(state.sid)
-                session = state.lock.__enter__()
-            else:
-                session = self._open(state.sid)
-            state.session = session
-        elif lock and state.lock is None:
-            raise RuntimeError("state(lock=True) must be the first access to state in a request")
+        unit = self._request_state().unit
+        if lock and not unit.locked:
+            if unit.loaded:
+                raise RuntimeError(
+                    "state(lock=True) must be the first access to state in a request"
+                )
+            unit.lock()
         if namespace:
-            if namespace not in session:
-                raise NamespaceError(namespace)
-            value: dict[str, Any] = session[namespace]
-            return value
-        return session
+            return unit.namespace(namespace)
+        return unit.session()
 
     @property
     def sid(self) -> str:
@@ -480,21 +453,9 @@ class Silo:
     def reset_current(self) -> None:
         """Fresh state for the current session, and its files removed."""
         state = self._request_state()
-        sid = state.sid
-        if state.lock is not None:  # release our lock: the reset writes on its own
-            self._close_lock(state, commit=True)
-        self.store.reset(sid)
-        for store in self._file_stores.values():
-            store.cleanup(sid)
-        state.session = self._open(sid)
-
-    def _open(self, sid: str) -> dict[str, Any]:
-        store = self.store
-        if store.sql is None:
-            return store.get(sid)
-        session = store.open(sid)
-        assert session is not None  # open() creates a missing session
-        return session
+        state.unit.reset()
+        for files in self._file_stores.values():
+            files.cleanup(state.sid)
 
     def session(self, sid: str) -> AbstractContextManager[dict[str, Any]]:
         """Load, change and save session *sid* in one locked transaction.
@@ -507,5 +468,6 @@ class Silo:
         return self.store.transaction(sid)
 
     def stop(self) -> None:
-        """Stop the cleanup daemon."""
-        self._daemon.stop()
+        """Stop the cleanup threads."""
+        for state in self._apps:
+            state.daemon.stop()

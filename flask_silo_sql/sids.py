@@ -8,7 +8,8 @@ import hmac
 import re
 import secrets
 
-from .models import SID_LENGTH
+SID_LENGTH = 128
+"""Longest SID a client may present (and the tables hold)."""
 
 SID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 """Characters a SID may hold: URL-safe, header-safe and path-safe (no dots)."""
@@ -45,3 +46,18 @@ def is_signed_sid(sid: str, keys: list[bytes]) -> bool:
         return False
     token, signature = sid[:SIGNED_TOKEN_LENGTH], sid[SIGNED_TOKEN_LENGTH:]
     return any(hmac.compare_digest(signature, _signature(key, token)) for key in keys)
+
+
+_tag_key = secrets.token_bytes(32)
+
+
+def set_tag_key(key: bytes) -> None:
+    """Key the log tags of SIDs (the extension uses the app's secret key, when it has one),
+    so every worker names a session by the same tag."""
+    global _tag_key
+    _tag_key = hashlib.sha256(b"flask-silo-sql tag:" + key).digest()
+
+
+def tag(sid: str) -> str:
+    """How logs name a session: 8 hex characters of a keyed hash, never the SID itself."""
+    return hmac.new(_tag_key, sid.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:8]

@@ -2,12 +2,14 @@
 
 A task created outside any session behaves exactly as in flask-silo 0.1.6:
 its state lives in the object. A task that sits in a session's namespace (put
-there by a namespace factory or by a handler) is *linked*: the namespace
-stores a reference to its row in ``silo_tasks``, where the state lives, so
-every worker that loads the namespace sees the live progress. A linked run
-heartbeats while it runs; a run whose heartbeat is older than the store's
-``heartbeat_timeout`` is reported (and recorded) as failed, worker lost.
-Progress writes are coalesced to one per ``task_flush_interval`` seconds.
+there by a namespace factory or by a handler) is *linked* to a
+:class:`TaskHome`, its row in ``silo_tasks``: the namespace stores a reference
+to the row, where the state lives, so every worker that loads the namespace
+sees the live progress. A linked run heartbeats while it runs; a run whose
+heartbeat is older than the home's ``heartbeat_timeout`` is reported (and
+recorded) as failed, worker lost. Progress writes are coalesced to one per
+``flush_interval`` seconds. Inside a request, a linked task's thread starts
+once the request has committed its row (a failed request starts nothing).
 """
 
 from __future__ import annotations
@@ -16,14 +18,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .sql_storage import TaskRow
-
-if TYPE_CHECKING:
-    from .store import Session, SessionStore
+from .errors import TaskAlreadyRunning
 
 logger = logging.getLogger("flask_silo_sql.tasks")
 
@@ -68,17 +67,58 @@ class TaskState:
             return "failed"
         return "complete" if self.complete else "idle"
 
+    def copy(self) -> TaskState:
+        return TaskState(
+            self.running,
+            self.progress,
+            self.message,
+            list(self.logs),
+            self.complete,
+            self.error,
+            self.started_at,
+            self.finished_at,
+        )
 
-@dataclass(slots=True)
-class TaskLink:
-    """Where a linked task lives: its row, its session and namespace."""
 
-    store: SessionStore
-    sid: str
-    task_id: str
-    namespace: str
-    session: Session | None = None
-    """The loaded session holding the task: saved when the task's state changes."""
+class TaskHome(Protocol):
+    """Where a linked task's state lives (its row)."""
+
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def heartbeat_timeout(self) -> float: ...
+
+    @property
+    def flush_interval(self) -> float: ...
+
+    @property
+    def max_logs(self) -> int: ...
+
+    def now(self) -> float:
+        """Unix seconds by the storage's clock."""
+
+    def running_elsewhere(self) -> bool:
+        """Whether a live run holds the row (checked before a start)."""
+
+    def claim(self, state: TaskState, name: str, *, on_commit: Callable[[], None]) -> None:
+        """Start a run: write its row unless a live run holds it (TaskAlreadyRunning).
+
+        *on_commit* runs once the row is committed: at once outside a request,
+        after the request's commit inside one.
+        """
+
+    def save(self, state: TaskState, name: str) -> bool:
+        """Write the run's state and heartbeat; False if that run no longer owns the row."""
+
+    def load(self) -> TaskState | None:
+        """The row's state; a run whose heartbeat is stale is recorded as lost first."""
+
+    def delete(self) -> None:
+        """Forget the row (the task's reset)."""
+
+    def save_namespace(self) -> None:
+        """Save the namespace holding the task (merging the keys the thread changed)."""
 
 
 class BackgroundTask:
@@ -92,7 +132,7 @@ class BackgroundTask:
         "_dirty",
         "_flush_lock",
         "_flushed_at",
-        "_link",
+        "_home",
         "_lock",
         "_owner",
         "_state",
@@ -105,7 +145,7 @@ class BackgroundTask:
         self._state = TaskState()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._link: TaskLink | None = None
+        self._home: TaskHome | None = None
         self._owner = False  # this object runs (or ran) the current run
         self._dirty = False
         self._flushed_at = 0.0
@@ -116,87 +156,104 @@ class BackgroundTask:
     # -- linking -----------------------------------------------------------------
 
     @classmethod
-    def linked(cls, name: str, link: TaskLink) -> BackgroundTask:
+    def linked(cls, name: str, home: TaskHome) -> BackgroundTask:
         """A task object for an existing row (as a namespace is loaded)."""
         task = cls(name)
-        task._link = link
+        task._home = home
         return task
 
-    def link(self, link: TaskLink) -> None:
+    def link(self, home: TaskHome) -> None:
         """Attach to a row; a run already under way in this object is written there."""
         with self._lock:
-            if self._link is not None:
+            if self._home is not None:
                 return
-            self._link = link
+            self._home = home
             running = self._state.running
             if running:
                 self._owner = True
         if running:
-            self._claim_or_raise(self._clock())
+            self._claim(home, on_commit=lambda: None)
             _HEARTBEATS.add(self)
 
     @property
     def task_id(self) -> str | None:
         """The row ID of a linked task, else None."""
-        return self._link.task_id if self._link is not None else None
+        return self._home.task_id if self._home is not None else None
 
     def reference(self) -> dict[str, str] | None:
         """The JSON that stands for this task in a namespace (None if not linked)."""
-        if self._link is None:
+        if self._home is None:
             return None
-        return {TASK_MARKER: self._link.task_id, "name": self.name}
+        return {TASK_MARKER: self._home.task_id, "name": self.name}
 
-    def _clock(self) -> float:
-        return self._link.store.clock() if self._link is not None else time.time()
+    def _now(self) -> float:
+        return self._home.now() if self._home is not None else time.time()
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self, target: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Start the task (RuntimeError if it is already running, in any worker)."""
+        """Start the task (:class:`TaskAlreadyRunning`, a RuntimeError, if it runs anywhere).
+
+        A linked task started inside a request runs once the request commits.
+        """
+        home = self._home
+        if home is not None and not self._owner and home.running_elsewhere():
+            raise TaskAlreadyRunning(self.name)
         with self._lock:
             if self._state.running:
-                raise RuntimeError(f"Task '{self.name}' is already running")
-            now = self._clock()
+                raise TaskAlreadyRunning(self.name)
             previous = self._state
-            self._state = TaskState(running=True, message="Starting…", started_at=now)
-        if self._link is not None:
-            try:
-                self._claim_or_raise(now)
-            except BaseException:
-                with self._lock:
-                    self._state = previous
-                raise
-            self._owner = True
-            _HEARTBEATS.add(self)
-
-        def run() -> None:
-            try:
-                target(self, *args, **kwargs)
-                with self._lock:
-                    finished = not self._state.running
-                if not finished:
-                    self._finish(complete=True, message=None)
-            except Exception as exc:
-                logger.exception("Task '%s' failed", self.name)
-                self.fail(str(exc))
-            finally:
-                _HEARTBEATS.discard(self)
-
-        self._thread = threading.Thread(
-            target=run, name=f"flask-silo-task-{self.name}", daemon=True
+            self._state = TaskState(running=True, message="Starting…", started_at=self._now())
+        thread = threading.Thread(
+            target=self._run,
+            args=(target, args, kwargs),
+            name=f"flask-silo-task-{self.name}",
+            daemon=True,
         )
-        self._thread.start()
+        self._thread = thread
+        if home is None:
+            thread.start()
+            return
+        owner = self._owner
+        try:
+            self._claim(home, on_commit=thread.start)
+        except BaseException:
+            with self._lock:
+                self._state = previous
+                self._owner = owner
+            raise
 
-    def _claim_or_raise(self, now: float) -> None:
-        link = self._link
-        assert link is not None
-        sql = link.store.sql
-        assert sql is not None
+    def _claim(self, home: TaskHome, *, on_commit: Callable[[], None]) -> None:
+        """Write the run's row; *on_commit* (and heartbeats) once it is committed.
+
+        From here this object's state is the run's (it owns the run), so a view
+        that starts a task sees it running before its request commits.
+        """
         with self._lock:
-            row = self._row(now)
-        if not sql.claim_task(row, now - link.store.heartbeat_timeout):
-            raise RuntimeError(f"Task '{self.name}' is already running")
-        self._flushed_at = now
+            state = self._state.copy()
+            self._owner = True
+
+        def started() -> None:
+            self._flushed_at = home.now()
+            _HEARTBEATS.add(self)
+            on_commit()
+
+        home.claim(state, self.name, on_commit=started)
+
+    def _run(
+        self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        try:
+            target(self, *args, **kwargs)
+            with self._lock:
+                finished = not self._state.running
+            if not finished:
+                self._finish(complete=True, message=None)
+        except Exception as exc:
+            logger.exception("Task '%s' failed", self.name)
+            self.fail(str(exc))
+        finally:
+            _HEARTBEATS.discard(self)
 
     def reset(self) -> None:
         """Clear the state so the task can run again (RuntimeError while running)."""
@@ -205,9 +262,8 @@ class BackgroundTask:
         with self._lock:
             self._state = TaskState()
             self._owner = False
-        link = self._link
-        if link is not None and link.store.sql is not None:
-            link.store.sql.delete_task(link.sid, link.task_id)
+        if self._home is not None:
+            self._home.delete()
 
     # -- progress (called by the target) ---------------------------------------------
 
@@ -221,20 +277,20 @@ class BackgroundTask:
             self._dirty = True
         self._maybe_flush()
 
-    def log(self, msg: str) -> None:
-        """Append a log line (a linked task keeps the newest ``task_max_logs``)."""
+    def log(self, message: str) -> None:
+        """Append a log line (a linked task keeps the newest ``max_logs``)."""
         with self._lock:
-            self._state.logs.append(msg)
-            if self._link is not None:
-                excess = len(self._state.logs) - self._link.store.task_max_logs
+            self._state.logs.append(message)
+            if self._home is not None:
+                excess = len(self._state.logs) - self._home.max_logs
                 if excess > 0:
                     del self._state.logs[:excess]
             self._dirty = True
         self._maybe_flush()
 
-    def complete(self, msg: str = "Done") -> None:
+    def complete(self, message: str = "Done") -> None:
         """Mark the task finished successfully."""
-        self._finish(complete=True, message=msg)
+        self._finish(complete=True, message=message)
 
     def fail(self, error: str) -> None:
         """Mark the task failed with *error*."""
@@ -242,7 +298,7 @@ class BackgroundTask:
             self._state.running = False
             self._state.error = error
             self._state.message = f"Failed: {error}"
-            self._state.finished_at = self._clock()
+            self._state.finished_at = self._now()
             self._dirty = True
         self._flush()
 
@@ -253,35 +309,17 @@ class BackgroundTask:
             self._state.progress = 100.0
             if message is not None:
                 self._state.message = message
-            self._state.finished_at = self._clock()
+            self._state.finished_at = self._now()
             self._dirty = True
         self._flush()
 
     # -- persistence ---------------------------------------------------------------
 
-    def _row(self, now: float) -> TaskRow:
-        link = self._link
-        assert link is not None
-        s = self._state
-        return TaskRow(
-            id=link.task_id,
-            sid=link.sid,
-            name=self.name,
-            status=s.status,
-            progress=s.progress,
-            message=s.message,
-            logs=list(s.logs),
-            error=s.error,
-            started_at=s.started_at,
-            finished_at=s.finished_at,
-            now=now,
-        )
-
     def _maybe_flush(self) -> None:
-        link = self._link
-        if link is None or not self._owner:
+        home = self._home
+        if home is None or not self._owner:
             return
-        if self._clock() - self._flushed_at >= link.store.task_flush_interval:
+        if self._now() - self._flushed_at >= home.flush_interval:
             self._flush()
 
     def _flush(self) -> None:
@@ -290,81 +328,35 @@ class BackgroundTask:
         In that order: whoever reads the new state (``complete``) also reads
         what the thread wrote before changing it (``state["results"]``).
         """
-        link = self._link
-        if link is None or not self._owner:
-            return
-        sql = link.store.sql
-        if sql is None:
+        home = self._home
+        if home is None or not self._owner:
             return
         with self._flush_lock:
-            now = self._clock()
             with self._lock:
-                row = self._row(now)
+                state = self._state.copy()
                 self._dirty = False
-                self._flushed_at = now
-            if link.session is not None:
-                try:
-                    link.store.save_namespace_merged(link.sid, link.session, link.namespace)
-                except Exception:
-                    logger.exception(
-                        "could not save namespace %r of session %s", link.namespace, link.sid
-                    )
+                self._flushed_at = home.now()
             try:
-                sql.save_task(row)
+                home.save_namespace()
+            except Exception:
+                logger.exception("could not save the namespace of task '%s'", self.name)
+            try:
+                home.save(state, self.name)
             except Exception:
                 with self._lock:
                     self._dirty = True
-                logger.exception("could not save task '%s' of session %s", self.name, link.sid)
+                logger.exception("could not save task '%s'", self.name)
 
     # -- state -------------------------------------------------------------------
 
     @property
     def state(self) -> TaskState:
-        """A copy of the current state (from ``silo_tasks`` for a run in another worker)."""
-        link = self._link
-        if link is None or self._owner:
+        """A copy of the current state (from its row for a run in another worker)."""
+        home = self._home
+        if home is None or self._owner:
             with self._lock:
-                s = self._state
-                return TaskState(
-                    s.running,
-                    s.progress,
-                    s.message,
-                    list(s.logs),
-                    s.complete,
-                    s.error,
-                    s.started_at,
-                    s.finished_at,
-                )
-        return self._state_from_row(link)
-
-    def _state_from_row(self, link: TaskLink) -> TaskState:
-        sql = link.store.sql
-        if sql is None:
-            return TaskState()
-        row = sql.load_task(link.sid, link.task_id)
-        if row is None:
-            return TaskState()
-        now = link.store.clock()
-        state = TaskState(
-            running=row.status == "running",
-            progress=float(row.progress),
-            message=row.message,
-            logs=list(row.logs),
-            complete=row.status == "complete",
-            error=row.error,
-            started_at=row.started_at.timestamp() if row.started_at else None,
-            finished_at=row.finished_at.timestamp() if row.finished_at else None,
-        )
-        timeout = link.store.heartbeat_timeout
-        heartbeat = row.heartbeat_at.timestamp() if row.heartbeat_at else 0.0
-        if state.running and heartbeat < now - timeout:
-            error = LOST_WORKER.format(timeout=timeout)
-            sql.mark_task_lost(link.sid, link.task_id, now - timeout, now, error)
-            state.running = False
-            state.error = error
-            state.message = f"Failed: {error}"
-            state.finished_at = now
-        return state
+                return self._state.copy()
+        return home.load() or TaskState()
 
     @property
     def is_running(self) -> bool:
@@ -382,7 +374,7 @@ class BackgroundTask:
         return self.state.error is not None
 
     def __repr__(self) -> str:
-        where = f" id={self._link.task_id}" if self._link is not None else ""
+        where = f" id={self._home.task_id}" if self._home is not None else ""
         return f"<BackgroundTask {self.name!r}{where}>"
 
 
@@ -413,9 +405,7 @@ class _Heartbeats:
 
     def _interval(self) -> float:
         with self._lock:
-            intervals = [
-                t._link.store.heartbeat_timeout / 4 for t in self._tasks if t._link is not None
-            ]
+            intervals = [t._home.heartbeat_timeout / 4 for t in self._tasks if t._home is not None]
         return max(0.05, min(intervals, default=5.0))
 
     def _loop(self) -> None:

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import Engine, make_url, text
 
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine
+from flask_silo_sql.sql.engine import make_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, event
+from flask_silo_sql import SessionStore, SQLStorage
 
 T0 = 1_700_000_000.0
 """The fixed time every :class:`Clock` starts at unless told otherwise."""
@@ -60,26 +62,61 @@ class Recorder:
 _Log = TypeVar("_Log", bound="StatementLog")
 
 
+def sql_storage(store: SessionStore) -> SQLStorage:
+    """The SQL storage of *store* (a test's assertion that it has one)."""
+    storage = store.storage
+    assert isinstance(storage, SQLStorage), f"not SQL storage: {storage!r}"
+    return storage
+
+
 class StatementLog:
-    """SQL statements an engine executes while attached, whitespace folded (thread-safe)."""
+    """SQL statements a storage sends while attached, whitespace folded (thread-safe).
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    It listens at the storage's statement hook, the seam every statement goes
+    through whichever executor runs it, so the path under test is unchanged.
+    """
+
+    def __init__(self, storage: SQLStorage) -> None:
+        self.storage = storage
         self.statements: list[str] = []
+        self.names: list[str] = []
+        self.values: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._previous: Any = None
 
-    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def _record(self, name: str, statement: str, values: Mapping[str, Any]) -> None:
         with self._lock:
             self.statements.append(" ".join(statement.split()))
+            self.names.append(name)
+            self.values.append(dict(values))
+        self.seen(name, values)
+        if self._previous is not None:
+            self._previous(name, statement, values)
+
+    def seen(self, name: str, values: Mapping[str, Any]) -> None:
+        """Called for each statement (outside the log's lock): for subclasses."""
 
     def __enter__(self: _Log) -> _Log:
-        event.listen(self.engine, "before_cursor_execute", self._record)
+        self._previous = self.storage.statement_hook
+        self.storage.statement_hook = self._record
         return self
 
     def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
+        self.storage.statement_hook = self._previous
 
     def starting(self, prefix: str) -> list[str]:
         """The statements that begin with *prefix*, ignoring case."""
         with self._lock:
             return [s for s in self.statements if s.upper().startswith(prefix.upper())]
+
+
+def at(timestamp: float) -> dt.datetime:
+    """Unix time as an aware UTC datetime (what the tables' timestamp columns take)."""
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+def unix(value: Any) -> float:
+    """A timestamp a statement was given (text on SQLite, a datetime on PostgreSQL)."""
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc).timestamp()

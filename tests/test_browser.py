@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Engine, select
+from support import sql_storage
 from werkzeug.serving import make_server
 
 from flask_silo_sql import Silo, schema
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import expired_sids, sessions
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import expired_sids, sessions
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -136,8 +137,7 @@ def served(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
         server.server_close()
         silo = module.silo
         silo.stop()
-        assert silo.store.sql is not None
-        silo.store.sql.dispose()
+        sql_storage(silo.store).dispose()
         engine.dispose()
 
 
@@ -199,12 +199,12 @@ def test_upload_progress_results_then_expired(
 
         # Time passes beyond the TTL; one cleanup sweep expires the session.
         store = served.silo.store
-        real_clock = store.clock
-        store.clock = lambda: real_clock() + 10 * TTL
+        database_clock = sql_storage(store).clock
+        store.clock = lambda: database_clock() + 10 * TTL
         try:
             expired = store.cleanup()
         finally:
-            store.clock = real_clock
+            store.clock = None
         assert sid in expired
         with served.engine.connect() as conn:
             assert conn.execute(select(sessions.c.sid).where(sessions.c.sid == sid)).first() is None

@@ -28,11 +28,13 @@ from flask import Flask
 from flask.cli import ScriptInfo
 from flask.cli import cli as flask_cli
 from sqlalchemy import Engine, func, insert, inspect, select, update
+from support import sql_storage
 
 from flask_silo_sql import InMemoryStorage, SchemaError, Silo, schema
 from flask_silo_sql.cli import silo_db
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import SILO_TABLES, expired_sids, files, namespaces, sessions, tasks
+from flask_silo_sql.ext import SiloApp
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import SILO_TABLES, expired_sids, files, namespaces, sessions, tasks
 
 UTC = dt.timezone.utc
 HEADER = "X-Session-ID"
@@ -85,11 +87,10 @@ class AppModule:
 
     def close(self) -> None:
         for app in self.apps:
-            silo = app.extensions["silo"]
-            assert isinstance(silo, Silo)
-            silo.stop()
-            if silo.store.sql is not None:
-                silo.store.sql.dispose()
+            state = app.extensions["silo"]
+            assert isinstance(state, SiloApp)
+            state.silo.stop()
+            sql_storage(state.store).dispose()
 
 
 @pytest.fixture
@@ -170,13 +171,21 @@ def hit(client: Any, sid: str | None = None) -> tuple[str, int]:
 
 
 def age_sessions(engine: Engine, sids: list[str], seconds: float) -> None:
-    """Make sessions look idle for *seconds* (as if their clients went away)."""
-    old = dt.datetime.now(UTC) - dt.timedelta(seconds=seconds)
+    """Move sessions *seconds* into the past (as if their clients went away then)."""
+    back = dt.timedelta(seconds=seconds)
     with engine.begin() as conn:
-        result = conn.execute(
-            update(sessions).where(sessions.c.sid.in_(sids)).values(last_active=old)
-        )
-        assert result.rowcount == len(sids)
+        rows = conn.execute(
+            select(sessions.c.sid, sessions.c.last_active, sessions.c.expires_at).where(
+                sessions.c.sid.in_(sids)
+            )
+        ).all()
+        assert len(rows) == len(sids)
+        for sid, last_active, expires_at in rows:
+            conn.execute(
+                update(sessions)
+                .where(sessions.c.sid == sid)
+                .values(last_active=last_active - back, expires_at=expires_at - back)
+            )
 
 
 def swept(result: Result, verb: str = "expired") -> int:
@@ -315,7 +324,8 @@ def test_history_lists_the_shipped_revisions(app_module: AppModule, migrated: En
     app = app_module.create_app()
     result = invoke(app, "history")
     assert result.exit_code == 0, result.output
-    assert f"<base> -> {schema.head()} (head)" in result.stdout
+    assert f"-> {schema.head()} (head)" in result.stdout
+    assert "<base> -> 0001" in result.stdout
 
 
 def test_stamp_and_check(app_module: AppModule, migrated: Engine) -> None:

@@ -19,7 +19,7 @@ import requests
 from liveserver import gunicorn
 
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine
+from flask_silo_sql.sql.engine import make_engine
 
 pytestmark = pytest.mark.slow
 

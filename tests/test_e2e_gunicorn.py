@@ -28,8 +28,8 @@ from liveserver import Gunicorn, parent_pid
 from liveserver import gunicorn as live_gunicorn
 from sqlalchemy import select
 
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import tasks
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import tasks
 
 pytestmark = pytest.mark.slow
 

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import pytest
 from flask import Flask
 from sqlalchemy import Engine, func, insert, select, text, update
+from support import sql_storage
 
 from flask_silo_sql import (
     BackgroundTask,
@@ -36,8 +37,8 @@ from flask_silo_sql import (
     schema,
 )
 from flask_silo_sql.cli import silo_db
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import expired_sids, files, namespaces, sessions, tasks
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import expired_sids, files, namespaces, sessions, tasks
 
 T0 = 1_700_000_000.0
 TTL = 100
@@ -176,9 +177,11 @@ def seed(
 ) -> None:
     """Insert sessions idle since *last_active*, each with namespaces *names*."""
     when = at(last_active)
+    due = at(last_active + TTL + min(60.0, TTL / 20))  # as a store with this TTL writes it
     with engine.begin() as conn:
         conn.execute(
-            insert(sessions), [{"sid": s, "created_at": when, "last_active": when} for s in sids]
+            insert(sessions),
+            [{"sid": s, "created_at": when, "last_active": when, "expires_at": due} for s in sids],
         )
         rows = [
             {"sid": s, "name": n, "data": {"owner": s}, "version": 1, "updated_at": when}
@@ -246,8 +249,8 @@ def make_silo(url: str, tmp_path: Path, clock: Clock) -> tuple[Flask, Silo]:
 
 def close_silo(silo: Silo) -> None:
     silo.stop()
-    if silo.store.sql is not None:
-        silo.store.sql.dispose()
+    if isinstance(silo.store.storage, SQLStorage):
+        silo.store.storage.dispose()
 
 
 def write_state(store: SessionStore, sid: str, item: str) -> None:
@@ -266,8 +269,7 @@ def test_sweep_expires_exactly_the_idle_sessions_in_batches(
     _app, silo = make_silo(url, tmp_path, clock)
     try:
         store = silo.store
-        assert store.sql is not None
-        engine = store.sql.engine
+        engine = sql_storage(store).engine
         uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
         idle = [sid_of("idle", i) for i in range(50)]
         live = [sid_of("live", i) for i in range(10)]
@@ -280,7 +282,7 @@ def test_sweep_expires_exactly_the_idle_sessions_in_batches(
             write_state(store, sid, f"item of {sid}")
             uploads.save(sid, "data.csv", b"live")
             add_task(engine, sid, "failed", clock())
-        live_state = {sid: store.sql.get_session(sid) for sid in live}
+        live_state = {sid: sql_storage(store).get_session(sid) for sid in live}
 
         # The callback checks, on a connection of its own, that the batch was committed.
         checks: list[tuple[str, bool, bool]] = []
@@ -325,7 +327,7 @@ def test_sweep_expires_exactly_the_idle_sessions_in_batches(
             assert not (tmp_path / "uploads" / sid).exists()
         for sid in live:
             assert not store.is_expired(sid)
-            assert store.sql.get_session(sid) == live_state[sid]
+            assert sql_storage(store).get_session(sid) == live_state[sid]
             assert uploads.list_files(sid) == ["data.csv"]
             assert (tmp_path / "uploads" / sid / "data.csv").read_bytes() == b"live"
 
@@ -401,15 +403,14 @@ def test_real_running_task_keeps_its_session_until_it_finishes(
         release.wait(DEADLINE)
         task.update(100, "finished")
 
-    session = store.open(sid)
-    assert session is not None
+    session = store.get(sid)
     task = session["job"]["task"]
     assert isinstance(task, BackgroundTask)
     task.start(work)
     try:
         assert started.wait(DEADLINE)
         store.save(sid, session)
-        store.ensure(other)
+        store.get(other)
 
         clock.now = T0 + expire_after(store) + 1
         assert store.sweep().expired == [other]
@@ -446,7 +447,7 @@ def test_postgresql_sweep_skips_a_row_locked_by_an_in_flight_request(
 
         if holder == "request":
             # An in-flight request writing the session (SILO_LOCKING, store.transaction).
-            lock_cm: Any = storage.locked(busy, clock())
+            lock_cm: Any = store.transaction(busy)
             lock_cm.__enter__()
         else:
             raw = engine.connect()
@@ -497,7 +498,7 @@ def test_sqlite_sweep_waits_briefly_for_a_writer_then_proceeds(
         seed(storage.engine, [*others, busy], T0)
         clock.now = T0 + expire_after(store) + 1
 
-        with storage.locked(busy, clock()):  # a request writing *busy*, now
+        with store.transaction(busy):  # a request writing *busy*, now
             sweep = InThread(lambda: store.sweep(batch_size=3))
             time.sleep(0.3)  # the writer keeps its transaction open a little while
             assert not sweep.done.is_set(), "the sweep wrote while another writer held the db"
@@ -596,8 +597,7 @@ def test_a_loaded_session_expired_meanwhile_is_not_written_back(
 ) -> None:
     sid = sid_of("loaded", 0)
     write_state(store, sid, "first")
-    session = store.open(sid)
-    assert session is not None
+    session = store.get(sid)
     session["cart"]["items"].append("late")
 
     clock.advance(expire_after(store) + 1)
@@ -786,8 +786,7 @@ def test_cli_cleanup_and_stats(url: str, tmp_path: Path, clock: Clock) -> None:
         store.clock = clock
         silo.register("cart", lambda: {"items": [], "total": 0})
         uploads: FileStore = silo.add_file_store("uploads", str(tmp_path / "uploads"))
-        assert store.sql is not None
-        engine = store.sql.engine
+        engine = sql_storage(store).engine
         fired = Recorder()
         store.on_expire(fired)
 

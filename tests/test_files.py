@@ -19,13 +19,13 @@ import pytest
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
-from support import Clock
+from support import Clock, sql_storage
 from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, FileTooLarge, Silo
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.files import TEMP_PREFIX, fsck
-from flask_silo_sql.models import files as files_table
+from flask_silo_sql.sql.models import files as files_table
 
 SID = "files-test-session-0001"
 OTHER_SID = "files-test-session-0002"
@@ -42,7 +42,7 @@ class App:
 
     @property
     def engine(self) -> Engine:
-        sql = self.silo.store.sql
+        sql = sql_storage(self.silo.store)
         assert sql is not None
         return sql.engine
 
@@ -109,7 +109,7 @@ def make_app(silo_url: str, tmp_path: Path) -> Iterator[Any]:
     yield make
     for silo in made:
         silo.stop()
-        sql = silo.store.sql
+        sql = sql_storage(silo.store)
         assert sql is not None
         sql.dispose()
 

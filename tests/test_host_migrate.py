@@ -39,8 +39,8 @@ from flask import Flask
 from sqlalchemy import Engine, inspect, text
 
 from flask_silo_sql import SQLStorage, schema
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import SILO_TABLES, VERSION_TABLE
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import SILO_TABLES, VERSION_TABLE
 
 pytestmark = pytest.mark.slow
 

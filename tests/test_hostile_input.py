@@ -41,9 +41,9 @@ from sqlalchemy import inspect, make_url, text
 from werkzeug.test import TestResponse
 
 from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql.codec import MAX_NESTING
 from flask_silo_sql.files import TEMP_PREFIX, FileStore
-from flask_silo_sql.models import SILO_TABLES
-from flask_silo_sql.store import MAX_NESTING
+from flask_silo_sql.sql.models import SILO_TABLES
 from flask_silo_sql.tasks import TASK_MARKER
 
 HEADER = "X-Session-ID"

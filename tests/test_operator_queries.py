@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import Engine, insert, text
 
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import expired_sids, files, namespaces, sessions, tasks
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import expired_sids, files, namespaces, sessions, tasks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 UTC = dt.timezone.utc
@@ -67,8 +67,18 @@ def seed(url: str) -> Engine:
         conn.execute(
             insert(sessions),
             [
-                {"sid": "client-a-0123456789", "created_at": old, "last_active": now},
-                {"sid": "client-b-0123456789", "created_at": old, "last_active": old},
+                {
+                    "sid": "client-a-0123456789",
+                    "created_at": old,
+                    "last_active": now,
+                    "expires_at": now + dt.timedelta(hours=1),
+                },
+                {
+                    "sid": "client-b-0123456789",
+                    "created_at": old,
+                    "last_active": old,
+                    "expires_at": old + dt.timedelta(hours=1),
+                },
             ],
         )
         conn.execute(

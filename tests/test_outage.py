@@ -24,8 +24,8 @@ from pgserver import PgServer, find_bindir
 from sqlalchemy import select
 
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import files, namespaces
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import files, namespaces
 
 pytestmark = pytest.mark.slow
 

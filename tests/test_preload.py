@@ -31,7 +31,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.pool import QueuePool
 
 from flask_silo_sql import schema
-from flask_silo_sql.engine import make_engine
+from flask_silo_sql.sql.engine import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "X-Session-ID"

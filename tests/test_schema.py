@@ -39,8 +39,8 @@ from flask_silo_sql import (
     alembic_include_object,
     schema,
 )
-from flask_silo_sql.engine import make_engine
-from flask_silo_sql.models import SILO_TABLES, VERSION_TABLE, UTCDateTime, metadata
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import SILO_TABLES, VERSION_TABLE, UTCDateTime, metadata
 
 UTC = dt.timezone.utc
 REPO = Path(__file__).resolve().parent.parent
@@ -192,7 +192,8 @@ def test_version_table_is_ours_and_hosts_alembic_version_is_untouched(engine: En
 def test_head_is_the_single_head_of_the_shipped_migrations() -> None:
     script = ScriptDirectory(str(schema.migrations_dir()))
     assert script.get_heads() == [schema.head()]
-    shipped = {p.name for p in (REPO / "migrations" / "versions").glob("*.py")}
+    versions = REPO / "flask_silo_sql" / "sql" / "migrations" / "versions"
+    shipped = {p.name for p in versions.glob("*.py")}
     revision = script.get_revision(schema.head())
     assert revision is not None
     assert Path(revision.path).name in shipped
@@ -395,7 +396,7 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         """Columns that lead an index (so the index serves range scans on them)."""
         return {ix["column_names"][0] for ix in inspector.get_indexes(table)}
 
-    assert "last_active" in leading_index_columns("silo_sessions")
+    assert "expires_at" in leading_index_columns("silo_sessions")
     assert "expired_at" in leading_index_columns("silo_expired_sids")
 
     for table in ("silo_namespaces", "silo_files", "silo_tasks"):

@@ -28,7 +28,7 @@ from flask_silo_sql import (
     StateNotSerializable,
     schema,
 )
-from flask_silo_sql.models import namespaces
+from flask_silo_sql.sql.models import namespaces
 
 TTL = 100
 SID = "sid-sql-store-0000001"
@@ -160,7 +160,7 @@ def test_only_changed_namespaces_are_written(
     session = store.get(SID)
     session["cart"]["total"] = 2
     session["prefs"]["theme"] = "light"  # assigned, but the same JSON
-    with StatementLog(storage.engine) as log:
+    with StatementLog(storage) as log:
         store.save(SID, session)
     after = versions(storage)
     assert after["cart"][0] == 2
@@ -176,7 +176,7 @@ def test_unchanged_session_writes_nothing(
     saved_session(store, cart={"total": 1})
     clock.now += 1
     session = store.get(SID)
-    with StatementLog(storage.engine) as log:
+    with StatementLog(storage) as log:
         store.save(SID, session)
     assert log.statements == []
 
@@ -412,7 +412,7 @@ def test_bare_postgresql_url_uses_psycopg(pg_migrated: Engine) -> None:
 
 def test_refuses_other_binds_and_databases() -> None:
     with pytest.raises(TypeError):
-        SQLStorage(42)
+        SQLStorage(42)  # type: ignore[arg-type]
     with pytest.raises(SiloError, match="SQLite and PostgreSQL"):
         SQLStorage("mysql://user@localhost/db")
 

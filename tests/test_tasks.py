@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +20,13 @@ from typing import Any
 import pytest
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, event, func, insert, select
-from sqlalchemy.sql.dml import Update
-from support import T0, Clock, StatementLog
+from sqlalchemy import Engine, func, insert, select
+from support import T0, Clock, StatementLog, at, sql_storage
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import BackgroundTask, SessionStore, Silo
-from flask_silo_sql.models import files as files_table
-from flask_silo_sql.models import namespaces, tasks
-from flask_silo_sql.sql_storage import SQLStorage, to_datetime
+from flask_silo_sql import BackgroundTask, SessionStore, Silo, SQLStorage
+from flask_silo_sql.sql.models import files as files_table
+from flask_silo_sql.sql.models import namespaces, tasks
 
 SID = "tasks-test-session-0001"
 OTHER_SID = "tasks-test-session-0002"
@@ -56,9 +55,7 @@ class Worker:
 
     @property
     def sql(self) -> SQLStorage:
-        sql = self.silo.store.sql
-        assert sql is not None
-        return sql
+        return sql_storage(self.silo.store)
 
     def call(self, method: str, path: str, sid: str = SID, **kwargs: Any) -> TestResponse:
         return self.client.open(path, method=method, headers={"X-Session-ID": sid}, **kwargs)
@@ -493,7 +490,7 @@ def test_progress_writes_from_a_busy_loop_are_coalesced(env: Env) -> None:
     b.store.clock = clock
     probe = env.probe()
     a.target = busy_loop(probe, clock, 1000)
-    with TaskUpdates(a.sql.engine) as updates:
+    with TaskUpdates(a.sql) as updates:
         a.start()
         probe.wait_reached()
         live = b.status()
@@ -517,7 +514,7 @@ def test_without_coalescing_every_update_is_written(env: Env) -> None:
     a.store.clock = clock
     probe = env.probe()
     a.target = busy_loop(probe, clock, 200)
-    with TaskUpdates(a.sql.engine) as updates:
+    with TaskUpdates(a.sql) as updates:
         a.start()
         probe.wait_reached()
         probe.gate.set()
@@ -540,9 +537,9 @@ def insert_running_row(worker: Worker, task_id: str, heartbeat: float) -> None:
                 message="working",
                 logs=["started"],
                 error=None,
-                started_at=to_datetime(heartbeat - 5),
+                started_at=at(heartbeat - 5),
                 finished_at=None,
-                heartbeat_at=to_datetime(heartbeat),
+                heartbeat_at=at(heartbeat),
             )
         )
 
@@ -597,7 +594,7 @@ def test_a_live_workers_heartbeat_keeps_its_task_running(env: Env) -> None:
     b.store.clock = clock
     probe = env.probe()
     a.target = blocking_target(probe)
-    beats = Heartbeats(a.sql.engine)
+    beats = Heartbeats(a.sql)
     a.start()
     probe.wait_reached()
     with beats:
@@ -613,43 +610,27 @@ def test_a_live_workers_heartbeat_keeps_its_task_running(env: Env) -> None:
 
 
 class Heartbeats:
-    """Watches the task UPDATEs of an engine and the heartbeat time each writes."""
+    """Waits until a task row's heartbeat reaches a time (read from the table itself)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.latest = 0.0
-        self._cond = threading.Condition()
+    def __init__(self, storage: SQLStorage) -> None:
+        self.engine = storage.engine
 
-    def _after(
-        self,
-        conn: Any,
-        clause: Any,
-        multiparams: Any,
-        params: Any,
-        options: Any,
-        result: Any,
-    ) -> None:
-        if not (isinstance(clause, Update) and clause.table is tasks):
-            return
-        for batch in (*multiparams, params):
-            batches = batch if isinstance(batch, list) else [batch]
-            for entry in batches:
-                if isinstance(entry, dict) and entry.get("now") is not None:
-                    with self._cond:
-                        self.latest = max(self.latest, entry["now"].timestamp())
-                        self._cond.notify_all()
+    def latest(self) -> float:
+        with self.engine.connect() as conn:
+            beats = [b for b in conn.execute(select(tasks.c.heartbeat_at)).scalars() if b]
+        return max((b.timestamp() for b in beats), default=0.0)
 
     def wait_for(self, timestamp: float) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: self.latest >= timestamp, WAIT)
-        assert ok, f"no heartbeat at {timestamp} (latest {self.latest})"
+        deadline = time.monotonic() + WAIT
+        while self.latest() < timestamp:
+            assert time.monotonic() < deadline, f"no heartbeat at {timestamp}"
+            time.sleep(0.01)
 
     def __enter__(self) -> Heartbeats:
-        event.listen(self.engine, "after_execute", self._after)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "after_execute", self._after)
+        pass
 
 
 # -- writes from the task thread ----------------------------------------------------
@@ -835,7 +816,7 @@ def test_task_outside_a_session_behaves_as_flask_silo(env: Env, fail: bool) -> N
     theirs = flask_silo.BackgroundTask("standalone")
     assert ours.task_id is None
     assert ours.reference() is None
-    with TaskUpdates(a.sql.engine) as updates:
+    with TaskUpdates(a.sql) as updates:
         for task in (ours, theirs):
             run_script(task, fail=fail)
     assert updates.count == 0

@@ -22,12 +22,12 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, abort, g, has_app_context, jsonify, request
-from sqlalchemy import event
 
-from flask_silo_sql import Silo
+from flask_silo_sql import Silo, SQLStorage
 
 MULTI_NAMESPACES = ("alpha", "beta", "gamma")
 BARRIER_TIMEOUT_S = 120.0
@@ -76,25 +76,23 @@ def _pause_at(point: str) -> bool:
     return has_app_context() and g.get("pause_at") == point
 
 
-def _pause_in_transaction(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    """The ``mid_save`` and ``before_record`` pauses, inside the storage's own SQL."""
-    head = " ".join(statement.split()[:3]).upper()
-    if _pause_at("mid_save") and head in (
-        "UPDATE SILO_NAMESPACES SET",
-        "INSERT INTO SILO_NAMESPACES",
-    ):
+def _pause_in_transaction(name: str, sql: str, values: Mapping[str, Any]) -> None:
+    """The ``mid_save`` and ``before_record`` pauses, inside the storage's own writes.
+
+    At the storage's statement hook: the seam every statement passes, whichever
+    executor sends it, so the path under test is the one users run.
+    """
+    if _pause_at("mid_save") and name in ("update_namespace", "insert_namespace"):
         g.namespace_writes = g.get("namespace_writes", 0) + 1
         if g.namespace_writes == 2:  # the first namespace is written, uncommitted
             wait_at_barrier()
-    elif _pause_at("before_record") and head == "INSERT INTO SILO_FILES":
+    elif _pause_at("before_record") and name == "upsert_file":
         wait_at_barrier()
 
 
-_storage = silo.store.sql
-assert _storage is not None
-event.listen(_storage.engine, "before_cursor_execute", _pause_in_transaction)
+_storage = silo.store.storage
+assert isinstance(_storage, SQLStorage)
+_storage.statement_hook = _pause_in_transaction
 
 
 @app.before_request

@@ -1,6 +1,6 @@
 """The tables flask-silo-sql keeps, as SQLAlchemy Core metadata.
 
-The migrations in ``migrations/`` are the source of truth for the schema; a
+The migrations in ``migrations/`` beside this module are the source of truth for the schema; a
 test holds these definitions and the migrations to the same shape on SQLite
 and PostgreSQL. Operators query these tables directly, so names are fixed.
 """
@@ -25,12 +25,15 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
-SID_LENGTH = 128
-"""Longest SID the tables hold (and the longest one a client may present)."""
+from ..sids import SID_LENGTH
+
+EPOCH = "1970-01-01 00:00:00+00:00"
+"""``silo_sessions.expires_at``'s default: a row written without an expiry is due at once."""
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -99,8 +102,16 @@ sessions = Table(
         nullable=False,
         comment="Last request seen (written at most once per touch interval)",
     ),
-    # (last_active, sid): the expiry sweep pages through idle sessions in this order.
-    Index("ix_silo_sessions_last_active", "last_active", "sid"),
+    Column(
+        "expires_at",
+        UTCDateTime(),
+        nullable=False,
+        server_default=text(f"'{EPOCH}'"),  # a row written without one is due at once
+        comment="When the session expires unless touched again: last_active + its app's TTL "
+        "+ touch interval",
+    ),
+    # (expires_at, sid): the expiry sweep pages through due sessions in this order.
+    Index("ix_silo_sessions_expires_at", "expires_at", "sid"),
     comment="One row per live flask-silo-sql session",
 )
 

@@ -10,6 +10,7 @@ inherited, without closing them, so parent and children never share one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import weakref
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.pool import StaticPool
 
-from .errors import SiloError
+from ..errors import SiloError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
@@ -37,20 +38,27 @@ def _drop_inherited_connections() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_connections)
 
 
-def dumps(value: Any) -> str:
-    """Compact JSON without NaN/Infinity (PostgreSQL's JSONB refuses them)."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+json_dumps = functools.partial(
+    json.dumps, separators=(",", ":"), allow_nan=False, ensure_ascii=False
+)
+"""Compact JSON without NaN/Infinity, for JSON columns written through Core."""
 
 
 def normalise_url(url: str | URL) -> URL:
-    """Parse *url*, pick psycopg 3 for bare ``postgresql://`` URLs, reject others."""
+    """Parse *url*, pick psycopg 3 for bare ``postgresql://`` / ``postgres://`` URLs.
+
+    ``postgres://`` is the form many hosting platforms put in ``DATABASE_URL``.
+    Databases other than SQLite and PostgreSQL are refused.
+    """
     parsed = make_url(url)
+    if parsed.drivername == "postgres" or parsed.drivername.startswith("postgres+"):
+        parsed = parsed.set(drivername="postgresql" + parsed.drivername[len("postgres") :])
     if parsed.get_backend_name() not in SUPPORTED_DIALECTS:
         raise SiloError(
             f"Unsupported database {parsed.get_backend_name()!r}: "
             "flask-silo-sql supports SQLite and PostgreSQL."
         )
-    if parsed.drivername in ("postgresql", "postgres"):
+    if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
 
@@ -70,7 +78,8 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def make_engine(url: str | URL, **options: Any) -> Engine:
     """Create an engine for *url* with the connection settings silo relies on."""
     parsed = normalise_url(url)
-    kwargs: dict[str, Any] = {"json_serializer": dumps}
+    # hide_parameters: an error's text never carries state or SIDs into a log.
+    kwargs: dict[str, Any] = {"json_serializer": json_dumps, "hide_parameters": True}
     connect_args: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         connect_args["check_same_thread"] = False

@@ -12,7 +12,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from flask_silo_sql.models import SILO_TABLES, VERSION_TABLE, metadata
+from flask_silo_sql.sql.models import SILO_TABLES, VERSION_TABLE, metadata
 
 config = context.config
 

@@ -21,20 +21,19 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from .errors import SchemaError, SiloError
+from ..errors import SchemaError, StorageUnavailable
+from .executor import describe
 from .models import SILO_TABLES, VERSION_TABLE
 
 ADVISORY_LOCK_KEY = 0x5110_5C4E  # "silo schema"
 
 
 def migrations_dir() -> Path:
-    """Where the migrations are: inside the installed package, else the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "migrations", here.parent / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise SiloError("flask-silo-sql's migrations are missing from this installation")
+    """The migrations: the ``migrations`` folder beside this module, in the package."""
+    return Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(
@@ -62,10 +61,21 @@ def head() -> str:
 
 
 def current(engine: Engine) -> str | None:
-    """The revision the database is at, or None when our schema is absent."""
-    with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        return context.get_current_revision()
+    """The revision the database is at, or None when our schema is absent.
+
+    It reads on a connection it closes, never one left in the pool: a host's
+    engine checked in a ``gunicorn --preload`` master keeps nothing that its
+    forked workers would share. An unreachable database raises
+    :class:`~flask_silo_sql.errors.StorageUnavailable` saying why.
+    """
+    try:
+        with engine.connect() as conn:
+            if not isinstance(engine.pool, (StaticPool, SingletonThreadPool)):
+                conn.detach()  # closed, not pooled, when the block ends
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
+    except sa_exc.DBAPIError as exc:
+        raise StorageUnavailable(f"cannot read the silo schema: {describe(exc)}") from exc
 
 
 def is_current(engine: Engine) -> bool:

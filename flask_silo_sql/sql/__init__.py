@@ -1,0 +1,15 @@
+"""The SQL backend: sessions, namespaces, expired SIDs, files and tasks in SQL tables.
+
+One concept per module: :mod:`.engine` (URLs and connection settings),
+:mod:`.models` (the tables), :mod:`.schema` (Alembic, with the migrations in
+``migrations/``), :mod:`.statements` (every statement, compiled once),
+:mod:`.executor` (how they reach the database, one connection per request),
+:mod:`.clock` (the database's clock), :mod:`.sessions` (load and guarded
+write), :mod:`.unit` (a request's unit of work), :mod:`.sweep` (expiry),
+:mod:`.task_rows`, :mod:`.file_rows`, and :mod:`.backend` behind the
+:class:`SQLStorage` façade (:mod:`.storage`).
+"""
+
+from .storage import SQLStorage
+
+__all__ = ["SQLStorage"]

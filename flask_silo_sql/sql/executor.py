@@ -1,0 +1,446 @@
+"""The executor seam: how silo's SQL reaches the database, and nothing else.
+
+Every operation of the SQL backend is written once, against :class:`Executor`:
+run a precompiled statement with its values, switch autocommit, commit, roll
+back. Two executors implement it and send the *same* SQL text with the *same*
+parameters, and both hand back the driver's raw values:
+
+* :class:`DBAPIExecutor` runs statements on the pooled DBAPI connection's
+  cursor. It is the fastest (on SQLite, SQLAlchemy's execution machinery costs
+  more than SQLite takes to run these statements).
+* :class:`CoreExecutor` runs them through ``Connection.exec_driver_sql``, so
+  that whatever observes the engine (``echo``, ``before_cursor_execute``
+  listeners, OpenTelemetry's or Sentry's SQLAlchemy instrumentation) sees every
+  statement.
+
+:class:`Connector` picks the executor (``auto``: Core while anything observes
+the engine's statements, else DBAPI), and holds one connection per context: a
+request holds its connection from its first statement to its end, and every
+storage operation in that context uses it, so a request never waits on a
+second connection of its own.
+
+Errors: every database error, on either executor, connection checkout
+included, becomes :class:`~flask_silo_sql.errors.StorageUnavailable`; a
+connection that died is invalidated with its pool's siblings. The optional
+``hook(name, sql, values)`` is called before each statement, inside the error
+translation: tests count, pause and inject faults there without changing the
+path under test.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal, cast
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from ..errors import StorageUnavailable
+
+logger = logging.getLogger("flask_silo_sql.sql")
+
+ExecutorMode = Literal["auto", "dbapi", "core"]
+StatementHook = Callable[[str, str, Mapping[str, Any]], None]
+"""``hook(statement_name, sql, values)``, called before each statement is sent."""
+
+
+class Prepared:
+    """A statement compiled once for one dialect: its SQL text and how to bind it."""
+
+    __slots__ = ("defaults", "name", "order", "sql")
+
+    def __init__(self, name: str, statement: ClauseElement, engine: Engine) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=engine.dialect))
+        self.name = name
+        self.sql = compiled.string
+        self.defaults = {k: v for k, v in compiled.params.items() if v is not None}
+        self.order = list(compiled.positiontup or ()) if engine.dialect.positional else None
+
+    def params(self, values: Mapping[str, Any]) -> Any:
+        """The driver's parameters: a tuple (qmark dialects) or a dict."""
+        merged = {**self.defaults, **values} if self.defaults else values
+        if self.order is None:
+            return merged
+        return tuple(merged[name] for name in self.order)
+
+    def __repr__(self) -> str:
+        return f"<Prepared {self.name}>"
+
+
+class Result:
+    """What a statement gave back: its rows (raw driver values) and its row count."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+
+def describe(exc: BaseException) -> str:
+    """A log-safe account of a database error: its class and first line, no parameters."""
+    original = getattr(exc, "orig", None) or exc
+    first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    return f"{type(original).__name__}: {first[:200]}"
+
+
+class Executor:
+    """Runs prepared statements on one connection (see the module docstring).
+
+    Outside :meth:`transaction` every statement stands alone: PostgreSQL runs
+    it in autocommit (no BEGIN/COMMIT round trips), SQLite commits it at once.
+    Inside, statements share one transaction, committed at the end of the block.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, engine: Engine, hook: StatementHook | None) -> None:
+        self.engine = engine
+        self.hook = hook
+        self.postgresql = engine.dialect.name == "postgresql"
+        self._dbapi_error: type[BaseException] = engine.dialect.loaded_dbapi.Error
+        self.in_transaction = False
+
+    # -- what the operations use -------------------------------------------------
+
+    def run(self, statement: Prepared, values: Mapping[str, Any]) -> Result:
+        """Send *statement* with *values* (in the open transaction, if any)."""
+        params = statement.params(values)
+        try:
+            if self.hook is not None:
+                self.hook(statement.name, statement.sql, values)
+            result = self._send(statement.sql, params)
+            if not self.in_transaction:
+                self._end_statement()
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise self._unavailable(exc) from exc
+        return result
+
+    @contextmanager
+    def transaction(self) -> Iterator[Executor]:
+        """One transaction: committed at the end of the block, rolled back on an exception.
+
+        Inside an open transaction (locking mode) the block joins it: the outer
+        transaction commits or rolls back the whole.
+        """
+        if self.in_transaction:
+            yield self
+            return
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    def begin(self) -> None:
+        """Open a transaction: the next statements run in it until commit or rollback."""
+        if self.in_transaction:
+            raise RuntimeError("a transaction is already open on this connection")
+        try:
+            self._begin()
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise self._unavailable(exc) from exc
+        self.in_transaction = True
+
+    def commit(self) -> None:
+        if not self.in_transaction:
+            return
+        self.in_transaction = False
+        try:
+            self._commit()
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise self._unavailable(exc) from exc
+
+    def rollback(self) -> None:
+        if not self.in_transaction:
+            return
+        self.in_transaction = False
+        try:
+            self._rollback()
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- implementations ---------------------------------------------------------
+
+    def _send(self, sql: str, params: Any) -> Result:
+        raise NotImplementedError
+
+    def _end_statement(self) -> None:
+        """After a statement outside a transaction: make it durable on its own."""
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give the connection back (rolled back, autocommit off: as the pool expects)."""
+        raise NotImplementedError
+
+    def _unavailable(self, exc: BaseException) -> StorageUnavailable:
+        self._on_error(exc)
+        return StorageUnavailable(f"Silo database error: {describe(exc)}")
+
+    def _on_error(self, exc: BaseException) -> None:
+        """Invalidate a connection that died (and its siblings in the pool)."""
+
+
+class DBAPIExecutor(Executor):
+    """Statements on the DBAPI cursor of a pooled connection (the fast executor)."""
+
+    kind = "dbapi"
+
+    def __init__(self, engine: Engine, hook: StatementHook | None) -> None:
+        super().__init__(engine, hook)
+        try:
+            self._raw = engine.raw_connection()
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise StorageUnavailable(f"Silo database unreachable: {describe(exc)}") from exc
+        dbapi: Any = self._raw.dbapi_connection
+        self._dbapi = dbapi
+        self._cursor: Any = None
+        if self.postgresql:
+            dbapi.autocommit = True  # statements stand alone until begin()
+
+    def _send(self, sql: str, params: Any) -> Result:
+        if self._dbapi is None:  # invalidated by an earlier error
+            raise StorageUnavailable("Silo database connection was lost")
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = self._dbapi.cursor()
+        cursor.execute(sql, params)
+        rows = cursor.fetchall() if cursor.description is not None else []
+        return Result(rows, cursor.rowcount)
+
+    def _end_statement(self) -> None:
+        if not self.postgresql and self._dbapi.in_transaction:
+            self._dbapi.commit()
+
+    def _begin(self) -> None:
+        if self._dbapi is None:
+            raise StorageUnavailable("Silo database connection was lost")
+        if self.postgresql:
+            self._dbapi.autocommit = False  # psycopg sends BEGIN with the next statement
+
+    def _commit(self) -> None:
+        self._dbapi.commit()
+        if self.postgresql:
+            self._dbapi.autocommit = True
+
+    def _rollback(self) -> None:
+        self._dbapi.rollback()
+        if self.postgresql:
+            self._dbapi.autocommit = True
+
+    def _on_error(self, exc: BaseException) -> None:
+        dbapi = self._dbapi
+        original = getattr(exc, "orig", None) or exc
+        if dbapi is None:
+            return
+        if isinstance(original, self._dbapi_error) and self.engine.dialect.is_disconnect(
+            cast(Any, original), dbapi, self._cursor
+        ):
+            self._invalidate(original)
+            return
+        try:  # a failed statement aborts a PostgreSQL transaction: end it here
+            if self.in_transaction or (not self.postgresql and dbapi.in_transaction):
+                self.in_transaction = False
+                dbapi.rollback()
+            if self.postgresql:
+                dbapi.autocommit = True
+        except self._dbapi_error as again:
+            self._invalidate(again)
+
+    def _invalidate(self, exc: BaseException) -> None:
+        self._cursor = None
+        self._dbapi = None
+        self.in_transaction = False
+        self._raw.invalidate(cast(Any, exc))
+        self.engine.dispose(close=False)  # its siblings are as dead as it is
+
+    def close(self) -> None:
+        if self._dbapi is None:
+            self._raw.close()
+            return
+        try:
+            if self._cursor is not None:
+                self._cursor.close()
+            self.in_transaction = False
+            self._dbapi.rollback()
+            if self.postgresql:
+                self._dbapi.autocommit = False  # the pool's default
+        except self._dbapi_error as exc:
+            self._raw.invalidate(cast(Any, exc))
+        finally:
+            self._raw.close()
+
+
+class CoreExecutor(Executor):
+    """Statements through SQLAlchemy Core (observers of the engine see each one)."""
+
+    kind = "core"
+
+    def __init__(self, engine: Engine, hook: StatementHook | None) -> None:
+        super().__init__(engine, hook)
+        try:
+            self._conn: Connection = engine.connect()
+            if self.postgresql:
+                self._dbapi().autocommit = True
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise StorageUnavailable(f"Silo database unreachable: {describe(exc)}") from exc
+
+    def _dbapi(self) -> Any:
+        return self._conn.connection.dbapi_connection
+
+    def _send(self, sql: str, params: Any) -> Result:
+        result = self._conn.exec_driver_sql(sql, params)
+        rows = list(result.fetchall()) if result.returns_rows else []
+        return Result(rows, result.rowcount)
+
+    def _end_statement(self) -> None:
+        self._conn.commit()  # PostgreSQL: autocommit, nothing is sent; SQLite: COMMIT if DML
+
+    def _begin(self) -> None:
+        if self._conn.in_transaction():
+            self._conn.commit()
+        if self.postgresql:
+            self._dbapi().autocommit = False
+
+    def _commit(self) -> None:
+        self._conn.commit()
+        if self.postgresql:
+            self._dbapi().autocommit = True
+
+    def _rollback(self) -> None:
+        self._conn.rollback()
+        if self.postgresql:
+            self._dbapi().autocommit = True
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.in_transaction = False
+        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+            self.engine.dispose(close=False)  # its siblings are as dead as it is
+            return
+        try:
+            if self._conn.in_transaction():
+                self._conn.rollback()
+            if self.postgresql and not self._conn.invalidated:
+                self._dbapi().autocommit = True
+        except (sa_exc.SQLAlchemyError, self._dbapi_error):
+            self._conn.invalidate()
+
+    def close(self) -> None:
+        try:
+            if self._conn.in_transaction():
+                self._conn.rollback()
+            if self.postgresql and not self._conn.invalidated:
+                self._dbapi().autocommit = False  # the pool's default
+        except (sa_exc.SQLAlchemyError, self._dbapi_error):
+            self._conn.invalidate()
+        finally:
+            self._conn.close()
+
+
+class _Held:
+    """The connection a context holds (acquired at its first statement)."""
+
+    __slots__ = ("depth", "executor")
+
+    def __init__(self) -> None:
+        self.executor: Executor | None = None
+        self.depth = 0
+        """How many holds beyond the first share it (a unit opened inside a request)."""
+
+
+class Connector:
+    """Executors for one engine: chosen by mode, one held per context."""
+
+    def __init__(self, engine: Engine, mode: ExecutorMode = "auto") -> None:
+        if mode not in ("auto", "dbapi", "core"):
+            raise ValueError(f"executor must be 'auto', 'dbapi' or 'core', not {mode!r}")
+        self.engine = engine
+        self.mode: ExecutorMode = mode
+        self.hook: StatementHook | None = None
+        self._held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
+            f"silo_held_{id(self):x}", default=None
+        )
+
+    def observed(self) -> bool:
+        """Whether anything watches this engine's statements (then Core runs them)."""
+        engine = self.engine
+        dispatch = engine.dispatch
+        return bool(engine.echo or dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+
+    def _new(self) -> Executor:
+        mode = self.mode
+        if mode == "core" or (mode == "auto" and self.observed()):
+            return CoreExecutor(self.engine, self.hook)
+        return DBAPIExecutor(self.engine, self.hook)
+
+    def hold(self) -> contextvars.Token[_Held | None]:
+        """From now until :meth:`release`, this context's operations share one connection.
+
+        Inside a context that holds one already, the same connection is shared.
+        """
+        held = self._held.get()
+        if held is not None:
+            held.depth += 1
+            return self._held.set(held)
+        return self._held.set(_Held())
+
+    def release(self, token: contextvars.Token[_Held | None]) -> None:
+        """Give the held connection back (rolling back anything left open)."""
+        held = self._held.get()
+        self._held.reset(token)
+        if held is None:
+            return
+        if held.depth > 0:
+            held.depth -= 1
+            return
+        if held.executor is not None:
+            executor, held.executor = held.executor, None
+            executor.close()
+
+    @property
+    def holding(self) -> bool:
+        """Whether this context holds a connection (a request is in progress)."""
+        return self._held.get() is not None
+
+    @contextmanager
+    def executor(self) -> Iterator[Executor]:
+        """This context's held executor, or a connection for the length of the block."""
+        held = self._held.get()
+        if held is not None:
+            if held.executor is None:
+                held.executor = self._new()
+            yield held.executor
+            return
+        executor = self._new()
+        try:
+            yield executor
+        finally:
+            executor.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Executor]:
+        """An executor inside one transaction (joining the held one's, if open)."""
+        with self.executor() as ex, ex.transaction():
+            yield ex

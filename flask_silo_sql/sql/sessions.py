@@ -1,0 +1,243 @@
+"""Sessions and namespaces in SQL: each operation written once, on an executor.
+
+Reads run outside any transaction (one statement each). A write is one
+transaction that first locks the session row (``UPDATE silo_sessions``: on
+PostgreSQL the row lock, which the sweep's ``SKIP LOCKED`` passes by; on
+SQLite the database write lock), then writes each changed namespace only if
+its version is still the one that was read. A write of a session whose
+``last_active`` is fresh (so not due for expiry) skips the lock: a single
+namespace is then one statement. The guards:
+
+* the session row is gone: it was expired (or destroyed) meanwhile, and the
+  write raises :class:`~flask_silo_sql.errors.SessionExpired` instead of
+  bringing it back;
+* a namespace's version moved: another request wrote it since this one read
+  it, and the write raises :class:`~flask_silo_sql.errors.StateConflict`
+  instead of overwriting that change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SessionExpired, StateConflict
+from .executor import Executor
+from .statements import Statements
+
+
+@dataclass(slots=True)
+class Head:
+    """A session row: when it was created and last active (Unix seconds)."""
+
+    created_at: float
+    last_active: float
+
+
+@dataclass(slots=True)
+class Stored:
+    """A namespace row as read: its data, its JSON text (when the driver gave text), its version."""
+
+    data: Any
+    text: str | None
+    version: int
+
+
+@dataclass(slots=True)
+class Write:
+    """One namespace to write: its JSON text, and the version read (None: no row was read)."""
+
+    name: str
+    text: str
+    expected: int | None
+
+
+def probe(ex: Executor, st: Statements, sid: str) -> tuple[Head | None, float | None]:
+    """The session's row (or None) and, when its SID is remembered as expired, when."""
+    v = st.values
+    created, last, expired_at = ex.run(st.probe, {"sid": sid}).first()
+    head = None if created is None else Head(v.unix(created), v.unix(last))
+    return head, v.maybe_unix(expired_at)
+
+
+def load_one(
+    ex: Executor, st: Statements, sid: str, name: str
+) -> tuple[Head, Stored | None] | None:
+    """The session's row and one namespace, in one statement; None without a session."""
+    row = ex.run(st.load_one, {"sid": sid, "name": name}).first()
+    if row is None:
+        return None
+    v = st.values
+    created, last, data, version = row
+    stored = None
+    if version is not None:
+        value, text = v.json(data)
+        stored = Stored(value, text, version)
+    return Head(v.unix(created), v.unix(last)), stored
+
+
+def load_all(ex: Executor, st: Statements, sid: str) -> tuple[Head, dict[str, Stored]] | None:
+    """The session's row and every namespace, in one statement; None without a session."""
+    rows = ex.run(st.load_all, {"sid": sid}).rows
+    if not rows:
+        return None
+    v = st.values
+    found: dict[str, Stored] = {}
+    for _, _, name, data, version in rows:
+        if name is not None:
+            value, text = v.json(data)
+            found[name] = Stored(value, text, version)
+    created, last = rows[0][0], rows[0][1]
+    return Head(v.unix(created), v.unix(last)), found
+
+
+def load_namespace(ex: Executor, st: Statements, sid: str, name: str) -> Stored | None:
+    """One namespace of a session already read."""
+    row = ex.run(st.load_namespace, {"sid": sid, "name": name}).first()
+    if row is None:
+        return None
+    value, text = st.values.json(row[0])
+    return Stored(value, text, row[1])
+
+
+def _times(st: Statements, times: Times) -> dict[str, Any]:
+    v = st.values
+    return {"now": v.time(times.now), "expires": v.time(times.expires)}
+
+
+@dataclass(slots=True)
+class Times:
+    """The times a write records: now, when the session expires unless touched again,
+    and since when the unit has been working (a SID expired after that is not revived)."""
+
+    now: float
+    expires: float
+    since: float
+
+
+def lock(
+    ex: Executor, st: Statements, sid: str, times: Times, *, existed: bool | None
+) -> tuple[bool, float]:
+    """In the open transaction: lock the session's row, creating it when missing.
+
+    Returns whether it was created (its expired mark is then cleared) and its
+    ``created_at``. The session was expired meanwhile, and
+    :class:`SessionExpired` is raised with nothing created, when it was known
+    to exist (*existed*) and is gone, or when its SID was recorded as expired
+    since ``times.since``.
+    """
+    values = {"sid": sid, **_times(st, times)}
+    touched = ex.run(st.touch, values).first()
+    if touched is not None:
+        return False, st.values.unix(touched[0])
+    if existed:
+        raise SessionExpired(sid)
+    if ex.run(st.create, {**values, "since": st.values.time(times.since)}).rowcount == 1:
+        ex.run(st.clear_expired, {"sid": sid})
+        return True, times.now
+    touched = ex.run(st.touch, values).first()
+    if touched is not None:  # created by another request meanwhile
+        return False, st.values.unix(touched[0])
+    raise SessionExpired(sid)
+
+
+def write(
+    ex: Executor,
+    st: Statements,
+    sid: str,
+    writes: Sequence[Write],
+    times: Times,
+    *,
+    existed: bool | None,
+) -> tuple[bool, list[int]]:
+    """Lock (or create) the session, then write each namespace under its version guard.
+
+    Runs in the open transaction, or in one of its own. Returns whether the
+    session was created and the new version of each write. See the module
+    docstring for the guards.
+    """
+    with ex.transaction():
+        created, _ = lock(ex, st, sid, times, existed=existed)
+        return created, write_namespaces(ex, st, sid, writes, times.now)
+
+
+def write_namespaces(
+    ex: Executor, st: Statements, sid: str, writes: Sequence[Write], now: float
+) -> list[int]:
+    """Write namespaces of an existing session under the version guard.
+
+    In the open transaction, or each on its own (a single write of a session
+    whose ``last_active`` is fresh, hence not due for expiry, needs no lock).
+    """
+    stamp = st.values.time(now)
+    versions: list[int] = []
+    for w in writes:
+        values: dict[str, Any] = {"sid": sid, "name": w.name, "data": w.text, "now": stamp}
+        if w.expected is None:
+            written = ex.run(st.insert_namespace, values).rowcount == 1
+            versions.append(1)
+        else:
+            values["expected"] = w.expected
+            written = ex.run(st.update_namespace, values).rowcount == 1
+            versions.append(w.expected + 1)
+        if not written:
+            if ex.run(st.has_session, {"sid": sid}).first() is None:
+                raise SessionExpired(sid)
+            raise StateConflict(sid, w.name)
+    return versions
+
+
+def touch_stale(ex: Executor, st: Statements, sid: str, times: Times, stale_before: float) -> bool:
+    """Refresh ``last_active`` if older than *stale_before*; whether a row was touched."""
+    values = {"sid": sid, "stale_before": st.values.time(stale_before), **_times(st, times)}
+    return bool(ex.run(st.touch_stale, values).rowcount == 1)
+
+
+def touch_or_create(
+    ex: Executor, st: Statements, sid: str, times: Times, stale_before: float
+) -> bool:
+    """For a request that never read state: create the session or refresh a stale
+    ``last_active``, one statement (two when it creates); True when created."""
+    v = st.values
+    values = {"sid": sid, "stale_before": v.time(stale_before), **_times(st, times)}
+    with ex.transaction() if not ex.postgresql else _alone():
+        row = ex.run(st.touch_or_create, values).first()
+        created = row is not None and row[0] == values["now"]  # as bound: exact
+        if created:
+            ex.run(st.clear_expired, {"sid": sid})
+    return created
+
+
+def replace_namespaces(
+    ex: Executor, st: Statements, sid: str, fresh: dict[str, str], now: float
+) -> None:
+    """In the open transaction: every namespace of *sid* becomes *fresh* (others dropped).
+
+    Versions are bumped, never restarted, so a request that read the old
+    state cannot overwrite the new.
+    """
+    v = st.values
+    ex.run(st.delete_namespaces_except, {"sid": sid, "names": v.sids(list(fresh))})
+    stamp = v.time(now)
+    for name, text in fresh.items():
+        ex.run(st.upsert_namespace, {"sid": sid, "name": name, "data": text, "now": stamp})
+
+
+def delete_sessions(ex: Executor, st: Statements, sids: list[str]) -> None:
+    """Delete sessions and what they own, without remembering them as expired.
+
+    Child rows go explicitly: a host's SQLite engine may not enforce foreign keys.
+    """
+    values = {"sids": st.values.sids(sids)}
+    with ex.transaction():
+        for statement in st.delete_children:
+            ex.run(statement, values)
+        ex.run(st.delete_sessions, values)
+
+
+@contextmanager
+def _alone() -> Iterator[None]:
+    """Each statement on its own (PostgreSQL's autocommit): no transaction round trips."""
+    yield

@@ -1,0 +1,534 @@
+"""Every statement the SQL backend runs, built with SQLAlchemy Core and compiled once.
+
+:class:`Statements` compiles them for one engine's dialect into
+:class:`~flask_silo_sql.sql.executor.Prepared` objects, which either executor
+sends as they are. :class:`Values` converts what goes in and comes out: times
+are Unix seconds in Python, and on the wire an aware datetime (PostgreSQL) or
+SQLAlchemy's UTC text form (SQLite); JSON goes in as text; a list of SIDs is
+one parameter (an array on PostgreSQL, a JSON array read with ``json_each`` on
+SQLite), so a statement's text never depends on how many SIDs it is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.sql import ColumnElement
+
+from ..sids import SID_LENGTH
+from .executor import Prepared
+from .models import UTCDateTime, expired_sids, files, namespaces, sessions, tasks
+
+UTC = dt.timezone.utc
+CHILD_TABLES = (namespaces, files, tasks)
+
+
+def _ts(name: str) -> Any:
+    """A timestamp parameter (typed, so PostgreSQL is told what it is)."""
+    return bindparam(name, type_=UTCDateTime())
+
+
+class Values:
+    """Python values to and from the driver's, for one dialect."""
+
+    def __init__(self, postgresql: bool) -> None:
+        self.postgresql = postgresql
+
+    def time(self, unix: float) -> Any:
+        """A bound timestamp."""
+        when = dt.datetime.fromtimestamp(unix, UTC)
+        if self.postgresql:
+            return when
+        return when.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    @staticmethod
+    def unix(value: Any) -> float:
+        """A timestamp as the driver returned it, in Unix seconds."""
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            return float(value.timestamp())
+        return dt.datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+
+    @staticmethod
+    def maybe_unix(value: Any) -> float | None:
+        return None if value is None else Values.unix(value)
+
+    def sids(self, sids: list[str]) -> Any:
+        """A list of strings as one parameter."""
+        return list(sids) if self.postgresql else json.dumps(list(sids))
+
+    @staticmethod
+    def json(value: Any) -> tuple[Any, str | None]:
+        """A JSON column as returned: ``(data, text)``; text only where the driver gave text."""
+        if isinstance(value, str):  # SQLite: the text as written
+            return json.loads(value), value
+        return value, None
+
+
+class Statements:
+    """The compiled statements for one engine (see the module docstring)."""
+
+    def __init__(self, engine: Engine) -> None:
+        postgresql = engine.dialect.name == "postgresql"
+        self.values = Values(postgresql)
+        insert = pg.insert if postgresql else sqlite.insert
+
+        def prepare(name: str, statement: Any) -> Prepared:
+            return Prepared(name, statement, engine)
+
+        def in_list(column: Any, name: str) -> ColumnElement[bool]:
+            """``column`` is one of the strings of the list parameter *name*."""
+            result: ColumnElement[bool]
+            if postgresql:
+                result = column == any_(bindparam(name, type_=pg.ARRAY(String(SID_LENGTH))))
+            else:
+                listed = func.json_each(bindparam(name, type_=Text())).table_valued("value")
+                result = column.in_(select(listed.c.value))
+            return result
+
+        def jsonb(param: Any) -> Any:
+            return cast(param, pg.JSONB()) if postgresql else param
+
+        sid = bindparam("sid", type_=String(SID_LENGTH))
+        name = bindparam("name", type_=String(255))
+        now = _ts("now")
+        expires = _ts("expires")
+        data = jsonb(bindparam("data", type_=Text()))
+
+        # -- sessions and namespaces ---------------------------------------------
+        key = select(cast(sid, String(SID_LENGTH)).label("sid")).subquery("k")
+        self.probe = prepare(
+            "probe",
+            select(
+                sessions.c.created_at, sessions.c.last_active, expired_sids.c.expired_at
+            ).select_from(
+                key.outerjoin(sessions, sessions.c.sid == key.c.sid).outerjoin(
+                    expired_sids, expired_sids.c.sid == key.c.sid
+                )
+            ),
+        )
+        self.load_one = prepare(
+            "load_one",
+            select(
+                sessions.c.created_at,
+                sessions.c.last_active,
+                namespaces.c.data,
+                namespaces.c.version,
+            )
+            .select_from(
+                sessions.outerjoin(
+                    namespaces, and_(namespaces.c.sid == sessions.c.sid, namespaces.c.name == name)
+                )
+            )
+            .where(sessions.c.sid == sid),
+        )
+        self.load_all = prepare(
+            "load_all",
+            select(
+                sessions.c.created_at,
+                sessions.c.last_active,
+                namespaces.c.name,
+                namespaces.c.data,
+                namespaces.c.version,
+            )
+            .select_from(sessions.outerjoin(namespaces, namespaces.c.sid == sessions.c.sid))
+            .where(sessions.c.sid == sid),
+        )
+        self.load_namespace = prepare(
+            "load_namespace",
+            select(namespaces.c.data, namespaces.c.version).where(
+                namespaces.c.sid == sid, namespaces.c.name == name
+            ),
+        )
+        self.touch = prepare(
+            "touch",
+            update(sessions)
+            .where(sessions.c.sid == sid)
+            .values(last_active=now, expires_at=expires)
+            .returning(sessions.c.created_at),
+        )
+        self.touch_stale = prepare(
+            "touch_stale",
+            update(sessions)
+            .where(sessions.c.sid == sid, sessions.c.last_active <= _ts("stale_before"))
+            .values(last_active=now, expires_at=expires),
+        )
+        # A new session, unless its SID was expired after :since (while the
+        # request that would create it ran: that request must not bring it back).
+        self.create = prepare(
+            "create",
+            insert(sessions)
+            .from_select(
+                ["sid", "created_at", "last_active", "expires_at"],
+                select(sid, now, now, expires).where(
+                    ~exists().where(
+                        expired_sids.c.sid == sid,
+                        expired_sids.c.expired_at > _ts("since"),
+                    )
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=[sessions.c.sid]),
+        )
+        # A request that never read state: create the session, or refresh a stale
+        # last_active, in one statement (returns created_at: equal to now if created).
+        upsert = insert(sessions).values(
+            sid=sid, created_at=now, last_active=now, expires_at=expires
+        )
+        self.touch_or_create = prepare(
+            "touch_or_create",
+            upsert.on_conflict_do_update(
+                index_elements=[sessions.c.sid],
+                set_={
+                    "last_active": upsert.excluded.last_active,
+                    "expires_at": upsert.excluded.expires_at,
+                },
+                where=sessions.c.last_active <= _ts("stale_before"),
+            ).returning(sessions.c.created_at),
+        )
+        self.has_session = prepare("has_session", select(literal(1)).where(sessions.c.sid == sid))
+        self.is_expired = prepare("is_expired", select(literal(1)).where(expired_sids.c.sid == sid))
+        self.clear_expired = prepare(
+            "clear_expired", delete(expired_sids).where(expired_sids.c.sid == sid)
+        )
+        mark = insert(expired_sids).values(sid=sid, expired_at=now)
+        self.mark_expired = prepare(
+            "mark_expired",
+            mark.on_conflict_do_update(
+                index_elements=[expired_sids.c.sid], set_={"expired_at": mark.excluded.expired_at}
+            ),
+        )
+        self.update_namespace = prepare(
+            "update_namespace",
+            update(namespaces)
+            .where(
+                namespaces.c.sid == sid,
+                namespaces.c.name == name,
+                namespaces.c.version == bindparam("expected", type_=Integer()),
+            )
+            .values(data=data, version=namespaces.c.version + 1, updated_at=now),
+        )
+        self.insert_namespace = prepare(
+            "insert_namespace",
+            insert(namespaces)
+            .from_select(
+                ["sid", "name", "data", "version", "updated_at"],
+                select(sid, name, data, literal(1, Integer()), now).where(
+                    exists().where(sessions.c.sid == sid)
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=[namespaces.c.sid, namespaces.c.name]),
+        )
+        ns_upsert = insert(namespaces).values(
+            sid=sid, name=name, data=data, version=1, updated_at=now
+        )
+        self.upsert_namespace = prepare(
+            "upsert_namespace",
+            ns_upsert.on_conflict_do_update(
+                index_elements=[namespaces.c.sid, namespaces.c.name],
+                set_={
+                    "data": ns_upsert.excluded.data,
+                    "version": namespaces.c.version + 1,
+                    "updated_at": ns_upsert.excluded.updated_at,
+                },
+            ),
+        )
+        self.delete_namespaces_except = prepare(
+            "delete_namespaces_except",
+            delete(namespaces).where(namespaces.c.sid == sid, ~in_list(namespaces.c.name, "names")),
+        )
+        session_upsert = insert(sessions).values(
+            sid=sid,
+            created_at=_ts("created_at"),
+            last_active=_ts("last_active"),
+            expires_at=expires,
+        )
+        self.upsert_session = prepare(
+            "upsert_session",
+            session_upsert.on_conflict_do_update(
+                index_elements=[sessions.c.sid],
+                set_={
+                    "last_active": session_upsert.excluded.last_active,
+                    "expires_at": session_upsert.excluded.expires_at,
+                },
+            ),
+        )
+        self.delete_children = [
+            prepare(f"delete_{t.name}", delete(t).where(in_list(t.c.sid, "sids")))
+            for t in CHILD_TABLES
+        ]
+        self.delete_sessions = prepare(
+            "delete_sessions", delete(sessions).where(in_list(sessions.c.sid, "sids"))
+        )
+        self.count_sessions = prepare("count_sessions", select(func.count()).select_from(sessions))
+        self.count_expired = prepare(
+            "count_expired", select(func.count()).select_from(expired_sids)
+        )
+        self.all_sids = prepare("all_sids", select(sessions.c.sid).order_by(sessions.c.sid))
+        self.all_heads = prepare(
+            "all_heads",
+            select(sessions.c.sid, sessions.c.created_at, sessions.c.last_active).order_by(
+                sessions.c.sid
+            ),
+        )
+        self.all_namespaces = prepare(
+            "all_namespaces", select(namespaces.c.sid, namespaces.c.name, namespaces.c.data)
+        )
+        self.foreign_keys = (
+            None if postgresql else prepare("foreign_keys", text("PRAGMA foreign_keys"))
+        )
+        self.db_time = prepare("db_time", select(func.clock_timestamp())) if postgresql else None
+
+        # -- expiry ---------------------------------------------------------------
+        running_task = exists().where(
+            tasks.c.sid == sessions.c.sid,
+            tasks.c.status == "running",
+            tasks.c.heartbeat_at >= _ts("heartbeat_cutoff"),
+        )
+        after = tuple_(sessions.c.expires_at, sessions.c.sid) > tuple_(
+            _ts("after_ts"), bindparam("after_sid", type_=String())
+        )
+        self.sweep_candidates = prepare(
+            "sweep_candidates",
+            select(sessions.c.sid, sessions.c.expires_at)
+            .where(sessions.c.expires_at < now, after, ~running_task)
+            .order_by(sessions.c.expires_at, sessions.c.sid)
+            .limit(bindparam("batch_size", type_=Integer())),
+        )
+        self.sweep_expire: Prepared | None = None
+        self.sweep_delete: Prepared | None = None
+        self.mark_expired_many: Prepared | None = None
+        if postgresql:
+            # One statement per batch: the rows locked (skipping those a request
+            # holds), deleted (their children cascade) and recorded as expired.
+            locked = (
+                select(sessions.c.sid)
+                .where(in_list(sessions.c.sid, "sids"), sessions.c.expires_at < now)
+                .with_for_update(skip_locked=True)
+            )
+            gone = (
+                delete(sessions)
+                .where(sessions.c.sid.in_(locked.scalar_subquery()))
+                .returning(sessions.c.sid)
+                .cte("gone")
+            )
+            record = pg.insert(expired_sids).from_select(
+                ["sid", "expired_at"], select(gone.c.sid, now)
+            )
+            self.sweep_expire = prepare(
+                "sweep_expire",
+                record.on_conflict_do_update(
+                    index_elements=[expired_sids.c.sid],
+                    set_={"expired_at": record.excluded.expired_at},
+                ).returning(expired_sids.c.sid),
+            )
+        else:
+            self.sweep_delete = prepare(
+                "sweep_delete",
+                delete(sessions)
+                .where(in_list(sessions.c.sid, "sids"), sessions.c.expires_at < now)
+                .returning(sessions.c.sid),
+            )
+            values = func.json_each(bindparam("sids", type_=Text())).table_valued("value")
+            many = sqlite.insert(expired_sids).from_select(
+                ["sid", "expired_at"], select(values.c.value, now).where(literal(True))
+            )
+            self.mark_expired_many = prepare(
+                "mark_expired_many",
+                many.on_conflict_do_update(
+                    index_elements=[expired_sids.c.sid],
+                    set_={"expired_at": many.excluded.expired_at},
+                ),
+            )
+        self.prune_expired = prepare(
+            "prune_expired",
+            delete(expired_sids).where(
+                expired_sids.c.sid.in_(
+                    select(expired_sids.c.sid)
+                    .where(expired_sids.c.expired_at < _ts("cutoff"))
+                    .limit(bindparam("batch_size", type_=Integer()))
+                    .scalar_subquery()
+                )
+            ),
+        )
+
+        # -- task rows -------------------------------------------------------------
+        task_id = bindparam("id", type_=String(32))
+        logs = jsonb(bindparam("logs", type_=Text()))
+        started_at = _ts("started_at")
+        fields: dict[str, Any] = {
+            "status": bindparam("status", type_=String(16)),
+            "progress": bindparam("progress", type_=Float()),
+            "message": bindparam("message", type_=Text()),
+            "logs": logs,
+            "error": bindparam("error", type_=Text()),
+            "finished_at": _ts("finished_at"),
+            "heartbeat_at": now,
+        }
+        claimed = {"id": task_id, "sid": sid, "name": name, "started_at": started_at, **fields}
+        claim = insert(tasks).from_select(
+            list(claimed),
+            select(*claimed.values()).where(exists().where(sessions.c.sid == sid)),
+        )
+        self.claim_task = prepare(
+            "claim_task",
+            claim.on_conflict_do_update(
+                index_elements=[tasks.c.id],
+                set_={c: getattr(claim.excluded, c) for c in ("name", "started_at", *fields)},
+                where=(tasks.c.sid == claim.excluded.sid)
+                & ~((tasks.c.status == "running") & (tasks.c.heartbeat_at >= _ts("stale_before"))),
+            ).returning(tasks.c.id),
+        )
+        self.save_task = prepare(
+            "save_task",
+            update(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.sid == sid,
+                tasks.c.started_at == started_at,
+                tasks.c.status == "running",  # a run declared lost stays failed
+            )
+            .values(**fields),
+        )
+        self.load_task = prepare(
+            "load_task",
+            select(
+                tasks.c.status,
+                tasks.c.progress,
+                tasks.c.message,
+                tasks.c.logs,
+                tasks.c.error,
+                tasks.c.started_at,
+                tasks.c.finished_at,
+                tasks.c.heartbeat_at,
+            ).where(tasks.c.id == task_id, tasks.c.sid == sid),
+        )
+        self.mark_task_lost = prepare(
+            "mark_task_lost",
+            update(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.sid == sid,
+                tasks.c.status == "running",
+                tasks.c.heartbeat_at < _ts("stale_before"),
+            )
+            .values(
+                status="failed",
+                error=bindparam("error", type_=Text()),
+                message=bindparam("message", type_=Text()),
+                finished_at=now,
+            ),
+        )
+        self.delete_task = prepare(
+            "delete_task", delete(tasks).where(tasks.c.id == task_id, tasks.c.sid == sid)
+        )
+        self.delete_session_tasks = prepare(
+            "delete_session_tasks", delete(tasks).where(tasks.c.sid == sid)
+        )
+        self.running_task = prepare(
+            "running_task",
+            select(literal(1)).where(
+                tasks.c.sid == sid,
+                tasks.c.status == "running",
+                tasks.c.heartbeat_at >= _ts("stale_before"),
+            ),
+        )
+        self.task_counts = prepare(
+            "task_counts",
+            select(tasks.c.status, func.count()).group_by(tasks.c.status),
+        )
+
+        # -- file rows ------------------------------------------------------------
+        store = bindparam("store", type_=String(255))
+        filename = bindparam("filename", type_=String(255))
+        file_values = {
+            "sid": sid,
+            "store": store,
+            "filename": filename,
+            "size_bytes": bindparam("size_bytes", type_=BigInteger()),
+            "sha256": bindparam("sha256", type_=String(64)),
+            "content_type": bindparam("content_type", type_=String(255)),
+            "created_at": now,
+        }
+        file_row = insert(files).from_select(
+            list(file_values),
+            select(*file_values.values()).where(exists().where(sessions.c.sid == sid)),
+        )
+        self.upsert_file = prepare(
+            "upsert_file",
+            file_row.on_conflict_do_update(
+                index_elements=[files.c.sid, files.c.store, files.c.filename],
+                set_={
+                    c: getattr(file_row.excluded, c)
+                    for c in ("size_bytes", "sha256", "content_type", "created_at")
+                },
+            ),
+        )
+        self.file_names = prepare(
+            "file_names",
+            select(files.c.filename)
+            .where(files.c.store == store, files.c.sid == sid)
+            .order_by(files.c.filename),
+        )
+        self.file_row = prepare(
+            "file_row",
+            select(files.c.size_bytes, files.c.sha256).where(
+                files.c.store == store, files.c.sid == sid, files.c.filename == filename
+            ),
+        )
+        total = func.coalesce(func.sum(files.c.size_bytes), 0)
+        self.store_bytes = prepare("store_bytes", select(total).where(files.c.store == store))
+        self.session_bytes = prepare(
+            "session_bytes",
+            select(total).where(
+                files.c.store == store, files.c.sid == sid, files.c.filename != filename
+            ),
+        )
+        self.all_file_bytes = prepare("all_file_bytes", select(total))
+        self.forget_file = prepare(
+            "forget_file",
+            delete(files).where(
+                files.c.store == store, files.c.sid == sid, files.c.filename == filename
+            ),
+        )
+        self.forget_session_files = prepare(
+            "forget_session_files",
+            delete(files).where(files.c.store == store, files.c.sid == sid),
+        )
+        self.forget_store_files = prepare(
+            "forget_store_files", delete(files).where(files.c.store == store)
+        )
+        self.store_file_rows = prepare(
+            "store_file_rows",
+            select(files.c.sid, files.c.filename, files.c.size_bytes, files.c.sha256).where(
+                files.c.store == store
+            ),
+        )
+        self.count_rows = {
+            table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
+            for table in (sessions, namespaces, expired_sids, files, tasks)
+        }

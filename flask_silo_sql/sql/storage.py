@@ -1,0 +1,291 @@
+"""SQLStorage: the SQL backend's façade, and flask-silo's storage interface on SQL tables.
+
+It owns (or borrows) the engine, the :class:`~.executor.Connector`, the
+compiled :class:`~.statements.Statements` and the database clock. A
+:class:`~flask_silo_sql.store.SessionStore` over it gets an
+:class:`~.backend.SQLBackend`; flask-silo itself (or any code written for its
+12-method ``SiloStorage``) can use it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import URL, Engine
+
+from ..codec import dumps
+from ..errors import SiloError
+from ..storage import SiloStorage
+from . import sessions as ops
+from .backend import SQLBackend
+from .clock import DatabaseClock
+from .engine import make_engine, normalise_url
+from .executor import Connector, ExecutorMode, StatementHook
+from .statements import Statements
+from .sweep import prune
+
+if TYPE_CHECKING:
+    from ..backends.base import Policy
+
+DEFAULT_LIFETIME_S = 3600.0 + 60.0
+"""How long a session written through the bare storage interface lives (flask-silo's TTL)."""
+
+
+class EngineSource(Protocol):
+    """An object whose ``engine`` is the Engine to use (a Flask-SQLAlchemy ``db``).
+
+    Its engine may need an application context: the extension resolves it in
+    ``init_app``, or it is resolved on first use inside one.
+    """
+
+    @property
+    def engine(self) -> Engine: ...
+
+
+class SQLStorage(SiloStorage):
+    """Session storage in SQL tables (SQLite or PostgreSQL).
+
+    *bind* is a database URL, an SQLAlchemy :class:`~sqlalchemy.Engine`, or a
+    Flask-SQLAlchemy ``SQLAlchemy`` object whose engine is shared (its
+    ``db.session`` is never used). *engine_options* go to ``create_engine``
+    when *bind* is a URL. *executor* picks how statements reach the database:
+    ``auto`` (the DBAPI cursor, or SQLAlchemy Core while anything observes the
+    engine), ``dbapi`` or ``core``.
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | Engine | EngineSource,
+        *,
+        executor: ExecutorMode = "auto",
+        **engine_options: Any,
+    ) -> None:
+        self._engine: Engine | None = None
+        self._source: EngineSource | None = None
+        if isinstance(bind, Engine):
+            self._engine = bind
+        elif isinstance(bind, (str, URL)):
+            self._engine = make_engine(bind, **engine_options)
+        elif hasattr(type(bind), "engine"):  # read lazily: it may need an app context
+            self._source = bind
+        else:
+            raise TypeError(
+                "SQLStorage needs a database URL, an SQLAlchemy Engine or a "
+                f"Flask-SQLAlchemy object, not {type(bind).__name__}"
+            )
+        if executor not in ("auto", "dbapi", "core"):
+            raise ValueError(f"executor must be 'auto', 'dbapi' or 'core', not {executor!r}")
+        self.owns_engine = isinstance(bind, (str, URL))
+        self._mode: ExecutorMode = executor
+        self._ready = threading.Lock()
+        self._connector: Connector | None = None
+        self._statements: Statements | None = None
+        self._clock: DatabaseClock | None = None
+        self._hook: StatementHook | None = None
+
+    # -- engine ------------------------------------------------------------------
+
+    @property
+    def source(self) -> EngineSource | None:
+        """The object the engine comes from, while it is not resolved yet."""
+        return self._source if self._engine is None else None
+
+    def attach(self, engine: Engine) -> None:
+        """Use *engine* (the extension resolves a Flask-SQLAlchemy engine this way)."""
+        if self._engine is None:
+            normalise_url(engine.url)  # SQLite or PostgreSQL only
+            self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        """The engine in use."""
+        if self._engine is None:
+            assert self._source is not None
+            try:
+                engine = self._source.engine
+            except RuntimeError as exc:
+                raise SiloError(
+                    "SQLStorage was given a Flask-SQLAlchemy object: initialise it with "
+                    "Silo(app) / init_app(app), or use it inside an application context."
+                ) from exc
+            self.attach(engine)
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.engine.dialect.name
+
+    def _prepare(self) -> None:
+        with self._ready:
+            if self._connector is None:
+                engine = self.engine
+                connector = Connector(engine, self._mode)
+                connector.hook = self._hook
+                self._statements = Statements(engine)
+                self._clock = DatabaseClock(connector, self._statements)
+                self._connector = connector
+
+    @property
+    def connector(self) -> Connector:
+        """How statements reach the database (one held connection per request)."""
+        if self._connector is None:
+            self._prepare()
+        assert self._connector is not None
+        return self._connector
+
+    @property
+    def statements(self) -> Statements:
+        if self._statements is None:
+            self._prepare()
+        assert self._statements is not None
+        return self._statements
+
+    @property
+    def clock(self) -> DatabaseClock:
+        """Unix seconds by the database's clock."""
+        if self._clock is None:
+            self._prepare()
+        assert self._clock is not None
+        return self._clock
+
+    @property
+    def statement_hook(self) -> StatementHook | None:
+        """``hook(name, sql, values)`` called before each statement (diagnostics, tests)."""
+        return self._hook
+
+    @statement_hook.setter
+    def statement_hook(self, hook: StatementHook | None) -> None:
+        self._hook = hook
+        if self._connector is not None:
+            self._connector.hook = hook
+
+    def dispose(self) -> None:
+        """Close pooled connections, when this storage created its engine."""
+        if self.owns_engine and self._engine is not None:
+            self._engine.dispose()
+
+    # -- the backend of a SessionStore ----------------------------------------------
+
+    def silo_backend(self, policy: Policy) -> SQLBackend:
+        """The backend a :class:`~flask_silo_sql.store.SessionStore` delegates to."""
+        return SQLBackend(self, policy)
+
+    # -- SiloStorage (flask-silo's interface) -------------------------------------------
+
+    def _times(self, now: float) -> ops.Times:
+        return ops.Times(now, now + DEFAULT_LIFETIME_S, now)
+
+    def get_session(self, sid: str) -> dict[str, Any] | None:
+        with self.connector.executor() as ex:
+            loaded = ops.load_all(ex, self.statements, sid)
+        if loaded is None:
+            return None
+        head, found = loaded
+        session: dict[str, Any] = {name: stored.data for name, stored in found.items()}
+        session["_meta"] = {
+            "created_at": head.created_at,
+            "last_active": head.last_active,
+            "sid": sid,
+        }
+        return session
+
+    def set_session(self, sid: str, data: dict[str, Any]) -> None:
+        meta = data.get("_meta") or {}
+        now = self.clock()
+        st = self.statements
+        v = st.values
+        last_active = float(meta.get("last_active", now))
+        fresh = {name: dumps(value) for name, value in data.items() if name != "_meta"}
+        with self.connector.transaction() as ex:
+            ex.run(
+                st.upsert_session,
+                {
+                    "sid": sid,
+                    "created_at": v.time(float(meta.get("created_at", now))),
+                    "last_active": v.time(last_active),
+                    "expires": v.time(last_active + DEFAULT_LIFETIME_S),
+                },
+            )
+            ops.replace_namespaces(ex, st, sid, fresh, last_active)
+
+    def delete_session(self, sid: str) -> None:
+        with self.connector.executor() as ex:
+            ops.delete_sessions(ex, self.statements, [sid])
+
+    def has_session(self, sid: str) -> bool:
+        with self.connector.executor() as ex:
+            return ex.run(self.statements.has_session, {"sid": sid}).first() is not None
+
+    def all_sessions(self) -> list[tuple[str, dict[str, Any]]]:
+        st = self.statements
+        v = st.values
+        with self.connector.executor() as ex:
+            heads = ex.run(st.all_heads, {}).rows
+            rows = ex.run(st.all_namespaces, {}).rows
+        out: dict[str, dict[str, Any]] = {
+            sid: {"_meta": {"created_at": v.unix(c), "last_active": v.unix(a), "sid": sid}}
+            for sid, c, a in heads
+        }
+        for sid, name, data in rows:
+            if sid in out:
+                out[sid][name] = v.json(data)[0]
+        return list(out.items())
+
+    def session_count(self) -> int:
+        with self.connector.executor() as ex:
+            return int(ex.run(self.statements.count_sessions, {}).scalar())
+
+    def all_sids(self) -> list[str]:
+        with self.connector.executor() as ex:
+            return [row[0] for row in ex.run(self.statements.all_sids, {}).rows]
+
+    def mark_expired(self, sid: str, timestamp: float) -> None:
+        st = self.statements
+        with self.connector.executor() as ex:
+            ex.run(st.mark_expired, {"sid": sid, "now": st.values.time(timestamp)})
+
+    def is_expired(self, sid: str) -> bool:
+        with self.connector.executor() as ex:
+            return ex.run(self.statements.is_expired, {"sid": sid}).first() is not None
+
+    def clear_expired(self, sid: str) -> None:
+        with self.connector.executor() as ex:
+            ex.run(self.statements.clear_expired, {"sid": sid})
+
+    def prune_expired(
+        self, max_age: float, *, now: float | None = None, batch_size: int = 5000
+    ) -> None:
+        """Forget expired SIDs remembered for longer than *max_age* seconds, in batches."""
+        self.prune_expired_count(max_age, now=now, batch_size=batch_size)
+
+    def prune_expired_count(
+        self, max_age: float, *, now: float | None = None, batch_size: int = 5000
+    ) -> int:
+        """:meth:`prune_expired`, returning how many records went."""
+        cutoff = (self.clock() if now is None else now) - max_age
+        return prune(self.connector, self.statements, cutoff=cutoff, batch_size=batch_size)
+
+    def expired_count(self) -> int:
+        with self.connector.executor() as ex:
+            return int(ex.run(self.statements.count_expired, {}).scalar())
+
+    # -- operators -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Row counts for ``flask silo-db stats``."""
+        st = self.statements
+        with self.connector.executor() as ex:
+            counts = {name: int(ex.run(q, {}).scalar()) for name, q in st.count_rows.items()}
+            by_status = {row[0]: int(row[1]) for row in ex.run(st.task_counts, {}).rows}
+            file_bytes = int(ex.run(st.all_file_bytes, {}).scalar() or 0)
+        return {
+            "sessions": counts["silo_sessions"],
+            "namespaces": counts["silo_namespaces"],
+            "expired_sids": counts["silo_expired_sids"],
+            "files": counts["silo_files"],
+            "file_bytes": file_bytes,
+            "tasks": by_status,
+        }
