@@ -35,9 +35,11 @@ count, duration and latency percentiles (p50, p99: wrk's own histogram; the
 Rounds are interleaved across the configurations (the order rotates each round);
 the table gives the median rps over rounds with its min-max, and the median p50
 and p99 latency. rps counts 2xx answers only. Other load on the machine shows in
-the 1-minute load average printed with every round; the target ratios are also
-given round by round (both configurations measured in the same round), which
-drift between rounds affects less.
+how busy the CPUs were just before the start (over one second) and in the
+1-minute load average printed with every round (which counts the benchmark's
+own processes too); the target ratios are also given round by round (both
+configurations measured in the same round), which drift between rounds affects
+less.
 
 Correctness, after every round: no non-2xx answer, and on the configurations that
 share state between workers, the sum of the 128 counters (read back through
@@ -770,6 +772,24 @@ def report(runs: list[Run], args: argparse.Namespace, setup: list[str],
 # -- main ------------------------------------------------------------------------------------
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """The share of all CPUs busy over *seconds* (from ``/proc/stat``), or None."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    spent = total1 - total0
+    return 1 - (idle1 - idle0) / spent if spent > 0 else None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--duration", type=int, default=10,
@@ -873,7 +893,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput.py: {exc}", file=sys.stderr)
         return 2
     load_before = os.getloadavg()[0]
+    busy = cpu_busy()
     setup: list[str] = []
+    if busy is not None:
+        setup.append(f"CPUs {busy:.0%} busy before the start")
     tmp = Path(tempfile.mkdtemp(prefix="silo-throughput-"))
     runs: list[Run] = []
     with terminate_as_interrupt(), contextlib.ExitStack() as stack:
