@@ -8,8 +8,9 @@ Two kinds of database per test, each on SQLite and on PostgreSQL:
   (``sqlite_template``, ``pg_migrated``); each test then gets a copy of the
   SQLite file or the PostgreSQL database with its tables emptied.
 
-Without PostgreSQL binaries the PostgreSQL tests are skipped with a loud
-message, except under ``CI=true``, where that is a failure.
+``pg_bouncer`` is a PgBouncer in transaction pooling mode in front of that
+server. Without PostgreSQL binaries (or ``pgbouncer``) those tests are skipped
+with a loud message, except under ``CI=true``, where that is a failure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flask_silo_sql.sql.engine import make_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from pgbouncer import PgBouncer, find_pgbouncer
 from pgserver import ExternalPg, PgServer, find_bindir
 from support import SILO_TABLES_CHILD_FIRST
 
@@ -54,6 +56,19 @@ def pg_server() -> Iterator[PgServer | ExternalPg]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_bouncer(pg_server: PgServer | ExternalPg) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode (5 server connections) in front of ``pg_server``."""
+    if find_pgbouncer() is None:
+        message = "pgbouncer not found: PgBouncer tests cannot run"
+        _pg_problem.append(message)
+        if UNDER_CI:
+            pytest.fail(message + " (CI=true: install pgbouncer)")
+        pytest.skip(message)
+    with PgBouncer(pg_server) as bouncer:
+        yield bouncer
 
 
 @pytest.fixture
