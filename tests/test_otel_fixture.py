@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flask_silo_sql.sql.engine import make_engine
 from otel import EngineSpans
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from flask_silo_sql import SessionStore, SQLStorage
-from flask_silo_sql.engine import make_engine
 
 
 def test_spans_name_each_statement(tmp_path: Path) -> None:
@@ -64,19 +64,19 @@ def test_detach_removes_exactly_its_listeners() -> None:
 
 
 def test_traces_silo_storage_on_postgresql(pg_silo_url: str) -> None:
-    """While traced, silo runs its request statements through Core, where spans see them."""
+    """While traced, silo sends its statements through Core, where spans see them."""
     engine = make_engine(pg_silo_url)
     storage = SQLStorage(engine)
     store = SessionStore(ttl=3600, storage=storage)
     store.register_namespace("cart", lambda: {"items": []})
     sid = "sid-otel-000000000000001"
-    assert storage.hot_path is not None
+    assert not storage.connector.observed()
     with EngineSpans(engine) as spans:
-        assert storage.hot_path is None
+        assert storage.connector.observed()
         with store.transaction(sid) as session:
             session["cart"]["items"].append(1)
         assert store.get(sid)["cart"] == {"items": [1]}
-    assert storage.hot_path is not None
+    assert not storage.connector.observed()
     statements = spans.statements()
     assert any(s.lstrip().upper().startswith("INSERT INTO SILO_") for s in statements)
     assert any(s.lstrip().upper().startswith("SELECT") for s in statements)

@@ -14,13 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from flask_silo_sql.sql.engine import make_engine
 from pgbouncer import PgBouncer
 from pgserver import ExternalPg, PgServer
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from flask_silo_sql import SessionStore, SQLStorage, schema
-from flask_silo_sql.engine import make_engine
 
 NO_PREPARE = {"prepare_threshold": None}
 
@@ -237,7 +237,7 @@ def test_silo_store_through_the_bouncer(pg_bouncer: PgBouncer, pg_silo_url: str)
     )
     store = SessionStore(ttl=3600, storage=storage)
     store.register_namespace("counter", lambda: {"n": 0})
-    assert storage.hot_path is not None  # the autocommit request path is the one exercised
+    assert not storage.connector.observed()  # the DBAPI executor: the one users run
     errors: list[BaseException] = []
 
     def worker(n: int) -> None:
