@@ -347,9 +347,8 @@ def postgresql_version(url: str) -> str:
 def prepare_database(config: Config, url: str) -> None:
     """Create the app's tables before the workers start (so they do not race to)."""
     if config.app == "silo_sql":
-        from flask_silo_sql.sql.engine import make_engine
-
         from flask_silo_sql import schema
+        from flask_silo_sql.sql.engine import make_engine
 
         engine = make_engine(url)
         try:

@@ -274,8 +274,8 @@ class Silo:
     @staticmethod
     def _verify_schema(state: SiloApp) -> None:
         storage = state.store.storage
-        assert isinstance(storage, SQLStorage)
-        schema.check(storage.engine)
+        if isinstance(storage, SQLStorage):
+            schema.check(storage.engine)
         state.schema_ok = True
 
     # -- registration -----------------------------------------------------------

@@ -146,8 +146,13 @@ class StagedUpload:
 @contextmanager
 def directory_lock(directory: str) -> Iterator[None]:
     """Hold the session directory's lock (``flock`` on the directory itself): one upload
-    at a time moves in and writes its row."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    at a time moves in and writes its row. A directory removed meanwhile (its session
+    expired) has nothing left to guard."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -321,9 +326,7 @@ class FileStore:
             return sorted({*records.names(sid), *records.pending(sid)})
         if not os.path.isdir(directory):
             return []
-        return sorted(
-            n for n in os.listdir(directory) if not n.startswith(TEMP_PREFIX)
-        )
+        return sorted(n for n in os.listdir(directory) if not n.startswith(TEMP_PREFIX))
 
     def cleanup(self, sid: str, *, rows: bool = True) -> None:
         """Remove the session's files: rows first (unless *rows* is False), then the directory."""

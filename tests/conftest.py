@@ -138,6 +138,13 @@ def silo_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+@pytest.fixture(params=["dbapi", "core"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """Each executor of the SQL backend: the DBAPI cursor, and SQLAlchemy Core."""
+    mode: str = request.param
+    return mode
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for problem in _pg_problem:
         terminalreporter.write_line("!" * 70, red=True)

@@ -138,8 +138,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def storage(url: str) -> Iterator[SQLStorage]:
-    sql = SQLStorage(url)
+def storage(url: str, executor: Any) -> Iterator[SQLStorage]:
+    sql = SQLStorage(url, executor=executor)
     yield sql
     sql.dispose()
 

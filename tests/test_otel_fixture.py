@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flask_silo_sql.sql.engine import make_engine
 from otel import EngineSpans
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from flask_silo_sql import SessionStore, SQLStorage
+from flask_silo_sql.sql.engine import make_engine
 
 
 def test_spans_name_each_statement(tmp_path: Path) -> None:

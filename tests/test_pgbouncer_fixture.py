@@ -14,13 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from flask_silo_sql.sql.engine import make_engine
 from pgbouncer import PgBouncer
 from pgserver import ExternalPg, PgServer
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from flask_silo_sql import SessionStore, SQLStorage, schema
+from flask_silo_sql.sql.engine import make_engine
 
 NO_PREPARE = {"prepare_threshold": None}
 

@@ -40,8 +40,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def storage(silo_url: str) -> Iterator[SQLStorage]:
-    storage = SQLStorage(silo_url)
+def storage(silo_url: str, executor: Any) -> Iterator[SQLStorage]:
+    storage = SQLStorage(silo_url, executor=executor)
     yield storage
     storage.dispose()
 

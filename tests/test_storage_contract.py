@@ -3,7 +3,8 @@
 ``StorageContract`` exercises the 12 :class:`SiloStorage` methods and
 ``StoreContract`` the :class:`SessionStore` API. Each runs against
 :class:`InMemoryStorage`, :class:`SQLStorage` on SQLite and :class:`SQLStorage`
-on PostgreSQL: the subclasses only supply a ``storage`` fixture.
+on PostgreSQL, the SQL ones with each executor: the subclasses only supply a
+``storage`` fixture.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ RETAIN = 50
 # -- the storages every contract runs on ----------------------------------------------
 
 
-def sql_storage(url: str) -> Iterator[SQLStorage]:
-    storage = SQLStorage(url)
+def sql_storage(url: str, executor: Any) -> Iterator[SQLStorage]:
+    storage = SQLStorage(url, executor=executor)
+    assert storage.connector.mode == executor
     yield storage
     storage.dispose()
 
@@ -53,16 +55,16 @@ class SQLiteStorageFixture:
     """:class:`SQLStorage` on a migrated, empty SQLite file."""
 
     @pytest.fixture
-    def storage(self, sqlite_silo_url: str) -> Iterator[SiloStorage]:
-        yield from sql_storage(sqlite_silo_url)
+    def storage(self, sqlite_silo_url: str, executor: str) -> Iterator[SiloStorage]:
+        yield from sql_storage(sqlite_silo_url, executor)
 
 
 class PostgreSQLStorageFixture:
     """:class:`SQLStorage` on the migrated, emptied PostgreSQL database."""
 
     @pytest.fixture
-    def storage(self, pg_silo_url: str) -> Iterator[SiloStorage]:
-        yield from sql_storage(pg_silo_url)
+    def storage(self, pg_silo_url: str, executor: str) -> Iterator[SiloStorage]:
+        yield from sql_storage(pg_silo_url, executor)
 
 
 # -- the storage contract -------------------------------------------------------

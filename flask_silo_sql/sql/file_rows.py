@@ -14,17 +14,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING
 
 from ..errors import SessionExpired, StorageUnavailable
 from ..files import FileRow, StagedUpload, directory_lock
 from . import sessions as ops
+from .context import Context
 from .executor import Executor
 
-if TYPE_CHECKING:
-    from .backend import SQLBackend
-
 logger = logging.getLogger("flask_silo_sql.files")
+
+
+class StagedFile:
+    """An upload in place whose row is written with the request's commit."""
+
+    def __init__(
+        self, records: SQLFileRecords, upload: StagedUpload, replaced: FileRow | None
+    ) -> None:
+        self.records = records
+        self.upload = upload
+        self.replaced = replaced
+        """The row of the version it replaced (deleted already): put back if not kept."""
+        self.directory: str | None = upload.directory
+
+    def write(self, ex: Executor, now: float) -> None:
+        self.records.write(ex, self.upload, now)
+
+    def committed(self) -> None:
+        self.upload.keep()
+
+    def discard(self) -> None:
+        self.upload.discard()
+        if self.replaced is not None:
+            self.records.restore(self.replaced, self.upload.path)
 
 
 class SQLFileRecords:
@@ -32,8 +53,8 @@ class SQLFileRecords:
 
     __slots__ = ("_b", "store")
 
-    def __init__(self, backend: SQLBackend, store: str) -> None:
-        self._b = backend
+    def __init__(self, ctx: Context, store: str) -> None:
+        self._b = ctx
         self.store = store
 
     def record(self, upload: StagedUpload) -> None:
@@ -43,7 +64,7 @@ class SQLFileRecords:
         if unit is not None:
             with directory_lock(upload.directory):
                 old = self._replace(upload)
-            unit.stage_file(self, upload, old)
+            unit.stage(StagedFile(self, upload, old))
             return
         now = b.now()
         with b.connector.transaction() as ex:  # the session exists, or is new
@@ -125,7 +146,11 @@ class SQLFileRecords:
 
     def pending(self, sid: str) -> list[str]:
         unit = self._b.current_unit(sid)
-        return unit.pending_files(self) if unit is not None else []
+        names: list[str] = []
+        for item in unit.staged() if unit is not None else []:
+            if isinstance(item, StagedFile) and item.records is self:
+                names.append(item.upload.row.filename)
+        return names
 
     def used_bytes(self, sid: str, *, excluding: str) -> int:
         b = self._b

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from ..errors import SchemaError, StorageUnavailable
+from ..errors import SchemaError, SiloError, StorageUnavailable
 from .executor import describe
 from .models import SILO_TABLES, VERSION_TABLE
 
@@ -56,7 +56,8 @@ def alembic_config(
 def head() -> str:
     """The newest revision this version of the library ships."""
     revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert revision is not None
+    if revision is None:
+        raise SiloError("flask-silo-sql's migrations are missing from this installation")
     return revision
 
 

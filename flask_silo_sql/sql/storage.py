@@ -10,6 +10,7 @@ compiled :class:`~.statements.Statements` and the database clock. A
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import URL, Engine
@@ -20,6 +21,7 @@ from ..storage import SiloStorage
 from . import sessions as ops
 from .backend import SQLBackend
 from .clock import DatabaseClock
+from .context import Context
 from .engine import make_engine, normalise_url
 from .executor import Connector, ExecutorMode, StatementHook
 from .statements import Statements
@@ -30,6 +32,15 @@ if TYPE_CHECKING:
 
 DEFAULT_LIFETIME_S = 3600.0 + 60.0
 """How long a session written through the bare storage interface lives (flask-silo's TTL)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What a storage builds once its engine is known."""
+
+    connector: Connector
+    statements: Statements
+    clock: DatabaseClock
 
 
 class EngineSource(Protocol):
@@ -79,9 +90,7 @@ class SQLStorage(SiloStorage):
         self.owns_engine = isinstance(bind, (str, URL))
         self._mode: ExecutorMode = executor
         self._ready = threading.Lock()
-        self._connector: Connector | None = None
-        self._statements: Statements | None = None
-        self._clock: DatabaseClock | None = None
+        self._parts: _Parts | None = None
         self._hook: StatementHook | None = None
 
     # -- engine ------------------------------------------------------------------
@@ -100,56 +109,57 @@ class SQLStorage(SiloStorage):
     @property
     def engine(self) -> Engine:
         """The engine in use."""
-        if self._engine is None:
-            assert self._source is not None
-            try:
-                engine = self._source.engine
-            except RuntimeError as exc:
-                raise SiloError(
-                    "SQLStorage was given a Flask-SQLAlchemy object: initialise it with "
-                    "Silo(app) / init_app(app), or use it inside an application context."
-                ) from exc
+        engine = self._engine
+        if engine is None:
+            engine = self._resolve()
             self.attach(engine)
-        assert self._engine is not None
-        return self._engine
+        return engine
+
+    def _resolve(self) -> Engine:
+        source = self._source
+        try:
+            engine = source.engine if source is not None else None
+        except RuntimeError as exc:
+            raise SiloError(
+                "SQLStorage was given a Flask-SQLAlchemy object: initialise it with "
+                "Silo(app) / init_app(app), or use it inside an application context."
+            ) from exc
+        if not isinstance(engine, Engine):
+            raise SiloError(f"SQLStorage's engine source gave {engine!r}, not an Engine")
+        return engine
 
     @property
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self.engine.dialect.name
 
-    def _prepare(self) -> None:
-        with self._ready:
-            if self._connector is None:
-                engine = self.engine
-                connector = Connector(engine, self._mode)
-                connector.hook = self._hook
-                self._statements = Statements(engine)
-                self._clock = DatabaseClock(connector, self._statements)
-                self._connector = connector
+    def _prepared(self) -> _Parts:
+        parts = self._parts
+        if parts is None:
+            with self._ready:
+                parts = self._parts
+                if parts is None:
+                    engine = self.engine
+                    connector = Connector(engine, self._mode)
+                    connector.hook = self._hook
+                    statements = Statements(engine)
+                    parts = _Parts(connector, statements, DatabaseClock(connector, statements))
+                    self._parts = parts
+        return parts
 
     @property
     def connector(self) -> Connector:
         """How statements reach the database (one held connection per request)."""
-        if self._connector is None:
-            self._prepare()
-        assert self._connector is not None
-        return self._connector
+        return self._prepared().connector
 
     @property
     def statements(self) -> Statements:
-        if self._statements is None:
-            self._prepare()
-        assert self._statements is not None
-        return self._statements
+        return self._prepared().statements
 
     @property
     def clock(self) -> DatabaseClock:
         """Unix seconds by the database's clock."""
-        if self._clock is None:
-            self._prepare()
-        assert self._clock is not None
-        return self._clock
+        return self._prepared().clock
 
     @property
     def statement_hook(self) -> StatementHook | None:
@@ -159,8 +169,8 @@ class SQLStorage(SiloStorage):
     @statement_hook.setter
     def statement_hook(self, hook: StatementHook | None) -> None:
         self._hook = hook
-        if self._connector is not None:
-            self._connector.hook = hook
+        if self._parts is not None:
+            self._parts.connector.hook = hook
 
     def dispose(self) -> None:
         """Close pooled connections, when this storage created its engine."""
@@ -171,7 +181,12 @@ class SQLStorage(SiloStorage):
 
     def silo_backend(self, policy: Policy) -> SQLBackend:
         """The backend a :class:`~flask_silo_sql.store.SessionStore` delegates to."""
-        return SQLBackend(self, policy)
+
+        def context() -> Context:
+            parts = self._prepared()
+            return Context(parts.connector, parts.statements, parts.clock, policy)
+
+        return SQLBackend(context)
 
     # -- SiloStorage (flask-silo's interface) -------------------------------------------
 

@@ -78,8 +78,8 @@ def expire_batch(ex: Executor, st: Statements, sids: list[str], now: float) -> l
     values = {"sids": v.sids(sids), "now": v.time(now)}
     if st.sweep_expire is not None:  # PostgreSQL: one statement
         return [row[0] for row in ex.run(st.sweep_expire, values).rows]
-    assert st.sweep_delete is not None
-    assert st.mark_expired_many is not None
+    if st.sweep_delete is None or st.mark_expired_many is None:
+        raise RuntimeError("the SQLite sweep statements are missing")
     deleted = [row[0] for row in ex.run(st.sweep_delete, values).rows]
     if deleted:
         gone = {"sids": v.sids(deleted), "now": v.time(now)}

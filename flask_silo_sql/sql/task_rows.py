@@ -11,18 +11,16 @@ its ID, and every time is the database's clock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..backends.base import Policy
 from ..codec import dumps
 from ..errors import SessionExpired, TaskAlreadyRunning
 from ..tasks import LOST_WORKER, TaskState
+from .context import Context
 from .executor import Executor
+from .slots import Slot, save_merged
 from .statements import Statements
-
-if TYPE_CHECKING:
-    from ..backends.base import Policy
-    from .backend import SQLBackend
-    from .unit import Slot
 
 
 def _fields(st: Statements, sid: str, task_id: str, state: TaskState, now: float) -> dict[str, Any]:
@@ -60,13 +58,36 @@ def running_in_session(ex: Executor, st: Statements, sid: str, now: float, polic
     return ex.run(st.running_task, values).first() is not None
 
 
+class StagedClaim:
+    """A run's claim, written with the request's commit; its thread starts after it."""
+
+    directory: str | None = None
+
+    def __init__(
+        self, home: SQLTaskHome, state: TaskState, name: str, on_commit: Callable[[], None]
+    ) -> None:
+        self.home = home
+        self.state = state
+        self.name = name
+        self.on_commit = on_commit
+
+    def write(self, ex: Executor, now: float) -> None:
+        claim(ex, self.home.ctx.st, self.home, self.state, self.name, now)
+
+    def committed(self) -> None:
+        self.on_commit()
+
+    def discard(self) -> None:
+        """Nothing was done ahead of the commit: the thread simply never starts."""
+
+
 class SQLTaskHome:
     """A linked task's row (the :class:`~flask_silo_sql.tasks.TaskHome` of the SQL backend)."""
 
-    __slots__ = ("_b", "sid", "slot", "task_id")
+    __slots__ = ("ctx", "sid", "slot", "task_id")
 
-    def __init__(self, backend: SQLBackend, sid: str, task_id: str, slot: Slot | None) -> None:
-        self._b = backend
+    def __init__(self, ctx: Context, sid: str, task_id: str, slot: Slot | None) -> None:
+        self.ctx = ctx
         self.sid = sid
         self.task_id = task_id
         self.slot = slot
@@ -74,41 +95,41 @@ class SQLTaskHome:
 
     @property
     def heartbeat_timeout(self) -> float:
-        return self._b.policy.heartbeat_timeout
+        return self.ctx.policy.heartbeat_timeout
 
     @property
     def flush_interval(self) -> float:
-        return self._b.policy.task_flush_interval
+        return self.ctx.policy.task_flush_interval
 
     @property
     def max_logs(self) -> int:
-        return self._b.policy.task_max_logs
+        return self.ctx.policy.task_max_logs
 
     def now(self) -> float:
-        return self._b.now()
+        return self.ctx.now()
 
     def running_elsewhere(self) -> bool:
         state = self.load()
         return state is not None and state.running
 
     def claim(self, state: TaskState, name: str, *, on_commit: Callable[[], None]) -> None:
-        unit = self._b.current_unit(self.sid)
+        ctx = self.ctx
+        unit = ctx.current_unit(self.sid)
         if unit is not None:  # with the request's commit; the thread starts after it
-            unit.stage_claim(self, state, name, on_commit)
+            unit.stage(StagedClaim(self, state, name, on_commit))
             return
-        b = self._b
-        with b.connector.transaction() as ex:
-            claim(ex, b.st, self, state, name, b.now())
+        with ctx.connector.transaction() as ex:
+            claim(ex, ctx.st, self, state, name, ctx.now())
         on_commit()
 
     def save(self, state: TaskState, name: str) -> bool:
-        b = self._b
+        b = self.ctx
         values = _fields(b.st, self.sid, self.task_id, state, b.now())
         with b.connector.executor() as ex:
             return ex.run(b.st.save_task, values).rowcount == 1
 
     def load(self) -> TaskState | None:
-        b = self._b
+        b = self.ctx
         st = b.st
         v = st.values
         with b.connector.executor() as ex:
@@ -151,10 +172,10 @@ class SQLTaskHome:
         return state
 
     def delete(self) -> None:
-        b = self._b
+        b = self.ctx
         with b.connector.executor() as ex:
             ex.run(b.st.delete_task, {"id": self.task_id, "sid": self.sid})
 
     def save_namespace(self) -> None:
         if self.slot is not None:
-            self._b.save_merged(self.sid, self.slot)
+            save_merged(self.ctx, self.sid, self.slot)

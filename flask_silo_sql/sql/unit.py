@@ -19,54 +19,34 @@ held until the commit.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..codec import (
     UNSERIALISABLE,
     UnlinkedTask,
     baseline_text,
     encode,
-    merge_keys,
     revive_tasks,
     serialise,
     task_id_for,
     tasks_in,
 )
-from ..errors import NamespaceError, SessionBusy, StateConflict
-from ..files import FileRow, StagedUpload, directory_lock
-from ..tasks import TASK_MARKER, BackgroundTask, TaskState
+from ..errors import NamespaceError, SessionBusy
+from ..files import directory_lock
+from ..tasks import TASK_MARKER, BackgroundTask
 from . import sessions as ops
 from . import task_rows
+from .context import Context, Staged
 from .executor import Executor
-
-if TYPE_CHECKING:
-    from .backend import SQLBackend
-    from .file_rows import SQLFileRecords
+from .file_rows import StagedFile
+from .slots import Slot
 
 logger = logging.getLogger("flask_silo_sql")
 
 META = "_meta"
-
-
-class Slot:
-    """One namespace as a unit read it: the object handed out, its text and version then."""
-
-    __slots__ = ("lock", "name", "text", "value", "version")
-
-    def __init__(self, name: str, value: Any, text: str, version: int | None) -> None:
-        self.name = name
-        self.value = value
-        self.text = text
-        """The JSON text the namespace had when read (or last written): the baseline."""
-        self.version = version
-        """The row's version then; None when it has no row (factory default)."""
-        self.lock = threading.Lock()  # a task thread may save this namespace too
 
 
 class Session(dict[str, Any]):
@@ -79,45 +59,24 @@ class Session(dict[str, Any]):
         self.unit = unit
 
 
-@dataclass(slots=True)
-class _Upload:
-    records: SQLFileRecords
-    upload: StagedUpload
-    replaced: FileRow | None
-
-    def discard(self) -> None:
-        self.upload.discard()
-        if self.replaced is not None:
-            self.records.restore(self.replaced, self.upload.path)
-
-
-@dataclass(slots=True)
-class _Claim:
-    home: task_rows.SQLTaskHome
-    state: TaskState
-    name: str
-    on_commit: Callable[[], None]
-
-
 class SQLUnit:
     """A unit of work on session *sid* (see the module docstring)."""
 
-    def __init__(self, backend: SQLBackend, sid: str, *, locking: bool = False) -> None:
+    def __init__(self, ctx: Context, sid: str, *, locking: bool = False) -> None:
         self.sid = sid
-        self._b = backend
+        self._ctx = ctx
         self._slots: dict[str, Slot] = {}
         self._view: Session | None = None
         self._existed: bool | None = None  # unknown until something is read
         self._created_at = 0.0
         self._last_active = 0.0
-        self._since = backend.now()
+        self._since = ctx.now()
         self._locking = locking
         self._locked = False
         self._joined = False  # locked inside a transaction its context had open
         self._created = False  # created by lock(), reported at commit
         self._token: Any = None  # a connection this unit holds for its context
-        self._files: list[_Upload] = []
-        self._claims: list[_Claim] = []
+        self._staged: list[Staged] = []
         self._closed = False
 
     # -- reading ---------------------------------------------------------------
@@ -131,8 +90,8 @@ class SQLUnit:
         return bool(self._slots) or self._existed is not None
 
     def expired(self) -> bool:
-        with self._b.connector.executor() as ex:
-            head, expired_at = ops.probe(ex, self._b.st, self.sid)
+        with self._ctx.connector.executor() as ex:
+            head, expired_at = ops.probe(ex, self._ctx.st, self.sid)
         if head is not None:
             self._know(head)
             return False
@@ -148,17 +107,17 @@ class SQLUnit:
         if slot is not None:
             value: dict[str, Any] = slot.value
             return value
-        if name not in self._b.policy.factories:
+        if name not in self._ctx.policy.factories:
             raise NamespaceError(name)
         if self._locking and not self._locked:
             self.lock()
         stored: ops.Stored | None = None
         if self._existed is not False:
-            with self._b.connector.executor() as ex:
+            with self._ctx.connector.executor() as ex:
                 if self._existed:
-                    stored = ops.load_namespace(ex, self._b.st, self.sid, name)
+                    stored = ops.load_namespace(ex, self._ctx.st, self.sid, name)
                 else:
-                    found = ops.load_one(ex, self._b.st, self.sid, name)
+                    found = ops.load_one(ex, self._ctx.st, self.sid, name)
                     if found is None:
                         self._existed = False
                     else:
@@ -174,11 +133,11 @@ class SQLUnit:
             return self._view
         if self._locking and not self._locked:
             self.lock()
-        factories = self._b.policy.factories
+        factories = self._ctx.policy.factories
         found: dict[str, ops.Stored] = {}
         if self._existed is not False and any(n not in self._slots for n in factories):
-            with self._b.connector.executor() as ex:
-                loaded = ops.load_all(ex, self._b.st, self.sid)
+            with self._ctx.connector.executor() as ex:
+                loaded = ops.load_all(ex, self._ctx.st, self.sid)
             if loaded is None:
                 self._existed = False
             else:
@@ -202,7 +161,7 @@ class SQLUnit:
 
     def fresh(self, name: str) -> Slot:
         """A slot holding the factory's default state of *name* (its tasks linked)."""
-        value = self._b.policy.factories[name]()
+        value = self._ctx.policy.factories[name]()
         slot = Slot(name, value, UNSERIALISABLE, None)
         self._link_tasks(slot, value)
         slot.text = baseline_text(value)
@@ -224,7 +183,9 @@ class SQLUnit:
 
     def _task_maker(self, slot: Slot) -> Callable[[str, str], BackgroundTask]:
         def make(task_id: str, name: str) -> BackgroundTask:
-            return BackgroundTask.linked(name, self._b.task_home(self.sid, task_id, slot))
+            return BackgroundTask.linked(
+                name, task_rows.SQLTaskHome(self._ctx, self.sid, task_id, slot)
+            )
 
         return make
 
@@ -233,7 +194,7 @@ class SQLUnit:
         for path, task in tasks_in(value):
             if task.task_id is None:
                 task_id = task_id_for(self.sid, slot.name, path)
-                task.link(self._b.task_home(self.sid, task_id, slot))
+                task.link(task_rows.SQLTaskHome(self._ctx, self.sid, task_id, slot))
 
     def lock(self) -> None:
         """Open the unit's transaction with the session row locked (created if missing).
@@ -243,7 +204,7 @@ class SQLUnit:
         """
         if self._locked:
             return
-        b = self._b
+        b = self._ctx
         if not b.connector.holding:
             self._token = b.connector.hold()
         times = b.times(b.now(), since=self._since)
@@ -264,30 +225,19 @@ class SQLUnit:
 
     # -- staging ---------------------------------------------------------------
 
-    def stage_file(
-        self, records: SQLFileRecords, upload: StagedUpload, replaced: FileRow | None
-    ) -> None:
-        """An upload in place whose row is written with the unit's commit."""
-        self._files.append(_Upload(records, upload, replaced))
+    def stage(self, item: Staged) -> None:
+        """A write (a task's claim, an upload's row) to make with the unit's commit."""
+        self._staged.append(item)
 
-    def pending_files(self, records: SQLFileRecords) -> list[str]:
-        return [f.upload.row.filename for f in self._files if f.records is records]
-
-    def stage_claim(
-        self,
-        home: task_rows.SQLTaskHome,
-        state: TaskState,
-        name: str,
-        on_commit: Callable[[], None],
-    ) -> None:
-        self._claims.append(_Claim(home, state, name, on_commit))
+    def staged(self) -> list[Staged]:
+        return list(self._staged)
 
     # -- writing ---------------------------------------------------------------
 
     def _changes(self) -> list[ops.Write]:
         """The namespaces whose JSON differs from what was read (every one checked first)."""
         writes: list[ops.Write] = []
-        policy = self._b.policy
+        policy = self._ctx.policy
         items = (
             [(n, v) for n, v in self._view.items() if n != META]
             if self._view is not None
@@ -312,28 +262,25 @@ class SQLUnit:
             return serialise(slot.name, value, max_bytes)
 
     def commit(self, *, state: bool = True, files: bool = True) -> None:
-        """Write the changes and task rows and refresh ``last_active`` in one transaction,
-        then move the staged uploads in with their rows. Raises (with nothing written)
-        what :func:`codec.serialise` or a guard raises."""
-        if files:
-            staged, self._files = self._files, []
-        else:  # an error answer keeps no upload
-            staged = []
-            self._discard_files()
-        if not state:  # a failed request: nothing saved, last_active left as it was
-            self._claims = []
+        """Write the changes, task rows and file rows and refresh ``last_active``, in one
+        transaction. *state* False (a failed request) writes nothing; *files* False (an
+        error answer) keeps no upload. Raises (with nothing written) what
+        :func:`~flask_silo_sql.codec.serialise` or a guard raises."""
+        if not files:
+            self._discard(lambda item: isinstance(item, StagedFile))
+        if not state:
+            self._discard(lambda item: True)
             return
         try:
             writes = self._changes()  # may link tasks, staging their claims
         except BaseException:
-            self._claims = []
-            _discard(staged)
+            self._discard(lambda item: True)
             raise
-        claims, self._claims = self._claims, []
-        b = self._b
+        staged, self._staged = self._staged, []
+        b = self._ctx
         now = b.now()
         times = b.times(now, since=self._since)
-        if not (writes or staged or claims or self._locked):
+        if not (writes or staged or self._locked):
             self._touch(times)
             return
         created = False
@@ -342,14 +289,14 @@ class SQLUnit:
             with b.connector.executor() as ex, _locked_directories(staged):
                 if self._locked:
                     created, self._created = self._created, False
-                    versions = self._write(ex, writes, claims, staged, now)
+                    versions = self._write(ex, writes, staged, now)
                     self._locked = False
                     if not self._joined:
                         ex.commit()
-                elif self._needs_lock(now, bool(staged), claims):
+                elif self._needs_lock(now, staged):
                     with ex.transaction():
                         created, _ = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
-                        versions = self._write(ex, writes, claims, staged, now)
+                        versions = self._write(ex, writes, staged, now)
                 else:
                     touched = False
                     if len(writes) == 1:  # one statement: no transaction round trips
@@ -366,51 +313,42 @@ class SQLUnit:
         for write, version in zip(writes, versions, strict=True):
             slot = self._slots[write.name]
             slot.text, slot.version = write.text, version
-        for f in staged:
-            f.upload.keep()
         if created:
             b.policy.created(self.sid)
-        for claim in claims:
-            claim.on_commit()
+        for item in staged:
+            item.committed()
 
-    def _needs_lock(self, now: float, uploads: bool, claims: list[_Claim]) -> bool:
+    def _needs_lock(self, now: float, staged: list[Staged]) -> bool:
         """Whether the commit locks (touches or creates) the session row first.
 
         Only a session read as existing, whose ``last_active`` is fresh (so it
         cannot be due for expiry), with nothing but namespaces to write, skips it.
         """
-        if self._existed is not True or uploads or claims:
+        if self._existed is not True or staged:
             return True
-        return self._last_active <= now - self._b.touch_interval
+        return self._last_active <= now - self._ctx.touch_interval
 
     def _write(
-        self,
-        ex: Executor,
-        writes: list[ops.Write],
-        claims: list[_Claim],
-        staged: list[_Upload],
-        now: float,
+        self, ex: Executor, writes: list[ops.Write], staged: list[Staged], now: float
     ) -> list[int]:
-        """In the open transaction, the session locked: namespaces, task rows, file rows."""
-        b = self._b
-        versions = ops.write_namespaces(ex, b.st, self.sid, writes, now)
-        for claim in claims:
-            task_rows.claim(ex, b.st, claim.home, claim.state, claim.name, now)
-        for f in staged:
-            f.records.write(ex, f.upload, now)
+        """In the open transaction, the session locked: namespaces, then what was staged."""
+        versions = ops.write_namespaces(ex, self._ctx.st, self.sid, writes, now)
+        for item in staged:
+            item.write(ex, now)
         return versions
 
-    def _discard_files(self) -> None:
-        files, self._files = self._files, []
-        _discard(files)
+    def _discard(self, which: Callable[[Staged], bool]) -> None:
+        dropped = [item for item in self._staged if which(item)]
+        self._staged = [item for item in self._staged if not which(item)]
+        _discard(dropped)
 
     def touch(self) -> None:
         """Create the session if it is new, refresh a stale ``last_active``; write no state."""
-        self._touch(self._b.times(self._b.now(), since=self._since))
+        self._touch(self._ctx.times(self._ctx.now(), since=self._since))
 
     def _touch(self, times: ops.Times) -> None:
         """Nothing to write: refresh a stale ``last_active``, or create a session read as new."""
-        b = self._b
+        b = self._ctx
         stale_before = times.now - b.touch_interval
         if self._existed is None:  # no state read: one statement at most
             with b.connector.executor() as ex:
@@ -433,17 +371,16 @@ class SQLUnit:
             self._last_active = times.now
 
     def rollback(self) -> None:
-        self._discard_files()
-        self._claims = []
+        self._discard(lambda item: True)
         if self._locked:
             self._locked = False
             if not self._joined:
-                with self._b.connector.executor() as ex:
+                with self._ctx.connector.executor() as ex:
                     ex.rollback()
 
     def reset(self) -> None:
         """Fresh factory state for the session (SessionBusy while it is busy)."""
-        self._b.reset(self.sid)
+        reset(self._ctx, self.sid)
         self._slots.clear()
         self._view = None
         if self._existed is not None and not self._locked:
@@ -458,71 +395,59 @@ class SQLUnit:
         finally:
             token, self._token = self._token, None
             if token is not None:
-                self._b.connector.release(token)
-            self._b.unbind(self)
+                self._ctx.connector.release(token)
+            self._ctx.unbind(self)
 
 
-def _discard(files: list[_Upload]) -> None:
-    for f in reversed(files):
-        f.discard()
+def _discard(staged: list[Staged]) -> None:
+    for item in reversed(staged):
+        item.discard()
 
 
 @contextmanager
-def _locked_directories(files: list[_Upload]) -> Iterator[None]:
-    """The directory locks of the uploads, taken in one order (before the session's)."""
+def _locked_directories(staged: list[Staged]) -> Iterator[None]:
+    """The directory locks of staged uploads, taken in one order (before the session's)."""
     with ExitStack() as stack:
-        for directory in sorted({f.upload.directory for f in files}):
+        for directory in sorted({s.directory for s in staged if s.directory is not None}):
             stack.enter_context(directory_lock(directory))
         yield
 
 
-def save_merged(backend: SQLBackend, sid: str, slot: Slot) -> None:
-    """Save one namespace from a task thread, merging by top-level key.
-
-    The keys this copy changed since it was read (or last saved) are applied
-    to the namespace as stored now, so changes made meanwhile by requests to
-    other keys survive. Retries on a concurrent write.
-    """
-    policy = backend.policy
-    with slot.lock:
-        try:
-            text = serialise(slot.name, slot.value, policy.max_state_bytes)
-        except UnlinkedTask:
-            return
-        if text == slot.text:
-            return
-        mine = json.loads(text)
-        base = json.loads(slot.text) if slot.text != UNSERIALISABLE else None
-        for _attempt in range(20):
-            with backend.connector.executor() as ex, ex.transaction():
-                current = ops.load_namespace(ex, backend.st, sid, slot.name)
-                if current is None:
-                    write = ops.Write(slot.name, text, None)
-                else:
-                    write = ops.Write(
-                        slot.name, encode(merge_keys(current.data, base, mine)), current.version
-                    )
-                try:
-                    versions = _write_one(ex, backend, sid, write)
-                except StateConflict:
-                    continue
-            slot.text, slot.version = text, versions[0]
-            return
-        raise StateConflict(sid, slot.name)
-
-
-def _write_one(ex: Executor, backend: SQLBackend, sid: str, write: ops.Write) -> list[int]:
-    return ops.write_namespaces(ex, backend.st, sid, [write], backend.now())
-
-
-def busy_session(backend: SQLBackend, sid: str) -> Session | None:
+def busy_session(ctx: Context, sid: str) -> Session | None:
     """The session as a busy check sees it (every namespace, tasks as objects), or None."""
-    unit = SQLUnit(backend, sid)
+    unit = SQLUnit(ctx, sid)
     view = unit.session()
     return view if unit._existed else None
 
 
-def refuse_if_busy(backend: SQLBackend, sid: str, ex: Executor) -> None:
-    """SessionBusy when a task of *sid* runs with a fresh heartbeat."""
-    if task_rows.running_in_session(ex, backend.st, sid, backend.now(), backend.policy):
-        raise SessionBusy(sid)
+def reset(ctx: Context, sid: str) -> None:
+    """Every namespace of *sid* back to its factory's state, its tasks forgotten.
+
+    Refused (:class:`SessionBusy`) while a task runs or the busy check vetoes.
+    In a request, it runs on the request's connection (and, in locking mode,
+    inside its transaction).
+    """
+    policy = ctx.policy
+    with ctx.connector.executor() as ex:
+        if task_rows.running_in_session(ex, ctx.st, sid, ctx.now(), policy):
+            raise SessionBusy(sid)
+    if policy.has_busy_check:
+        current = busy_session(ctx, sid)
+        if current is None:
+            return
+        if policy.vetoes(sid, current):
+            raise SessionBusy(sid)
+    scratch = SQLUnit(ctx, sid)
+    fresh = {
+        name: serialise(name, scratch.fresh(name).value, policy.max_state_bytes)
+        for name in policy.factories
+    }
+    now = ctx.now()
+    times = ctx.times(now)
+    v = ctx.st.values
+    with ctx.connector.transaction() as ex:
+        stamp = {"sid": sid, "now": v.time(times.now), "expires": v.time(times.expires)}
+        if ex.run(ctx.st.touch, stamp).first() is None:
+            return  # no such session: nothing to reset
+        ex.run(ctx.st.delete_session_tasks, {"sid": sid})
+        ops.replace_namespaces(ex, ctx.st, sid, fresh, now)

@@ -28,8 +28,7 @@ depends_on: str | Sequence[str] | None = None
 DEFAULT_LIFETIME_S = 3600 + 60
 EPOCH = "1970-01-01 00:00:00+00:00"
 COMMENT = (
-    "When the session expires unless touched again: last_active + its app's TTL "
-    "+ touch interval"
+    "When the session expires unless touched again: last_active + its app's TTL + touch interval"
 )
 
 

@@ -1,0 +1,98 @@
+"""What every part of the SQL backend shares: connection, statements, clock, settings.
+
+A :class:`Context` is made once per store by the backend and handed down to
+units, task rows and file rows, which need nothing else of the backend; it
+also knows which unit the current request works through, so that an upload or
+a task start in that request joins its commit as a :class:`Staged` write.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..backends.base import Policy
+from . import sessions as ops
+from .executor import Connector, Executor
+from .statements import Statements
+
+
+class Staged(Protocol):
+    """Something a request does that is written with its commit (a task row, a file row)."""
+
+    directory: str | None
+    """A directory whose lock the commit holds while it writes this (uploads), or None."""
+
+    def write(self, ex: Executor, now: float) -> None:
+        """In the commit's transaction, with the session row locked."""
+
+    def committed(self) -> None:
+        """After the commit (start a thread, let a replaced file go)."""
+
+    def discard(self) -> None:
+        """The request failed: undo what was done ahead of the commit."""
+
+
+class Staging(Protocol):
+    """A unit that takes :class:`Staged` writes (the current request's)."""
+
+    sid: str
+
+    def stage(self, item: Staged) -> None: ...
+
+    def staged(self) -> list[Staged]: ...
+
+
+class Context:
+    """The shared parts of one store's SQL backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        statements: Statements,
+        clock: Callable[[], float],
+        policy: Policy,
+    ) -> None:
+        self.connector = connector
+        self.st = statements
+        self.policy = policy
+        self._database_clock = clock
+        self._bound: contextvars.ContextVar[tuple[Staging, Any] | None] = contextvars.ContextVar(
+            f"silo_unit_{id(self):x}", default=None
+        )
+
+    # -- time ------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Unix seconds: the policy's injected clock, else the database's."""
+        clock = self.policy.clock
+        return clock() if clock is not None else self._database_clock()
+
+    @property
+    def touch_interval(self) -> float:
+        return self.policy.touch_interval_for(min(60.0, self.policy.ttl / 20))
+
+    def times(self, now: float, *, since: float | None = None) -> ops.Times:
+        """The times a write at *now* records (the session expires ttl + touch interval on)."""
+        lifetime = self.policy.ttl + self.touch_interval
+        return ops.Times(now, now + lifetime, now if since is None else since)
+
+    # -- the current request's unit -----------------------------------------------
+
+    def bind(self, unit: Staging) -> None:
+        """*unit* is the current request's: this context holds one connection for it."""
+        token = self.connector.hold()
+        self._bound.set((unit, token))
+
+    def unbind(self, unit: Staging) -> None:
+        """End a request's unit: give its connection back."""
+        bound = self._bound.get()
+        if bound is not None and bound[0] is unit:
+            self._bound.set(None)
+            self.connector.release(bound[1])
+
+    def current_unit(self, sid: str) -> Staging | None:
+        """The unit of this context's request, if it works on *sid*."""
+        bound = self._bound.get()
+        return bound[0] if bound is not None and bound[0].sid == sid else None

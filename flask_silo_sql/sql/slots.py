@@ -1,0 +1,71 @@
+"""A namespace as it was read (a :class:`Slot`), and saving one from a task thread.
+
+A unit keeps, for each namespace it read, the object it handed out and the
+JSON text and version the row had then: the baseline its commit compares
+with. A task that sits in the namespace keeps the same slot after the request
+ends, so the task's thread can save what it changed (:func:`save_merged`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from ..codec import UNSERIALISABLE, UnlinkedTask, encode, merge_keys, serialise
+from ..errors import StateConflict
+from . import sessions as ops
+from .context import Context
+
+MERGE_ATTEMPTS = 20
+"""How often a task thread's save retries when requests keep changing the namespace."""
+
+
+class Slot:
+    """One namespace as a unit read it: the object handed out, its text and version then."""
+
+    __slots__ = ("lock", "name", "text", "value", "version")
+
+    def __init__(self, name: str, value: Any, text: str, version: int | None) -> None:
+        self.name = name
+        self.value = value
+        self.text = text
+        """The JSON text the namespace had when read (or last written): the baseline."""
+        self.version = version
+        """The row's version then; None when it has no row (factory default)."""
+        self.lock = threading.Lock()  # a task thread may save this namespace too
+
+
+def save_merged(ctx: Context, sid: str, slot: Slot) -> None:
+    """Save one namespace from a task thread, merging by top-level key.
+
+    The keys this copy changed since it was read (or last saved) are applied
+    to the namespace as stored now, so changes made meanwhile by requests to
+    other keys survive. Retries on a concurrent write, and after
+    :data:`MERGE_ATTEMPTS` gives up with :class:`StateConflict`: it never
+    writes over another writer's change.
+    """
+    with slot.lock:
+        try:
+            text = serialise(slot.name, slot.value, ctx.policy.max_state_bytes)
+        except UnlinkedTask:
+            return
+        if text == slot.text:
+            return
+        mine = json.loads(text)
+        base = json.loads(slot.text) if slot.text != UNSERIALISABLE else None
+        for _attempt in range(MERGE_ATTEMPTS):
+            with ctx.connector.executor() as ex, ex.transaction():
+                current = ops.load_namespace(ex, ctx.st, sid, slot.name)
+                if current is None:
+                    write = ops.Write(slot.name, text, None)
+                else:
+                    merged = encode(merge_keys(current.data, base, mine))
+                    write = ops.Write(slot.name, merged, current.version)
+                try:
+                    versions = ops.write_namespaces(ex, ctx.st, sid, [write], ctx.now())
+                except StateConflict:
+                    continue
+            slot.text, slot.version = text, versions[0]
+            return
+        raise StateConflict(sid, slot.name)

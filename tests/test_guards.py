@@ -1,0 +1,324 @@
+"""The guards against lost updates and resurrection, each held to what it protects.
+
+Every guard (a ``raise StateConflict``, ``SessionExpired`` or
+``TaskAlreadyRunning`` in the SQL backend) answers one race: another writer
+between a read and its write, or a session that went away while a request or
+task worked on it. Each test makes that race happen deterministically (the
+other writer acts at the storage's statement hook, the seam every statement
+passes, or between two calls) and checks the outcome a user relies on: the
+error, and that nothing was overwritten or brought back.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify, request
+from sqlalchemy import Engine, delete, insert, select, update
+from support import Clock, at, sql_storage
+
+from flask_silo_sql import (
+    BackgroundTask,
+    SessionExpired,
+    SessionStore,
+    Silo,
+    SQLStorage,
+    StateConflict,
+    TaskAlreadyRunning,
+)
+from flask_silo_sql.codec import task_id_for
+from flask_silo_sql.sql.engine import make_engine
+from flask_silo_sql.sql.models import files, namespaces, sessions, tasks
+from flask_silo_sql.sql.slots import save_merged
+
+TTL = 100
+SID = "guarded-session-000000001"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def storage(silo_url: str, executor: Any) -> Iterator[SQLStorage]:
+    storage = SQLStorage(silo_url, executor=executor)
+    yield storage
+    storage.dispose()
+
+
+@pytest.fixture
+def other(silo_url: str) -> Iterator[Engine]:
+    """Another client of the database: what a second worker does, committed at once."""
+    engine = make_engine(silo_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(storage: SQLStorage, clock: Clock) -> SessionStore:
+    store = SessionStore(ttl=TTL, storage=storage, clock=clock)
+    store.register_namespace("cart", lambda: {"items": []})
+    store.register_namespace("job", lambda: {"task": BackgroundTask("work")})
+    return store
+
+
+def exists(engine: Engine, sid: str = SID) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(select(sessions.c.sid).where(sessions.c.sid == sid)).first() is not None
+
+
+def saved_cart(engine: Engine, sid: str = SID) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == "cart")
+        ).scalar()
+
+
+def at_statement(storage: SQLStorage, name: str, action: Any) -> None:
+    """Run *action* once, just before the storage sends statement *name*."""
+    done: list[bool] = []
+
+    def hook(statement: str, sql: str, values: Mapping[str, Any]) -> None:
+        if statement == name and not done:
+            done.append(True)
+            action()
+
+    storage.statement_hook = hook
+
+
+# -- namespaces and sessions ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("touch_due", [False, True], ids=["fresh", "touch-due"])
+def test_a_session_destroyed_meanwhile_is_not_recreated(
+    store: SessionStore, clock: Clock, other: Engine, touch_due: bool
+) -> None:
+    """Its row is gone (no expiry mark either): the write raises, nothing comes back."""
+    session = store.get(SID)
+    session["cart"]["items"].append("first")
+    store.save(SID, session)
+    session["cart"]["items"].append("late")
+    store.destroy(SID)
+    clock.advance(TTL if touch_due else 1)  # past the touch interval, or well within it
+    with pytest.raises(SessionExpired):
+        store.save(SID, session)
+    assert not exists(other)
+    assert saved_cart(other) is None
+
+
+def test_a_namespace_written_meanwhile_is_a_conflict(
+    store: SessionStore, storage: SQLStorage, other: Engine
+) -> None:
+    session = store.get(SID)
+    session["cart"]["items"].append("mine")
+    store.save(SID, session)
+    with other.begin() as conn:  # another worker's write, version 1 -> 2
+        conn.execute(
+            update(namespaces)
+            .where(namespaces.c.sid == SID)
+            .values(data={"items": ["theirs"]}, version=namespaces.c.version + 1)
+        )
+    session["cart"]["items"].append("lost?")
+    with pytest.raises(StateConflict):
+        store.save(SID, session)
+    assert saved_cart(other) == {"items": ["theirs"]}
+
+
+def test_a_task_threads_merge_gives_up_instead_of_overwriting(
+    store: SessionStore, storage: SQLStorage, other: Engine
+) -> None:
+    """Every retry of the merge finds the namespace changed again: it stops, it never
+    writes over the other writer."""
+    unit = store.unit(SID)
+    cart = unit.namespace("cart")
+    unit.commit()
+    cart["items"].append("from the thread")
+    slot = unit._slots["cart"]  # type: ignore[attr-defined]
+
+    def bump(statement: str, sql: str, values: Mapping[str, Any]) -> None:
+        if statement in ("update_namespace", "insert_namespace"):
+            with other.begin() as conn:
+                row = conn.execute(select(namespaces.c.version).where(namespaces.c.sid == SID))
+                if row.first() is None:
+                    conn.execute(
+                        insert(namespaces).values(
+                            sid=SID, name="cart", data={"items": ["other"]}, version=1,
+                            updated_at=at(store.now()),
+                        )
+                    )
+                else:
+                    conn.execute(
+                        update(namespaces)
+                        .where(namespaces.c.sid == SID)
+                        .values(data={"items": ["other"]}, version=namespaces.c.version + 1)
+                    )
+
+    storage.statement_hook = bump
+    with pytest.raises(StateConflict):
+        save_merged(store.backend.ctx, SID, slot)  # type: ignore[attr-defined]
+    storage.statement_hook = None
+    assert saved_cart(other) == {"items": ["other"]}
+
+
+# -- tasks ------------------------------------------------------------------------
+
+
+def test_a_task_started_in_a_session_destroyed_meanwhile_does_not_run(
+    store: SessionStore, other: Engine
+) -> None:
+    session = store.get(SID)
+    task = session["job"]["task"]
+    ran: list[bool] = []
+    store.destroy(SID)
+    with pytest.raises(SessionExpired):
+        task.start(lambda t: ran.append(True))
+    assert not exists(other)
+    with other.connect() as conn:
+        assert conn.execute(select(tasks.c.id)).first() is None
+    assert not task.is_running
+    assert ran == []
+
+
+def test_a_task_claimed_elsewhere_meanwhile_is_refused(
+    store: SessionStore, storage: SQLStorage, other: Engine
+) -> None:
+    """Another worker claims the run between this one's check and its claim."""
+    session = store.get(SID)
+    task = session["job"]["task"]
+    now = store.now()
+
+    def claim_elsewhere() -> None:
+        with other.begin() as conn:
+            conn.execute(
+                insert(tasks).values(
+                    id=task.task_id, sid=SID, name="work", status="running", progress=0.0,
+                    message="elsewhere", logs=[], started_at=at(now), heartbeat_at=at(now),
+                )
+            )
+
+    at_statement(storage, "claim_task", claim_elsewhere)
+    ran: list[bool] = []
+    with pytest.raises(TaskAlreadyRunning):
+        task.start(lambda t: ran.append(True))
+    storage.statement_hook = None
+    assert ran == []
+    with other.connect() as conn:
+        assert conn.execute(select(tasks.c.message)).scalar() == "elsewhere"
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def test_an_upload_into_a_session_destroyed_meanwhile_keeps_nothing(
+    store: SessionStore, storage: SQLStorage, other: Engine, tmp_path: Path
+) -> None:
+    """Outside a request: the session goes between the move and the row."""
+    from flask_silo_sql import FileStore
+
+    store.get(SID)
+    uploads = FileStore(
+        str(tmp_path / "up"), name="up", records=lambda: store.backend.file_records("up")
+    )
+
+    def destroy() -> None:
+        with other.begin() as conn:
+            conn.execute(delete(sessions).where(sessions.c.sid == SID))
+
+    at_statement(storage, "upsert_file", destroy)
+    with pytest.raises(SessionExpired):
+        uploads.save(SID, "a.txt", b"hello")
+    storage.statement_hook = None
+    assert not exists(other)
+    assert not (tmp_path / "up" / SID / "a.txt").exists()
+    with other.connect() as conn:
+        assert conn.execute(select(files.c.id)).first() is None
+
+
+def test_an_upload_whose_session_expires_during_the_request_answers_410(
+    silo_url: str, tmp_path: Path, other: Engine
+) -> None:
+    """The sweep expires the session while the upload runs: 410, no file, no new session."""
+    clock = Clock()
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = silo_url
+    silo = Silo(app, ttl=TTL, auto_cleanup=False)
+    silo.store.clock = clock
+    uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
+
+    @app.put("/api/upload")
+    def upload() -> Any:
+        path = uploads.save(silo.sid, "data.bin", io.BytesIO(request.get_data()))
+        clock.advance(10 * TTL)  # a slow client: the session idles out meanwhile
+        silo.store.sweep()
+        return jsonify(path=os.path.basename(path))
+
+    @app.get("/api/hello")
+    def hello() -> Any:
+        return jsonify(ok=True)
+
+    try:
+        client = app.test_client()
+        assert client.get("/api/hello", headers={"X-Session-ID": SID}).status_code == 200
+        answer = client.put("/api/upload", headers={"X-Session-ID": SID}, data=b"x" * 1000)
+        assert answer.status_code == 410, answer.get_data(as_text=True)
+        assert answer.get_json()["error"] == "session_expired"
+        assert not exists(other)
+        assert silo.store.is_expired(SID)
+        assert not (tmp_path / "uploads" / SID / "data.bin").exists()
+        with other.connect() as conn:
+            assert conn.execute(select(files.c.id)).first() is None
+    finally:
+        sql_storage(silo.store).dispose()
+
+
+def test_a_view_learns_at_once_that_its_task_runs_elsewhere(
+    silo_url: str, other: Engine
+) -> None:
+    """As in flask-silo, ``start()`` raises in the view (a RuntimeError it can handle)."""
+    clock = Clock()
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = silo_url
+    silo = Silo(app, ttl=TTL, auto_cleanup=False)
+    silo.store.clock = clock
+    silo.register("job", lambda: {"task": BackgroundTask("work")})
+    ran: list[bool] = []
+
+    @app.get("/api/look")
+    def look() -> Any:
+        return jsonify(running=silo.state("job")["task"].is_running)
+
+    @app.post("/api/start")
+    def start() -> Any:
+        task = silo.state("job")["task"]
+        try:
+            task.start(lambda t: ran.append(True))
+        except RuntimeError as exc:
+            return jsonify(refused=str(exc))
+        return jsonify(started=True)
+
+    try:
+        client = app.test_client()
+        headers = {"X-Session-ID": SID}
+        assert client.get("/api/look", headers=headers).get_json() == {"running": False}
+        now = at(clock.now)
+        with other.begin() as conn:  # another worker runs it, alive
+            conn.execute(
+                insert(tasks).values(
+                    id=task_id_for(SID, "job", "/task"), sid=SID, name="work", status="running",
+                    progress=0.0, message="theirs", logs=[], started_at=now, heartbeat_at=now,
+                )
+            )
+        answer = client.post("/api/start", headers=headers)
+        assert answer.status_code == 200
+        assert answer.get_json() == {"refused": "Task 'work' is already running"}
+        assert ran == []
+        with other.connect() as conn:
+            assert conn.execute(select(tasks.c.message)).scalar() == "theirs"
+    finally:
+        sql_storage(silo.store).dispose()
