@@ -40,6 +40,7 @@ EXTENSION_KEY = "silo"
 CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_DATABASE_URI": None,
     "SILO_ENGINE_OPTIONS": {},
+    "SILO_DB_TIMEOUT": 5.0,
     "SILO_TOUCH_INTERVAL": None,
     "SILO_MAX_STATE_BYTES": None,
     "SILO_SWEEP_BATCH_SIZE": 500,
@@ -225,7 +226,8 @@ class Silo:
             os.makedirs(app.instance_path, exist_ok=True)
             uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
             app.config["_SILO_EMBEDDED"] = True
-        return SQLStorage(uri, **app.config["SILO_ENGINE_OPTIONS"])
+        timeout = float(app.config["SILO_DB_TIMEOUT"])
+        return SQLStorage(uri, timeout=timeout, **app.config["SILO_ENGINE_OPTIONS"])
 
     def _configure(self, app: Flask, state: SiloApp) -> None:
         config = app.config
