@@ -351,7 +351,8 @@ class Silo:
 
     # -- request lifecycle ------------------------------------------------------
 
-    def _extract_sid(self, state: SiloApp) -> str:
+    def _extract_sid(self, state: SiloApp) -> tuple[str, bool]:
+        """The request's SID, and whether it was issued now (none acceptable was sent)."""
         min_length = self._min_sid_length
         sid = request.headers.get(self._header, "").strip()
         if not state.acceptable(sid, min_length):
@@ -360,8 +361,8 @@ class Silo:
             except UnicodeDecodeError:  # raw non-UTF-8 bytes in the query string
                 sid = ""
             if not state.acceptable(sid, min_length):
-                sid = state.new_sid()
-        return sid
+                return state.new_sid(), True
+        return sid, False
 
     def _before_request(self) -> None:
         if not request.path.startswith(self._api_prefix):
@@ -371,13 +372,13 @@ class Silo:
             state.daemon.start()  # first request in a forked worker
         if not state.schema_ok:
             self._verify_schema(state)
-        sid = self._extract_sid(state)
-        unit = state.store.request(sid, locking=state.locking)
+        sid, issued = self._extract_sid(state)
+        unit = state.store.request(sid, locking=state.locking, issued=issued)
         request_state = _RequestState(sid, unit)
         g._silo_request = request_state
         g.silo_sid = sid
         g.silo = LazySession(self)
-        if request.path in self._data_endpoints and unit.expired():
+        if not issued and request.path in self._data_endpoints and unit.expired():
             request_state.gone = True
             raise SessionExpired(sid)
 
@@ -386,8 +387,11 @@ class Silo:
         if state is None:
             return response
         status = response.status_code
+        passive = status in (404, 405) or request.method == "OPTIONS"
         try:
-            if not state.gone:
+            if passive and not state.unit.loaded:
+                pass  # nothing asked of the session: nothing stored, nothing touched
+            elif not state.gone:
                 state.unit.commit(state=status < 500, files=status < 400)
         except SessionExpired as exc:
             logger.info(

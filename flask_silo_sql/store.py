@@ -236,9 +236,9 @@ class SessionStore:
         """A unit of work on *sid*: lazy reads, then one commit."""
         return self._backend.unit(sid, locking=locking)
 
-    def request(self, sid: str, *, locking: bool = False) -> Unit:
+    def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> Unit:
         """The unit of the current request (its context shares one connection)."""
-        return self._backend.request(sid, locking=locking)
+        return self._backend.request(sid, locking=locking, issued=issued)
 
     @contextmanager
     def transaction(self, sid: str) -> Iterator[dict[str, Any]]:

@@ -250,6 +250,7 @@ def test_an_upload_whose_session_expires_during_the_request_answers_410(
     silo = Silo(app, ttl=TTL, auto_cleanup=False)
     silo.store.clock = clock
     uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
+    silo.register("data", lambda: {"items": []})
 
     @app.put("/api/upload")
     def upload() -> Any:
@@ -260,7 +261,7 @@ def test_an_upload_whose_session_expires_during_the_request_answers_410(
 
     @app.get("/api/hello")
     def hello() -> Any:
-        return jsonify(ok=True)
+        return jsonify(items=silo.state("data")["items"])
 
     try:
         client = app.test_client()

@@ -355,8 +355,12 @@ class DBAPIExecutor(Executor):
         try:
             if self._cursor is not None:
                 self._cursor.close()
+            open_transaction = self.in_transaction or (
+                not self.postgresql and self._dbapi.in_transaction
+            )
             self.in_transaction = False
-            self._dbapi.rollback()
+            if open_transaction:  # else the pool's reset on return does all there is to do
+                self._dbapi.rollback()
             if self.postgresql:
                 self._dbapi.autocommit = False  # the pool's default
         except self._dbapi_error as exc:
@@ -396,7 +400,9 @@ class CoreExecutor(Executor):
         return Result(rows, result.rowcount)
 
     def _end_statement(self) -> None:
-        self._conn.commit()  # PostgreSQL: autocommit, nothing is sent; SQLite: COMMIT if DML
+        # PostgreSQL: autocommit, nothing is sent; SQLite: COMMIT if the statement wrote.
+        if self.postgresql or self._conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            self._conn.commit()
 
     def _begin(self) -> None:
         if self._conn.in_transaction():
