@@ -55,7 +55,7 @@ split by statement (candidate SELECT, DELETE with its cascade, expired-SID
 INSERT, prune, commit; the rest is Python and round trips), timed around the
 driver calls of silo's executor, so the sweep runs on its default path (the
 DBAPI cursor). The exit status is 0 whatever the verdicts: this is a report. A
-full run takes about 7 minutes on 2 CPUs.
+full run takes about 8 minutes on 2 CPUs.
 
 Run: ``python benchmarks/sweep.py [--only sqlite|postgresql] [--scale F]
 [--batch-size B [B ...]] [--layout scattered|ordered|both] [--rounds R]``;
