@@ -28,6 +28,7 @@ from .backends import Unit
 from .cleanup import CleanupDaemon
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .files import FileStore
+from .logs import log_failure
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
@@ -42,7 +43,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_ENGINE_OPTIONS": {},
     "SILO_DB_TIMEOUT": 5.0,
     "SILO_TOUCH_INTERVAL": None,
-    "SILO_MAX_STATE_BYTES": None,
+    "SILO_MAX_STATE_BYTES": 1024 * 1024,
     "SILO_SWEEP_BATCH_SIZE": 500,
     "SILO_TASK_HEARTBEAT_TIMEOUT": 60.0,
     "SILO_TASK_FLUSH_INTERVAL": 0.5,
@@ -401,7 +402,12 @@ class Silo:
                 response = current_app.make_response(current_app.handle_user_exception(exc))
         except SiloError as exc:
             response = current_app.make_response(current_app.handle_user_exception(exc))
-        response.headers[self._header] = state.sid
+        headers = response.headers
+        headers[self._header] = state.sid
+        # A response that carries a SID is that client's alone: no shared cache keeps it.
+        if "Cache-Control" not in headers:
+            headers["Cache-Control"] = "private, no-store"
+        response.vary.add(self._header)
         return response
 
     def _teardown_request(self, exc: BaseException | None) -> None:
@@ -420,8 +426,15 @@ class Silo:
         for files in self._file_stores.values():
             try:
                 files.cleanup(sid, rows=False)  # the rows went with the session
-            except Exception:
-                logger.exception("Error cleaning up file store for session %s", tag(sid))
+            except Exception as exc:
+                log_failure(
+                    logger,
+                    "could not clean file store %r of session %s",
+                    files.name,
+                    tag(sid),
+                    exc=exc,
+                    sid=sid,
+                )
 
     # -- request accessors ------------------------------------------------------
 

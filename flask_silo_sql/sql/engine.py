@@ -98,9 +98,7 @@ def postgresql_connect_args(timeout: float) -> dict[str, Any]:
     }
 
 
-def make_engine(
-    url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, **options: Any
-) -> Engine:
+def make_engine(url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> Engine:
     """Create an engine for *url* with the connection settings silo relies on.
 
     *timeout* (seconds) bounds every wait: connecting, a pool checkout, a
@@ -126,9 +124,7 @@ def make_engine(
     engine = create_engine(parsed, connect_args=connect_args, **kwargs)
     if sqlite:
         busy_ms = int(timeout * 1000)
-        event.listen(
-            engine, "connect", lambda conn, record: sqlite_pragmas(conn, record, busy_ms)
-        )
+        event.listen(engine, "connect", lambda conn, record: sqlite_pragmas(conn, record, busy_ms))
     if kwargs.get("poolclass") is not StaticPool:
         _forkable.add(engine)  # an in-memory database has no connection to share
     return engine

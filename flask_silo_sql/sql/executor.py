@@ -95,6 +95,13 @@ class Result:
         return self.rows[0][0] if self.rows else None
 
 
+def unreachable(exc: BaseException) -> StorageUnavailable:
+    """The error for a connection that could not be made (its cause kept, not chained)."""
+    error = StorageUnavailable(f"Silo database unreachable: {describe(exc)}")
+    error.original = exc
+    return error
+
+
 def describe(exc: BaseException) -> str:
     """A log-safe account of a database error: its class and first line, no parameters."""
     original = getattr(exc, "orig", None) or exc
@@ -175,7 +182,7 @@ class Executor:
             if not self.in_transaction:
                 self._end_statement()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
         finally:
             self._done_waiting()
         return result
@@ -205,7 +212,7 @@ class Executor:
         try:
             self._begin()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
         self.in_transaction = True
 
     def commit(self) -> None:
@@ -216,7 +223,7 @@ class Executor:
             self.busy_since = self._waiting_since = time.monotonic()
             self._commit()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
         finally:
             self._done_waiting()
 
@@ -228,7 +235,7 @@ class Executor:
             self.busy_since = time.monotonic()
             self._rollback()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
         finally:
             self._done_waiting()
 
@@ -256,7 +263,9 @@ class Executor:
 
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
         self._on_error(exc)
-        return StorageUnavailable(f"Silo database error: {describe(exc)}")
+        error = StorageUnavailable(f"Silo database error: {describe(exc)}")
+        error.original = exc
+        return error
 
     def _on_error(self, exc: BaseException) -> None:
         """Invalidate a connection that died (and its siblings in the pool)."""
@@ -274,7 +283,7 @@ class DBAPIExecutor(Executor):
         try:
             self._raw = engine.raw_connection()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StorageUnavailable(f"Silo database unreachable: {describe(exc)}") from exc
+            raise unreachable(exc) from None
         dbapi: Any = self._raw.dbapi_connection
         self._dbapi = dbapi
         self._cursor: Any = None
@@ -383,7 +392,7 @@ class CoreExecutor(Executor):
             if self.postgresql:
                 self._dbapi().autocommit = True
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StorageUnavailable(f"Silo database unreachable: {describe(exc)}") from exc
+            raise unreachable(exc) from None
         self._watch()
 
     def socket_fd(self) -> int | None:

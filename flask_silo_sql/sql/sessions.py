@@ -219,4 +219,3 @@ def delete_sessions(ex: Executor, st: Statements, sids: list[str]) -> None:
         for statement in st.delete_children:
             ex.run(statement, values)
         ex.run(st.delete_sessions, values)
-
