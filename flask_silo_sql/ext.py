@@ -94,12 +94,14 @@ class SiloApp:
 class _RequestState:
     """What the extension knows about the current request."""
 
-    __slots__ = ("gone", "sid", "unit")
+    __slots__ = ("gone", "sid", "streamed", "unit")
 
     def __init__(self, sid: str, unit: Unit) -> None:
         self.sid = sid
         self.unit = unit
         self.gone = False
+        self.streamed = False
+        """The response streams: what its generator changes is saved when it ends."""
 
 
 class LazySession(MutableMapping[str, Any]):
@@ -389,6 +391,7 @@ class Silo:
             return response
         status = response.status_code
         passive = status in (404, 405) or request.method == "OPTIONS"
+        state.streamed = response.is_streamed and status < 400
         try:
             if passive and not state.unit.loaded:
                 pass  # nothing asked of the session: nothing stored, nothing touched
@@ -412,8 +415,26 @@ class Silo:
 
     def _teardown_request(self, exc: BaseException | None) -> None:
         state: _RequestState | None = g.get("_silo_request")
-        if state is not None:
+        if state is None:
+            return
+        try:
+            if state.streamed and not state.gone:
+                self._commit_after_stream(state, failed=exc is not None)
+        finally:
             state.unit.close()
+
+    @staticmethod
+    def _commit_after_stream(state: _RequestState, *, failed: bool) -> None:
+        """The stream has ended (``stream_with_context`` keeps the request until then):
+        save what its generator changed. The headers are sent, so a failure is logged."""
+        try:
+            state.unit.commit(state=not failed)
+        except SiloError as error:
+            logger.error(
+                "state changed while streaming the response of session %s was NOT saved: %s",
+                tag(state.sid),
+                error,
+            )
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""
@@ -468,6 +489,18 @@ class Silo:
     def sid(self) -> str:
         """The current request's SID."""
         return self._request_state().sid
+
+    def commit(self) -> None:
+        """Save the current request's changes now (they are saved at its end anyway).
+
+        For a long streamed response (``stream_with_context``): what the
+        generator changed so far is written, under the same version guard; a
+        conflict raises (:class:`StateConflict`, ...), which ends the stream.
+        """
+        state = self._request_state()
+        if state.gone:
+            raise SessionExpired(state.sid)
+        state.unit.commit()
 
     def reset_current(self) -> None:
         """Fresh state for the current session, and its files removed."""

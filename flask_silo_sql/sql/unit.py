@@ -402,16 +402,18 @@ class SQLUnit:
             self._existed = None  # read the session's row again with the next namespace
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Release what the unit holds. A unit may be used again after it (a streamed
+        response's generator reads and saves after its request's first teardown), so
+        closing again releases what that use took."""
         try:
             self.rollback()
         finally:
             token, self._token = self._token, None
             if token is not None:
                 self._ctx.connector.release(token)
-            self._ctx.unbind(self)
+            if not self._closed:
+                self._closed = True
+                self._ctx.unbind(self)
 
 
 def _discard(staged: list[Staged]) -> None:
