@@ -226,7 +226,14 @@ class Silo:
     def _default_storage(app: Flask) -> SQLStorage:
         uri = app.config["SILO_DATABASE_URI"] or os.environ.get("SILO_DATABASE_URI")
         if not uri:
-            os.makedirs(app.instance_path, exist_ok=True)
+            try:
+                os.makedirs(app.instance_path, exist_ok=True)
+            except OSError as exc:
+                raise SiloError(
+                    f"Cannot create the instance folder {app.instance_path} for the embedded "
+                    f"silo database ({exc.strerror}): create it writable by this process, or "
+                    "set SILO_DATABASE_URI."
+                ) from None
             uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
             app.config["_SILO_EMBEDDED"] = True
         timeout = float(app.config["SILO_DB_TIMEOUT"])
