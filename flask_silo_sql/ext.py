@@ -52,6 +52,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_MAX_SESSION_BYTES": None,
     "SILO_LOCKING": False,
     "SILO_STRICT_SIDS": False,
+    "SILO_SID_MAX_AGE": 30 * 24 * 3600,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
@@ -77,17 +78,26 @@ class SiloApp:
             if not keys[0]:
                 raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
             self.sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
+        max_age = config["SILO_SID_MAX_AGE"]
+        self.sid_max_age: float | None = None if max_age is None else float(max_age)
+        """Strict SIDs: how long after its issue a SID is accepted (then a new one is given)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
 
     def acceptable(self, sid: str, min_length: int) -> bool:
         if not is_valid_sid(sid, min_length):
             return False
-        return not self.sid_keys or is_signed_sid(sid, self.sid_keys)
+        if not self.sid_keys:
+            return True
+        if self.sid_max_age is None:
+            return is_signed_sid(sid, self.sid_keys)
+        return is_signed_sid(
+            sid, self.sid_keys, now=self.store.now(), max_age=self.sid_max_age
+        )
 
     def new_sid(self) -> str:
         if self.sid_keys:
-            return new_signed_sid(self.sid_keys[0])
+            return new_signed_sid(self.sid_keys[0], self.store.now())
         return self.store.generate_sid()
 
 
