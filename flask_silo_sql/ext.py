@@ -91,9 +91,7 @@ class SiloApp:
             return True
         if self.sid_max_age is None:
             return is_signed_sid(sid, self.sid_keys)
-        return is_signed_sid(
-            sid, self.sid_keys, now=self.store.now(), max_age=self.sid_max_age
-        )
+        return is_signed_sid(sid, self.sid_keys, now=self.store.now(), max_age=self.sid_max_age)
 
     def new_sid(self) -> str:
         if self.sid_keys:
@@ -186,6 +184,7 @@ class Silo:
         self._first_taken = False
         self._apps: list[SiloApp] = []
         self._first.on_expire(self._on_session_expire)
+        self._first.registry.on_rotate.append(self._move_files)
         if app is not None:
             self.init_app(app)
 
@@ -460,6 +459,22 @@ class Silo:
             logger.error("%s", exc)
         return jsonify(exc.body()), status
 
+    def _move_files(self, old: str, new: str) -> Callable[[], None]:
+        undos: list[Callable[[], None]] = []
+        try:
+            for files in self._file_stores.values():
+                undos.append(files.move_session(old, new))
+        except BaseException:
+            for undo in reversed(undos):
+                undo()
+            raise
+
+        def undo_all() -> None:
+            for undo in reversed(undos):
+                undo()
+
+        return undo_all
+
     def _on_session_expire(self, sid: str) -> None:
         for files in self._file_stores.values():
             try:
@@ -518,6 +533,29 @@ class Silo:
         if state.gone:
             raise SessionExpired(state.sid)
         state.unit.commit()
+
+    def rotate(self) -> str:
+        """Give the current client a new SID, keeping its state (call it after a login).
+
+        What the request changed so far is saved first; then the session, its
+        tasks and its files move to the new SID in one transaction, and the
+        response carries the new SID. The old SID reaches nothing any more: a
+        request still using it is answered as an expired session (``410`` on
+        a data endpoint, a fresh session elsewhere). Returns the new SID.
+        """
+        state = self._request_state()
+        app_state = self._app_state()
+        if state.gone:
+            raise SessionExpired(state.sid)
+        state.unit.commit()
+        old = state.sid
+        new = app_state.new_sid()
+        app_state.store.rotate(old, new)
+        state.unit.close()
+        state.unit = app_state.store.request(new, locking=app_state.locking)
+        state.sid = new
+        g.silo_sid = new
+        return new
 
     def reset_current(self) -> None:
         """Fresh state for the current session, and its files removed."""

@@ -58,7 +58,7 @@ def is_signed_sid(
     *max_age*, no longer ago than that."""
     if len(sid) != SIGNED_SID_LENGTH or not SID_PATTERN.fullmatch(sid):
         return False
-    token, signature = sid[: -SIGNATURE_LENGTH], sid[-SIGNATURE_LENGTH:]
+    token, signature = sid[:-SIGNATURE_LENGTH], sid[-SIGNATURE_LENGTH:]
     if not any(hmac.compare_digest(signature, _signature(key, token)) for key in keys):
         return False
     if max_age is None:
