@@ -376,7 +376,7 @@ class Silo:
         sid = request.headers.get(self._header, "").strip()
         if not state.acceptable(sid, min_length):
             try:
-                sid = request.args.get(self._query_param, "").strip()
+                sid = request.args.get(self._query_param, "").strip() if self._query_param else ""
             except UnicodeDecodeError:  # raw non-UTF-8 bytes in the query string
                 sid = ""
             if not state.acceptable(sid, min_length):

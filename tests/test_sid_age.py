@@ -72,3 +72,16 @@ def test_an_old_strict_sid_gets_a_new_sid_not_its_session(
     assert issued_at(fresh) == int(clock.now)
     assert client.post("/api/count", headers={HEADER: fresh}).get_json() == {"n": 2}
     assert silo.store.exists(sid)  # left to expire; no request reaches it any more
+
+
+def test_the_query_parameter_can_be_turned_off(silo_url: str) -> None:
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = silo_url
+    silo = Silo(app, auto_cleanup=False, query_param="")
+    sid = "a-client-chosen-sid-00000001"
+    try:
+        for url in (f"/api/x?_sid={sid}", f"/api/x?={sid}"):
+            assert app.test_client().get(url).headers[HEADER] != sid
+        assert app.test_client().get("/api/x", headers={HEADER: sid}).headers[HEADER] == sid
+    finally:
+        sql_storage(silo.store).dispose()
