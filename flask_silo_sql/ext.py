@@ -228,8 +228,9 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
-        if self._auto_cleanup:
-            state.daemon.start()
+        # The cleanup thread starts with a process's first API request, not here: a
+        # `gunicorn --preload` master, which serves none, then holds no connection
+        # that the workers it forks would inherit.
 
     @staticmethod
     def _default_storage(app: Flask) -> SQLStorage:
@@ -388,7 +389,7 @@ class Silo:
             return
         state = self._app_state()
         if self._auto_cleanup and not state.daemon.running:
-            state.daemon.start()  # first request in a forked worker
+            state.daemon.start()  # this process's first API request
         if not state.schema_ok:
             self._verify_schema(state)
         sid, issued = self._extract_sid(state)
