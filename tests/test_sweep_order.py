@@ -82,7 +82,7 @@ def test_each_session_keeps_its_own_apps_ttl(silo_url: str) -> None:
         clock.advance(10)
         assert short.sweep().expired == ["short-lived-session-000001"]
         assert long.exists("long-lived-session-0000001")
-        clock.advance(3590)
+        clock.advance(3591)
         assert short.sweep().expired == ["long-lived-session-0000001"]  # due by its own TTL
     finally:
         storage.dispose()
