@@ -425,9 +425,13 @@ class Silo:
         headers = response.headers
         headers[self._header] = state.sid
         # A response that carries a SID is that client's alone: no shared cache keeps it.
-        if "Cache-Control" not in headers:
-            headers["Cache-Control"] = "private, no-store"
-        response.vary.add(self._header)
+        if headers.get("Cache-Control") is None:
+            headers.add("Cache-Control", "private, no-store")
+        vary = headers.get("Vary")
+        if vary is None:
+            headers.add("Vary", self._header)
+        elif self._header.lower() not in vary.lower():
+            headers["Vary"] = f"{vary}, {self._header}"
         return response
 
     def _teardown_request(self, exc: BaseException | None) -> None:

@@ -469,6 +469,31 @@ class _Held:
         """How many holds beyond the first share it (a unit opened inside a request)."""
 
 
+class _Use:
+    """``with connector.executor() as ex``: the held executor, or one for the block."""
+
+    __slots__ = ("_connector", "_own")
+
+    def __init__(self, connector: Connector) -> None:
+        self._connector = connector
+        self._own: Executor | None = None
+
+    def __enter__(self) -> Executor:
+        connector = self._connector
+        held = connector._held.get()
+        if held is not None:
+            if held.executor is None:
+                held.executor = connector._new()
+            return held.executor
+        self._own = connector._new()
+        return self._own
+
+    def __exit__(self, *exc: object) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            own.close()
+
+
 class Connector:
     """Executors for one engine: chosen by mode, one held per context."""
 
@@ -572,20 +597,9 @@ class Connector:
         """Whether this context holds a connection (a request is in progress)."""
         return self._held.get() is not None
 
-    @contextmanager
-    def executor(self) -> Iterator[Executor]:
+    def executor(self) -> _Use:
         """This context's held executor, or a connection for the length of the block."""
-        held = self._held.get()
-        if held is not None:
-            if held.executor is None:
-                held.executor = self._new()
-            yield held.executor
-            return
-        executor = self._new()
-        try:
-            yield executor
-        finally:
-            executor.close()
+        return _Use(self)
 
     @contextmanager
     def transaction(self) -> Iterator[Executor]:
