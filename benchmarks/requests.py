@@ -1,4 +1,4 @@
-"""Per-request cost of session state: flask_silo_sql against its floor and its peers.
+"""Per-request cost of session state: flask_silo_sql against its floors and its peers.
 
 Two endpoints, the same handler code in every app:
 
@@ -13,12 +13,27 @@ Configurations, each driven in-process through Flask's test client:
   SQLite engine gets the same connection settings as flask_silo_sql's);
 * flask_silo_sql on SQLite and on PostgreSQL: ``Silo(app, storage=SQLStorage(url),
   auto_cleanup=False)`` on a migrated database, one client SID reused;
-* the raw floor on each database, no Flask: one SQLAlchemy Core SELECT (read),
-  and SELECT + UPDATE + commit (write) on a one-row table shaped like
+* the same with OpenTelemetry's SQLAlchemy instrumentation attached to its
+  engine (``tests/otel.py``'s ``EngineSpans``: the package's own listeners,
+  spans exported to memory, cleared after every round), so silo runs its
+  statements through SQLAlchemy Core, as it does while anything observes the
+  engine;
+* two floors on each database, no Flask, on a one-row table shaped like
   ``silo_namespaces`` (string key, JSON/JSONB document, version), with an
   engine from :func:`flask_silo_sql.sql.engine.make_engine`, so identical
   connection settings (SQLite WAL, ``synchronous=NORMAL``, busy timeout,
-  foreign keys; psycopg 3 and the same pool on PostgreSQL).
+  foreign keys; psycopg 3 and the same pool on PostgreSQL):
+
+  * the Core floor: one SQLAlchemy Core SELECT (read), and SELECT + UPDATE +
+    commit in one ``engine.begin()`` block (write);
+  * the DBAPI floor: no SQLAlchemy on the measured path, two pooled DBAPI
+    connections taken once from ``engine.raw_connection()``, one cursor each.
+    Read: one ``SELECT`` (one round trip; PostgreSQL in autocommit, as silo's
+    reads are). Write: one versioned ``UPDATE`` of the document, then
+    ``COMMIT`` (on PostgreSQL outside autocommit, so psycopg sends ``BEGIN``
+    first: three round trips, where an autocommitted UPDATE, as silo sends a
+    one-namespace write of a freshly touched session, is one); its write
+    column is that alone, the read it would need is the read column.
 
 PostgreSQL is a private server started for the run with ``fsync=on`` and
 ``synchronous_commit=on`` (``tests/pgserver.py``), or the server named by
@@ -26,10 +41,13 @@ PostgreSQL is a private server started for the run with ``fsync=on`` and
 timed with :func:`time.perf_counter_ns` after a warm-up; rounds are interleaved
 across configurations and the median round is reported.
 
-Targets, on each database: a flask_silo_sql write costs at most 1.25 x (bare
-Flask write + raw write floor), a read at most 1.25 x (bare Flask read + raw
-read floor), and Flask-Session costs at least 3 x flask_silo_sql for both.
-The exit status is 0 whatever the verdicts: this is a report.
+Targets, on each database: a flask_silo_sql write costs at most 1.15 x (bare
+Flask write + DBAPI SELECT + DBAPI UPDATE/COMMIT), a read at most 1.15 x (bare
+Flask read + DBAPI SELECT); against the Core floor, a write at most 1.25 x
+(bare Flask write + Core write floor) and a read at most 1.25 x (bare Flask read
++ Core read floor); and Flask-Session costs at least 3 x flask_silo_sql for both.
+The traced configuration's ratios to the same floors are reported, with no
+target. The exit status is 0 whatever the verdicts: this is a report.
 
 Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]``.
 """
@@ -39,6 +57,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
 import os
 import platform
 import secrets
@@ -83,8 +102,10 @@ READ_PATH = "/api/read"
 DATABASES = ("sqlite", "postgresql")
 DB_TITLES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 
-WRITE_FLOOR_TARGET = 1.25
-READ_FLOOR_TARGET = 1.25
+DBAPI_FLOOR_TARGET = 1.15
+"""silo / (bare Flask + DBAPI floor), for writes and reads."""
+CORE_FLOOR_TARGET = 1.25
+"""silo / (bare Flask + Core floor), for writes and reads."""
 PEER_TARGET = 3.0
 
 Op = Callable[[], None]
@@ -109,13 +130,16 @@ class Bench:
 
     label: str
     role: str
-    """``bare``, ``silo``, ``floor``, ``flask_session`` or ``silo_sql``."""
+    """``bare``, ``silo``, ``floor`` (Core), ``dbapi_floor``, ``flask_session``, ``silo_sql``
+    or ``silo_sql_traced``."""
     db: str | None
     write: Op
     read: Op
     value: Callable[[], int]
     """The counter as the configuration itself reads it back."""
     closers: list[Callable[[], None]] = field(default_factory=list)
+    after_round: Callable[[], None] | None = None
+    """Called after each timed round (outside the timing)."""
     server_version: str | None = None
     writes_done: int = 0
     write_rounds: list[float] = field(default_factory=list)
@@ -213,21 +237,45 @@ def flask_session_bench(db: str, url: str, sid: str) -> Bench:
                  closers=[engine.dispose])
 
 
-def silo_sql_bench(db: str, url: str, sid: str) -> Bench:
+def silo_sql_bench(db: str, url: str, sid: str, *, traced: bool = False) -> Bench:
     storage = flask_silo_sql.SQLStorage(url)
     schema.upgrade(storage.engine)
-    app = Flask(f"bench_silo_sql_{db}")
+    closers: list[Callable[[], None]] = [storage.dispose]
+    after_round: Callable[[], None] | None = None
+    label, role = "flask_silo_sql", "silo_sql"
+    if traced:
+        spans = engine_spans(storage.engine)
+        spans.attach()
+        closers.append(spans.detach)
+        if not storage.connector.observed():
+            raise BenchError("the traced engine is not observed: silo would not use Core")
+        label, role = "flask_silo_sql, OpenTelemetry traced (Core)", "silo_sql_traced"
+
+        def after_round() -> None:
+            traced_sql = " ".join(spans.statements())
+            if "silo_namespaces" not in traced_sql:
+                raise BenchError("the tracer saw none of silo's statements")
+            spans.clear()
+
+    app = Flask(f"bench_silo_sql_{db}{'_traced' if traced else ''}")
     silo = flask_silo_sql.Silo(app, storage=storage, auto_cleanup=False)
     silo.register("counter", lambda: {"n": 0})
     add_counter_routes(app, lambda: silo.state("counter"))
     write, read, value = client_ops(app, sid)
-    return Bench("flask_silo_sql", "silo_sql", db, write, read, value,
-                 closers=[storage.dispose, silo.stop])
+    closers.append(silo.stop)
+    return Bench(label, role, db, write, read, value, closers=closers, after_round=after_round)
 
 
-def floor_bench(db: str, url: str, sid: str) -> Bench:
-    """One Core SELECT (read); SELECT + UPDATE + commit (write); no Flask."""
-    engine: Engine = make_engine(url)
+def engine_spans(engine: Engine) -> Any:
+    """``tests/otel.py``'s ``EngineSpans`` on *engine* (not attached yet)."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module("otel").EngineSpans(engine)
+
+
+def floor_table(engine: Engine, sid: str) -> Table:
+    """The floors' one-row table, shaped like ``silo_namespaces``, created and filled."""
     metadata = MetaData()
     table = Table(
         "bench_floor",
@@ -239,6 +287,18 @@ def floor_bench(db: str, url: str, sid: str) -> Bench:
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(insert(table).values(sid=sid, data={"n": 0}, version=1))
+    return table
+
+
+def server_version(engine: Engine) -> str | None:
+    info = engine.dialect.server_version_info
+    return ".".join(map(str, info)) if info else None
+
+
+def floor_bench(db: str, url: str, sid: str) -> Bench:
+    """One Core SELECT (read); SELECT + UPDATE + commit (write); no Flask."""
+    engine: Engine = make_engine(url)
+    table = floor_table(engine, sid)
     key = bindparam("k_sid", type_=String(SID_LENGTH))
     load = select(table.c.data, table.c.version).where(table.c.sid == key)
     store = (
@@ -263,10 +323,65 @@ def floor_bench(db: str, url: str, sid: str) -> Bench:
         with engine.connect() as conn:
             return int(conn.execute(load, params).one().data["n"])
 
-    info = engine.dialect.server_version_info
-    return Bench("raw floor (Core, no Flask)", "floor", db, write, read, value,
-                 closers=[engine.dispose],
-                 server_version=".".join(map(str, info)) if info else None)
+    return Bench("Core floor (no Flask)", "floor", db, write, read, value,
+                 closers=[engine.dispose], server_version=server_version(engine))
+
+
+def dbapi_floor_bench(db: str, url: str, sid: str) -> Bench:
+    """One DBAPI SELECT (read); one UPDATE + COMMIT (write); no SQLAlchemy, no Flask.
+
+    Two pooled connections of a :func:`make_engine` engine, taken once: the
+    reader's in autocommit on PostgreSQL (as silo's reads run), the writer's
+    not, so each write is the UPDATE and then COMMIT.
+    """
+    engine: Engine = make_engine(url)
+    floor_table(engine, sid)
+    pg = engine.dialect.name == "postgresql"
+    mark = "%s" if pg else "?"
+    load = f"SELECT data, version FROM bench_floor WHERE sid = {mark}"
+    store = (f"UPDATE bench_floor SET data = {mark}{'::jsonb' if pg else ''}, "
+             f"version = version + 1 WHERE sid = {mark} AND version = {mark}")
+    pooled = [engine.raw_connection(), engine.raw_connection()]
+    reader: Any = pooled[0].dbapi_connection
+    writer: Any = pooled[1].dbapi_connection
+    if pg:
+        reader.autocommit = True
+    read_cursor = reader.cursor()
+    write_cursor = writer.cursor()
+    key = (sid,)
+    read_cursor.execute(load, key)
+    data, version = read_cursor.fetchone()
+    n = int((json.loads(data) if isinstance(data, str) else data)["n"])
+
+    def write() -> None:
+        nonlocal n, version
+        write_cursor.execute(store, (json.dumps({"n": n + 1}), sid, version))
+        writer.commit()
+        if write_cursor.rowcount != 1:
+            raise BenchError("DBAPI floor: the UPDATE changed no row")
+        n += 1
+        version += 1
+
+    def read() -> None:
+        read_cursor.execute(load, key)
+        read_cursor.fetchone()
+
+    def value() -> int:
+        read_cursor.execute(load, key)
+        row = read_cursor.fetchone()
+        return int((json.loads(row[0]) if isinstance(row[0], str) else row[0])["n"])
+
+    def close() -> None:
+        read_cursor.close()
+        write_cursor.close()
+        if pg:
+            reader.autocommit = False  # the pool's default
+        for connection in pooled:
+            connection.close()
+        engine.dispose()
+
+    return Bench("DBAPI floor (no SQLAlchemy, no Flask)", "dbapi_floor", db, write, read,
+                 value, closers=[close], server_version=server_version(engine))
 
 
 # -- databases -----------------------------------------------------------------
@@ -284,11 +399,16 @@ def start_postgresql() -> PgServerLike:
 
 
 def database_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Bench]:
-    """Floor, Flask-Session and flask_silo_sql on *db*, each in its own database."""
+    """The floors, Flask-Session and flask_silo_sql (untraced, traced) on *db*.
+
+    Each in its own database.
+    """
     return [
+        dbapi_floor_bench(db, new_url(), sid),
         floor_bench(db, new_url(), sid),
         flask_session_bench(db, new_url(), sid),
         silo_sql_bench(db, new_url(), sid),
+        silo_sql_bench(db, new_url(), sid, traced=True),
     ]
 
 
@@ -311,6 +431,8 @@ def warm_up(bench: Bench, iterations: int) -> None:
         bench.read()
     bench.writes_done += iterations
     check(bench)
+    if bench.after_round is not None:
+        bench.after_round()
 
 
 def check(bench: Bench) -> None:
@@ -329,6 +451,8 @@ def run(benches: list[Bench], iterations: int, rounds: int) -> None:
             bench.write_rounds.append(timed(bench.write, iterations))
             bench.writes_done += iterations
             bench.read_rounds.append(timed(bench.read, iterations))
+            if bench.after_round is not None:
+                bench.after_round()
     for bench in benches:
         check(bench)
 
@@ -354,18 +478,38 @@ class Verdict:
     def line(self) -> str:
         sign = "<=" if self.at_most else ">="
         mark = "PASS" if self.ok else "FAIL"
-        return f"  {mark}  {DB_TITLES[self.db]:<10}  {self.what:<44} {self.ratio:5.2f}  " \
+        return f"  {mark}  {DB_TITLES[self.db]:<10}  {self.what:<64} {self.ratio:5.2f}  " \
                f"(target {sign} {self.target:g})"
+
+
+FLOOR_RATIOS = (
+    ("write / (bare Flask write + DBAPI SELECT + DBAPI UPDATE/COMMIT)", DBAPI_FLOOR_TARGET),
+    ("read / (bare Flask read + DBAPI SELECT)", DBAPI_FLOOR_TARGET),
+    ("write / (bare Flask write + Core write floor)", CORE_FLOOR_TARGET),
+    ("read / (bare Flask read + Core read floor)", CORE_FLOOR_TARGET),
+)
+"""The ratios of a flask_silo_sql configuration to the floors, in :func:`floor_ratios`' order."""
+
+
+def floor_ratios(silo: Bench, db: str, benches: list[Bench], bare: Bench) -> list[float]:
+    """*silo*'s costs over bare Flask's plus each floor's on *db* (see FLOOR_RATIOS)."""
+    by_role = {b.role: b for b in benches if b.db == db}
+    dbapi, core = by_role["dbapi_floor"], by_role["floor"]
+    return [
+        silo.write_us / (bare.write_us + dbapi.read_us + dbapi.write_us),
+        silo.read_us / (bare.read_us + dbapi.read_us),
+        silo.write_us / (bare.write_us + core.write_us),
+        silo.read_us / (bare.read_us + core.read_us),
+    ]
 
 
 def verdicts_for(db: str, benches: list[Bench], bare: Bench) -> list[Verdict]:
     by_role = {b.role: b for b in benches if b.db == db}
-    silo, floor, peer = by_role["silo_sql"], by_role["floor"], by_role["flask_session"]
+    silo, peer = by_role["silo_sql"], by_role["flask_session"]
+    ratios = floor_ratios(silo, db, benches, bare)
     return [
-        Verdict(db, "write / (bare Flask write + raw write floor)",
-                silo.write_us / (bare.write_us + floor.write_us), WRITE_FLOOR_TARGET, True),
-        Verdict(db, "read / (bare Flask read + raw read floor)",
-                silo.read_us / (bare.read_us + floor.read_us), READ_FLOOR_TARGET, True),
+        *(Verdict(db, what, ratio, target, True)
+          for (what, target), ratio in zip(FLOOR_RATIOS, ratios, strict=True)),
         Verdict(db, "Flask-Session write / flask_silo_sql write",
                 peer.write_us / silo.write_us, PEER_TARGET, False),
         Verdict(db, "Flask-Session read / flask_silo_sql read",
@@ -378,8 +522,9 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
            verbose: bool) -> None:
     bare = next(b for b in benches if b.role == "bare")
     verdicts = {db: verdicts_for(db, benches, bare) for db in dbs}
-    columns = ["configuration", "write µs/req", "read µs/req", "write/(bare+floor)",
-               "read/(bare+floor)", "FS/silo write", "FS/silo read"]
+    columns = ["configuration", "write µs/req", "read µs/req", "write/(bare+DBAPI)",
+               "read/(bare+DBAPI)", "write/(bare+Core)", "read/(bare+Core)",
+               "FS/silo write", "FS/silo read"]
     rows: list[list[str] | str] = []
     for bench in benches:
         if bench.db is None:
@@ -392,10 +537,17 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
             continue
         rows.append(DB_TITLES[db])
         for bench in benches:
-            if bench.db == db:
-                rows.append(_row(bench, verdicts[db] if bench.role == "silo_sql" else []))
-    cells = [columns, *[r for r in rows if isinstance(r, list)]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+            if bench.db != db:
+                continue
+            if bench.role == "silo_sql":
+                cells = [v.cell() for v in verdicts[db]]
+            elif bench.role == "silo_sql_traced":
+                cells = [f"{r:.2f}" for r in floor_ratios(bench, db, benches, bare)] + ["", ""]
+            else:
+                cells = []
+            rows.append(_row(bench, cells))
+    cells_rows = [columns, *[r for r in rows if isinstance(r, list)]]
+    widths = [max(len(row[i]) for row in cells_rows) for i in range(len(columns))]
     rule = "-+-".join("-" * w for w in widths)
 
     def fmt(row: list[str]) -> str:
@@ -426,7 +578,16 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
             print(fmt(row))
     print()
     print("FS = Flask-Session 0.8 (SQLAlchemy backend; by default it saves the session on "
-          "every request, reads included); floor = raw floor on the same database.")
+          "every request, reads included). DBAPI floor: its write column is UPDATE + COMMIT "
+          "alone, its read column one SELECT; bare+DBAPI = bare Flask + DBAPI SELECT (+ DBAPI "
+          "UPDATE/COMMIT for writes). Core floor: a write is SELECT + UPDATE + commit.")
+    for db in dbs:
+        by_role = {b.role: b for b in benches if b.db == db}
+        dbapi, core = by_role["dbapi_floor"], by_role["floor"]
+        dbapi_write = bare.write_us + dbapi.read_us + dbapi.write_us
+        print(f"  {DB_TITLES[db]}: bare+DBAPI write {dbapi_write:.1f} µs, "
+              f"read {bare.read_us + dbapi.read_us:.1f} µs; bare+Core write "
+              f"{bare.write_us + core.write_us:.1f} µs, read {bare.read_us + core.read_us:.1f} µs")
     if verbose:
         print("Rounds (µs/req):")
         for bench in benches:
@@ -438,6 +599,15 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
     if not all_verdicts:
         print("No database measured: no verdicts.")
         return
+    print("Traced (OpenTelemetry on the engine, Core executor), no target:")
+    for db in dbs:
+        by_role = {b.role: b for b in benches if b.db == db}
+        traced, silo = by_role["silo_sql_traced"], by_role["silo_sql"]
+        ratios = floor_ratios(traced, db, benches, bare)
+        for (what, _target), ratio in zip(FLOOR_RATIOS[:2], ratios, strict=False):
+            print(f"  {DB_TITLES[db]:<10}  traced {what:<57} {ratio:5.2f}")
+        print(f"  {DB_TITLES[db]:<10}  traced / untraced flask_silo_sql: write "
+              f"{traced.write_us / silo.write_us:.2f}, read {traced.read_us / silo.read_us:.2f}")
     print("Verdicts:")
     for verdict in all_verdicts:
         print(verdict.line())
@@ -450,9 +620,9 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
         print(f"NOTE: {DB_TITLES[db]} was not measured ({reason}): its targets are unchecked.")
 
 
-def _row(bench: Bench, verdicts: list[Verdict]) -> list[str]:
-    ratio_cells = [v.cell() for v in verdicts] if verdicts else ["", "", "", ""]
-    return [bench.label, f"{bench.write_us:.1f}", f"{bench.read_us:.1f}", *ratio_cells]
+def _row(bench: Bench, ratio_cells: list[str]) -> list[str]:
+    return [bench.label, f"{bench.write_us:.1f}", f"{bench.read_us:.1f}",
+            *(ratio_cells or [""] * 6)]
 
 
 # -- main ------------------------------------------------------------------------
@@ -499,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             if pg is not None:
                 benches += database_benches("postgresql", pg.create_database, sid)
                 dbs.append("postgresql")
-                floor = next(b for b in benches if b.role == "floor" and b.db == "postgresql")
+                floor = next(b for b in benches if b.role == "dbapi_floor"
+                             and b.db == "postgresql")
                 pg_version = floor.server_version
         print(f"measuring {len(benches)} configurations, {args.rounds} rounds x "
               f"{args.iterations} requests each ...", flush=True)

@@ -4,31 +4,38 @@ Measured on each database (SQLite and PostgreSQL), all reported in one table:
 
 * **sweep vs raw DELETE**: E expired sessions among N (PostgreSQL 500,000 among
   1,000,000; SQLite 100,000 among 200,000), each session with two namespaces of
-  small JSON. The database is populated with set-based SQL, then analysed
-  (PostgreSQL: ``VACUUM ANALYZE``; SQLite: ``ANALYZE``), then copied
-  (PostgreSQL: ``CREATE DATABASE ... TEMPLATE``; SQLite: the file, after a WAL
-  checkpoint with no connection open). One copy gets one raw
-  ``DELETE FROM silo_sessions WHERE last_active < cutoff`` in one transaction
-  (namespaces go by the foreign keys' cascade); the other gets
+  small JSON and the ``expires_at`` its store would have written
+  (``last_active`` + TTL + touch interval). The database is populated with
+  set-based SQL, then analysed (PostgreSQL: ``VACUUM ANALYZE``; SQLite:
+  ``ANALYZE``), then copied (PostgreSQL: ``CREATE DATABASE ... TEMPLATE``;
+  SQLite: the file, after a WAL checkpoint with no connection open). One copy
+  gets one raw ``DELETE FROM silo_sessions WHERE expires_at < now`` in one
+  transaction (namespaces go by the foreign keys' cascade); the other gets
   ``SessionStore(storage=SQLStorage(url), ttl=...).sweep(batch_size=B)`` with the
-  store's clock set so that exactly those E sessions are idle (B: the store's
-  default, 500, unless ``--batch-size`` gives others; each gets its own copy).
-  Both use engines from :func:`flask_silo_sql.sql.engine.make_engine` (SQLite: WAL,
+  store's clock set to that ``now``, so that exactly those E sessions are due
+  (B: the store's default, 500, unless ``--batch-size`` gives others; each gets
+  its own copy). Both use engines from
+  :func:`flask_silo_sql.sql.engine.make_engine` (SQLite: WAL,
   ``synchronous=NORMAL``, busy timeout, foreign keys on; PostgreSQL: psycopg 3),
   and each starts after a checkpoint with the database in the OS cache. This is
-  done for two layouts (``--layout``): idle rows stored in no relation to when
-  they went idle (``scattered``, the worst case for a sweep, which visits them in
-  ``last_active`` order) and in that order (``ordered``); see :func:`populate`.
-  A third copy gets plain DELETE statements of B idle sessions each, one transaction
-  per batch (:func:`run_batched`): the floor of any batched expiry, which tells
-  the cost of short transactions apart from the sweep's own work.
+  done for two layouts (``--layout``): due rows stored in no relation to when
+  they expire (``scattered``, the worst case for a sweep, which visits them in
+  ``(expires_at, sid)`` order) and in that order (``ordered``); see
+  :func:`populate`. A third copy gets plain DELETE statements of the first B due
+  sessions in ``(expires_at, sid)`` order, one transaction per batch
+  (:func:`run_batched`): the floor of any batched expiry, which tells the cost
+  of short transactions apart from the sweep's own work. Both floors find the
+  due rows through the sweep's ``(expires_at, sid)`` index, as their plans are
+  checked to do (PostgreSQL's planner would rather scan the whole table for
+  the one big DELETE, so sequential scans are off for it).
 * **a concurrent writer**: during each of those operations a separate process
   (its own engine, so neither the GIL nor the sweep's Python work adds to its
   latency) loops over live sessions doing what a request that changes state
-  does: ``store.open(sid)`` (one SELECT), change a namespace, ``store.save()``
-  (one transaction: ``last_active`` and the namespace, versioned). Each write is
-  timed; the table gives the worst and the 99th percentile of the writes that
-  overlapped the operation, and the 99th percentile while idle just before it.
+  does: ``store.request(sid)``, read a namespace (one SELECT, with the session
+  row), change it, ``commit()`` (one transaction: the session's ``last_active``
+  and ``expires_at``, and the namespace, versioned). Each write is timed; the
+  table gives the worst and the 99th percentile of the writes that overlapped
+  the operation, and the 99th percentile while idle just before it.
 * **cost follows the expired count**: a sweep of 10,000 expired sessions among
   10,000 live ones against 10,000 expired among 1,000,000 live (SQLite:
   200,000), each database populated once and copied fresh for every round; the
@@ -45,9 +52,10 @@ a private server started for the run with ``fsync=on`` and
 ``synchronous_commit=on`` (``tests/pgserver.py``, otherwise its defaults), or
 the server named by ``SILO_TEST_PG_URL``. Below the table, each sweep's time is
 split by statement (candidate SELECT, DELETE with its cascade, expired-SID
-INSERT, prune, commit; the rest is Python and round trips). The exit status is
-0 whatever the verdicts: this is a report. A full run takes about 7 minutes on
-2 CPUs.
+INSERT, prune, commit; the rest is Python and round trips), timed around the
+driver calls of silo's executor, so the sweep runs on its default path (the
+DBAPI cursor). The exit status is 0 whatever the verdicts: this is a report. A
+full run takes about 8 minutes on 2 CPUs.
 
 Run: ``python benchmarks/sweep.py [--only sqlite|postgresql] [--scale F]
 [--batch-size B [B ...]] [--layout scattered|ordered|both] [--rounds R]``;
@@ -74,13 +82,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from importlib.metadata import version
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, delete, event, select, text
+from sqlalchemy import Connection, delete, func, select, text
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql import SQLStorage
@@ -102,7 +110,7 @@ TTL = 3600
 LIVE_SPREAD = TTL // 2
 """Live sessions were last active within this many seconds of "now"."""
 EXPIRED_SPREAD = 86_400
-"""Expired sessions were last active up to this many seconds before the cutoff."""
+"""Due sessions expired up to this many seconds before now."""
 
 
 def new_cart() -> dict[str, Any]:
@@ -173,10 +181,26 @@ NOW = float(int(time.time()))
 """The stores' "now" (a whole second, so SQLite's text timestamps compare exactly)."""
 
 
-def sweep_cutoff(now: float = NOW) -> float:
-    """What ``SessionStore(ttl=TTL)`` over SQL storage expires: idle since before this."""
-    store = SessionStore(storage=SQLStorage("sqlite://"), ttl=TTL)
-    return now - TTL - store.touch_interval
+@cache
+def lifetime() -> int:
+    """How long a session written by the stores of :func:`make_store` lives, in seconds.
+
+    A store over SQL storage writes ``expires_at = last_active + ttl + touch
+    interval``; those stores have ``ttl=TTL`` and the default touch interval.
+    """
+    storage = SQLStorage("sqlite://")
+    try:
+        seconds = TTL + SessionStore(storage=storage, ttl=TTL).touch_interval
+    finally:
+        storage.dispose()
+    if seconds != int(seconds):
+        raise BenchError(f"a session's lifetime of {seconds} s is not whole seconds")
+    return int(seconds)
+
+
+def due(now: float = NOW) -> Any:
+    """The sweep's condition on a session row: ``expires_at < now``."""
+    return sessions.c.expires_at < to_datetime(now)
 
 
 # -- databases ----------------------------------------------------------------------
@@ -325,23 +349,25 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
     """*expired* idle sessions spread evenly among *live* ones, two namespaces each.
 
     Set-based SQL in one transaction. SIDs are 43 characters, random with
-    respect to everything else. Idle sessions were last active between the
-    cutoff and a day before it, live ones within ``TTL / 2`` of now. Rows are
-    stored interleaved (one idle every N / E rows), namespaces in the order of
-    their sessions; *layout* says how idle rows' ``last_active`` relates to
-    where they are stored:
+    respect to everything else. Each session's ``expires_at`` is what the
+    benchmark's stores would have written when it was last active
+    (``last_active`` + :func:`lifetime`). Idle sessions were last active up to
+    a day before the last moment that leaves them due by now (so they expired
+    up to a day ago), live ones within ``TTL / 2`` of now. Rows are stored
+    interleaved (one idle every N / E rows), namespaces in the order of their
+    sessions; *layout* says how idle rows' ``expires_at`` relates to where they
+    are stored:
 
     * ``scattered``: unrelated (pseudo-random), the worst case for a sweep,
-      which visits them in ``last_active`` order;
+      which visits them in ``(expires_at, sid)`` order;
     * ``ordered``: rising with storage order, as when sessions go idle in the
       order they were created (SQLite appends rows) or last written
       (PostgreSQL writes each updated row's new version where there is room).
     """
     total = expired + live
-    cutoff = int(sweep_cutoff())
-    params = {"n": total, "e": expired, "old": cutoff - 1, "now": int(NOW),
+    params = {"n": total, "e": expired, "old": int(NOW) - lifetime() - 1, "now": int(NOW),
               "old_spread": EXPIRED_SPREAD, "live_spread": LIVE_SPREAD,
-              "created": int(NOW) - 3 * 86_400}
+              "lifetime": lifetime(), "created": int(NOW) - 3 * 86_400}
     pg = dbs.db == "postgresql"
     p = {k: f"%({k})s" if pg else f":{k}" for k in params}
     mod = "%%" if pg else "%"
@@ -351,6 +377,7 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
                 else f"{p['old_spread']} - (i * {p['old_spread']}) / {p['n']}")
     idle_at = f"{p['old']} - ({idle_ago})"
     live_at = f"{p['now']} - (i * 7919) {mod} {p['live_spread']}"
+    last_active = f"CASE WHEN {is_idle} THEN {idle_at} ELSE {live_at} END"
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
@@ -358,11 +385,12 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
                 # The rows are consistent by construction: skip the per-row FK checks.
                 conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
                 conn.exec_driver_sql(
-                    "INSERT INTO silo_sessions (sid, created_at, last_active) "
-                    "SELECT md5(i::text) || substr(md5((-i)::text), 1, 11), "
-                    f"to_timestamp({p['created']}), "
-                    f"to_timestamp(CASE WHEN {is_idle} THEN {idle_at} ELSE {live_at} END) "
-                    f"FROM generate_series(1::bigint, {p['n']}::bigint) AS i",
+                    "INSERT INTO silo_sessions (sid, created_at, last_active, expires_at) "
+                    "SELECT sid, to_timestamp(created), to_timestamp(active), "
+                    f"to_timestamp(active + {p['lifetime']}) "
+                    "FROM (SELECT md5(i::text) || substr(md5((-i)::text), 1, 11) AS sid, "
+                    f"{p['created']} AS created, {last_active} AS active "
+                    f"FROM generate_series(1::bigint, {p['n']}::bigint) AS i) AS seeded",
                     params,
                 )
                 conn.exec_driver_sql(
@@ -373,14 +401,16 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
                     {"cart": CART_JSON, "prefs": PREFS_JSON},
                 )
             else:
+                # SQLAlchemy's text form of a UTC timestamp, as silo's statements bind it.
                 stamp = "strftime('%Y-%m-%d %H:%M:%S', {}, 'unixepoch') || '.000000'"
                 conn.exec_driver_sql(
-                    "INSERT INTO silo_sessions (sid, created_at, last_active) "
-                    f"WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq "
-                    f"WHERE i < {p['n']}) "
+                    "INSERT INTO silo_sessions (sid, created_at, last_active, expires_at) "
+                    "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq "
+                    f"WHERE i < {p['n']}), "
+                    f"seeded(i, active) AS (SELECT i, {last_active} FROM seq) "
                     "SELECT substr(lower(hex(randomblob(22))), 1, 43), "
-                    f"{stamp.format(p['created'])}, CASE WHEN {is_idle} "
-                    f"THEN {stamp.format(idle_at)} ELSE {stamp.format(live_at)} END FROM seq",
+                    f"{stamp.format(p['created'])}, {stamp.format('active')}, "
+                    f"{stamp.format('active + ' + p['lifetime'])} FROM seeded",
                     params,
                 )
                 conn.exec_driver_sql(
@@ -396,15 +426,21 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
         else:
             with engine.begin() as conn:
                 conn.exec_driver_sql("ANALYZE")
+        count_rows = select(func.count()).select_from(sessions)
         with engine.connect() as conn:
-            idle = conn.execute(
-                select(text("count(*)")).select_from(sessions)
-                .where(sessions.c.last_active < to_datetime(cutoff))
+            idle = conn.execute(count_rows.where(due())).scalar_one()
+            count = conn.execute(count_rows).scalar_one()
+            # expires_at = last_active + lifetime on every row, as the stores write it
+            expected = (f"last_active + interval '{lifetime()} seconds'" if pg else
+                        f"strftime('%Y-%m-%d %H:%M:%S', last_active, '+{lifetime()} seconds')"
+                        " || '.000000'")
+            skewed = conn.exec_driver_sql(
+                f"SELECT count(*) FROM silo_sessions WHERE expires_at <> {expected}"
             ).scalar_one()
-            count = conn.execute(select(text("count(*)")).select_from(sessions)).scalar_one()
-        if (idle, count) != (expired, total):
-            raise BenchError(f"populated {count} sessions, {idle} idle; "
-                             f"wanted {total}, {expired} idle")
+        if (idle, count, skewed) != (expired, total, 0):
+            raise BenchError(f"populated {count} sessions, {idle} due, {skewed} with "
+                             f"expires_at != last_active + {lifetime()} s; wanted {total}, "
+                             f"{expired} due, 0")
     finally:
         engine.dispose()
 
@@ -421,22 +457,31 @@ def writer_main(pipe: Pipe) -> None:
         command = pipe.recv()
         if command is None:
             return
-        url, cutoff = command
-        write_until_stopped(pipe, url, cutoff)
+        write_until_stopped(pipe, command)
 
 
-def write_until_stopped(pipe: Pipe, url: str, cutoff: float) -> None:
-    """Writes on *url*'s live sessions, timed, until the pipe says stop; then the samples."""
+def write_until_stopped(pipe: Pipe, url: str) -> None:
+    """Writes on *url*'s live sessions, timed, until the pipe says stop; then the samples.
+
+    Each write is what a request that changes state does (the extension's
+    path): ``store.request(sid)`` (one connection for the request), read a
+    namespace (one SELECT, with the session row), change it, ``commit()`` (one
+    transaction: the session row touched, the namespace written under its
+    version guard; touch interval 0, so every write touches), ``close()``.
+    """
     storage = SQLStorage(url)
     store = SessionStore(storage=storage, ttl=TTL, clock=lambda: NOW, touch_interval=0)
     for name, factory in NAMESPACES.items():
         store.register_namespace(name, factory)
+    recreated: list[str] = []
+    store.on_create(recreated.append)  # a live session that was gone would be created anew
     try:
         with storage.engine.connect() as conn:
             sids = list(conn.execute(
-                select(sessions.c.sid).where(sessions.c.last_active >= to_datetime(cutoff))
-                .order_by(sessions.c.sid).limit(WRITER_SIDS)
+                select(sessions.c.sid).where(~due()).order_by(sessions.c.sid).limit(WRITER_SIDS)
             ).scalars())
+        if not sids:
+            raise BenchError("the writer found no live session")
         samples: list[Sample] = []
         count = 0
 
@@ -444,11 +489,14 @@ def write_until_stopped(pipe: Pipe, url: str, cutoff: float) -> None:
             nonlocal count
             sid = sids[count % len(sids)]
             count += 1
-            if not store.exists(sid):
-                raise BenchError(f"live session {sid} is gone")
-            session = store.get(sid)
-            session["cart"]["total"] = count
-            store.save(sid, session)
+            unit = store.request(sid)
+            try:
+                unit.namespace("cart")["total"] = count
+                unit.commit()
+            finally:
+                unit.close()
+            if recreated:
+                raise BenchError(f"live session {recreated[0]} was gone")
 
         for _ in range(20):  # warm: pool, statement caches
             write()
@@ -480,10 +528,10 @@ class Writer:
         child.close()
 
     @contextlib.contextmanager
-    def running(self, url: str, cutoff: float) -> Iterator[list[Sample]]:
+    def running(self, url: str) -> Iterator[list[Sample]]:
         """Writes on *url*'s live sessions for the block (samples filled in after it)."""
         samples: list[Sample] = []
-        self.pipe.send((url, cutoff))
+        self.pipe.send(url)
         if self.pipe.recv() != "ready":
             raise BenchError("the writer did not start")
         try:
@@ -532,40 +580,56 @@ PHASES = ("candidates", "delete+cascade", "mark expired", "delete+cascade+mark",
 
 
 def phase_of(statement: str) -> str:
-    if statement.startswith("SELECT silo_sessions.sid, silo_sessions.last_active"):
+    """The sweep's phase a statement (its SQL text, as silo sends it) belongs to."""
+    if statement.startswith("SELECT silo_sessions.sid, silo_sessions.expires_at"):
         return "candidates"
     if statement.startswith("WITH") and "DELETE FROM silo_sessions" in statement:
-        return "delete+cascade+mark"  # one statement doing both
+        return "delete+cascade+mark"  # PostgreSQL: one statement doing both
     if statement.startswith("DELETE FROM silo_sessions"):
         return "delete+cascade"
     if statement.startswith("INSERT INTO silo_expired_sids"):
         return "mark expired"
     if statement.startswith("DELETE FROM silo_expired_sids"):
         return "prune"
-    return "other SQL"
+    return "other SQL"  # SQLite: PRAGMA foreign_keys, once per batch
 
 
-def time_phases(engine: Engine, phases: dict[str, float]) -> None:
-    """Add the seconds spent per kind of statement on *engine* (and in commits) to *phases*."""
+def time_phases(storage: SQLStorage, phases: dict[str, float]) -> None:
+    """Add the seconds *storage*'s statements spend, per phase (and in commits), to *phases*.
+
+    Timed at the executor seam (:mod:`flask_silo_sql.sql.executor`): around the
+    driver calls of every executor the storage's connector makes, so the sweep
+    keeps its own path, the DBAPI cursor. (A ``before_cursor_execute``
+    listener on the engine would switch it to SQLAlchemy Core.) A statement's
+    time includes fetching its rows; an autocommitted statement's COMMIT
+    (SQLite) counts as commit.
+    """
     phases.update(dict.fromkeys(PHASES, 0.0))
+    connector: Any = storage.connector
+    make = connector._new
+    clock = time.perf_counter
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        conn.info["t0"] = time.perf_counter()
+    def timed(method: Callable[..., Any], phase: Callable[[tuple[Any, ...]], str]
+              ) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            t0 = clock()
+            try:
+                return method(*args)
+            finally:
+                phases[phase(args)] += clock() - t0
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        phases[phase_of(statement)] += time.perf_counter() - conn.info.pop("t0")
+        return call
 
-    @event.listens_for(engine, "commit")
-    def commit(conn: Any) -> None:
-        conn.connection.info["commit_t0"] = time.perf_counter()
+    def new() -> Any:
+        ex = make()
+        if ex.kind != "dbapi":
+            raise BenchError(f"the sweep ran on the {ex.kind} executor, not the DBAPI cursor")
+        ex._send = timed(ex._send, lambda args: phase_of(args[0]))
+        ex._commit = timed(ex._commit, lambda _args: "commit")
+        ex._end_statement = timed(ex._end_statement, lambda _args: "commit")
+        return ex
 
-    @event.listens_for(engine, "checkin")
-    def checkin(dbapi_conn: Any, record: Any) -> None:
-        t0 = record.info.pop("commit_t0", None)
-        if t0 is not None:
-            phases["commit"] += time.perf_counter() - t0
+    connector._new = new
 
 
 @dataclass
@@ -586,19 +650,41 @@ class Result:
     layout: str = ""
 
 
+SWEEP_INDEX = "ix_silo_sessions_expires_at"
+"""The ``(expires_at, sid)`` index, through which the sweep and the floors find due sessions."""
+
+
+def index_plan(conn: Connection, statement: Any) -> str:
+    """The database's plan for *statement*, which must read *SWEEP_INDEX* (else BenchError)."""
+    pg = conn.dialect.name == "postgresql"
+    sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    rows = conn.exec_driver_sql(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + sql).all()
+    plan = "; ".join(str(row[0] if pg else row[-1]).strip() for row in rows)
+    if SWEEP_INDEX not in plan:
+        raise BenchError(f"the floor does not read {SWEEP_INDEX}: {plan}")
+    return plan
+
+
 def run_raw(url: str, expected: int) -> float:
-    """One ``DELETE FROM silo_sessions WHERE last_active < cutoff``, in one transaction."""
+    """One ``DELETE FROM silo_sessions WHERE expires_at < now``, in one transaction.
+
+    Through the sweep's ``(expires_at, sid)`` index: on PostgreSQL, with
+    sequential scans disabled for the statement's connection, as its planner
+    would rather scan the whole table when a large share of it is due.
+    """
+    statement = delete(sessions).where(due())
     engine = make_engine(url)
     try:
         with engine.connect() as conn:  # connected before the clock starts, as the sweep's
-            conn.exec_driver_sql("SELECT 1")
-        gc.collect()
-        start = time.perf_counter()
-        with engine.begin() as conn:
-            deleted = conn.execute(
-                delete(sessions).where(sessions.c.last_active < to_datetime(sweep_cutoff()))
-            ).rowcount
-        seconds = time.perf_counter() - start
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET enable_seqscan = off")
+            index_plan(conn, statement)
+            conn.commit()
+            gc.collect()
+            start = time.perf_counter()
+            with conn.begin():
+                deleted = conn.execute(statement).rowcount
+            seconds = time.perf_counter() - start
     finally:
         engine.dispose()
     if deleted != expected:
@@ -606,23 +692,27 @@ def run_raw(url: str, expected: int) -> float:
     return seconds
 
 
-def run_batched(url: str, expected: int, batch_size: int) -> tuple[float, int, float]:
-    """The floor of any batched expiry: plain DELETEs of *batch_size* idle sessions.
-
-    Each batch is one transaction deleting the first idle sessions in
-    ``(last_active, sid)`` order (through the same index as the sweep), with
-    nothing else: no expired-SID record, no row locks, no per-SID Python.
-    """
-    cutoff = to_datetime(sweep_cutoff())
-    batch = delete(sessions).where(sessions.c.sid.in_(
-        select(sessions.c.sid).where(sessions.c.last_active < cutoff)
-        .order_by(sessions.c.last_active, sessions.c.sid).limit(batch_size).scalar_subquery()
+def batch_delete(batch_size: int) -> Any:
+    """The first *batch_size* due sessions in ``(expires_at, sid)`` order, deleted."""
+    return delete(sessions).where(sessions.c.sid.in_(
+        select(sessions.c.sid).where(due())
+        .order_by(sessions.c.expires_at, sessions.c.sid).limit(batch_size).scalar_subquery()
     ))
+
+
+def run_batched(url: str, expected: int, batch_size: int) -> tuple[float, int, float]:
+    """The floor of any batched expiry: plain DELETEs of *batch_size* due sessions.
+
+    Each batch is one transaction deleting the first due sessions in
+    ``(expires_at, sid)`` order (through the sweep's index), with nothing
+    else: no expired-SID record, no row locks, no per-SID Python.
+    """
+    batch = batch_delete(batch_size)
     engine = make_engine(url)
     deleted, batches, longest = 0, 0, 0.0
     try:
         with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+            index_plan(conn, batch)
         gc.collect()
         start = time.perf_counter()
         while True:
@@ -656,7 +746,7 @@ def run_sweep(url: str, expected: int, batch_size: int,
     store, storage = make_store(url)
     try:
         if phases is not None:
-            time_phases(storage.engine, phases)
+            time_phases(storage, phases)
         with storage.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
         marks: list[float] = []
@@ -674,7 +764,7 @@ def run_sweep(url: str, expected: int, batch_size: int,
 
 
 def with_writer(writer: Writer, url: str, op: Callable[[], Any]) -> tuple[Any, WriterStats]:
-    with writer.running(url, sweep_cutoff()) as samples:
+    with writer.running(url) as samples:
         time.sleep(IDLE_WINDOW_S)
         start = time.monotonic()
         value = op()
@@ -715,7 +805,7 @@ def bench_layout(dbs: Databases, sizes: Sizes, batch_sizes: list[int], layout: s
     seconds, stats = with_writer(writer, raw_copy, partial(run_raw, raw_copy, sizes.expired))
     dbs.drop(raw_copy)
     log(f"  {seconds:.2f} s")
-    results.append(Result(db, f"raw DELETE WHERE last_active < cutoff, {layout}",
+    results.append(Result(db, f"raw DELETE WHERE expires_at < now, {layout}",
                           sizes.expired, sizes.total, seconds, stats, 1, seconds * 1000,
                           kind="raw", layout=layout))
 
@@ -793,7 +883,7 @@ def bench_live_count(dbs: Databases, sizes: Sizes, batch_size: int,
         ))
         raw = timings[f"{key}_raw"]
         results.append(Result(
-            db, f"raw DELETE WHERE last_active < cutoff, {live:,} live, scattered",
+            db, f"raw DELETE WHERE expires_at < now, {live:,} live, scattered",
             sizes.ratio_expired, sizes.ratio_expired + live, statistics.median(raw), None,
             1, statistics.median(raw) * 1000, kind=f"ratio_{key}_raw", rounds=raw,
             layout="scattered",
@@ -965,8 +1055,8 @@ def report(results: list[Result], dbs: list[str], skipped: dict[str, str], versi
         previous = r.db
         print(fmt(row))
     print()
-    print("writer: a separate process doing open + change + save on live sessions "
-          "(flask-silo: a thread, get + save); max/p99 over the writes that overlapped "
+    print("writer: a separate process doing request + read + change + commit on live "
+          "sessions (flask-silo: a thread, get + save); max/p99 over the writes that overlapped "
           "the operation, idle p99 over the second before it. Sweep rows among N live: "
           f"median of {args.rounds} rounds, each on a fresh copy.")
     for r in results:

@@ -7,7 +7,7 @@ failed instead of running forever.
 
 Run it:
 
-* embedded SQLite, no configuration (state in ``examples/instance/``)::
+* embedded SQLite, no configuration (state in ``examples/instance/data_processor/``)::
 
       flask --app examples/data_processor.py run
 
@@ -67,8 +67,9 @@ def _env_value(text: str) -> Any:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The same instance folder however the app is started (gunicorn or flask --app).
-app = Flask(__name__, instance_path=os.path.join(HERE, "instance"))
+# The same instance folder however the app is started (gunicorn or flask --app), and
+# one of its own: the quickstart's counters live in examples/instance/silo.db.
+app = Flask(__name__, instance_path=os.path.join(HERE, "instance", "data_processor"))
 app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
 for _key in CONFIG_DEFAULTS:
     if _key in os.environ:

@@ -119,6 +119,14 @@ def serialise(namespace: str, value: Any, max_bytes: int | None = None) -> str:
     return text
 
 
+def unchanged(value: Any, baseline: str) -> bool:
+    """Whether *value* encodes to *baseline* exactly (then nothing needs writing nor checking)."""
+    try:
+        return encode(value) == baseline
+    except (TypeError, ValueError, RecursionError):
+        return False
+
+
 def _offending_key(value: Any) -> str | None:
     if isinstance(value, dict):
         for key, item in value.items():

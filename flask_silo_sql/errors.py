@@ -219,10 +219,19 @@ class SchemaError(SiloError):
 
 
 class StorageUnavailable(SiloError):
-    """The database could not be reached or failed (answered ``503``)."""
+    """The database could not be reached or failed (answered ``503``).
+
+    The driver's error is kept as ``original`` rather than chained, so that a
+    traceback logged anywhere never prints a statement's parameters (state,
+    SIDs); its class and first line are in the message.
+    """
 
     status = 503
     slug = "storage_unavailable"
+
+    def __init__(self, message: str = "Silo storage unavailable") -> None:
+        super().__init__(message)
+        self.original: BaseException | None = None
 
     @property
     def public_message(self) -> str:

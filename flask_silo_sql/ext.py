@@ -28,6 +28,7 @@ from .backends import Unit
 from .cleanup import CleanupDaemon
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .files import FileStore
+from .logs import log_failure
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
@@ -40,8 +41,9 @@ EXTENSION_KEY = "silo"
 CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_DATABASE_URI": None,
     "SILO_ENGINE_OPTIONS": {},
+    "SILO_DB_TIMEOUT": 5.0,
     "SILO_TOUCH_INTERVAL": None,
-    "SILO_MAX_STATE_BYTES": None,
+    "SILO_MAX_STATE_BYTES": 1024 * 1024,
     "SILO_SWEEP_BATCH_SIZE": 500,
     "SILO_TASK_HEARTBEAT_TIMEOUT": 60.0,
     "SILO_TASK_FLUSH_INTERVAL": 0.5,
@@ -225,7 +227,8 @@ class Silo:
             os.makedirs(app.instance_path, exist_ok=True)
             uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
             app.config["_SILO_EMBEDDED"] = True
-        return SQLStorage(uri, **app.config["SILO_ENGINE_OPTIONS"])
+        timeout = float(app.config["SILO_DB_TIMEOUT"])
+        return SQLStorage(uri, timeout=timeout, **app.config["SILO_ENGINE_OPTIONS"])
 
     def _configure(self, app: Flask, state: SiloApp) -> None:
         config = app.config
@@ -349,7 +352,8 @@ class Silo:
 
     # -- request lifecycle ------------------------------------------------------
 
-    def _extract_sid(self, state: SiloApp) -> str:
+    def _extract_sid(self, state: SiloApp) -> tuple[str, bool]:
+        """The request's SID, and whether it was issued now (none acceptable was sent)."""
         min_length = self._min_sid_length
         sid = request.headers.get(self._header, "").strip()
         if not state.acceptable(sid, min_length):
@@ -358,8 +362,8 @@ class Silo:
             except UnicodeDecodeError:  # raw non-UTF-8 bytes in the query string
                 sid = ""
             if not state.acceptable(sid, min_length):
-                sid = state.new_sid()
-        return sid
+                return state.new_sid(), True
+        return sid, False
 
     def _before_request(self) -> None:
         if not request.path.startswith(self._api_prefix):
@@ -369,13 +373,13 @@ class Silo:
             state.daemon.start()  # first request in a forked worker
         if not state.schema_ok:
             self._verify_schema(state)
-        sid = self._extract_sid(state)
-        unit = state.store.request(sid, locking=state.locking)
+        sid, issued = self._extract_sid(state)
+        unit = state.store.request(sid, locking=state.locking, issued=issued)
         request_state = _RequestState(sid, unit)
         g._silo_request = request_state
         g.silo_sid = sid
         g.silo = LazySession(self)
-        if request.path in self._data_endpoints and unit.expired():
+        if not issued and request.path in self._data_endpoints and unit.expired():
             request_state.gone = True
             raise SessionExpired(sid)
 
@@ -384,8 +388,11 @@ class Silo:
         if state is None:
             return response
         status = response.status_code
+        passive = status in (404, 405) or request.method == "OPTIONS"
         try:
-            if not state.gone:
+            if passive and not state.unit.loaded:
+                pass  # nothing asked of the session: nothing stored, nothing touched
+            elif not state.gone:
                 state.unit.commit(state=status < 500, files=status < 400)
         except SessionExpired as exc:
             logger.info(
@@ -395,7 +402,12 @@ class Silo:
                 response = current_app.make_response(current_app.handle_user_exception(exc))
         except SiloError as exc:
             response = current_app.make_response(current_app.handle_user_exception(exc))
-        response.headers[self._header] = state.sid
+        headers = response.headers
+        headers[self._header] = state.sid
+        # A response that carries a SID is that client's alone: no shared cache keeps it.
+        if "Cache-Control" not in headers:
+            headers["Cache-Control"] = "private, no-store"
+        response.vary.add(self._header)
         return response
 
     def _teardown_request(self, exc: BaseException | None) -> None:
@@ -414,8 +426,15 @@ class Silo:
         for files in self._file_stores.values():
             try:
                 files.cleanup(sid, rows=False)  # the rows went with the session
-            except Exception:
-                logger.exception("Error cleaning up file store for session %s", tag(sid))
+            except Exception as exc:
+                log_failure(
+                    logger,
+                    "could not clean file store %r of session %s",
+                    files.name,
+                    tag(sid),
+                    exc=exc,
+                    sid=sid,
+                )
 
     # -- request accessors ------------------------------------------------------
 

@@ -38,6 +38,7 @@ from typing import IO, Protocol
 from werkzeug.utils import secure_filename
 
 from .errors import FileTooLarge, InvalidFilename
+from .logs import log_failure
 from .sids import is_valid_sid
 
 logger = logging.getLogger("flask_silo_sql.files")
@@ -136,8 +137,10 @@ class StagedUpload:
                     self._backup = None
                 else:
                     os.unlink(self.path)
-        except OSError:
-            logger.exception("could not undo an upload that was not kept")
+        except OSError as exc:
+            log_failure(
+                logger, "could not undo an upload that was not kept", exc=exc, sid=self.row.sid
+            )
         finally:
             self._identity = None
             self.keep()

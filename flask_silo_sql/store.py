@@ -20,6 +20,7 @@ from typing import Any
 
 from .backends import Backend, SweepResult, Unit, backend_for
 from .errors import NamespaceError
+from .logs import log_failure
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
 
@@ -180,8 +181,14 @@ class SessionStore:
         self._checking.active = True
         try:
             return bool(check(sid, session))
-        except Exception:
-            logger.exception("busy check failed for session %s; treating it as busy", tag(sid))
+        except Exception as exc:
+            log_failure(
+                logger,
+                "busy check failed for session %s; treating it as busy",
+                tag(sid),
+                exc=exc,
+                sid=sid,
+            )
             return True
         finally:
             self._checking.active = False
@@ -197,8 +204,15 @@ class SessionStore:
         for callback in callbacks:
             try:
                 callback(sid)
-            except Exception:
-                logger.exception("silo callback %r failed for session %s", callback, tag(sid))
+            except Exception as exc:
+                log_failure(
+                    logger,
+                    "silo callback %r failed for session %s",
+                    callback,
+                    tag(sid),
+                    exc=exc,
+                    sid=sid,
+                )
 
     # -- reading -------------------------------------------------------------
 
@@ -236,9 +250,9 @@ class SessionStore:
         """A unit of work on *sid*: lazy reads, then one commit."""
         return self._backend.unit(sid, locking=locking)
 
-    def request(self, sid: str, *, locking: bool = False) -> Unit:
+    def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> Unit:
         """The unit of the current request (its context shares one connection)."""
-        return self._backend.request(sid, locking=locking)
+        return self._backend.request(sid, locking=locking, issued=issued)
 
     @contextmanager
     def transaction(self, sid: str) -> Iterator[dict[str, Any]]:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import TaskAlreadyRunning
+from .logs import log_failure
+from .sids import tag
 
 logger = logging.getLogger("flask_silo_sql.tasks")
 
@@ -85,6 +87,10 @@ class TaskHome(Protocol):
 
     @property
     def task_id(self) -> str: ...
+
+    @property
+    def sid(self) -> str:
+        """The owning session (kept out of log lines, which name it by a tag)."""
 
     @property
     def heartbeat_timeout(self) -> float: ...
@@ -186,6 +192,13 @@ class BackgroundTask:
             return None
         return {TASK_MARKER: self._home.task_id, "name": self.name}
 
+    def _log(self, message: str, exc: BaseException) -> None:
+        """Log a failure of this task, naming its session by a tag, never its SID."""
+        home = self._home
+        sid = home.sid if home is not None else None
+        where = f" of session {tag(sid)}" if sid else ""
+        log_failure(logger, message, self.name, where, exc=exc, sid=sid)
+
     def _now(self) -> float:
         return self._home.now() if self._home is not None else time.time()
 
@@ -250,7 +263,7 @@ class BackgroundTask:
             if not finished:
                 self._finish(complete=True, message=None)
         except Exception as exc:
-            logger.exception("Task '%s' failed", self.name)
+            self._log("task '%s'%s failed", exc)
             self.fail(str(exc))
         finally:
             _HEARTBEATS.discard(self)
@@ -338,14 +351,14 @@ class BackgroundTask:
                 self._flushed_at = home.now()
             try:
                 home.save_namespace()
-            except Exception:
-                logger.exception("could not save the namespace of task '%s'", self.name)
+            except Exception as exc:
+                self._log("could not save the namespace of task '%s'%s", exc)
             try:
                 home.save(state, self.name)
-            except Exception:
+            except Exception as exc:
                 with self._lock:
                     self._dirty = True
-                logger.exception("could not save task '%s'", self.name)
+                self._log("could not save task '%s'%s", exc)
 
     # -- state -------------------------------------------------------------------
 
@@ -417,8 +430,8 @@ class _Heartbeats:
             for task in tasks:
                 try:
                     task._flush()
-                except Exception:
-                    logger.exception("heartbeat failed for task %r", task)
+                except Exception as exc:
+                    task._log("heartbeat of task '%s'%s failed", exc)
 
 
 _HEARTBEATS = _Heartbeats()

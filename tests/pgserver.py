@@ -11,6 +11,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -108,6 +109,25 @@ class PgServer(Databases):
             "-w",
             "start",
         )
+
+    def processes(self) -> list[int]:
+        """The PIDs of the server: the postmaster and every process it started."""
+        first = (self.datadir / "postmaster.pid").read_text().split("\n", 1)[0]
+        postmaster = int(first)
+        found = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        )
+        return [postmaster, *(int(p) for p in found.stdout.split())]
+
+    def freeze(self) -> None:
+        """Stop every server process (SIGSTOP): connections stay open, nothing answers."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen server go on (SIGCONT)."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGCONT)
 
     def stop_server(self, mode: str = "fast") -> None:
         """Stop the server (``fast`` disconnects clients; ``immediate`` simulates a crash)."""

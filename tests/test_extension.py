@@ -137,6 +137,9 @@ def test_new_client_gets_a_fresh_sid(api: SiloApp) -> None:
     assert SID_RE.fullmatch(sid1)
     assert SID_RE.fullmatch(sid2)
     assert sid1 != sid2
+    # A request that touches no state stores nothing: the SID becomes a session on use.
+    assert not api.silo.store.exists(sid1)
+    assert api.read(sid1) == 0
     assert api.silo.store.exists(sid1)
 
 
@@ -282,8 +285,9 @@ def test_other_request_with_expired_sid_starts_fresh(api: SiloApp, path: str) ->
     )
     assert response.status_code == 200
     assert response.headers[HEADER] == ALICE
-    assert api.silo.store.exists(ALICE)
-    assert not api.silo.store.is_expired(ALICE)  # the mark is cleared
+    # The mark is cleared; the fresh session is stored once state is used.
+    assert api.silo.store.exists(ALICE) is (path == "/api/count")
+    assert not api.silo.store.is_expired(ALICE)
     data = api.client.get("/api/data", headers={HEADER: ALICE})
     assert data.status_code == 200
     assert data.get_json() == {"n": 1 if path == "/api/count" else 0}
@@ -303,8 +307,10 @@ def test_on_create_and_on_expire_fire_once(api: SiloApp) -> None:
     assert expired.calls == [ALICE]
     api.client.get("/api/data", headers={HEADER: ALICE})  # 410: nothing created
     assert created.calls == [ALICE]
-    api.client.get("/api/ping", headers={HEADER: ALICE})  # starts over
-    api.client.get("/api/ping", headers={HEADER: ALICE})
+    api.client.get("/api/ping", headers={HEADER: ALICE})  # starts over: no state, no row
+    assert created.calls == [ALICE]
+    api.read(ALICE)  # its first use of state creates it
+    api.read(ALICE)
     assert created.calls == [ALICE, ALICE]
     assert expired.calls == [ALICE]
 

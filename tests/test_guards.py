@@ -247,6 +247,7 @@ def test_an_upload_whose_session_expires_during_the_request_answers_410(
     h = silo_app(via="config", ttl=TTL)
     app, silo, clock = h.app, h.silo, h.clock
     uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
+    silo.register("data", lambda: {"items": []})
 
     @app.put("/api/upload")
     def upload() -> Any:
@@ -257,7 +258,7 @@ def test_an_upload_whose_session_expires_during_the_request_answers_410(
 
     @app.get("/api/hello")
     def hello() -> Any:
-        return jsonify(ok=True)
+        return jsonify(items=silo.state("data")["items"])
 
     assert h.get("/api/hello", SID).status_code == 200
     answer = h.put("/api/upload", SID, data=b"x" * 1000)

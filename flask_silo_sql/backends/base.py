@@ -117,9 +117,10 @@ class Backend(Protocol):
         """Open a unit of work on *sid* (nothing is read until it is used); with
         *locking*, its first read locks the session until the unit ends."""
 
-    def request(self, sid: str, *, locking: bool = False) -> Unit:
+    def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> Unit:
         """A unit for the current request: until it is closed, every operation of this
-        context (files, tasks, other storage calls) uses its connection."""
+        context (files, tasks, other storage calls) uses its connection. *issued*: the
+        SID was made for this request."""
 
     def get(self, sid: str) -> dict[str, Any]:
         """flask-silo's ``get``: the session (created if missing), touched."""

@@ -48,7 +48,7 @@ class MemoryBackend:
     def unit(self, sid: str, *, locking: bool = False) -> MemoryUnit:
         return MemoryUnit(self, sid, locking=locking)
 
-    def request(self, sid: str, *, locking: bool = False) -> MemoryUnit:
+    def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> MemoryUnit:
         return MemoryUnit(self, sid, locking=locking)
 
     # -- flask-silo's store operations --------------------------------------------

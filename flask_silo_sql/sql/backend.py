@@ -49,8 +49,8 @@ class SQLBackend:
     def unit(self, sid: str, *, locking: bool = False) -> SQLUnit:
         return SQLUnit(self.ctx, sid, locking=locking)
 
-    def request(self, sid: str, *, locking: bool = False) -> SQLUnit:
-        unit = SQLUnit(self.ctx, sid, locking=locking)
+    def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> SQLUnit:
+        unit = SQLUnit(self.ctx, sid, locking=locking, issued=issued)
         self.ctx.bind(unit)
         return unit
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import weakref
 from typing import Any
@@ -21,8 +22,9 @@ from sqlalchemy.pool import StaticPool
 
 from ..errors import SiloError
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-PG_CONNECT_TIMEOUT_S = 5
+DEFAULT_TIMEOUT_S = 5.0
+"""How long any wait on the database may last by default (``SILO_DB_TIMEOUT``)."""
+SQLITE_BUSY_TIMEOUT_MS = int(DEFAULT_TIMEOUT_S * 1000)
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
 _forkable: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -63,11 +65,11 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any, busy_timeout_ms: int = 0) -> None:
     """Connection settings for every SQLite connection of a silo engine."""
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms or SQLITE_BUSY_TIMEOUT_MS)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
@@ -75,25 +77,54 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str | URL, **options: Any) -> Engine:
-    """Create an engine for *url* with the connection settings silo relies on."""
+def postgresql_connect_args(timeout: float) -> dict[str, Any]:
+    """libpq and psycopg settings that bound every wait and work through PgBouncer.
+
+    ``prepare_threshold=None``: no server-side prepared statements, which a
+    pooler in transaction mode would hand to other clients (the statements are
+    short primary-key lookups; planning them is cheap). TCP keepalives and
+    ``tcp_user_timeout`` notice a dead network path; the watchdog
+    (:mod:`.watchdog`) bounds a wait on a server that still acknowledges.
+    """
+    seconds = max(1, math.ceil(timeout))
+    return {
+        "connect_timeout": max(2, math.ceil(timeout / 2)),  # libpq: whole seconds, >= 2
+        "prepare_threshold": None,
+        "keepalives": 1,
+        "keepalives_idle": seconds,
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": seconds * 1000,
+    }
+
+
+def make_engine(url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> Engine:
+    """Create an engine for *url* with the connection settings silo relies on.
+
+    *timeout* (seconds) bounds every wait: connecting, a pool checkout, a
+    lock on SQLite, a statement on PostgreSQL (with the watchdog). Other
+    *options* go to ``create_engine`` (a ``connect_args`` dict is merged over
+    silo's own).
+    """
     parsed = normalise_url(url)
     # hide_parameters: an error's text never carries state or SIDs into a log.
     kwargs: dict[str, Any] = {"json_serializer": json_dumps, "hide_parameters": True}
     connect_args: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if sqlite:
         connect_args["check_same_thread"] = False
         if parsed.database in (None, "", ":memory:"):
             kwargs["poolclass"] = StaticPool  # one shared in-memory database
     else:
-        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        connect_args.update(postgresql_connect_args(timeout))
         kwargs["pool_size"] = 10
-        kwargs["pool_timeout"] = 10
+        kwargs["pool_timeout"] = timeout / 2
     connect_args.update(options.pop("connect_args", {}))
     kwargs.update(options)
     engine = create_engine(parsed, connect_args=connect_args, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", sqlite_pragmas)
+    if sqlite:
+        busy_ms = int(timeout * 1000)
+        event.listen(engine, "connect", lambda conn, record: sqlite_pragmas(conn, record, busy_ms))
     if kwargs.get("poolclass") is not StaticPool:
         _forkable.add(engine)  # an in-memory database has no connection to share
     return engine

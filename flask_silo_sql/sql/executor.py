@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal, cast
@@ -41,10 +43,15 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ..errors import StorageUnavailable
+from .watchdog import WATCHDOG, shut_down
 
 logger = logging.getLogger("flask_silo_sql.sql")
 
 ExecutorMode = Literal["auto", "dbapi", "core"]
+SLOW_FAILURE_S = 0.5
+"""A failed wait at least this long means a server that does not answer (see ``lost``)."""
+QUIET_S = 1.0
+"""After such a failure, how long no new connection is tried (requests answer 503 at once)."""
 StatementHook = Callable[[str, str, Mapping[str, Any]], None]
 """``hook(statement_name, sql, values)``, called before each statement is sent."""
 
@@ -88,6 +95,13 @@ class Result:
         return self.rows[0][0] if self.rows else None
 
 
+def unreachable(exc: BaseException) -> StorageUnavailable:
+    """The error for a connection that could not be made (its cause kept, not chained)."""
+    error = StorageUnavailable(f"Silo database unreachable: {describe(exc)}")
+    error.original = exc
+    return error
+
+
 def describe(exc: BaseException) -> str:
     """A log-safe account of a database error: its class and first line, no parameters."""
     original = getattr(exc, "orig", None) or exc
@@ -105,26 +119,72 @@ class Executor:
 
     kind = "abstract"
 
-    def __init__(self, engine: Engine, hook: StatementHook | None) -> None:
+    def __init__(
+        self, engine: Engine, hook: StatementHook | None, timeout: float | None = None
+    ) -> None:
         self.engine = engine
         self.hook = hook
         self.postgresql = engine.dialect.name == "postgresql"
         self._dbapi_error: type[BaseException] = engine.dialect.loaded_dbapi.Error
         self.in_transaction = False
+        self.timeout = timeout or 0.0
+        """Seconds a statement may wait for the server (PostgreSQL; see :mod:`.watchdog`)."""
+        self.busy_since = 0.0
+        self.cut = False
+        """The watchdog shut this connection down: it is not used again."""
+        self._cut_lock = threading.Lock()
+        self.on_lost: Callable[[float], None] | None = None
+        """Called with the time the failed wait began, when the connection turns out dead
+        (the connector stops trying for a moment)."""
+        self._waiting_since = 0.0
+
+    def _lost(self) -> None:
+        if self.on_lost is not None:
+            self.on_lost(self._waiting_since or time.monotonic())
+
+    def _watch(self) -> None:
+        if self.timeout and self.postgresql:
+            WATCHDOG.watch(self)
+
+    def socket_fd(self) -> int | None:
+        """The connection's socket (PostgreSQL), for the watchdog."""
+        return None
+
+    def cut_off_if_overdue(self, now: float) -> None:
+        """The watchdog's check (see :mod:`.watchdog`); exact: a wait that ended is left be."""
+        with self._cut_lock:
+            since = self.busy_since
+            if not since or now - since <= self.timeout or self.cut:
+                return
+            fd = self.socket_fd()
+            if fd is None:
+                return
+            self.cut = True
+            shut_down(fd)
+        logger.error("silo database did not answer within %.1f s: connection cut off", self.timeout)
+
+    def _done_waiting(self) -> None:
+        with self._cut_lock:
+            self.busy_since = 0.0
 
     # -- what the operations use -------------------------------------------------
 
     def run(self, statement: Prepared, values: Mapping[str, Any]) -> Result:
         """Send *statement* with *values* (in the open transaction, if any)."""
+        if self.cut:
+            raise StorageUnavailable("Silo database connection was cut off (no answer)")
         params = statement.params(values)
         try:
             if self.hook is not None:
                 self.hook(statement.name, statement.sql, values)
+            self.busy_since = self._waiting_since = time.monotonic()
             result = self._send(statement.sql, params)
             if not self.in_transaction:
                 self._end_statement()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
+        finally:
+            self._done_waiting()
         return result
 
     @contextmanager
@@ -152,7 +212,7 @@ class Executor:
         try:
             self._begin()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
         self.in_transaction = True
 
     def commit(self) -> None:
@@ -160,18 +220,24 @@ class Executor:
             return
         self.in_transaction = False
         try:
+            self.busy_since = self._waiting_since = time.monotonic()
             self._commit()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
+        finally:
+            self._done_waiting()
 
     def rollback(self) -> None:
         if not self.in_transaction:
             return
         self.in_transaction = False
         try:
+            self.busy_since = time.monotonic()
             self._rollback()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc) from None
+        finally:
+            self._done_waiting()
 
     # -- implementations ---------------------------------------------------------
 
@@ -197,7 +263,9 @@ class Executor:
 
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
         self._on_error(exc)
-        return StorageUnavailable(f"Silo database error: {describe(exc)}")
+        error = StorageUnavailable(f"Silo database error: {describe(exc)}")
+        error.original = exc
+        return error
 
     def _on_error(self, exc: BaseException) -> None:
         """Invalidate a connection that died (and its siblings in the pool)."""
@@ -208,17 +276,24 @@ class DBAPIExecutor(Executor):
 
     kind = "dbapi"
 
-    def __init__(self, engine: Engine, hook: StatementHook | None) -> None:
-        super().__init__(engine, hook)
+    def __init__(
+        self, engine: Engine, hook: StatementHook | None, timeout: float | None = None
+    ) -> None:
+        super().__init__(engine, hook, timeout)
         try:
             self._raw = engine.raw_connection()
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StorageUnavailable(f"Silo database unreachable: {describe(exc)}") from exc
+            raise unreachable(exc) from None
         dbapi: Any = self._raw.dbapi_connection
         self._dbapi = dbapi
         self._cursor: Any = None
         if self.postgresql:
             dbapi.autocommit = True  # statements stand alone until begin()
+        self._watch()
+
+    def socket_fd(self) -> int | None:
+        dbapi = self._dbapi
+        return int(dbapi.fileno()) if self.postgresql and dbapi is not None else None
 
     def _send(self, sql: str, params: Any) -> Result:
         if self._dbapi is None:  # invalidated by an earlier error
@@ -270,6 +345,7 @@ class DBAPIExecutor(Executor):
             self._invalidate(again)
 
     def _invalidate(self, exc: BaseException) -> None:
+        self._lost()
         self._cursor = None
         self._dbapi = None
         self.in_transaction = False
@@ -277,14 +353,23 @@ class DBAPIExecutor(Executor):
         self.engine.dispose(close=False)  # its siblings are as dead as it is
 
     def close(self) -> None:
+        WATCHDOG.forget(self)
         if self._dbapi is None:
+            self._raw.close()
+            return
+        if self.cut:  # shut down by the watchdog: never back into the pool
+            self._invalidate(StorageUnavailable("cut off"))
             self._raw.close()
             return
         try:
             if self._cursor is not None:
                 self._cursor.close()
+            open_transaction = self.in_transaction or (
+                not self.postgresql and self._dbapi.in_transaction
+            )
             self.in_transaction = False
-            self._dbapi.rollback()
+            if open_transaction:  # else the pool's reset on return does all there is to do
+                self._dbapi.rollback()
             if self.postgresql:
                 self._dbapi.autocommit = False  # the pool's default
         except self._dbapi_error as exc:
@@ -298,14 +383,22 @@ class CoreExecutor(Executor):
 
     kind = "core"
 
-    def __init__(self, engine: Engine, hook: StatementHook | None) -> None:
-        super().__init__(engine, hook)
+    def __init__(
+        self, engine: Engine, hook: StatementHook | None, timeout: float | None = None
+    ) -> None:
+        super().__init__(engine, hook, timeout)
         try:
             self._conn: Connection = engine.connect()
             if self.postgresql:
                 self._dbapi().autocommit = True
         except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
-            raise StorageUnavailable(f"Silo database unreachable: {describe(exc)}") from exc
+            raise unreachable(exc) from None
+        self._watch()
+
+    def socket_fd(self) -> int | None:
+        if not self.postgresql or self._conn.invalidated:
+            return None
+        return int(self._dbapi().fileno())
 
     def _dbapi(self) -> Any:
         return self._conn.connection.dbapi_connection
@@ -316,7 +409,9 @@ class CoreExecutor(Executor):
         return Result(rows, result.rowcount)
 
     def _end_statement(self) -> None:
-        self._conn.commit()  # PostgreSQL: autocommit, nothing is sent; SQLite: COMMIT if DML
+        # PostgreSQL: autocommit, nothing is sent; SQLite: COMMIT if the statement wrote.
+        if self.postgresql or self._conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            self._conn.commit()
 
     def _begin(self) -> None:
         if self._conn.in_transaction():
@@ -337,6 +432,7 @@ class CoreExecutor(Executor):
     def _on_error(self, exc: BaseException) -> None:
         self.in_transaction = False
         if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+            self._lost()
             self.engine.dispose(close=False)  # its siblings are as dead as it is
             return
         try:
@@ -348,6 +444,9 @@ class CoreExecutor(Executor):
             self._conn.invalidate()
 
     def close(self) -> None:
+        WATCHDOG.forget(self)
+        if self.cut and not self._conn.invalidated:  # never back into the pool
+            self._conn.invalidate()
         try:
             if self._conn.in_transaction():
                 self._conn.rollback()
@@ -373,12 +472,20 @@ class _Held:
 class Connector:
     """Executors for one engine: chosen by mode, one held per context."""
 
-    def __init__(self, engine: Engine, mode: ExecutorMode = "auto") -> None:
+    def __init__(
+        self, engine: Engine, mode: ExecutorMode = "auto", *, timeout: float | None = None
+    ) -> None:
         if mode not in ("auto", "dbapi", "core"):
             raise ValueError(f"executor must be 'auto', 'dbapi' or 'core', not {mode!r}")
         self.engine = engine
         self.mode: ExecutorMode = mode
+        self.timeout = timeout
         self.hook: StatementHook | None = None
+        self._down = False
+        self._quiet_until = 0.0
+        self._probing = False
+        self._state = threading.Lock()
+        self._reached = 0.0
         self._held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
             f"silo_held_{id(self):x}", default=None
         )
@@ -390,10 +497,51 @@ class Connector:
         return bool(engine.echo or dispatch.before_cursor_execute or dispatch.after_cursor_execute)
 
     def _new(self) -> Executor:
+        probe = False
+        if self._down and time.monotonic() < self._quiet_until:
+            raise StorageUnavailable("Silo database unavailable (not answering)")
+        if self._down:
+            with self._state:
+                if self._probing:
+                    raise StorageUnavailable("Silo database unavailable (being checked)")
+                self._probing = probe = True
+        started = time.monotonic()
         mode = self.mode
-        if mode == "core" or (mode == "auto" and self.observed()):
-            return CoreExecutor(self.engine, self.hook)
-        return DBAPIExecutor(self.engine, self.hook)
+        try:
+            if mode == "core" or (mode == "auto" and self.observed()):
+                executor: Executor = CoreExecutor(self.engine, self.hook, self.timeout)
+            else:
+                executor = DBAPIExecutor(self.engine, self.hook, self.timeout)
+        except StorageUnavailable:
+            self.lost(started)
+            raise
+        finally:
+            if probe:
+                self._probing = False
+        self._reached = time.monotonic()
+        self._down = False
+        executor.on_lost = self.lost
+        return executor
+
+    def lost(self, since: float) -> None:
+        """A wait that began at *since* found the database gone.
+
+        While the database is down, each process tries one new connection at
+        a time; requests arriving meanwhile are answered ``503`` at once
+        instead of each waiting out a ``connect_timeout``. When the failure
+        took long (a server that does not answer, rather than one that refuses
+        connections), no new attempt is made for :data:`QUIET_S` either: on a
+        frozen server, requests queued in a sync worker would otherwise wait
+        one timeout each. The first connection that succeeds ends it. A
+        failure of a wait that began before the database was last reached says
+        nothing new, and is ignored.
+        """
+        if since < self._reached:
+            return
+        self._down = True
+        now = time.monotonic()
+        if now - since >= SLOW_FAILURE_S:
+            self._quiet_until = now + QUIET_S
 
     def hold(self) -> contextvars.Token[_Held | None]:
         """From now until :meth:`release`, this context's operations share one connection.

@@ -76,7 +76,9 @@ def current(engine: Engine) -> str | None:
             context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
             return context.get_current_revision()
     except sa_exc.DBAPIError as exc:
-        raise StorageUnavailable(f"cannot read the silo schema: {describe(exc)}") from exc
+        error = StorageUnavailable(f"cannot read the silo schema: {describe(exc)}")
+        error.original = exc
+        raise error from None
 
 
 def is_current(engine: Engine) -> bool:

@@ -18,8 +18,7 @@ namespace is then one statement. The guards:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,21 +194,6 @@ def touch_stale(ex: Executor, st: Statements, sid: str, times: Times, stale_befo
     return bool(ex.run(st.touch_stale, values).rowcount == 1)
 
 
-def touch_or_create(
-    ex: Executor, st: Statements, sid: str, times: Times, stale_before: float
-) -> bool:
-    """For a request that never read state: create the session or refresh a stale
-    ``last_active``, one statement (two when it creates); True when created."""
-    v = st.values
-    values = {"sid": sid, "stale_before": v.time(stale_before), **_times(st, times)}
-    with ex.transaction() if not ex.postgresql else _alone():
-        row = ex.run(st.touch_or_create, values).first()
-        created = row is not None and row[0] == values["now"]  # as bound: exact
-        if created:
-            ex.run(st.clear_expired, {"sid": sid})
-    return created
-
-
 def replace_namespaces(
     ex: Executor, st: Statements, sid: str, fresh: dict[str, str], now: float
 ) -> None:
@@ -235,9 +219,3 @@ def delete_sessions(ex: Executor, st: Statements, sids: list[str]) -> None:
         for statement in st.delete_children:
             ex.run(statement, values)
         ex.run(st.delete_sessions, values)
-
-
-@contextmanager
-def _alone() -> Iterator[None]:
-    """Each statement on its own (PostgreSQL's autocommit): no transaction round trips."""
-    yield

@@ -63,7 +63,7 @@ class Values:
         when = dt.datetime.fromtimestamp(unix, UTC)
         if self.postgresql:
             return when
-        return when.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return when.replace(tzinfo=None).isoformat(" ", "microseconds")
 
     @staticmethod
     def unix(value: Any) -> float:
@@ -194,22 +194,6 @@ class Statements:
             )
             .on_conflict_do_nothing(index_elements=[sessions.c.sid]),
         )
-        # A request that never read state: create the session, or refresh a stale
-        # last_active, in one statement (returns created_at: equal to now if created).
-        upsert = insert(sessions).values(
-            sid=sid, created_at=now, last_active=now, expires_at=expires
-        )
-        self.touch_or_create = prepare(
-            "touch_or_create",
-            upsert.on_conflict_do_update(
-                index_elements=[sessions.c.sid],
-                set_={
-                    "last_active": upsert.excluded.last_active,
-                    "expires_at": upsert.excluded.expires_at,
-                },
-                where=sessions.c.last_active <= _ts("stale_before"),
-            ).returning(sessions.c.created_at),
-        )
         self.has_session = prepare("has_session", select(literal(1)).where(sessions.c.sid == sid))
         self.is_expired = prepare("is_expired", select(literal(1)).where(expired_sids.c.sid == sid))
         self.clear_expired = prepare(
@@ -312,13 +296,14 @@ class Statements:
         after = tuple_(sessions.c.expires_at, sessions.c.sid) > tuple_(
             _ts("after_ts"), bindparam("after_sid", type_=String())
         )
-        self.sweep_candidates = prepare(
-            "sweep_candidates",
+        due = (
             select(sessions.c.sid, sessions.c.expires_at)
-            .where(sessions.c.expires_at < now, after, ~running_task)
+            .where(sessions.c.expires_at < now, ~running_task)
             .order_by(sessions.c.expires_at, sessions.c.sid)
-            .limit(bindparam("batch_size", type_=Integer())),
+            .limit(bindparam("batch_size", type_=Integer()))
         )
+        self.sweep_first = prepare("sweep_first", due)
+        self.sweep_candidates = prepare("sweep_candidates", due.where(after))
         self.sweep_expire: Prepared | None = None
         self.sweep_delete: Prepared | None = None
         self.mark_expired_many: Prepared | None = None

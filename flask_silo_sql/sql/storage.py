@@ -22,7 +22,7 @@ from . import sessions as ops
 from .backend import SQLBackend
 from .clock import DatabaseClock
 from .context import Context
-from .engine import make_engine, normalise_url
+from .engine import DEFAULT_TIMEOUT_S, make_engine, normalise_url
 from .executor import Connector, ExecutorMode, StatementHook
 from .statements import Statements
 from .sweep import prune
@@ -62,7 +62,9 @@ class SQLStorage(SiloStorage):
     ``db.session`` is never used). *engine_options* go to ``create_engine``
     when *bind* is a URL. *executor* picks how statements reach the database:
     ``auto`` (the DBAPI cursor, or SQLAlchemy Core while anything observes the
-    engine), ``dbapi`` or ``core``.
+    engine), ``dbapi`` or ``core``. *timeout* (seconds) bounds every wait on the
+    database: connecting and pool checkouts (engines made from a URL), SQLite
+    lock waits, and every PostgreSQL statement (any engine).
     """
 
     def __init__(
@@ -70,14 +72,16 @@ class SQLStorage(SiloStorage):
         bind: str | URL | Engine | EngineSource,
         *,
         executor: ExecutorMode = "auto",
+        timeout: float = DEFAULT_TIMEOUT_S,
         **engine_options: Any,
     ) -> None:
         self._engine: Engine | None = None
         self._source: EngineSource | None = None
+        self.timeout = float(timeout)
         if isinstance(bind, Engine):
             self._engine = bind
         elif isinstance(bind, (str, URL)):
-            self._engine = make_engine(bind, **engine_options)
+            self._engine = make_engine(bind, timeout=self.timeout, **engine_options)
         elif hasattr(type(bind), "engine"):  # read lazily: it may need an app context
             self._source = bind
         else:
@@ -140,7 +144,7 @@ class SQLStorage(SiloStorage):
                 parts = self._parts
                 if parts is None:
                     engine = self.engine
-                    connector = Connector(engine, self._mode)
+                    connector = Connector(engine, self._mode, timeout=self.timeout)
                     connector.hook = self._hook
                     statements = Statements(engine)
                     parts = _Parts(connector, statements, DatabaseClock(connector, statements))

@@ -21,8 +21,6 @@ from ..backends.base import SweepResult
 from .executor import Connector, Executor
 from .statements import Statements
 
-FIRST_KEY = (0.0, "")
-
 
 def sweep(
     connector: Connector,
@@ -38,7 +36,7 @@ def sweep(
     """Expire the sessions due by *now*; *on_batch* gets each batch's SIDs after its commit."""
     v = st.values
     result = SweepResult()
-    after_ts, after_sid = FIRST_KEY
+    after: tuple[object, str] | None = None  # the keyset: the last row of the batch before
     params = {
         "now": v.time(now),
         "heartbeat_cutoff": v.time(heartbeat_cutoff),
@@ -46,13 +44,14 @@ def sweep(
     }
     while True:
         with connector.executor() as ex:
-            rows = ex.run(
-                st.sweep_candidates,
-                {**params, "after_ts": v.time(after_ts), "after_sid": after_sid},
-            ).rows
+            if after is None:
+                rows = ex.run(st.sweep_first, params).rows
+            else:  # the driver's own value of the key: compared exactly as stored
+                keyset = {"after_ts": after[0], "after_sid": after[1]}
+                rows = ex.run(st.sweep_candidates, {**params, **keyset}).rows
         if not rows:
             break
-        after_ts, after_sid = v.unix(rows[-1][1]), rows[-1][0]
+        after = (rows[-1][1], rows[-1][0])
         candidates = [row[0] for row in rows]
         busy = is_busy(candidates) if is_busy is not None else set()
         result.skipped_busy += len(busy)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 from ..codec import (
@@ -33,6 +33,7 @@ from ..codec import (
     serialise,
     task_id_for,
     tasks_in,
+    unchanged,
 )
 from ..errors import NamespaceError, SessionBusy
 from ..files import directory_lock
@@ -62,8 +63,12 @@ class Session(dict[str, Any]):
 class SQLUnit:
     """A unit of work on session *sid* (see the module docstring)."""
 
-    def __init__(self, ctx: Context, sid: str, *, locking: bool = False) -> None:
+    def __init__(
+        self, ctx: Context, sid: str, *, locking: bool = False, issued: bool = False
+    ) -> None:
         self.sid = sid
+        self.issued = issued
+        """The SID was made for this request (so it has no session and no expired mark)."""
         self._ctx = ctx
         self._slots: dict[str, Slot] = {}
         self._view: Session | None = None
@@ -87,7 +92,7 @@ class SQLUnit:
 
     @property
     def loaded(self) -> bool:
-        return bool(self._slots) or self._existed is not None
+        return bool(self._slots) or self._view is not None
 
     def expired(self) -> bool:
         with self._ctx.connector.executor() as ex:
@@ -249,6 +254,8 @@ class SQLUnit:
                 slot = self._slots[name] = Slot(name, value, UNSERIALISABLE, None)
             slot.value = value
             with slot.lock:
+                if unchanged(value, slot.text):  # most reads: one encode, no checks
+                    continue
                 text = self._serialise(slot, value, policy.max_state_bytes)
                 if text != slot.text:
                     writes.append(ops.Write(name, text, slot.version))
@@ -347,15 +354,23 @@ class SQLUnit:
         self._touch(self._ctx.times(self._ctx.now(), since=self._since))
 
     def _touch(self, times: ops.Times) -> None:
-        """Nothing to write: refresh a stale ``last_active``, or create a session read as new."""
+        """Nothing to write: refresh a stale ``last_active``, or create a session read as new.
+
+        A request that read no state stores nothing for a SID without a session
+        (it becomes one on first real use); an existing one is touched.
+        """
         b = self._ctx
         stale_before = times.now - b.touch_interval
-        if self._existed is None:  # no state read: one statement at most
+        if self._existed is None:  # no state read: one SELECT, which creates nothing
+            if self.issued:
+                return  # a SID made for this request has no session yet
             with b.connector.executor() as ex:
-                created = ops.touch_or_create(ex, b.st, self.sid, times, stale_before)
-            self._existed = True
-            if created:
-                b.policy.created(self.sid)
+                head, expired_at = ops.probe(ex, b.st, self.sid)
+                if head is not None:
+                    if head.last_active <= stale_before:
+                        ops.touch_stale(ex, b.st, self.sid, times, stale_before)
+                elif expired_at is not None:  # an expired client starts over: no 410 now
+                    ex.run(b.st.clear_expired, {"sid": self.sid})
             return
         if self._existed is False:  # a new session whose state was read: it is used now
             with b.connector.executor() as ex, ex.transaction():
@@ -404,9 +419,15 @@ def _discard(staged: list[Staged]) -> None:
         item.discard()
 
 
-@contextmanager
-def _locked_directories(staged: list[Staged]) -> Iterator[None]:
+def _locked_directories(staged: list[Staged]) -> AbstractContextManager[None]:
     """The directory locks of staged uploads, taken in one order (before the session's)."""
+    if not staged:
+        return nullcontext()
+    return _locking(staged)
+
+
+@contextmanager
+def _locking(staged: list[Staged]) -> Iterator[None]:
     with ExitStack() as stack:
         for directory in sorted({s.directory for s in staged if s.directory is not None}):
             stack.enter_context(directory_lock(directory))

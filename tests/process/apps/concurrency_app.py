@@ -4,6 +4,7 @@ Configured from the environment:
 
 - ``SILO_DATABASE_URI``: the database (its schema must already be current);
 - ``SILO_LOCKING``: ``1`` for locking mode;
+- ``SILO_DB_TIMEOUT``: seconds any wait on the database may last (default 5);
 - ``SILO_TEST_UPLOAD_DIR``: base directory of the ``uploads`` file store;
 - ``SILO_TEST_BARRIER_DIR``: where the barrier files of paused requests live.
 
@@ -36,6 +37,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 app = Flask(__name__)
 app.config["SILO_DATABASE_URI"] = os.environ["SILO_DATABASE_URI"]
 app.config["SILO_LOCKING"] = os.environ.get("SILO_LOCKING", "") == "1"
+app.config["SILO_DB_TIMEOUT"] = float(os.environ.get("SILO_DB_TIMEOUT", "5"))
 
 silo = Silo(app, ttl=3600)
 silo.register("counter", lambda: {"value": 0})
