@@ -2,8 +2,8 @@
 
 Every test under this directory is marked ``slow``, so ``pytest -m "not slow"``
 runs the unit tests only. The fixtures of ``tests/conftest.py`` (databases,
-``silo_app``) and the helpers beside it (``support``, ``pgserver``...) serve
-these tests too; ``liveserver`` and ``apps/`` are theirs alone.
+``silo_app``) and the helpers beside it serve these tests too: ``liveserver``
+(gunicorn) with the apps it serves in ``tests/apps/``, ``pgserver``, ``support``.
 """
 
 from __future__ import annotations

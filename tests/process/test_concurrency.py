@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import requests
+from liveserver import gunicorn
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
-
-from .liveserver import gunicorn
 
 pytestmark = pytest.mark.slow
 

@@ -23,14 +23,13 @@ from typing import Any
 
 import pytest
 import requests
+from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
 from flask_silo_sql import SessionStore, SQLStorage, schema
 from flask_silo_sql.files import TEMP_PREFIX, FileRecords, FileStore, fsck
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import files, namespaces
-
-from .liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 
 pytestmark = pytest.mark.slow
 

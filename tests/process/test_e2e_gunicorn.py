@@ -24,13 +24,12 @@ from typing import Any
 
 import pytest
 import requests
+from liveserver import Gunicorn, parent_pid
+from liveserver import gunicorn as live_gunicorn
 from sqlalchemy import select
 
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import tasks
-
-from .liveserver import Gunicorn, parent_pid
-from .liveserver import gunicorn as live_gunicorn
 
 pytestmark = pytest.mark.slow
 

@@ -19,14 +19,13 @@ from typing import Any
 
 import pytest
 import requests
+from liveserver import gunicorn, wait_for, wait_ready
 from pgserver import PgServer, find_bindir
 from sqlalchemy import select
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import files, namespaces
-
-from .liveserver import gunicorn, wait_for, wait_ready
 
 pytestmark = pytest.mark.slow
 

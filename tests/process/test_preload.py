@@ -26,13 +26,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from liveserver import gunicorn
 from sqlalchemy import Engine, text
 from sqlalchemy.pool import QueuePool
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
-
-from .liveserver import gunicorn
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "X-Session-ID"

@@ -22,7 +22,7 @@ from typing import TypeVar
 import requests
 
 APPS_DIR = Path(__file__).parent / "apps"
-REPO_ROOT = Path(__file__).parents[2]
+REPO_ROOT = Path(__file__).parent.parent
 T = TypeVar("T")
 
 
