@@ -6,14 +6,18 @@ Flask app that uses :class:`~flask_silo_sql.Silo`, with no file in the project.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, SiloApp
 from .files import fsck as check_files
 from .sql import SQLStorage, schema
@@ -33,6 +37,38 @@ def _storage() -> SQLStorage:
     return storage
 
 
+def _migrated() -> SQLStorage:
+    """The storage, for a command that needs the current schema (one clear line if not)."""
+    storage = _storage()
+    try:
+        schema.check(storage.engine)
+    except SchemaError as exc:
+        rev = "no silo schema" if exc.current is None else f"the schema is at {exc.current}"
+        raise click.ClickException(
+            f"the silo database has {rev}, this version needs {exc.head}: "
+            "run `flask silo-db upgrade`"
+        ) from None
+    except SiloError as exc:
+        raise click.ClickException(str(exc)) from None
+    return storage
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reported(command: F) -> F:
+    """A silo error (the database unreachable, say) ends the command with one line, exit 1."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SiloError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return cast(F, run)
+
+
 @click.group("silo-db")
 def silo_db() -> None:
     """flask-silo-sql's tables: migrations, expiry, statistics."""
@@ -42,6 +78,7 @@ def silo_db() -> None:
 @click.argument("revision", default="head")
 @click.option("--sql", is_flag=True, help="Print the SQL instead of running it.")
 @with_appcontext
+@_reported
 def upgrade(revision: str, sql: bool) -> None:
     """Migrate the silo tables up to REVISION (default: head)."""
     schema.upgrade(_storage().engine, revision, sql=sql)
@@ -53,6 +90,7 @@ def upgrade(revision: str, sql: bool) -> None:
 @click.argument("revision")
 @click.option("--sql", is_flag=True, help="Print the SQL instead of running it.")
 @with_appcontext
+@_reported
 def downgrade(revision: str, sql: bool) -> None:
     """Migrate the silo tables down to REVISION (`base` drops them all)."""
     schema.downgrade(_storage().engine, revision, sql=sql)
@@ -60,6 +98,7 @@ def downgrade(revision: str, sql: bool) -> None:
 
 @silo_db.command()
 @with_appcontext
+@_reported
 def current() -> None:
     """Show the revision the database is at."""
     click.echo(schema.current(_storage().engine) or "(no silo schema)")
@@ -74,6 +113,7 @@ def history() -> None:
 @silo_db.command()
 @click.argument("revision")
 @with_appcontext
+@_reported
 def stamp(revision: str) -> None:
     """Record REVISION as current without running migrations."""
     schema.stamp(_storage().engine, revision)
@@ -81,6 +121,7 @@ def stamp(revision: str) -> None:
 
 @silo_db.command()
 @with_appcontext
+@_reported
 def check() -> None:
     """Exit with status 1 unless the schema is at head."""
     engine = _storage().engine
@@ -97,10 +138,11 @@ def check() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sessions per batch.")
 @click.option("--dry-run", is_flag=True, help="Count what would expire; change nothing.")
 @with_appcontext
+@_reported
 def cleanup(batch_size: int | None, dry_run: bool) -> None:
     """Run one expiry sweep now (for cron): idle sessions, their files, old expired SIDs."""
     store = _silo().store
-    _storage()
+    _migrated()
     interactive = sys.stderr.isatty()
     verb = "would expire" if dry_run else "expired"
 
@@ -124,8 +166,10 @@ def cleanup(batch_size: int | None, dry_run: bool) -> None:
 @silo_db.command()
 @click.option("--fix", is_flag=True, help="Delete orphan files and rows without a file.")
 @with_appcontext
+@_reported
 def fsck(fix: bool) -> None:
     """Compare file stores on disk with silo_files (exit 1 if anything is wrong)."""
+    _migrated()
     stores = _silo().silo.file_stores
     if not stores:
         click.echo("no file stores registered")
@@ -150,9 +194,10 @@ def fsck(fix: bool) -> None:
 @silo_db.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @with_appcontext
+@_reported
 def stats(as_json: bool) -> None:
     """Counts of sessions, namespaces, expired SIDs, files and tasks."""
-    numbers = _storage().stats()
+    numbers = _migrated().stats()
     if as_json:
         click.echo(json.dumps(numbers, sort_keys=True))
         return

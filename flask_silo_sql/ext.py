@@ -52,6 +52,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_MAX_SESSION_BYTES": None,
     "SILO_LOCKING": False,
     "SILO_STRICT_SIDS": False,
+    "SILO_SID_MAX_AGE": 30 * 24 * 3600,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
@@ -77,29 +78,38 @@ class SiloApp:
             if not keys[0]:
                 raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
             self.sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
+        max_age = config["SILO_SID_MAX_AGE"]
+        self.sid_max_age: float | None = None if max_age is None else float(max_age)
+        """Strict SIDs: how long after its issue a SID is accepted (then a new one is given)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
 
     def acceptable(self, sid: str, min_length: int) -> bool:
         if not is_valid_sid(sid, min_length):
             return False
-        return not self.sid_keys or is_signed_sid(sid, self.sid_keys)
+        if not self.sid_keys:
+            return True
+        if self.sid_max_age is None:
+            return is_signed_sid(sid, self.sid_keys)
+        return is_signed_sid(sid, self.sid_keys, now=self.store.now(), max_age=self.sid_max_age)
 
     def new_sid(self) -> str:
         if self.sid_keys:
-            return new_signed_sid(self.sid_keys[0])
+            return new_signed_sid(self.sid_keys[0], self.store.now())
         return self.store.generate_sid()
 
 
 class _RequestState:
     """What the extension knows about the current request."""
 
-    __slots__ = ("gone", "sid", "unit")
+    __slots__ = ("gone", "sid", "streamed", "unit")
 
     def __init__(self, sid: str, unit: Unit) -> None:
         self.sid = sid
         self.unit = unit
         self.gone = False
+        self.streamed = False
+        """The response streams: what its generator changes is saved when it ends."""
 
 
 class LazySession(MutableMapping[str, Any]):
@@ -174,6 +184,7 @@ class Silo:
         self._first_taken = False
         self._apps: list[SiloApp] = []
         self._first.on_expire(self._on_session_expire)
+        self._first.registry.on_rotate.append(self._move_files)
         if app is not None:
             self.init_app(app)
 
@@ -217,14 +228,22 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
-        if self._auto_cleanup:
-            state.daemon.start()
+        # The cleanup thread starts with a process's first API request, not here: a
+        # `gunicorn --preload` master, which serves none, then holds no connection
+        # that the workers it forks would inherit.
 
     @staticmethod
     def _default_storage(app: Flask) -> SQLStorage:
         uri = app.config["SILO_DATABASE_URI"] or os.environ.get("SILO_DATABASE_URI")
         if not uri:
-            os.makedirs(app.instance_path, exist_ok=True)
+            try:
+                os.makedirs(app.instance_path, exist_ok=True)
+            except OSError as exc:
+                raise SiloError(
+                    f"Cannot create the instance folder {app.instance_path} for the embedded "
+                    f"silo database ({exc.strerror}): create it writable by this process, or "
+                    "set SILO_DATABASE_URI."
+                ) from None
             uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
             app.config["_SILO_EMBEDDED"] = True
         timeout = float(app.config["SILO_DB_TIMEOUT"])
@@ -358,7 +377,7 @@ class Silo:
         sid = request.headers.get(self._header, "").strip()
         if not state.acceptable(sid, min_length):
             try:
-                sid = request.args.get(self._query_param, "").strip()
+                sid = request.args.get(self._query_param, "").strip() if self._query_param else ""
             except UnicodeDecodeError:  # raw non-UTF-8 bytes in the query string
                 sid = ""
             if not state.acceptable(sid, min_length):
@@ -370,7 +389,7 @@ class Silo:
             return
         state = self._app_state()
         if self._auto_cleanup and not state.daemon.running:
-            state.daemon.start()  # first request in a forked worker
+            state.daemon.start()  # this process's first API request
         if not state.schema_ok:
             self._verify_schema(state)
         sid, issued = self._extract_sid(state)
@@ -389,6 +408,7 @@ class Silo:
             return response
         status = response.status_code
         passive = status in (404, 405) or request.method == "OPTIONS"
+        state.streamed = response.is_streamed and status < 400
         try:
             if passive and not state.unit.loaded:
                 pass  # nothing asked of the session: nothing stored, nothing touched
@@ -412,8 +432,26 @@ class Silo:
 
     def _teardown_request(self, exc: BaseException | None) -> None:
         state: _RequestState | None = g.get("_silo_request")
-        if state is not None:
+        if state is None:
+            return
+        try:
+            if state.streamed and not state.gone:
+                self._commit_after_stream(state, failed=exc is not None)
+        finally:
             state.unit.close()
+
+    @staticmethod
+    def _commit_after_stream(state: _RequestState, *, failed: bool) -> None:
+        """The stream has ended (``stream_with_context`` keeps the request until then):
+        save what its generator changed. The headers are sent, so a failure is logged."""
+        try:
+            state.unit.commit(state=not failed)
+        except SiloError as error:
+            logger.error(
+                "state changed while streaming the response of session %s was NOT saved: %s",
+                tag(state.sid),
+                error,
+            )
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""
@@ -421,6 +459,22 @@ class Silo:
         if exc.logged or status >= 500:
             logger.error("%s", exc)
         return jsonify(exc.body()), status
+
+    def _move_files(self, old: str, new: str) -> Callable[[], None]:
+        undos: list[Callable[[], None]] = []
+        try:
+            for files in self._file_stores.values():
+                undos.append(files.move_session(old, new))
+        except BaseException:
+            for undo in reversed(undos):
+                undo()
+            raise
+
+        def undo_all() -> None:
+            for undo in reversed(undos):
+                undo()
+
+        return undo_all
 
     def _on_session_expire(self, sid: str) -> None:
         for files in self._file_stores.values():
@@ -468,6 +522,41 @@ class Silo:
     def sid(self) -> str:
         """The current request's SID."""
         return self._request_state().sid
+
+    def commit(self) -> None:
+        """Save the current request's changes now (they are saved at its end anyway).
+
+        For a long streamed response (``stream_with_context``): what the
+        generator changed so far is written, under the same version guard; a
+        conflict raises (:class:`StateConflict`, ...), which ends the stream.
+        """
+        state = self._request_state()
+        if state.gone:
+            raise SessionExpired(state.sid)
+        state.unit.commit()
+
+    def rotate(self) -> str:
+        """Give the current client a new SID, keeping its state (call it after a login).
+
+        What the request changed so far is saved first; then the session, its
+        tasks and its files move to the new SID in one transaction, and the
+        response carries the new SID. The old SID reaches nothing any more: a
+        request still using it is answered as an expired session (``410`` on
+        a data endpoint, a fresh session elsewhere). Returns the new SID.
+        """
+        state = self._request_state()
+        app_state = self._app_state()
+        if state.gone:
+            raise SessionExpired(state.sid)
+        state.unit.commit()
+        old = state.sid
+        new = app_state.new_sid()
+        app_state.store.rotate(old, new)
+        state.unit.close()
+        state.unit = app_state.store.request(new, locking=app_state.locking)
+        state.sid = new
+        g.silo_sid = new
+        return new
 
     def reset_current(self) -> None:
         """Fresh state for the current session, and its files removed."""

@@ -331,6 +331,14 @@ class FileStore:
             return []
         return sorted(n for n in os.listdir(directory) if not n.startswith(TEMP_PREFIX))
 
+    def move_session(self, old: str, new: str) -> Callable[[], None]:
+        """Move session *old*'s directory to *new*'s (a SID rotation); returns the undo."""
+        source, target = self._dir(old), self._dir(new)
+        if not os.path.isdir(source):
+            return lambda: None
+        os.rename(source, target)  # a directory already at *target* refuses: nothing lost
+        return lambda: os.rename(target, source)
+
     def cleanup(self, sid: str, *, rows: bool = True) -> None:
         """Remove the session's files: rows first (unless *rows* is False), then the directory."""
         try:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 
 SID_LENGTH = 128
 """Longest SID a client may present (and the tables hold)."""
@@ -26,7 +27,10 @@ def is_valid_sid(sid: str, min_length: int = 1) -> bool:
 
 
 SIGNED_TOKEN_LENGTH = 32
+ISSUED_LENGTH = 7
+"""Base64url of the issue time: 5 bytes of Unix seconds."""
 SIGNATURE_LENGTH = 22
+SIGNED_SID_LENGTH = SIGNED_TOKEN_LENGTH + ISSUED_LENGTH + SIGNATURE_LENGTH
 
 
 def _signature(key: bytes, token: str) -> str:
@@ -34,18 +38,33 @@ def _signature(key: bytes, token: str) -> str:
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
-def new_signed_sid(key: bytes) -> str:
-    """A SID the server can recognise as its own: 192 random bits plus an HMAC."""
-    token = secrets.token_urlsafe(24)
+def new_signed_sid(key: bytes, now: float | None = None) -> str:
+    """A SID the server can recognise as its own: 192 random bits, its issue time, an HMAC."""
+    issued = int(time.time() if now is None else now).to_bytes(5, "big")
+    token = secrets.token_urlsafe(24) + base64.urlsafe_b64encode(issued).rstrip(b"=").decode()
     return token + _signature(key, token)
 
 
-def is_signed_sid(sid: str, keys: list[bytes]) -> bool:
-    """Whether *sid* was issued with one of *keys* (the first signs, all verify)."""
-    if len(sid) != SIGNED_TOKEN_LENGTH + SIGNATURE_LENGTH or not SID_PATTERN.fullmatch(sid):
+def issued_at(sid: str) -> float:
+    """When a signed SID was issued (Unix seconds; trust it only once the SID verified)."""
+    raw = sid[SIGNED_TOKEN_LENGTH : SIGNED_TOKEN_LENGTH + ISSUED_LENGTH] + "="
+    return float(int.from_bytes(base64.urlsafe_b64decode(raw), "big"))
+
+
+def is_signed_sid(
+    sid: str, keys: list[bytes], *, now: float | None = None, max_age: float | None = None
+) -> bool:
+    """Whether *sid* was issued with one of *keys* (the first signs, all verify) and, with
+    *max_age*, no longer ago than that."""
+    if len(sid) != SIGNED_SID_LENGTH or not SID_PATTERN.fullmatch(sid):
         return False
-    token, signature = sid[:SIGNED_TOKEN_LENGTH], sid[SIGNED_TOKEN_LENGTH:]
-    return any(hmac.compare_digest(signature, _signature(key, token)) for key in keys)
+    token, signature = sid[:-SIGNATURE_LENGTH], sid[-SIGNATURE_LENGTH:]
+    if not any(hmac.compare_digest(signature, _signature(key, token)) for key in keys):
+        return False
+    if max_age is None:
+        return True
+    age = (time.time() if now is None else now) - issued_at(sid)
+    return -60.0 <= age <= max_age  # a minute of leeway for a clock slightly behind
 
 
 _tag_key = secrets.token_bytes(32)

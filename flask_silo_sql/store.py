@@ -40,6 +40,8 @@ class Registry:
         self.busy_check: Callable[[str, dict[str, Any]], bool] | None = None
         self.on_create: list[Callable[[str], None]] = []
         self.on_expire: list[Callable[[str], None]] = []
+        self.on_rotate: list[Callable[[str, str], Callable[[], None]]] = []
+        """``mover(old, new) -> undo``: what else a rotation moves (file directories)."""
 
 
 class SessionStore:
@@ -292,6 +294,36 @@ class SessionStore:
     def destroy(self, sid: str) -> None:
         """Remove session *sid* without remembering it as expired."""
         self._backend.destroy(sid)
+
+    def rotate(self, old: str, new: str | None = None) -> str:
+        """Give the client of session *old* a new SID (returned), against session fixation.
+
+        Its namespaces, tasks and files move to the new SID in one transaction
+        (the file stores' directories with it); the old SID reaches nothing any
+        more and is remembered as expired. A session that does not exist has
+        nothing to move: the new SID is returned all the same.
+        """
+        new = new or self.generate_sid()
+        movers = list(self._registry.on_rotate)
+
+        def before_commit() -> Callable[[], None]:
+            undos: list[Callable[[], None]] = []
+            try:
+                for mover in movers:
+                    undos.append(mover(old, new))
+            except BaseException:
+                for undo in reversed(undos):
+                    undo()
+                raise
+
+            def undo_all() -> None:
+                for undo in reversed(undos):
+                    undo()
+
+            return undo_all
+
+        self._backend.rotate(old, new, before_commit)
+        return new
 
     # -- expiry --------------------------------------------------------------
 

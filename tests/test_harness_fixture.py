@@ -79,7 +79,8 @@ def test_requests_carry_the_sid_in_the_apps_header(silo_app: AppFactory) -> None
 
 def test_close_stops_the_daemon_once(silo_url: str, tmp_path: Path) -> None:
     factory = AppFactory(silo_url, instance_path=tmp_path / "instance")
-    h = factory(auto_cleanup=True)
+    h = counting(factory(auto_cleanup=True))
+    assert h.post("/api/count", ALICE).status_code == 200  # the daemon runs by now
     state = h.app.extensions["silo"]
     assert state.daemon.running
     factory.close()

@@ -37,7 +37,7 @@ PARAM = "_sid"
 NEW_KEY = "the current secret key"
 OLD_KEY = "the key before the rotation"
 OTHER_KEY = "somebody else's key"
-SIGNED_SID = re.compile(r"[A-Za-z0-9_-]{54}")
+SIGNED_SID = re.compile(r"[A-Za-z0-9_-]{61}")
 SID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 EXAMPLES = int(os.environ.get("SILO_HYPOTHESIS_EXAMPLES", "100"))
 
@@ -179,7 +179,7 @@ def test_every_issued_sid_is_new(deployment: Deployment) -> None:
 
 chosen_sids = st.one_of(
     st.from_regex(r"[A-Za-z0-9_-]{16,128}", fullmatch=True),  # what lenient mode accepts
-    st.from_regex(r"[A-Za-z0-9_-]{54}", fullmatch=True),  # the length of a signed SID
+    st.from_regex(r"[A-Za-z0-9_-]{61}", fullmatch=True),  # the length of a signed SID
     st.builds(lambda key: new_signed_sid(key.encode()), st.sampled_from([OTHER_KEY, ""])),
     st.builds(  # a token of the attacker's choosing with a signature from another SID
         lambda token, key: token + new_signed_sid(key.encode())[32:],
@@ -191,7 +191,7 @@ chosen_sids = st.one_of(
             "attacker-chosen-session-id",
             "'; DROP TABLE silo_sessions;--",
             "../../etc/passwd",
-            "A" * 54,
+            "A" * 61,
             "0" * 128,
         ]
     ),

@@ -66,3 +66,23 @@ def test_every_due_row_is_swept_in_small_batches(silo_url: str, engine: Engine) 
         assert left == ["live-session-0000000000"]
     finally:
         storage.dispose()
+
+
+def test_each_session_keeps_its_own_apps_ttl(silo_url: str) -> None:
+    """Two apps on one database, TTL 5 s and 3600 s: each one's sweep expires only what is due."""
+    clock = Clock(T0)
+    storage = SQLStorage(silo_url)
+    try:
+        short = SessionStore(ttl=5, storage=storage, clock=clock, touch_interval=0)
+        long = SessionStore(ttl=3600, storage=storage, clock=clock, touch_interval=0)
+        for store in (short, long):
+            store.register_namespace("counter", lambda: {"n": 0})
+        short.get("short-lived-session-000001")
+        long.get("long-lived-session-0000001")
+        clock.advance(10)
+        assert short.sweep().expired == ["short-lived-session-000001"]
+        assert long.exists("long-lived-session-0000001")
+        clock.advance(3591)
+        assert short.sweep().expired == ["long-lived-session-0000001"]  # due by its own TTL
+    finally:
+        storage.dispose()

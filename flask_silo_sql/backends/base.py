@@ -138,6 +138,10 @@ class Backend(Protocol):
 
     def reset(self, sid: str) -> None: ...
 
+    def rotate(self, old: str, new: str, before_commit: Callable[[], Callable[[], None]]) -> bool:
+        """Move everything of session *old* to SID *new* in one transaction (False: no
+        session). *before_commit* runs inside it and returns how to undo what it did."""
+
     def sweep(
         self, *, batch_size: int, dry_run: bool, progress: Callable[[int], None] | None
     ) -> SweepResult: ...

@@ -107,6 +107,22 @@ class MemoryBackend:
         with self.lock:
             self.storage.set_session(sid, self._fresh(sid))
 
+    def rotate(self, old: str, new: str, before_commit: Callable[[], Callable[[], None]]) -> bool:
+        with self.lock:
+            session = self.storage.get_session(old)
+            if session is None:
+                return False
+            undo = before_commit()
+            try:
+                session.setdefault(META, {})["sid"] = new
+                self.storage.set_session(new, session)
+                self.storage.delete_session(old)
+                self.storage.mark_expired(old, self.now())
+            except BaseException:
+                undo()
+                raise
+        return True
+
     def sweep(
         self, *, batch_size: int, dry_run: bool, progress: Callable[[int], None] | None
     ) -> SweepResult:

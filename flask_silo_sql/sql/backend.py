@@ -18,7 +18,7 @@ from . import sessions as ops
 from . import sweep as sweeping
 from .context import Context
 from .file_rows import SQLFileRecords
-from .unit import META, Session, SQLUnit, busy_session, reset
+from .unit import META, Session, SQLUnit, busy_session, reset, rotate
 
 
 class SQLBackend:
@@ -113,6 +113,9 @@ class SQLBackend:
 
     def reset(self, sid: str) -> None:
         reset(self.ctx, sid)
+
+    def rotate(self, old: str, new: str, before_commit: Callable[[], Callable[[], None]]) -> bool:
+        return rotate(self.ctx, old, new, before_commit)
 
     # -- expiry ------------------------------------------------------------------
 

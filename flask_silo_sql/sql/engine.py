@@ -98,6 +98,34 @@ def postgresql_connect_args(timeout: float) -> dict[str, Any]:
     }
 
 
+def check_sqlite_file(database: str) -> None:
+    """An SQLite database file must be in a directory that exists and the app can write.
+
+    SQLite would create a new, empty database in a wrong place, or fail later
+    with "unable to open database file" or "attempt to write a readonly
+    database" (WAL mode writes beside the file even to read it).
+    """
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return
+    directory = os.path.dirname(os.path.abspath(database))
+    if not os.path.isdir(directory):
+        raise SiloError(
+            f"The directory {directory} of the SQLite database does not exist: "
+            "create it, or fix the database URL (SILO_DATABASE_URI)."
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SiloError(
+            f"The directory {directory} of the SQLite database is not writable by this "
+            f"process (user id {os.getuid()}): SQLite writes its journal beside the "
+            "database. Make it writable (and the database file too), or use another URL."
+        )
+    if os.path.exists(database) and not os.access(database, os.R_OK | os.W_OK):
+        raise SiloError(
+            f"The SQLite database {database} is not readable and writable by this "
+            f"process (user id {os.getuid()}): fix its permissions, or use another URL."
+        )
+
+
 def make_engine(url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, **options: Any) -> Engine:
     """Create an engine for *url* with the connection settings silo relies on.
 
@@ -112,6 +140,7 @@ def make_engine(url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, **options
     connect_args: dict[str, Any] = {}
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite:
+        check_sqlite_file(parsed.database or "")
         connect_args["check_same_thread"] = False
         if parsed.database in (None, "", ":memory:"):
             kwargs["poolclass"] = StaticPool  # one shared in-memory database

@@ -219,3 +219,17 @@ def delete_sessions(ex: Executor, st: Statements, sids: list[str]) -> None:
         for statement in st.delete_children:
             ex.run(statement, values)
         ex.run(st.delete_sessions, values)
+
+
+def move(ex: Executor, st: Statements, old: str, new: str, now: float) -> None:
+    """In the open transaction, *old* locked: everything of *old* becomes *new*'s.
+
+    The session row is copied, its namespaces, tasks and files move over, the
+    old row goes and its SID is remembered as expired (a request still using
+    it gets ``410`` on a data endpoint and a fresh session elsewhere).
+    """
+    ex.run(st.copy_session, {"sid": old, "new_sid": new})
+    for statement in st.move_children:
+        ex.run(statement, {"sid": old, "new_sid": new})
+    ex.run(st.delete_sessions, {"sids": st.values.sids([old])})
+    ex.run(st.mark_expired, {"sid": old, "now": st.values.time(now)})

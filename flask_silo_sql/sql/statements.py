@@ -261,6 +261,20 @@ class Statements:
                 },
             ),
         )
+        new_sid = bindparam("new_sid", type_=String(SID_LENGTH))
+        self.copy_session = prepare(
+            "copy_session",
+            insert(sessions).from_select(
+                ["sid", "created_at", "last_active", "expires_at"],
+                select(
+                    new_sid, sessions.c.created_at, sessions.c.last_active, sessions.c.expires_at
+                ).where(sessions.c.sid == sid),
+            ),
+        )
+        self.move_children = [
+            prepare(f"move_{t.name}", update(t).where(t.c.sid == sid).values(sid=new_sid))
+            for t in CHILD_TABLES
+        ]
         self.delete_children = [
             prepare(f"delete_{t.name}", delete(t).where(in_list(t.c.sid, "sids")))
             for t in CHILD_TABLES

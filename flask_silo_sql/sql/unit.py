@@ -20,6 +20,7 @@ held until the commit.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -75,7 +76,11 @@ class SQLUnit:
         self._existed: bool | None = None  # unknown until something is read
         self._created_at = 0.0
         self._last_active = 0.0
-        self._since = ctx.now()
+        # When the unit began, by the store's clock: read lazily (a request that asks
+        # nothing of the database sends nothing), carried back by the monotonic clock.
+        clock = ctx.policy.clock
+        self._began_at = clock() if clock is not None else None
+        self._began = time.monotonic()
         self._locking = locking
         self._locked = False
         self._joined = False  # locked inside a transaction its context had open
@@ -85,6 +90,13 @@ class SQLUnit:
         self._closed = False
 
     # -- reading ---------------------------------------------------------------
+
+    @property
+    def _since(self) -> float:
+        """When the unit began: a SID expired after that was expired while it worked."""
+        if self._began_at is None:
+            self._began_at = self._ctx.now() - (time.monotonic() - self._began)
+        return self._began_at
 
     @property
     def locked(self) -> bool:
@@ -402,16 +414,18 @@ class SQLUnit:
             self._existed = None  # read the session's row again with the next namespace
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Release what the unit holds. A unit may be used again after it (a streamed
+        response's generator reads and saves after its request's first teardown), so
+        closing again releases what that use took."""
         try:
             self.rollback()
         finally:
             token, self._token = self._token, None
             if token is not None:
                 self._ctx.connector.release(token)
-            self._ctx.unbind(self)
+            if not self._closed:
+                self._closed = True
+                self._ctx.unbind(self)
 
 
 def _discard(staged: list[Staged]) -> None:
@@ -472,3 +486,41 @@ def reset(ctx: Context, sid: str) -> None:
             return  # no such session: nothing to reset
         ex.run(ctx.st.delete_session_tasks, {"sid": sid})
         ops.replace_namespaces(ex, ctx.st, sid, fresh, now)
+
+
+def rotate(
+    ctx: Context, old: str, new: str, before_commit: Callable[[], Callable[[], None]]
+) -> bool:
+    """Give session *old* the SID *new*, in one transaction; False when *old* has no session.
+
+    The session is locked and read first; a namespace still at its factory's
+    default that holds a task is written out, so that its task keeps its row
+    (task IDs come from the SID they were made under). *before_commit* runs
+    inside the transaction (the file stores move their directories) and
+    returns how to undo that if the commit fails.
+    """
+    unit = SQLUnit(ctx, old, locking=True)
+    try:
+        unit.session()  # locks *old* (creating nothing: see below) and reads it
+        if unit._created:
+            unit.rollback()
+            return False
+        with ctx.connector.executor() as ex:
+            writes = [
+                ops.Write(slot.name, encode(slot.value), None)
+                for slot in unit._slots.values()
+                if slot.version is None and any(tasks_in(slot.value))
+            ]
+            ops.write_namespaces(ex, ctx.st, old, writes, ctx.now())
+            ops.move(ex, ctx.st, old, new, ctx.now())
+            undo = before_commit()
+            try:
+                unit._locked = False
+                if not unit._joined:
+                    ex.commit()
+            except BaseException:
+                undo()
+                raise
+        return True
+    finally:
+        unit.close()

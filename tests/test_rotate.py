@@ -1,0 +1,139 @@
+"""Rotating a SID, against session fixation: the state moves, the old SID reaches nothing.
+
+An app calls ``silo.rotate()`` after a login (Django's ``cycle_key``,
+Flask-Session's ``regenerate``): whatever SID the client came with, maybe one
+an attacker planted, the session continues under a new one. Namespaces, task
+rows and files (rows and directories) move in one transaction; a request that
+still holds the old SID is answered as an expired session.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify, request
+from sqlalchemy import select
+from support import sql_storage
+
+from flask_silo_sql import BackgroundTask, Silo
+from flask_silo_sql.sql.models import files, namespaces, tasks
+
+PLANTED = "planted-by-an-attacker-000001"
+HEADER = "X-Session-ID"
+
+
+@pytest.fixture
+def app(silo_url: str, tmp_path: Path) -> Iterator[tuple[Flask, Silo]]:
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = silo_url
+    silo = Silo(app, auto_cleanup=False)
+    silo.register("cart", lambda: {"items": []})
+    silo.register("job", lambda: {"task": BackgroundTask("work")})
+    silo.add_data_endpoints("/api/cart")
+    uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
+    release = threading.Event()
+
+    @app.post("/api/add")
+    def add() -> Any:
+        silo.state("cart")["items"].append(request.args.get("item", "x"))
+        return jsonify(items=silo.state("cart")["items"])
+
+    @app.post("/api/upload")
+    def upload() -> Any:
+        uploads.save(silo.sid, "a.txt", io.BytesIO(b"file of the session"))
+        return jsonify(ok=True)
+
+    @app.post("/api/start")
+    def start() -> Any:
+        silo.state("job")["task"].start(lambda task: release.wait(30))
+        return jsonify(ok=True)
+
+    @app.get("/api/job")
+    def job() -> Any:
+        return jsonify(running=silo.state("job")["task"].is_running)
+
+    @app.post("/api/login")
+    def login() -> Any:
+        silo.state("cart")["items"].append("after login")
+        new = silo.rotate()
+        silo.state("cart")["items"].append("as the new sid")
+        return jsonify(sid=new, listed=uploads.list_files(silo.sid))
+
+    @app.get("/api/cart")
+    def cart() -> Any:
+        return jsonify(items=silo.state("cart")["items"])
+
+    app.config["release"] = release
+    yield app, silo
+    release.set()
+    sql_storage(silo.store).dispose()
+
+
+def test_login_rotates_the_sid_and_keeps_everything(
+    app: tuple[Flask, Silo], tmp_path: Path
+) -> None:
+    flask_app, silo = app
+    client = flask_app.test_client()
+    old = {HEADER: PLANTED}
+    client.post("/api/add?item=book", headers=old)
+    client.post("/api/upload", headers=old)
+    client.post("/api/start", headers=old)
+    assert client.get("/api/job", headers=old).get_json() == {"running": True}
+
+    answer = client.post("/api/login", headers=old)
+    new = answer.headers[HEADER]
+    assert new != PLANTED
+    assert answer.get_json() == {"sid": new, "listed": ["a.txt"]}
+
+    fresh = {HEADER: new}
+    assert client.get("/api/cart", headers=fresh).get_json() == {
+        "items": ["book", "after login", "as the new sid"]
+    }
+    assert client.get("/api/job", headers=fresh).get_json() == {"running": True}
+    assert (tmp_path / "uploads" / new / "a.txt").read_bytes() == b"file of the session"
+    assert not (tmp_path / "uploads" / PLANTED).exists()
+
+    # The planted SID reaches nothing: a data endpoint says it expired.
+    gone = client.get("/api/cart", headers=old)
+    assert gone.status_code == 410
+    assert not silo.store.exists(PLANTED)
+    engine = sql_storage(silo.store).engine
+    with engine.connect() as conn:
+        for table in (namespaces, tasks, files):
+            sids = set(conn.execute(select(table.c.sid)).scalars())
+            assert sids == {new}, table.name
+    flask_app.config["release"].set()
+
+
+def test_a_request_holding_the_old_sid_during_a_rotation_loses_nothing(
+    app: tuple[Flask, Silo],
+) -> None:
+    """It read the old session, the SID rotated, its write is refused (410), not merged in."""
+    flask_app, silo = app
+    client = flask_app.test_client()
+    old = {HEADER: PLANTED}
+    client.post("/api/add?item=book", headers=old)
+    unit = silo.store.unit(PLANTED)
+    stale = unit.namespace("cart")  # a request of the old SID, in flight
+    new = silo.store.rotate(PLANTED)
+    stale["items"].append("late write")
+    from flask_silo_sql import SessionExpired
+
+    with pytest.raises(SessionExpired):
+        unit.commit()
+    unit.close()
+    assert client.get("/api/cart", headers={HEADER: new}).get_json() == {"items": ["book"]}
+    assert not silo.store.exists(PLANTED)
+
+
+def test_rotating_a_sid_without_a_session_moves_nothing(app: tuple[Flask, Silo]) -> None:
+    _, silo = app
+    new = silo.store.rotate("never-used-sid-000000000")
+    assert new != "never-used-sid-000000000"
+    assert not silo.store.exists(new)
+    assert not silo.store.exists("never-used-sid-000000000")
