@@ -7,6 +7,11 @@ Two kinds of database per test, each on SQLite and on PostgreSQL:
   schema with no silo rows. Each test module migrates once per database
   (``sqlite_template``, ``pg_migrated``); each test then gets a copy of the
   SQLite file or the PostgreSQL database with its tables emptied.
+* ``module_silo_url``: one database at the current schema that a whole module
+  shares (for module-scoped apps), on SQLite and on PostgreSQL.
+
+``silo_app`` builds Flask apps with a ``Silo`` on ``silo_url``: the app
+harness of ``harness.py``, closed at teardown.
 
 ``pg_bouncer`` is a PgBouncer in transaction pooling mode in front of that
 server. Without PostgreSQL binaries (or ``pgbouncer``) those tests are skipped
@@ -30,6 +35,7 @@ from flask_silo_sql.sql.engine import make_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from harness import AppFactory
 from pgbouncer import PgBouncer, find_pgbouncer
 from pgserver import ExternalPg, PgServer, find_bindir
 from support import SILO_TABLES_CHILD_FIRST
@@ -136,6 +142,37 @@ def silo_url(request: pytest.FixtureRequest) -> str:
     name = "sqlite_silo_url" if request.param == "sqlite" else "pg_silo_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_silo_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One database at the current schema for the whole module, on SQLite and on PostgreSQL."""
+    server: PgServer | ExternalPg | None = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('module-db') / 'silo.db'}"
+    else:
+        server = request.getfixturevalue("pg_server")
+        url = server.create_database()
+    engine = make_engine(url)
+    schema.upgrade(engine)
+    engine.dispose()
+    yield url
+    if server is not None:
+        server.drop_database(str(make_url(url).database))
+
+
+@pytest.fixture
+def silo_app(silo_url: str, tmp_path: Path) -> Iterator[AppFactory]:
+    """``silo_app(**options)``: a :class:`harness.Harness` on ``silo_url``, closed at teardown.
+
+    Every app a test makes shares the test database (as workers do), on SQLite
+    and on PostgreSQL; its instance folder is ``tmp_path / "instance"``.
+    """
+    factory = AppFactory(silo_url, instance_path=tmp_path / "instance")
+    yield factory
+    factory.close()
 
 
 @pytest.fixture(params=["dbapi", "core"])

@@ -50,13 +50,18 @@ class Clock:
 
 
 class Recorder:
-    """An ``on_create``/``on_expire`` callback that remembers the SIDs it was called with."""
+    """An ``on_create``/``on_expire`` callback that remembers the SIDs it was called with.
+
+    Thread-safe: sweeps may call it from several threads.
+    """
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self._lock = threading.Lock()
 
     def __call__(self, sid: str) -> None:
-        self.calls.append(sid)
+        with self._lock:
+            self.calls.append(sid)
 
 
 _Log = TypeVar("_Log", bound="StatementLog")

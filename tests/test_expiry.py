@@ -8,7 +8,6 @@ for with timeouts.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import math
@@ -23,16 +22,15 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pytest
-from flask import Flask
+from harness import Harness
 from sqlalchemy import Engine, func, insert, select, text, update
-from support import sql_storage
+from support import T0, Clock, Recorder, at, sql_storage
 
 from flask_silo_sql import (
     BackgroundTask,
     FileStore,
     SessionExpired,
     SessionStore,
-    Silo,
     SQLStorage,
     schema,
 )
@@ -40,47 +38,16 @@ from flask_silo_sql.cli import silo_db
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import expired_sids, files, namespaces, sessions, tasks
 
-T0 = 1_700_000_000.0
 TTL = 100
 HEADER = "X-Session-ID"
-UTC = dt.timezone.utc
 DEADLINE = 20.0
 """Seconds any thread of a test may take before it counts as stuck."""
 
 T = TypeVar("T")
 
 
-def at(timestamp: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp, UTC)
-
-
 def sid_of(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}-{'x' * 20}"
-
-
-class Clock:
-    """The store's clock: moved by the test, never by sleeping."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Recorder:
-    """An ``on_expire``/``on_create`` callback that remembers every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, sid: str) -> None:
-        with self._lock:
-            self.calls.append(sid)
 
 
 class InThread(Generic[T]):
@@ -239,18 +206,10 @@ def count(engine: Engine, table: Any) -> int:
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def make_silo(url: str, tmp_path: Path, clock: Clock) -> tuple[Flask, Silo]:
-    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
-    silo = Silo(app, ttl=TTL, auto_cleanup=False, storage=SQLStorage(url))
-    silo.store.clock = clock
-    silo.register("cart", lambda: {"items": [], "total": 0})
-    return app, silo
-
-
-def close_silo(silo: Silo) -> None:
-    silo.stop()
-    if isinstance(silo.store.storage, SQLStorage):
-        silo.store.storage.dispose()
+def make_silo(url: str, tmp_path: Path, clock: Clock) -> Harness:
+    h = Harness(url, ttl=TTL, clock=clock, instance_path=tmp_path / "instance")
+    h.silo.register("cart", lambda: {"items": [], "total": 0})
+    return h
 
 
 def write_state(store: SessionStore, sid: str, item: str) -> None:
@@ -266,7 +225,8 @@ def write_state(store: SessionStore, sid: str, item: str) -> None:
 def test_sweep_expires_exactly_the_idle_sessions_in_batches(
     url: str, tmp_path: Path, clock: Clock, observer: Engine
 ) -> None:
-    _app, silo = make_silo(url, tmp_path, clock)
+    h = make_silo(url, tmp_path, clock)
+    silo = h.silo
     try:
         store = silo.store
         engine = sql_storage(store).engine
@@ -338,7 +298,7 @@ def test_sweep_expires_exactly_the_idle_sessions_in_batches(
         assert again.expired == []
         assert len(fired.calls) == len(idle)
     finally:
-        close_silo(silo)
+        h.close()
 
 
 def test_sweep_cost_follows_the_idle_sessions_not_the_live_ones(
@@ -614,7 +574,8 @@ def test_a_loaded_session_expired_meanwhile_is_not_written_back(
 def test_a_request_running_across_a_sweep_does_not_resurrect_its_session(
     url: str, tmp_path: Path, clock: Clock, observer: Engine
 ) -> None:
-    app, silo = make_silo(url, tmp_path, clock)
+    h = make_silo(url, tmp_path, clock)
+    app, silo = h.app, h.silo
     silo.add_data_endpoints("/api/data")
     swept: list[str] = []
 
@@ -656,7 +617,7 @@ def test_a_request_running_across_a_sweep_does_not_resurrect_its_session(
         assert body["error"] == "session_expired"
         assert sids_in(observer, sessions) == set()
     finally:
-        close_silo(silo)
+        h.close()
 
 
 # -- many sweepers -----------------------------------------------------------------------
@@ -778,12 +739,10 @@ def test_prune_works_through_batches(storage: SQLStorage) -> None:
 
 
 def test_cli_cleanup_and_stats(url: str, tmp_path: Path, clock: Clock) -> None:
-    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
-    app.config["SILO_DATABASE_URI"] = url
-    silo = Silo(app, ttl=TTL, auto_cleanup=False)
+    h = Harness(url, via="config", ttl=TTL, clock=clock, instance_path=tmp_path / "instance")
+    app, silo = h.app, h.silo
     try:
         store = silo.store
-        store.clock = clock
         silo.register("cart", lambda: {"items": [], "total": 0})
         uploads: FileStore = silo.add_file_store("uploads", str(tmp_path / "uploads"))
         engine = sql_storage(store).engine
@@ -855,5 +814,5 @@ def test_cli_cleanup_and_stats(url: str, tmp_path: Path, clock: Clock) -> None:
         again = runner.invoke(silo_db, ["cleanup"], catch_exceptions=False)
         assert re.match(r"expired 0 session\(s\)", again.stdout.strip()), again.stdout
     finally:
-        close_silo(silo)
+        h.close()
 

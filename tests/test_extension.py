@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask, g
-from flask.testing import FlaskClient
-from sqlalchemy import Engine, text
-from support import Clock, Recorder, StatementLog
+from harness import AppFactory, Harness
+from sqlalchemy import text
+from support import Recorder, StatementLog
 
 from flask_silo_sql import (
     SchemaError,
@@ -91,58 +91,34 @@ def define_app(app: Flask, silo: Silo) -> None:
         return "plain"
 
 
-class SiloApp:
-    """A Flask app with a Silo on SQL storage, its client and its clock."""
+class SiloApp(Harness):
+    """The test application on a harness: a Flask app with a Silo, its client and its clock."""
 
-    def __init__(self, url: str, **silo_options: Any) -> None:
-        self.storage = SQLStorage(url)
-        self.app = Flask(__name__)
-        self.silo = Silo(self.app, storage=self.storage, auto_cleanup=False, **silo_options)
-        self.clock = Clock()
-        self.silo.store.clock = self.clock
+    def __init__(self, url: str | None, **options: Any) -> None:
+        super().__init__(url, **options)
         define_app(self.app, self.silo)
-        self.client: FlaskClient = self.app.test_client()
-
-    @property
-    def engine(self) -> Engine:
-        return self.storage.engine
 
     def count(self, sid: str) -> int:
-        response = self.client.post("/api/count", headers={HEADER: sid})
+        response = self.post("/api/count", sid)
         assert response.status_code == 200, response.get_data(as_text=True)
         n: int = response.get_json()["n"]
         return n
 
     def read(self, sid: str) -> int:
-        response = self.client.get("/api/read", headers={HEADER: sid})
+        response = self.get("/api/read", sid)
         assert response.status_code == 200, response.get_data(as_text=True)
         n: int = response.get_json()["n"]
         return n
 
-    def expire(self, sid: str) -> None:
-        """Let every session idle past its TTL and run a sweep; *sid* must expire."""
-        store = self.silo.store
-        self.clock.now += store.ttl + store.touch_interval + 1
-        assert sid in store.cleanup()
-
-    def close(self) -> None:
-        self.silo.stop()
-        self.storage.dispose()
-
 
 @pytest.fixture
-def make_app(silo_url: str) -> Iterator[Callable[..., SiloApp]]:
+def make_app(silo_app: AppFactory) -> Callable[..., SiloApp]:
     """Build apps on the test database (every one shares it)."""
-    apps: list[SiloApp] = []
 
     def build(**silo_options: Any) -> SiloApp:
-        built = SiloApp(silo_url, ttl=TTL, **silo_options)
-        apps.append(built)
-        return built
+        return silo_app(SiloApp, ttl=TTL, **silo_options)
 
-    yield build
-    for built in apps:
-        built.close()
+    return build
 
 
 @pytest.fixture
@@ -371,30 +347,25 @@ def test_two_apps_on_one_database_share_sessions(make_app: Callable[..., SiloApp
     assert first.silo.store.active_count == 2
 
 
-def test_restart_keeps_state(silo_url: str) -> None:
-    before = SiloApp(silo_url, ttl=TTL)
+def test_restart_keeps_state(make_app: Callable[..., SiloApp]) -> None:
+    before = make_app()
     for _ in range(3):
         before.count(ALICE)
     before.count(BOB)
     before.expire(ALICE)  # BOB too
     before.close()
 
-    after = SiloApp(silo_url, ttl=TTL)
+    after = make_app()
     after.clock.now = before.clock.now  # one clock, the database's, across restarts
-    try:
-        assert after.silo.store.is_expired(ALICE)
-        assert after.client.get("/api/data", headers={HEADER: ALICE}).status_code == 410
-        assert after.count(ALICE) == 1
-    finally:
-        after.close()
+    assert after.silo.store.is_expired(ALICE)
+    assert after.client.get("/api/data", headers={HEADER: ALICE}).status_code == 410
+    assert after.count(ALICE) == 1
+    after.close()
 
-    third = SiloApp(silo_url, ttl=TTL)
+    third = make_app()
     third.clock.now = after.clock.now
-    try:
-        assert third.read(ALICE) == 1
-        assert third.count(ALICE) == 2
-    finally:
-        third.close()
+    assert third.read(ALICE) == 1
+    assert third.count(ALICE) == 2
 
 
 # -- accessors ------------------------------------------------------------------------
@@ -499,17 +470,21 @@ def test_outdated_schema_fails_at_start_up(db_url: str) -> None:
         storage.dispose()
 
 
+def configured(url: str, source: str, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The harness URL for *url* given in the app's config, or (None) in the environment."""
+    if source == "config":
+        return url
+    monkeypatch.setenv("SILO_DATABASE_URI", url)
+    return None  # Silo finds it in the environment
+
+
 @pytest.mark.parametrize("source", ["config", "environment"])
 def test_configured_database_is_not_migrated_implicitly(
     db_url: str, source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
-    if source == "config":
-        app.config["SILO_DATABASE_URI"] = db_url
-    else:
-        monkeypatch.setenv("SILO_DATABASE_URI", db_url)
+    url = configured(db_url, source, monkeypatch)
     with pytest.raises(SchemaError) as info:
-        Silo(app, auto_cleanup=False)
+        Harness(url, via="config", instance_path=tmp_path / "instance", clock=False)
     assert_names_upgrade_command(info.value)
     assert not (tmp_path / "instance" / "silo.db").exists()
 
@@ -518,33 +493,23 @@ def test_configured_database_is_not_migrated_implicitly(
 def test_configured_database_is_used(
     silo_url: str, source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
-    if source == "config":
-        app.config["SILO_DATABASE_URI"] = silo_url
-    else:
-        monkeypatch.setenv("SILO_DATABASE_URI", silo_url)
-    silo = Silo(app, auto_cleanup=False)
-    define_app(app, silo)
-    try:
-        app.test_client().post("/api/count", headers={HEADER: ALICE})
+    url = configured(silo_url, source, monkeypatch)
+    with SiloApp(url, via="config", instance_path=tmp_path / "instance", clock=False) as api:
+        assert isinstance(api.silo.store.storage, SQLStorage)
+        api.client.post("/api/count", headers={HEADER: ALICE})
         check = SQLStorage(silo_url)
         try:
             assert check.get_session(ALICE) is not None
         finally:
             check.dispose()
-    finally:
-        assert isinstance(silo.store.storage, SQLStorage)
-        silo.store.storage.dispose()
 
 
 # -- the embedded default ------------------------------------------------------------
 
 
-def embedded_app(instance: Path) -> tuple[Flask, Silo]:
-    app = Flask(__name__, instance_path=str(instance))
-    silo = Silo(app)
-    define_app(app, silo)
-    return app, silo
+def embedded_app(instance: Path) -> SiloApp:
+    """``Silo(app)`` as it comes: its defaults, the embedded database, real time."""
+    return SiloApp(None, instance_path=instance, clock=False, auto_cleanup=True)
 
 
 def test_embedded_default_migrates_itself_and_persists(
@@ -552,32 +517,21 @@ def test_embedded_default_migrates_itself_and_persists(
 ) -> None:
     monkeypatch.delenv("SILO_DATABASE_URI", raising=False)
     instance = tmp_path / "instance"
-    app, silo = embedded_app(instance)
-    try:
-        storage = silo.store.storage
+    with embedded_app(instance) as api:
+        storage = api.silo.store.storage
         assert isinstance(storage, SQLStorage)
         assert (instance / "silo.db").is_file()
         assert schema.is_current(storage.engine)
         with storage.engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
             assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() > 0
-        client = app.test_client()
         for expected in (1, 2):
-            response = client.post("/api/count", headers={HEADER: ALICE})
+            response = api.client.post("/api/count", headers={HEADER: ALICE})
             assert response.get_json()["n"] == expected
-    finally:
-        silo.stop()
-        assert isinstance(silo.store.storage, SQLStorage)
-        silo.store.storage.dispose()
 
-    app2, silo2 = embedded_app(instance)  # a restart: already migrated, state kept
-    try:
-        response = app2.test_client().get("/api/read", headers={HEADER: ALICE})
+    with embedded_app(instance) as again:  # a restart: already migrated, state kept
+        response = again.client.get("/api/read", headers={HEADER: ALICE})
         assert response.get_json() == {"n": 2}
-    finally:
-        silo2.stop()
-        assert isinstance(silo2.store.storage, SQLStorage)
-        silo2.store.storage.dispose()
 
 
 # -- statement counts ------------------------------------------------------------------

@@ -10,19 +10,18 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, jsonify, request
-from flask.testing import FlaskClient
-from sqlalchemy import Engine, select
-from support import Clock, sql_storage
+from flask import jsonify, request
+from harness import AppFactory, Harness
+from sqlalchemy import select
+from support import Clock
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import FileStore, FileTooLarge, Silo
+from flask_silo_sql import FileTooLarge
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.files import TEMP_PREFIX, fsck
 from flask_silo_sql.sql.models import files as files_table
@@ -31,20 +30,35 @@ SID = "files-test-session-0001"
 OTHER_SID = "files-test-session-0002"
 
 
-@dataclass
-class App:
-    app: Flask
-    silo: Silo
-    client: FlaskClient
-    uploads: FileStore
-    root: Path
-    """Everything the test may write below; the store's base directory is deep inside."""
+class App(Harness):
+    """The upload app on a harness: one file store, recorded in ``silo_files``."""
 
-    @property
-    def engine(self) -> Engine:
-        sql = sql_storage(self.silo.store)
-        assert sql is not None
-        return sql.engine
+    def __init__(
+        self, url: str | None, *, root: Path, max_session_bytes: int | None = None, **options: Any
+    ) -> None:
+        super().__init__(url, **options)
+        self.root = root
+        """Everything the test may write below; the store's base directory is deep inside."""
+        silo = self.silo
+        silo.register("data", lambda: {"uploaded": []})
+        uploads = silo.add_file_store(
+            "uploads", str(root / "a" / "b" / "uploads"), max_session_bytes=max_session_bytes
+        )
+        self.uploads = uploads
+
+        @self.app.post("/api/upload")
+        def upload() -> Any:
+            upload = request.files["file"]
+            path = uploads.save(
+                silo.sid, upload.filename or "", upload.stream, content_type=upload.mimetype
+            )
+            silo.state("data")["uploaded"].append(os.path.basename(path))
+            return jsonify(path=path, files=uploads.list_files(silo.sid))
+
+        @self.app.post("/api/reset")
+        def reset() -> Any:
+            silo.reset_current()
+            return jsonify(ok=True)
 
     def upload(
         self,
@@ -53,10 +67,8 @@ class App:
         content_type: str = "application/octet-stream",
         sid: str = SID,
     ) -> TestResponse:
-        return self.client.post(
-            "/api/upload",
-            headers={"X-Session-ID": sid},
-            data={"file": (io.BytesIO(data), filename, content_type)},
+        return self.post(
+            "/api/upload", sid, data={"file": (io.BytesIO(data), filename, content_type)}
         )
 
     def session_dir(self, sid: str = SID) -> Path:
@@ -75,43 +87,20 @@ def all_files(root: Path) -> set[Path]:
 
 
 @pytest.fixture
-def make_app(silo_url: str, tmp_path: Path) -> Iterator[Any]:
-    made: list[Silo] = []
+def make_app(silo_app: AppFactory, tmp_path: Path) -> Callable[..., App]:
+    """Apps configured with ``SILO_DATABASE_URI`` (plus *config*), on real time."""
 
     def make(*, max_session_bytes: int | None = None, **config: Any) -> App:
-        app = Flask(f"files-{len(made)}")
-        app.config.update({"TESTING": True, **config})
-        app.config["SILO_DATABASE_URI"] = silo_url
-        silo = Silo(app, auto_cleanup=False)
-        silo.register("data", lambda: {"uploaded": []})
-        root = tmp_path / "root"
-        uploads = silo.add_file_store(
-            "uploads", str(root / "a" / "b" / "uploads"), max_session_bytes=max_session_bytes
+        return silo_app(
+            App,
+            root=tmp_path / "root",
+            max_session_bytes=max_session_bytes,
+            via="config",
+            config={"TESTING": True, **config},
+            clock=False,
         )
 
-        @app.post("/api/upload")
-        def upload() -> Any:
-            upload = request.files["file"]
-            path = uploads.save(
-                silo.sid, upload.filename or "", upload.stream, content_type=upload.mimetype
-            )
-            silo.state("data")["uploaded"].append(os.path.basename(path))
-            return jsonify(path=path, files=uploads.list_files(silo.sid))
-
-        @app.post("/api/reset")
-        def reset() -> Any:
-            silo.reset_current()
-            return jsonify(ok=True)
-
-        made.append(silo)
-        return App(app, silo, app.test_client(), uploads, root)
-
-    yield make
-    for silo in made:
-        silo.stop()
-        sql = sql_storage(silo.store)
-        assert sql is not None
-        sql.dispose()
+    return make
 
 
 @pytest.fixture

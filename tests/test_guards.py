@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, jsonify, request
+from flask import jsonify, request
+from harness import AppFactory
 from sqlalchemy import Engine, delete, insert, select, update
-from support import Clock, at, sql_storage
+from support import Clock, at
 
 from flask_silo_sql import (
     BackgroundTask,
     SessionExpired,
     SessionStore,
-    Silo,
     SQLStorage,
     StateConflict,
     TaskAlreadyRunning,
@@ -241,14 +241,11 @@ def test_an_upload_into_a_session_destroyed_meanwhile_keeps_nothing(
 
 
 def test_an_upload_whose_session_expires_during_the_request_answers_410(
-    silo_url: str, tmp_path: Path, other: Engine
+    silo_app: AppFactory, tmp_path: Path, other: Engine
 ) -> None:
     """The sweep expires the session while the upload runs: 410, no file, no new session."""
-    clock = Clock()
-    app = Flask(__name__)
-    app.config["SILO_DATABASE_URI"] = silo_url
-    silo = Silo(app, ttl=TTL, auto_cleanup=False)
-    silo.store.clock = clock
+    h = silo_app(via="config", ttl=TTL)
+    app, silo, clock = h.app, h.silo, h.clock
     uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
     silo.register("data", lambda: {"items": []})
 
@@ -263,30 +260,23 @@ def test_an_upload_whose_session_expires_during_the_request_answers_410(
     def hello() -> Any:
         return jsonify(items=silo.state("data")["items"])
 
-    try:
-        client = app.test_client()
-        assert client.get("/api/hello", headers={"X-Session-ID": SID}).status_code == 200
-        answer = client.put("/api/upload", headers={"X-Session-ID": SID}, data=b"x" * 1000)
-        assert answer.status_code == 410, answer.get_data(as_text=True)
-        assert answer.get_json()["error"] == "session_expired"
-        assert not exists(other)
-        assert silo.store.is_expired(SID)
-        assert not (tmp_path / "uploads" / SID / "data.bin").exists()
-        with other.connect() as conn:
-            assert conn.execute(select(files.c.id)).first() is None
-    finally:
-        sql_storage(silo.store).dispose()
+    assert h.get("/api/hello", SID).status_code == 200
+    answer = h.put("/api/upload", SID, data=b"x" * 1000)
+    assert answer.status_code == 410, answer.get_data(as_text=True)
+    assert answer.get_json()["error"] == "session_expired"
+    assert not exists(other)
+    assert silo.store.is_expired(SID)
+    assert not (tmp_path / "uploads" / SID / "data.bin").exists()
+    with other.connect() as conn:
+        assert conn.execute(select(files.c.id)).first() is None
 
 
 def test_a_view_learns_at_once_that_its_task_runs_elsewhere(
-    silo_url: str, other: Engine
+    silo_app: AppFactory, other: Engine
 ) -> None:
     """As in flask-silo, ``start()`` raises in the view (a RuntimeError it can handle)."""
-    clock = Clock()
-    app = Flask(__name__)
-    app.config["SILO_DATABASE_URI"] = silo_url
-    silo = Silo(app, ttl=TTL, auto_cleanup=False)
-    silo.store.clock = clock
+    h = silo_app(via="config", ttl=TTL)
+    app, silo, clock = h.app, h.silo, h.clock
     silo.register("job", lambda: {"task": BackgroundTask("work")})
     ran: list[bool] = []
 
@@ -303,23 +293,18 @@ def test_a_view_learns_at_once_that_its_task_runs_elsewhere(
             return jsonify(refused=str(exc))
         return jsonify(started=True)
 
-    try:
-        client = app.test_client()
-        headers = {"X-Session-ID": SID}
-        assert client.get("/api/look", headers=headers).get_json() == {"running": False}
-        now = at(clock.now)
-        with other.begin() as conn:  # another worker runs it, alive
-            conn.execute(
-                insert(tasks).values(
-                    id=task_id_for(SID, "job", "/task"), sid=SID, name="work", status="running",
-                    progress=0.0, message="theirs", logs=[], started_at=now, heartbeat_at=now,
-                )
+    assert h.get("/api/look", SID).get_json() == {"running": False}
+    now = at(clock.now)
+    with other.begin() as conn:  # another worker runs it, alive
+        conn.execute(
+            insert(tasks).values(
+                id=task_id_for(SID, "job", "/task"), sid=SID, name="work", status="running",
+                progress=0.0, message="theirs", logs=[], started_at=now, heartbeat_at=now,
             )
-        answer = client.post("/api/start", headers=headers)
-        assert answer.status_code == 200
-        assert answer.get_json() == {"refused": "Task 'work' is already running"}
-        assert ran == []
-        with other.connect() as conn:
-            assert conn.execute(select(tasks.c.message)).scalar() == "theirs"
-    finally:
-        sql_storage(silo.store).dispose()
+        )
+    answer = h.post("/api/start", SID)
+    assert answer.status_code == 200
+    assert answer.get_json() == {"refused": "Task 'work' is already running"}
+    assert ran == []
+    with other.connect() as conn:
+        assert conn.execute(select(tasks.c.message)).scalar() == "theirs"

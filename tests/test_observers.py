@@ -15,22 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from harness import Harness
 from otel import EngineSpans
 from sqlalchemy import make_url
-from support import Clock, StatementLog, sql_storage
+from support import Clock, StatementLog
 
-from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql import Silo, schema
 from flask_silo_sql.sql.engine import make_engine
 
 ALICE = "alice-observed-000000000000"
 TTL = 600
 
 
-def make_app(url: str, clock: Clock) -> tuple[Flask, Silo]:
-    app = Flask(__name__)
-    silo = Silo(app, ttl=TTL, auto_cleanup=False, storage=SQLStorage(url))
-    silo.store.clock = clock
+def make_app(url: str, clock: Clock) -> Harness:
+    h = Harness(url, ttl=TTL, clock=clock)
+    app, silo = h.app, h.silo
     silo.register("counter", lambda: {"n": 0})
     silo.register("notes", lambda: {"items": []})
     silo.add_data_endpoints("/api/data")
@@ -72,7 +71,7 @@ def make_app(url: str, clock: Clock) -> tuple[Flask, Silo]:
         state["n"] += 1
         return {"ok": True}
 
-    return app, silo
+    return h
 
 
 Step = Callable[[Any, Clock, Silo], Any]
@@ -110,9 +109,8 @@ CONVERSATION: list[tuple[str, Step]] = [
 def converse(url: str, *, traced: bool) -> tuple[list[Any], list[list[str]], list[str]]:
     """Each step's answer and the statements silo sent for it; and what tracing saw."""
     clock = Clock()
-    app, silo = make_app(url, clock)
-    storage = sql_storage(silo.store)
-    client = app.test_client()
+    h = make_app(url, clock)
+    silo, storage, client = h.silo, h.storage, h.client
     answers: list[Any] = []
     statements: list[list[str]] = []
     spans = EngineSpans(storage.engine)
@@ -128,7 +126,7 @@ def converse(url: str, *, traced: bool) -> tuple[list[Any], list[list[str]], lis
             assert storage.connector.observed() is traced
     finally:
         spans.detach()
-        storage.dispose()
+        h.close()
     return answers, statements, [" ".join(s.split()) for s in spans.statements()]
 
 

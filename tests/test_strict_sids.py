@@ -17,12 +17,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 from flask import Flask, Response, jsonify
 from flask.testing import FlaskClient
+from harness import Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import make_url, text
@@ -47,37 +48,23 @@ HYPOTHESIS = settings(
 )
 
 
-class Databases(Protocol):
-    """The ``pg_server`` fixture: a private server, or the one in SILO_TEST_PG_URL."""
-
-    def create_database(self, name: str | None = None) -> str: ...
-
-    def drop_database(self, name: str) -> None: ...
-
-
 def build_app(
     url: str, *, strict: bool, secret: str | bytes | None, fallbacks: list[Any] | None = None
-) -> tuple[Flask, Silo, SQLStorage]:
-    app = Flask("strict" if strict else "lenient")
-    app.secret_key = secret
+) -> Harness:
+    config: dict[str, Any] = {"SECRET_KEY": secret, "SILO_STRICT_SIDS": strict}
     if fallbacks is not None:
-        app.config["SECRET_KEY_FALLBACKS"] = fallbacks
-    app.config["SILO_STRICT_SIDS"] = strict
-    storage = SQLStorage(url)
-    try:
-        silo = Silo(app, storage=storage, auto_cleanup=False)
-    except BaseException:
-        storage.dispose()
-        raise
+        config["SECRET_KEY_FALLBACKS"] = fallbacks
+    h = Harness(url, import_name="strict" if strict else "lenient", config=config, clock=False)
+    silo = h.silo
     silo.register("counter", lambda: {"n": 0})
 
-    @app.post("/api/count")
+    @h.app.post("/api/count")
     def count() -> Response:
         state = silo.state("counter")
         state["n"] += 1
         return jsonify(sid=silo.sid, n=state["n"])
 
-    return app, silo, storage
+    return h
 
 
 @dataclass
@@ -110,35 +97,21 @@ class Deployment:
         return int(sessions), int(namespaces)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def deployment(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    server: Databases | None = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('strict') / 'silo.db'}"
-    else:
-        server = request.getfixturevalue("pg_server")
-        url = server.create_database()
-    storage = SQLStorage(url)
-    schema.upgrade(storage.engine)
+@pytest.fixture(scope="module")
+def deployment(module_silo_url: str) -> Iterator[Deployment]:
+    url = module_silo_url
     built = [
         build_app(url, strict=True, secret=NEW_KEY, fallbacks=[OLD_KEY]),
         build_app(url, strict=True, secret=OLD_KEY),
         build_app(url, strict=True, secret=NEW_KEY.encode()),  # bytes work too
         build_app(url, strict=False, secret=NEW_KEY),
     ]
-    clients = [app.test_client() for app, _, _ in built]
-    current, before_rotation, without_fallback, lenient = clients
-    yield Deployment(
-        request.param, url, storage, current, before_rotation, without_fallback, lenient
-    )
-    for _, silo, app_storage in built:
-        silo.stop()
-        app_storage.dispose()
-    storage.dispose()
-    if server is not None:
-        server.drop_database(str(make_url(url).database))
+    current, before_rotation, without_fallback, lenient = (h.client for h in built)
+    dialect = make_url(url).get_backend_name()
+    storage = built[0].storage
+    yield Deployment(dialect, url, storage, current, before_rotation, without_fallback, lenient)
+    for h in built:
+        h.close()
 
 
 def count(client: FlaskClient, sid: str | None = None, *, via: str = "header") -> TestResponse:

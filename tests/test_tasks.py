@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, jsonify, request
-from flask.testing import FlaskClient
+from flask import jsonify, request
+from harness import AppFactory, Harness
 from sqlalchemy import Engine, func, insert, select
-from support import T0, Clock, StatementLog, at, sql_storage
+from support import T0, Clock, StatementLog, at
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import BackgroundTask, SessionStore, Silo, SQLStorage
+from flask_silo_sql import BackgroundTask, SQLStorage
 from flask_silo_sql.sql.models import files as files_table
 from flask_silo_sql.sql.models import namespaces, tasks
 
@@ -40,30 +40,23 @@ MARKER = "__silo_task__"
 Target = Callable[..., Any]
 
 
-@dataclass
-class Worker:
-    """One app object (a worker process, as far as the database can tell)."""
+class Worker(Harness):
+    """One app object (a worker process, as far as the database can tell).
 
-    app: Flask
-    silo: Silo
-    client: FlaskClient
-    target: Target | None = None
+    Requests send ``SID`` unless told otherwise; ``/api/start`` runs ``target``.
+    """
 
-    @property
-    def store(self) -> SessionStore:
-        return self.silo.store
+    def __init__(self, url: str | None, *, upload_dir: str, **options: Any) -> None:
+        super().__init__(url, default_sid=SID, **options)
+        self.target: Target | None = None
+        define_worker(self, upload_dir)
 
     @property
     def sql(self) -> SQLStorage:
-        return sql_storage(self.silo.store)
-
-    def call(self, method: str, path: str, sid: str = SID, **kwargs: Any) -> TestResponse:
-        return self.client.open(path, method=method, headers={"X-Session-ID": sid}, **kwargs)
+        return self.storage
 
     def status(self, sid: str = SID) -> dict[str, Any]:
-        response = self.call("GET", "/api/status", sid)
-        assert response.status_code == 200, response.get_data(as_text=True)
-        body: dict[str, Any] = response.get_json()
+        body: dict[str, Any] = self.json("GET", "/api/status", sid)
         return body
 
     def start(self, sid: str = SID) -> TestResponse:
@@ -74,16 +67,12 @@ def processing() -> dict[str, Any]:
     return {"task": BackgroundTask("proc"), "results": None, "note": ""}
 
 
-def build_worker(url: str, upload_dir: str, **config: Any) -> Worker:
-    app = Flask(f"worker-{id(config)}")
-    # Every update is visible at once, unless a test says otherwise.
-    app.config.update({"TESTING": True, "SILO_TASK_FLUSH_INTERVAL": 0.0, **config})
-    app.config["SILO_DATABASE_URI"] = url
-    silo = Silo(app, auto_cleanup=False)
+def define_worker(worker: Worker, upload_dir: str) -> None:
+    """The worker's namespaces, its file store and its routes."""
+    app, silo = worker.app, worker.silo
     silo.register("proc", processing)
     silo.register("counter", lambda: {"n": 0})
     uploads = silo.add_file_store("uploads", upload_dir)
-    worker = Worker(app, silo, app.test_client())
 
     @app.get("/api/status")
     def status() -> Any:
@@ -146,8 +135,6 @@ def build_worker(url: str, upload_dir: str, **config: Any) -> Worker:
         uploads.save(silo.sid, upload.filename or "", upload.stream, content_type=upload.mimetype)
         return jsonify(files=uploads.list_files(silo.sid))
 
-    return worker
-
 
 @dataclass
 class Probe:
@@ -171,13 +158,23 @@ class Probe:
 
 @dataclass
 class Env:
-    url: str
+    """Workers on one database, and the probes of their tasks."""
+
+    silo_app: AppFactory
     upload_dir: str
     workers: list[Worker] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
 
     def worker(self, **config: Any) -> Worker:
-        worker = build_worker(self.url, self.upload_dir, **config)
+        """A worker configured with ``SILO_DATABASE_URI`` and *config*, on real time."""
+        worker = self.silo_app(
+            Worker,
+            upload_dir=self.upload_dir,
+            via="config",
+            # Every update is visible at once, unless a test says otherwise.
+            config={"TESTING": True, "SILO_TASK_FLUSH_INTERVAL": 0.0, **config},
+            clock=False,
+        )
         self.workers.append(worker)
         return worker
 
@@ -191,8 +188,8 @@ class Env:
 
 
 @pytest.fixture
-def env(silo_url: str, tmp_path: Path) -> Iterator[Env]:
-    environment = Env(silo_url, str(tmp_path / "uploads"))
+def env(silo_app: AppFactory, tmp_path: Path) -> Iterator[Env]:
+    environment = Env(silo_app, str(tmp_path / "uploads"))
     yield environment
     for probe in environment.probes:  # release every target still waiting
         probe.gate.set()
@@ -200,8 +197,7 @@ def env(silo_url: str, tmp_path: Path) -> Iterator[Env]:
         if probe.task is not None and probe.task._thread is not None:
             probe.task._thread.join(WAIT)
     for worker in environment.workers:
-        worker.silo.stop()
-        worker.sql.dispose()
+        worker.close()
 
 
 def task_rows(engine: Engine, sid: str = SID) -> list[Any]:

@@ -33,7 +33,7 @@ from flask_silo_sql.sql.models import tasks
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APP_FILE = "examples/data_processor.py"
 WORKERS = 4
 HEARTBEAT_TIMEOUT = 2.0

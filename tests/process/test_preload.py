@@ -33,7 +33,7 @@ from sqlalchemy.pool import QueuePool
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = "X-Session-ID"
 CLIENTS = 6
 REQUESTS_PER_CLIENT = 40

@@ -42,7 +42,7 @@ from flask_silo_sql.sql.models import expired_sids, sessions
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "data_processor.py"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
