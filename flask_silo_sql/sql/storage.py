@@ -172,9 +172,10 @@ class SQLStorage(SiloStorage):
 
     @statement_hook.setter
     def statement_hook(self, hook: StatementHook | None) -> None:
-        self._hook = hook
-        if self._parts is not None:
-            self._parts.connector.hook = hook
+        with self._ready:  # not between another thread's making of the parts and their use
+            self._hook = hook
+            if self._parts is not None:
+                self._parts.connector.hook = hook
 
     def dispose(self) -> None:
         """Close pooled connections, when this storage created its engine."""
