@@ -19,6 +19,7 @@ from .errors import (
     StateTooLarge,
     StorageUnavailable,
     TaskAlreadyRunning,
+    TaskLeaseLost,
 )
 from .ext import Silo
 from .files import FileStore
@@ -26,6 +27,7 @@ from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
 from .storage import InMemoryStorage, SiloStorage
 from .store import SessionStore
+from .runner import TaskRunner
 from .tasks import BackgroundTask, TaskState
 
 __version__ = "0.1.0"
@@ -51,6 +53,8 @@ __all__ = [
     "StateTooLarge",
     "StorageUnavailable",
     "TaskAlreadyRunning",
+    "TaskLeaseLost",
+    "TaskRunner",
     "TaskState",
     "__version__",
     "alembic_include_name",

@@ -621,8 +621,11 @@ class BackgroundTask:
                 return
             except StorageUnavailable as exc:
                 deadline = self._saved_mono + home.heartbeat_timeout
-                if not final or time.monotonic() + pause > deadline:
-                    self._log("could not save task '%s'%s", exc)
+                if not final:
+                    self._log("could not save task '%s'%s (the next write tries again)", exc)
+                    return
+                if time.monotonic() + pause > deadline:
+                    self._log("could not save the end of task '%s'%s: the database is away", exc)
                     return
             except Exception as exc:
                 self._log("could not save task '%s'%s", exc)
