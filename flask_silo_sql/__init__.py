@@ -23,11 +23,11 @@ from .errors import (
 )
 from .ext import Silo
 from .files import FileStore
+from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
 from .storage import InMemoryStorage, SiloStorage
 from .store import SessionStore
-from .runner import TaskRunner
 from .tasks import BackgroundTask, TaskState
 
 __version__ = "0.1.0"

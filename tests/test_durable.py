@@ -10,6 +10,8 @@ bounded poll of the database or of the app. On SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import random
 import signal
@@ -179,6 +181,10 @@ def until(web: Gunicorn, sid: str, what: str, test: Any, timeout: float = 60.0) 
     return wait_for(what, probe, timeout=timeout, interval=0.05)
 
 
+def gone(pid: int) -> bool | None:
+    return True if process_gone(pid) else None
+
+
 def attempt_rows(engine: Engine) -> list[Any]:
     with engine.connect() as conn:
         return list(
@@ -217,11 +223,13 @@ def test_chaos_every_task_completes_once_at_a_time(
     )
     rng = random.Random(20261202)
     killed: dict[int, float] = {}
-    with gunicorn(env, tmp_path, app=APP, workers=2, threads=4) as web, task_workers(
-        env, tmp_path, engine
-    ) as pool:
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=2, threads=4) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
         for _ in range(3):
             pool.start(concurrency=8)
+
         def start_some(count: int) -> None:
             for _ in range(count):
                 sids.append(start(web, f"seconds={rng.uniform(2.0, 8.0):.2f}"))
@@ -242,7 +250,7 @@ def test_chaos_every_task_completes_once_at_a_time(
                 pool.start(concurrency=8)
             else:
                 os.kill(victim, signal.SIGKILL)
-                wait_for(f"{victim} to die", lambda v=victim: True if process_gone(v) else None)
+                wait_for(f"{victim} to die", functools.partial(gone, victim))
                 killed[victim] = time.time()
 
         def all_done() -> bool | None:
@@ -273,7 +281,7 @@ def test_chaos_every_task_completes_once_at_a_time(
         done = [r for r in runs if r.outcome == "done"]
         assert len(done) == 1, runs
         assert done[0].attempt == final[task_id].attempt
-        for earlier, later in zip(runs, runs[1:]):
+        for earlier, later in itertools.pairwise(runs):
             end = earlier.ended if earlier.ended is not None else killed.get(earlier.pid)
             assert end is not None, f"attempt {earlier} neither ended nor was killed"
             assert end <= later.started, f"attempts overlap: {earlier} and {later}"
@@ -284,7 +292,8 @@ def test_chaos_every_task_completes_once_at_a_time(
         f"chaos: {CHAOS_TASKS} tasks, {len(killed)} processes killed, {len(rows)} attempts,"
         f" {retried} tasks run more than once"
     )
-    assert killed and retried, "the chaos interrupted no task: it tested nothing"
+    assert killed
+    assert retried, "the chaos interrupted no task: it tested nothing"
 
 
 # -- deploys ----------------------------------------------------------------------------
@@ -338,9 +347,10 @@ def test_a_failed_attempt_is_retried_and_shows_its_attempt_and_last_error(
     db_url: str, engine: Engine, tmp_path: Path
 ) -> None:
     env = app_env(db_url, tmp_path, SILO_TEST_RETRIES=3, SILO_TASK_RUNNER="worker")
-    with gunicorn(env, tmp_path, app=APP, workers=1) as web, task_workers(
-        env, tmp_path, engine
-    ) as pool:
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=1) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
         sid = start(web, "seconds=0.1&fail=1&gate=second")
         queued = status(web, sid)
         assert queued is not None
@@ -363,9 +373,10 @@ def test_a_stalled_process_cannot_write_after_its_lease_was_taken(
     db_url: str, engine: Engine, tmp_path: Path
 ) -> None:
     env = app_env(db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=2, SILO_TASK_RUNNER="worker")
-    with gunicorn(env, tmp_path, app=APP, workers=1) as web, task_workers(
-        env, tmp_path, engine
-    ) as pool:
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=1) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
         first = pool.start(concurrency=1)
         sid = start(web, "seconds=6")
         wait_for(
@@ -423,7 +434,8 @@ def test_a_closure_whose_worker_dies_is_reported_lost_and_never_run_again(
     assert set(lost["task"]) == FLASK_SILO_KEYS
     assert "worker lost" in lost["task"]["error"]
     assert lost["result"] is None
-    assert row.target is None and row.status == "failed" and row.attempt == 1
+    assert row.target is None
+    assert (row.status, row.attempt) == ("failed", 1)
     assert len(attempt_rows(engine)) == 1
 
 
@@ -436,9 +448,7 @@ def test_a_coalesced_update_is_visible_within_the_flush_interval(
     """update(10) then update(20) at once, then a long wait: 20 is visible soon, not at
     the next heartbeat (a quarter of the heartbeat timeout, 30 s here)."""
     flush = 0.5
-    env = app_env(
-        db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=120, SILO_TASK_FLUSH_INTERVAL=flush
-    )
+    env = app_env(db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=120, SILO_TASK_FLUSH_INTERVAL=flush)
     with gunicorn(env, tmp_path, app=APP, workers=2) as web:
         response = requests.post(web.url("/api/start-closure?gate=fresh&seconds=0"), timeout=30)
         assert response.status_code == 200, response.text
