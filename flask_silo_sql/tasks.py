@@ -424,7 +424,7 @@ class BackgroundTask:
             self._checkpoint = claimed.checkpoint
             self._owner = True
             self._lost = False
-            self._dirty = True
+            self._dirty = False  # the claim wrote the attempt's start
         self._flushed_at = home.now()
         self._saved_mono = self._written_mono = time.monotonic()
         thread = threading.Thread(
@@ -445,8 +445,6 @@ class BackgroundTask:
         on_done: Callable[[], None] | None,
     ) -> None:
         try:
-            if self._home is not None and self._durable is not None and self._dirty:
-                self._flush()  # a claimed attempt is visible at once
             target(self, *args, **kwargs)
             with self._lock:
                 finished = not self._state.running

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import random
 import signal
@@ -181,6 +182,15 @@ def until(web: Gunicorn, sid: str, what: str, test: Any, timeout: float = 60.0) 
     return wait_for(what, probe, timeout=timeout, interval=0.05)
 
 
+def busy_pids(engine: Engine) -> set[int]:
+    """Processes that hold a running task now (from ``silo_tasks.worker``: host:pid:random)."""
+    with engine.connect() as conn:
+        holders = conn.execute(
+            select(tasks.c.worker).where(tasks.c.status == "running", tasks.c.worker.is_not(None))
+        ).scalars()
+        return {int(holder.split(":")[1]) for holder in holders}
+
+
 def gone(pid: int) -> bool | None:
     return True if process_gone(pid) else None
 
@@ -242,8 +252,9 @@ def test_chaos_every_task_completes_once_at_a_time(
             if len(sids) < CHAOS_TASKS:
                 web.wait_healthy()
                 start_some(min(CHAOS_TASKS // 8, CHAOS_TASKS - len(sids)))
-            victims = sorted(web.worker_pids() | pool.pids)
-            victim = rng.choice(victims)
+            ours = web.worker_pids() | pool.pids
+            victims = sorted(busy_pids(engine) & ours) or sorted(ours)
+            victim = rng.choice(victims)  # a random process, one that runs a task if any does
             if victim in pool.procs:
                 pool.kill(victim)
                 killed[victim] = time.time()  # dead by now (a bound the check can rely on)
@@ -364,6 +375,70 @@ def test_a_failed_attempt_is_retried_and_shows_its_attempt_and_last_error(
     assert done["task"]["attempt"] == 2
     assert done["result"] == {"attempt": 2, "pid": done["result"]["pid"]}
     assert done["result"]["pid"] in pool.procs  # run by the worker, not by the web process
+
+
+def test_a_later_attempt_resumes_from_the_last_checkpoint(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    env = app_env(db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=2, SILO_TASK_RUNNER="worker")
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=1) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
+        first = pool.start(concurrency=1)
+        sid = start(web, "steps=15", path="/api/start-resumable")
+
+        def checkpointed() -> int | None:
+            row = task_row(engine)
+            return row.checkpoint if row.checkpoint is not None and row.checkpoint >= 3 else None
+
+        reached = wait_for("three checkpoints", checkpointed, timeout=30)
+        pool.kill(first)
+        stats = flask_cli(pool, "stats", "--json")
+        second = pool.start(concurrency=1)
+        done = until(web, sid, "the task to complete", lambda b: b["task"]["complete"], 60)
+    assert done["result"]["attempt"] == 2
+    assert done["result"]["pid"] == second
+    assert done["result"]["resumed_from"] >= reached
+    assert done["task"]["progress"] == 100
+    assert stats["tasks"] == {"running": 1}  # the killed worker's run, lease not yet lapsed
+
+
+def flask_cli(pool: Workers, *args: str) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", APP.split(":")[0], "silo-db", *args],
+        cwd=APPS_DIR,
+        env=pool.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def test_stats_show_queued_runs_and_live_workers(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    env = app_env(db_url, tmp_path, SILO_TASK_RUNNER="worker")
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=1) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
+        for _ in range(3):
+            start(web, "seconds=0.1")
+        queued = flask_cli(pool, "stats", "--json")
+        pid = pool.start(concurrency=2)
+
+        def drained() -> bool | None:
+            return True if flask_cli(pool, "stats", "--json")["tasks"] == {"complete": 3} else None
+
+        wait_for("the queue to drain", drained)
+        live = flask_cli(pool, "stats", "--json")
+    assert queued["tasks"] == {"queued": 3}
+    assert queued["workers"] == []
+    (worker,) = live["workers"]
+    assert (worker["pid"], worker["kind"], worker["concurrency"]) == (pid, "worker", 2)
 
 
 # -- a stalled process --------------------------------------------------------------------

@@ -544,6 +544,8 @@ class Statements:
             .where(tasks.c.id.in_(candidates.scalar_subquery()), claimable)
             .values(
                 status="running",
+                progress=0.0,
+                message="Starting…",
                 attempt=tasks.c.attempt + 1,
                 started_at=now,
                 heartbeat_at=now,

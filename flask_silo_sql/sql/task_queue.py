@@ -144,7 +144,7 @@ class SQLTaskQueue:
         state = TaskState(
             running=True,
             progress=0.0,
-            message=f"Starting… (attempt {attempt})",
+            message="Starting…",
             logs=list(logs or []),
             started_at=v.maybe_unix(started),
             attempt=int(attempt),

@@ -118,6 +118,24 @@ def work(
             )
 
 
+@silo.task(name="resumable", retries=5, retry_delay=0.05)
+def resumable(task: BackgroundTask, state: dict[str, Any], steps: int) -> None:
+    """Checkpoints after every step; a later attempt resumes where the last one got to."""
+    first = task.last_checkpoint or 0
+    for step in range(first, steps):
+        time.sleep(0.2)
+        task.update(100 * (step + 1) / steps, f"step {step + 1}/{steps}")
+        task.checkpoint(step + 1)
+    state["result"] = {"attempt": task.attempt, "resumed_from": first, "pid": os.getpid()}
+
+
+@app.post("/api/start-resumable")
+def start_resumable() -> Any:
+    ns = silo.state("job")
+    ns["task"].start(resumable, ns, int(request.args.get("steps", "10")))
+    return jsonify(task_id=ns["task"].task_id, pid=os.getpid())
+
+
 @app.post("/api/start")
 def start() -> Any:
     ns = silo.state("job")
