@@ -441,6 +441,46 @@ def test_stats_show_queued_runs_and_live_workers(
     assert (worker["pid"], worker["kind"], worker["concurrency"]) == (pid, "worker", 2)
 
 
+def test_sigterm_lets_running_attempts_finish_then_hands_the_rest_back(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    env = app_env(db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=30, SILO_TASK_RUNNER="worker")
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=1) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
+        first = pool.start(2, "--grace", "3")
+        short = start(web, "seconds=1.5")
+        long = start(web, "seconds=20")
+
+        def both_claimed() -> bool | None:
+            with engine.connect() as conn:
+                attempts = list(conn.execute(select(tasks.c.attempt)).scalars())
+            return True if attempts == [1, 1] else None
+
+        wait_for("both runs to be claimed", both_claimed)
+        pool.procs[first].send_signal(signal.SIGTERM)
+        pool.procs[first].wait(timeout=30)
+        handed = {
+            row.sid: (row.status, row.attempt)
+            for row in (task_row_of(engine, sid) for sid in (short, long))
+        }
+        second = pool.start(1)
+        done = until(web, long, "the handed-back run to complete", lambda b: b["task"]["complete"])
+        finished = status(web, short)
+    assert handed == {short: ("complete", 1), long: ("queued", 1)}
+    assert "1 run(s) handed back" in pool.log(first)
+    assert finished is not None
+    assert finished["result"] == {"attempt": 1, "pid": first}  # finished within the grace
+    assert done["result"] == {"attempt": 2, "pid": second}  # a hand-back is not a retry used
+    assert task_row_of(engine, long).max_attempts == 5
+
+
+def task_row_of(engine: Engine, sid: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(tasks).where(tasks.c.sid == sid)).one()
+
+
 # -- a stalled process --------------------------------------------------------------------
 
 
