@@ -98,6 +98,8 @@ class TaskRunner:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.poll_interval + 10)
+        if not self.store.tasks:
+            return 0  # nothing was ever claimed here
         deadline = time.monotonic() + grace
         with self._idle:
             while self._active and time.monotonic() < deadline:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -557,10 +558,8 @@ class BackgroundTask:
     def checkpoint(self, data: Any) -> None:
         """Record *data* (JSON) on the row now, for a later attempt to resume from."""
         self._check_lease()
-        from .codec import dumps  # codec imports this module
-
         try:
-            text = dumps(data)
+            text = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"a task checkpoint must be JSON: {exc}") from None
         with self._lock:
@@ -573,8 +572,6 @@ class BackgroundTask:
     @property
     def last_checkpoint(self) -> Any:
         """The newest checkpoint of this run (from an earlier attempt too), or None."""
-        import json
-
         text = self._checkpoint
         return None if text is None else json.loads(text)
 
@@ -728,6 +725,13 @@ class _Heartbeats:
         with self._lock:
             self._tasks.discard(task)
 
+    def homes(self) -> list[TaskHome]:
+        """The homes of the durable runs this process is running now."""
+        with self._lock:
+            return [
+                t._home for t in self._tasks if t._home is not None and t._durable is not None
+            ]
+
     def poke(self) -> None:
         """A task has a write due sooner than the thread planned for."""
         self._wake.set()
@@ -752,6 +756,11 @@ class _Heartbeats:
 
 
 _HEARTBEATS = _Heartbeats()
+
+
+def running_homes() -> list[TaskHome]:
+    """The rows of the durable runs this process is running now."""
+    return _HEARTBEATS.homes()
 
 
 class _HandBack:

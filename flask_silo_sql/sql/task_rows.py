@@ -32,6 +32,7 @@ from ..tasks import (
     TaskSpec,
     TaskState,
     logger,
+    running_homes,
 )
 from .context import Context
 from .executor import Executor
@@ -123,7 +124,9 @@ def hand_back_at_exit(ctx: Context) -> None:
     """Whatever this process still holds when it exits goes back to the queue."""
 
     def at_exit() -> None:
-        hand_back(ctx, PROCESS.id)
+        homes = running_homes()
+        if any(isinstance(home, SQLTaskHome) and home.ctx is ctx for home in homes):
+            hand_back(ctx, PROCESS.id)
 
     HAND_BACK.add(id(ctx), at_exit)
 
