@@ -20,6 +20,11 @@ from the first task's start to the last task's end, both read from the
 database (silo: ``silo_tasks.started_at`` / ``finished_at``; procrastinate: its
 ``procrastinate_events``), so process start-up is not counted.
 
+**Recovery** (flask_silo_sql only): two workers with ``SILO_TASK_HEARTBEAT_TIMEOUT
+= 2``; a long run is claimed by one of them, which is then killed (``SIGKILL``);
+the time from the kill to the start of the run's next attempt in the other
+worker (from ``silo_tasks.started_at``), over ``--recovery-rounds`` rounds.
+
 **Latency**: with the workers running and idle, ``--latency-tasks`` tasks are
 queued one at a time, ``--gap`` seconds apart; a task's latency is its start
 (from the database, as above) minus the moment its enqueue returned in this
@@ -27,8 +32,8 @@ process (both on this machine's clock: the database server is local).
 
 Targets (from the issue): silo's throughput on PostgreSQL at least
 procrastinate's; p99 enqueue-to-start at most 100 ms on PostgreSQL and 1 s on
-SQLite. Exit status 0 whatever the verdicts (a report), 1 when a configuration
-lost a task or did not start.
+SQLite; recovery within the heartbeat timeout + 1 s. Exit status 0 whatever
+the verdicts (a report), 1 when a configuration lost a task or did not start.
 
 Run: ``python benchmarks/tasks.py [--tasks N] [--latency-tasks N] [--gap S]
 [--workers W] [--only NAME ...]``. Needs ``pip install -e ".[postgres,dev,bench]"``
@@ -42,6 +47,7 @@ import importlib
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +63,7 @@ from sqlalchemy import Engine, create_engine, text
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("silo-sqlite", "silo-pg", "procrastinate-pg")
 LATENCY_TARGETS = {"silo-pg": 0.100, "silo-sqlite": 1.0}
+RECOVERY_TIMEOUT_S = 2.0
 
 
 class PgServerLike(Protocol):
@@ -70,6 +77,7 @@ class Result:
     name: str
     throughput: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    recoveries: list[float] = field(default_factory=list)
     lost: int = 0
 
     def p(self, q: float) -> float:
@@ -198,6 +206,20 @@ class Silo:
             for table in ("silo_tasks", "silo_namespaces", "silo_sessions"):
                 conn.execute(text(f"DELETE FROM {table}"))
 
+    def holder(self) -> tuple[int, int] | None:
+        """(attempt, pid) of the one running run, once claimed."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT attempt, worker FROM silo_tasks WHERE status = 'running'")
+            ).first()
+        if row is None or row[1] is None:
+            return None
+        return int(row[0]), int(str(row[1]).split(":")[1])
+
+    def started(self) -> float:
+        with self.engine.connect() as conn:
+            return _seconds(conn.execute(text("SELECT started_at FROM silo_tasks")).scalar_one())
+
     def close(self) -> None:
         self.app_module.silo.stop()
         self.engine.dispose()
@@ -307,6 +329,8 @@ def measure(
             time.sleep(args.gap)
         wait_until(f"{name}: latency tasks", lambda: system.completed() >= args.latency_tasks)
         starts = system.starts()
+    if isinstance(system, Silo) and args.recovery_rounds:
+        result.recoveries = recovery(system, args.recovery_rounds, logs)
     result.lost = sum(1 for key, _ in enqueued if key not in starts)
     result.latencies = [max(0.0, starts[key] - at) for key, at in enqueued if key in starts]
     print(
@@ -317,12 +341,34 @@ def measure(
     return result
 
 
+def recovery(system: Silo, rounds: int, logs: Path) -> list[float]:
+    """Seconds from the SIGKILL of a run's worker to its next attempt's start."""
+    env = {**system.env(), "SILO_TASK_HEARTBEAT_TIMEOUT": str(RECOVERY_TIMEOUT_S)}
+    times = []
+    for _ in range(rounds):
+        system.reset()
+        with processes(system.workers(2), env, logs):
+            wait_until("two idle workers", lambda: system.idle(2), 60)
+            response = system.client.post("/api/start-sleepy")
+            assert response.status_code == 200, response.text
+            wait_until("the claim", lambda: system.holder() is not None, 60)
+            held = system.holder()
+            assert held is not None
+            os.kill(held[1], signal.SIGKILL)
+            killed = time.time()
+            wait_until("the next attempt", lambda: (system.holder() or (0, 0))[0] == 2, 60)
+            times.append(system.started() - killed)
+    system.reset()
+    return times
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--latency-tasks", type=int, default=200)
     parser.add_argument("--gap", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--recovery-rounds", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=CONFIGS, default=list(CONFIGS))
     return parser.parse_args(argv)
 
@@ -359,12 +405,20 @@ def main(argv: list[str] | None = None) -> int:
             if pg is not None:
                 pg.destroy()
     print()
-    print(f"| configuration | tasks/s ({args.workers} workers) | latency p50 | latency p99 |")
-    print("|---|---|---|---|")
+    print(
+        f"| configuration | tasks/s ({args.workers} workers) | enqueue-to-start p50 | p99 |"
+        f" recovery after SIGKILL (timeout {RECOVERY_TIMEOUT_S:g} s): median, max |"
+    )
+    print("|---|---|---|---|---|")
     for r in results:
+        recovered = (
+            f"{statistics.median(r.recoveries):.2f} s, {max(r.recoveries):.2f} s"
+            if r.recoveries
+            else "n/a"
+        )
         print(
             f"| {r.name} | {r.throughput:.0f} | {r.p(0.5) * 1000:.1f} ms |"
-            f" {r.p(0.99) * 1000:.1f} ms |"
+            f" {r.p(0.99) * 1000:.1f} ms | {recovered} |"
         )
         failed = failed or r.lost > 0
     by_name = {r.name: r for r in results}
@@ -377,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
             p99 = by_name[name].p(0.99)
             verdict = "met" if p99 <= target else "NOT met"
             print(f"{name} p99 {p99 * 1000:.1f} ms (target <= {target * 1000:.0f} ms): {verdict}")
+        if name in by_name and by_name[name].recoveries:
+            worst = max(by_name[name].recoveries)
+            bound = RECOVERY_TIMEOUT_S + 1
+            verdict = "met" if worst <= bound else "NOT met"
+            print(f"{name} recovery max {worst:.2f} s (target <= {bound:g} s): {verdict}")
     return 1 if failed else 0
 
 
