@@ -2,8 +2,9 @@
 
 flask-silo's flagship flow, durable: the session's namespace, the uploaded
 file's record and the background task's progress live in SQL, so any worker of
-``gunicorn -w 4`` answers any poll, and a task whose worker died is reported
-failed instead of running forever.
+``gunicorn -w 4`` answers any poll. The processing function is registered
+(``@silo.task``), so its runs are durable: a run whose process dies (a deploy,
+a kill) is run again by a live process, from the start.
 
 Run it:
 
@@ -12,6 +13,13 @@ Run it:
       flask --app examples/data_processor.py run
 
   then open http://127.0.0.1:5000/ in a browser;
+
+* with the processing done by a worker process instead of the web process::
+
+      SILO_TASK_RUNNER=worker flask --app examples/data_processor.py run
+      SILO_TASK_RUNNER=worker flask --app examples/data_processor.py silo-db worker
+
+  (two terminals; the page shows which process ran the task);
 
 * on PostgreSQL, with several workers::
 
@@ -31,7 +39,7 @@ API (every response carries the session ID in ``X-Session-ID``; send it back):
 * ``POST /api/process?steps=N&delay=S``: start counting lines and words of the
   uploaded file in N steps, sleeping S seconds after each (to watch progress).
 * ``GET /api/status``: the task's state, plus the pid of the worker answering
-  (``worker``) and of the worker that started the task (``task_worker``).
+  (``worker``) and of the process that ran the task (``task_worker``).
 * ``GET /api/results``: the results (``null`` until complete); ``410 Gone``
   with ``{"error": "session_expired"}`` once the session has expired.
 * ``POST /api/reset``: fresh state, uploaded files removed.
@@ -127,10 +135,17 @@ def upload() -> Response | tuple[Response, int]:
     return jsonify(filename=state["filename"], size=state["size"])
 
 
-def _process(
+@silo.task(name="process_file", retries=2)
+def process_file(
     task: BackgroundTask, state: dict[str, Any], path: str, steps: int, delay: float
 ) -> None:
-    """The task thread: count lines, words and characters in *steps* steps."""
+    """The task: count lines, words and characters in *steps* steps.
+
+    Registered, and started with JSON arguments (*state* is the namespace
+    holding the task, which the process running it loads), so its runs are
+    durable: another process runs it again if this one dies.
+    """
+    state["worker"] = os.getpid()
     task.update(0, f"Reading {state['filename']}")
     with open(path, "rb") as handle:
         text = handle.read().decode("utf-8", errors="replace")
@@ -174,9 +189,9 @@ def process() -> Response | tuple[Response, int]:
     if task.is_running:
         return _error(409, "busy", "A file is already being processed.")
     state["results"] = None
-    state["worker"] = os.getpid()
+    state["worker"] = None
     try:
-        task.start(_process, state, path, steps, delay)
+        task.start(process_file, state, path, steps, delay)
     except RuntimeError:  # started meanwhile by another request of this client
         return _error(409, "busy", "A file is already being processed.")
     return jsonify(started=True, steps=steps, delay=delay, worker=os.getpid())

@@ -19,9 +19,11 @@ from .errors import (
     StateTooLarge,
     StorageUnavailable,
     TaskAlreadyRunning,
+    TaskLeaseLost,
 )
 from .ext import Silo
 from .files import FileStore
+from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
 from .storage import InMemoryStorage, SiloStorage
@@ -51,6 +53,8 @@ __all__ = [
     "StateTooLarge",
     "StorageUnavailable",
     "TaskAlreadyRunning",
+    "TaskLeaseLost",
+    "TaskRunner",
     "TaskState",
     "__version__",
     "alembic_include_name",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -20,6 +22,7 @@ from flask.cli import with_appcontext
 from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, SiloApp
 from .files import fsck as check_files
+from .runner import TaskRunner
 from .sql import SQLStorage, schema
 
 
@@ -196,12 +199,89 @@ def fsck(fix: bool) -> None:
 @with_appcontext
 @_reported
 def stats(as_json: bool) -> None:
-    """Counts of sessions, namespaces, expired SIDs, files and tasks."""
-    numbers = _migrated().stats()
+    """Counts of sessions, namespaces, expired SIDs, files, tasks and live task workers."""
+    numbers = _migrated().stats(heartbeat_timeout=_silo().store.heartbeat_timeout)
     if as_json:
         click.echo(json.dumps(numbers, sort_keys=True))
         return
     for key in ("sessions", "namespaces", "expired_sids", "files", "file_bytes"):
         click.echo(f"{key:<14}{numbers[key]}")
-    tasks = numbers["tasks"] or {}
-    click.echo("tasks         " + (", ".join(f"{k}={v}" for k, v in sorted(tasks.items())) or "0"))
+    tasks = dict(numbers["tasks"] or {})
+    shown = [f"{status}={tasks.pop(status, 0)}" for status in TASK_STATUSES]
+    shown += [f"{k}={v}" for k, v in sorted(tasks.items())]
+    click.echo("tasks         " + ", ".join(shown))
+    workers = numbers["workers"]
+    click.echo(f"workers       {len(workers)} live")
+    for worker in workers:
+        click.echo(
+            f"  {worker['id']}  {worker['kind']}  running {worker['running']}"
+            f"/{worker['concurrency']}  last seen {worker['heartbeat_age']:.1f} s ago"
+        )
+
+
+TASK_STATUSES = ("queued", "running", "retrying", "failed", "complete")
+
+
+@silo_db.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Attempts run at once (default SILO_TASK_CONCURRENCY).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds a stopping worker lets running attempts finish (default SILO_WORKER_GRACE).",
+)
+@with_appcontext
+@_reported
+def worker(concurrency: int | None, grace: float | None) -> None:
+    """Run durable tasks: queued runs, retries, and runs whose process died.
+
+    Wakes up on LISTEN/NOTIFY on PostgreSQL and polls every SILO_TASK_POLL_INTERVAL
+    seconds. SIGTERM (or Ctrl-C) stops claiming, lets running attempts finish within
+    the grace period, then hands the rest back so they run elsewhere.
+    """
+    _migrated()
+    state = _silo()
+    config = current_app.config
+    store = state.store
+    if state.runner is not None and state.runner.running:
+        state.runner.stop()  # this process is the worker: one claimer
+    runner = TaskRunner(
+        store,
+        kind="worker",
+        concurrency=concurrency or int(config["SILO_TASK_CONCURRENCY"]),
+        poll_interval=float(config["SILO_TASK_POLL_INTERVAL"]),
+    )
+    grace_s = float(config["SILO_WORKER_GRACE"]) if grace is None else grace
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        names = ", ".join(sorted(store.tasks)) or "none registered"
+        click.echo(
+            f"silo worker {runner.worker_id}: up to {runner.concurrency} at once (tasks: {names})",
+            err=True,
+        )
+        runner.start()
+        while not stopping.wait(0.5):
+            if not runner.running:
+                raise click.ClickException("the task runner stopped unexpectedly")
+        running = runner.active
+        if running:
+            click.echo(f"stopping: {running} attempt(s) running, {grace_s:g} s to finish", err=True)
+        handed = runner.stop(grace_s)
+        click.echo(
+            f"silo worker stopped ({runner.claimed} attempt(s) claimed, "
+            f"{handed} run(s) handed back)",
+            err=True,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -199,6 +199,25 @@ class TaskAlreadyRunning(SiloError, RuntimeError):
         super().__init__(f"Task '{name}' is already running")
 
 
+class TaskLeaseLost(SiloError, RuntimeError):
+    """A durable run's attempt lost its lease: another process runs the task now.
+
+    Raised in the task's thread by ``update()``, ``log()`` and ``checkpoint()``
+    once the attempt finds out; its writes are refused (fencing by attempt).
+    """
+
+    slug = "task_lease_lost"
+    logged = False
+
+    def __init__(self, name: str, attempt: int) -> None:
+        self.name = name
+        self.attempt = attempt
+        super().__init__(
+            f"task '{name}' attempt {attempt} lost its lease: another process runs it now, "
+            "and this attempt's writes are refused"
+        )
+
+
 class SchemaError(SiloError):
     """The database schema is missing or not at the revision this version needs."""
 

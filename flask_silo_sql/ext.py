@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import click
 from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
@@ -29,10 +29,15 @@ from .cleanup import CleanupDaemon
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .files import FileStore
 from .logs import log_failure
+from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore
+from .tasks import TaskSpec, mark_registered
+
+F = TypeVar("F", bound=Callable[..., Any])
+RUNNERS = ("thread", "worker")
 
 logger = logging.getLogger("flask_silo_sql")
 
@@ -48,6 +53,12 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_TASK_HEARTBEAT_TIMEOUT": 60.0,
     "SILO_TASK_FLUSH_INTERVAL": 0.5,
     "SILO_TASK_MAX_LOGS": 200,
+    "SILO_TASK_RUNNER": "thread",
+    "SILO_TASK_CONCURRENCY": 4,
+    "SILO_TASK_POLL_INTERVAL": 0.5,
+    "SILO_TASK_RETRIES": 3,
+    "SILO_TASK_RETRY_DELAY": 1.0,
+    "SILO_WORKER_GRACE": 30.0,
     "SILO_MAX_FILE_BYTES": None,
     "SILO_MAX_SESSION_BYTES": None,
     "SILO_LOCKING": False,
@@ -83,6 +94,9 @@ class SiloApp:
         """Strict SIDs: how long after its issue a SID is accepted (then a new one is given)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
+        self.runner: TaskRunner | None = None
+        """With ``SILO_TASK_RUNNER = "thread"`` on SQL storage: this process's claimer of
+        runs whose process died (web processes run durable tasks too)."""
 
     def acceptable(self, sid: str, min_length: int) -> bool:
         if not is_valid_sid(sid, min_length):
@@ -216,6 +230,14 @@ class Silo:
         state = SiloApp(self, app, store)
         self._configure(app, state)
         self._prepare_storage(app, state)
+        if store.task_runner == "thread" and isinstance(store.storage, SQLStorage):
+            state.runner = TaskRunner(
+                store,
+                kind="web",
+                concurrency=int(app.config["SILO_TASK_CONCURRENCY"]),
+                poll_interval=float(app.config["SILO_TASK_POLL_INTERVAL"]),
+                listen=False,  # runs start where they are asked for; hand-backs are polled
+            )
         self._first_taken = True
         self._apps.append(state)
         secret: Any = app.secret_key
@@ -228,9 +250,9 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
-        # The cleanup thread starts with a process's first API request, not here: a
-        # `gunicorn --preload` master, which serves none, then holds no connection
-        # that the workers it forks would inherit.
+        # The cleanup thread and the task runner start with a process's first API
+        # request, not here: a `gunicorn --preload` master, which serves none, then
+        # holds no connection that the workers it forks would inherit, and runs no task.
 
     @staticmethod
     def _default_storage(app: Flask) -> SQLStorage:
@@ -260,6 +282,12 @@ class Silo:
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
         store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
         store.task_max_logs = int(config["SILO_TASK_MAX_LOGS"])
+        runner = config["SILO_TASK_RUNNER"]
+        if runner not in RUNNERS:
+            raise ValueError(f"SILO_TASK_RUNNER must be 'thread' or 'worker', not {runner!r}")
+        store.task_runner = runner
+        store.task_retries = int(config["SILO_TASK_RETRIES"])
+        store.task_retry_delay = float(config["SILO_TASK_RETRY_DELAY"])
         if not self._first_taken:  # file stores are shared: the first app's limits apply
             for name, files in self._file_stores.items():
                 self._apply_limits(config, name, files)
@@ -390,6 +418,8 @@ class Silo:
         state = self._app_state()
         if self._auto_cleanup and not state.daemon.running:
             state.daemon.start()  # this process's first API request
+        if state.runner is not None and not state.runner.running:
+            state.runner.start()
         if not state.schema_ok:
             self._verify_schema(state)
         sid, issued = self._extract_sid(state)
@@ -580,6 +610,54 @@ class Silo:
         return self.store.transaction(sid)
 
     def stop(self) -> None:
-        """Stop the cleanup threads."""
+        """Stop the cleanup threads and the task runners (their runs are handed back)."""
         for state in self._apps:
             state.daemon.stop()
+            if state.runner is not None and state.runner.running:
+                state.runner.stop()
+
+    # -- durable tasks ---------------------------------------------------------------
+
+    @overload
+    def task(self, fn: F, /) -> F: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+    ) -> Any:
+        """Register a task function by name, so that every process of the app knows it.
+
+        ``BackgroundTask.start(fn, *args)`` with a registered *fn* and JSON
+        arguments is a durable run: recorded in its row, run under a lease,
+        run again by a live process when its own dies, retried when it raises
+        (*retries* times, default ``SILO_TASK_RETRIES``; after *retry_delay*
+        seconds, doubling, default ``SILO_TASK_RETRY_DELAY``). The function is
+        returned unchanged. *name* defaults to the function's qualified name.
+        """
+
+        def register(function: F) -> F:
+            if retries is not None and retries < 0:
+                raise ValueError("retries must be 0 or more")
+            spec = TaskSpec(name or function.__qualname__, function, retries, retry_delay)
+            self._first.registry.add_task(spec)
+            return mark_registered(function, spec)
+
+        if fn is not None:
+            return register(fn)
+        return register

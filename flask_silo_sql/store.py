@@ -23,6 +23,7 @@ from .errors import NamespaceError
 from .logs import log_failure
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
+from .tasks import TaskSpec
 
 logger = logging.getLogger("flask_silo_sql")
 
@@ -42,6 +43,24 @@ class Registry:
         self.on_expire: list[Callable[[str], None]] = []
         self.on_rotate: list[Callable[[str, str], Callable[[], None]]] = []
         """``mover(old, new) -> undo``: what else a rotation moves (file directories)."""
+        self.tasks: dict[str, TaskSpec] = {}
+        """The registered task functions (``@silo.task``), by name."""
+
+    def add_task(self, spec: TaskSpec) -> None:
+        """Register a task function; a second function under a name already taken is refused
+        (the same function registered again, say by a module imported twice, replaces it)."""
+        known = self.tasks.get(spec.name)
+        if known is not None and _origin(known.fn) != _origin(spec.fn):
+            raise ValueError(
+                f"a task named {spec.name!r} is already registered ({_origin(known.fn)}): "
+                "give this one another name, @silo.task(name=...)"
+            )
+        self.tasks[spec.name] = spec
+
+
+def _origin(fn: Callable[..., Any]) -> str:
+    module = str(getattr(fn, "__module__", "")).rsplit(".", 1)[-1]
+    return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 class SessionStore:
@@ -79,6 +98,12 @@ class SessionStore:
         """Seconds between writes of a running task's progress (coalescing)."""
         self.task_max_logs = 200
         """Log lines a linked task keeps (the newest)."""
+        self.task_runner = "thread"
+        """Where durable runs run: ``thread`` (the starting process) or ``worker``."""
+        self.task_retries = 3
+        """Retries of a registered task that names none."""
+        self.task_retry_delay = 1.0
+        """Seconds before a registered task's first retry (doubling), unless it names one."""
         self._clock = clock
         self._touch_interval = touch_interval
         self._sid_gen = sid_generator or new_sid
@@ -136,6 +161,10 @@ class SessionStore:
     @property
     def factories(self) -> Mapping[str, Callable[[], dict[str, Any]]]:
         return self._registry.factories
+
+    @property
+    def tasks(self) -> Mapping[str, TaskSpec]:
+        return self._registry.tasks
 
     @property
     def namespaces(self) -> list[str]:

@@ -454,6 +454,7 @@ def test_stats_on_an_empty_schema(app_module: AppModule, migrated: Engine) -> No
         "files": 0,
         "file_bytes": 0,
         "tasks": {},
+        "workers": [],
     }
 
 
@@ -494,6 +495,7 @@ def test_stats_reports_counts(app_module: AppModule, migrated: Engine) -> None:
         "files": 2,
         "file_bytes": 42,
         "tasks": {"complete": 2, "failed": 1, "running": 1},
+        "workers": [],
     }
 
     text = invoke(app, "stats").stdout.splitlines()
@@ -504,7 +506,8 @@ def test_stats_reports_counts(app_module: AppModule, migrated: Engine) -> None:
         "expired_sids": "1",
         "files": "2",
         "file_bytes": "42",
-        "tasks": "complete=2, failed=1, running=1",
+        "tasks": "queued=0, running=1, retrying=0, failed=1, complete=2",
+        "workers": "0 live",
     }
 
 

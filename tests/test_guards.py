@@ -34,7 +34,8 @@ from flask_silo_sql import (
 from flask_silo_sql.codec import task_id_for
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import files, namespaces, sessions, tasks
-from flask_silo_sql.sql.slots import save_merged
+from flask_silo_sql.sql.task_rows import SQLTaskHome
+from flask_silo_sql.tasks import TaskState
 
 TTL = 100
 SID = "guarded-session-000000001"
@@ -159,9 +160,10 @@ def test_a_task_threads_merge_gives_up_instead_of_overwriting(
                         .values(data={"items": ["other"]}, version=namespaces.c.version + 1)
                     )
 
+    home = SQLTaskHome(store.backend.ctx, SID, "0" * 32, slot)  # type: ignore[attr-defined]
     storage.statement_hook = bump
     with pytest.raises(StateConflict):
-        save_merged(store.backend.ctx, SID, slot)  # type: ignore[attr-defined]
+        home.save(TaskState(running=True, attempt=1), "work")
     storage.statement_hook = None
     assert saved_cart(other) == {"items": ["other"]}
 

@@ -384,7 +384,9 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         "silo_tasks": {
             "sid", "name", "status", "progress", "message", "logs", "error",
             "started_at", "finished_at", "heartbeat_at",
+            "target", "args", "attempt", "max_attempts", "lease_expires_at", "checkpoint",
         },
+        "silo_workers": {"id", "hostname", "pid", "kind", "heartbeat_at"},
     }
     assert set(required) == SILO_TABLES
     for table, columns in required.items():
@@ -398,6 +400,7 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
 
     assert "expires_at" in leading_index_columns("silo_sessions")
     assert "expired_at" in leading_index_columns("silo_expired_sids")
+    assert "heartbeat_at" in leading_index_columns("silo_workers")
 
     for table in ("silo_namespaces", "silo_files", "silo_tasks"):
         fks = inspector.get_foreign_keys(table)
@@ -420,6 +423,7 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         ("silo_expired_sids", False),
         ("silo_files", False),
         ("silo_tasks", False),
+        ("silo_workers", False),
         (VERSION_TABLE, False),
         ("users", True),
         ("alembic_version", True),

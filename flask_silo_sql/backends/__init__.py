@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backend, Policy, SweepResult, Unit
+from .base import Backend, Policy, SweepResult, TaskQueue, Unit
 from .memory import MemoryBackend
 
-__all__ = ["Backend", "MemoryBackend", "Policy", "SweepResult", "Unit", "backend_for"]
+__all__ = [
+    "Backend",
+    "MemoryBackend",
+    "Policy",
+    "SweepResult",
+    "TaskQueue",
+    "Unit",
+    "backend_for",
+]
 
 
 def backend_for(storage: Any, policy: Policy) -> Backend:

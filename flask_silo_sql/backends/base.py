@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import threading
+
     from ..files import FileRecords
+    from ..tasks import Claimed, TaskSpec
 
 
 class Policy(Protocol):
@@ -33,6 +36,10 @@ class Policy(Protocol):
     sweep_batch_size: int
     task_flush_interval: float
     task_max_logs: int
+    task_runner: str
+    """``thread`` (the process that starts a run runs it) or ``worker`` (start only queues)."""
+    task_retries: int
+    task_retry_delay: float
 
     @property
     def clock(self) -> Callable[[], float] | None:
@@ -41,6 +48,10 @@ class Policy(Protocol):
     @property
     def factories(self) -> Mapping[str, Callable[[], dict[str, Any]]]:
         """The registered namespaces and the factories of their default state."""
+
+    @property
+    def tasks(self) -> Mapping[str, TaskSpec]:
+        """The registered task functions, by name (their runs are durable)."""
 
     def touch_interval_for(self, default: float) -> float:
         """Seconds between ``last_active`` writes (*default* unless configured)."""
@@ -66,6 +77,25 @@ class SweepResult:
     skipped_busy: int = 0
     batches: int = 0
     pruned: int = 0
+
+
+class TaskQueue(Protocol):
+    """Durable task runs, as the processes that claim and run them see them."""
+
+    def register(self, worker: str, kind: str, concurrency: int) -> None:
+        """Record (or refresh) process *worker* as live."""
+
+    def unregister(self, worker: str) -> None: ...
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        """Claim up to *limit* due runs for *worker*, each as its next attempt."""
+
+    def hand_back(self, worker: str) -> int:
+        """Queue again, at once, the runs *worker* holds (it is stopping); how many."""
+
+    def listen(self, stop: threading.Event, wake: Callable[[], None]) -> bool:
+        """Call *wake* whenever a run is queued, until *stop*; False at once when this
+        database has no notifications (then claimers poll)."""
 
 
 class Unit(Protocol):
@@ -157,6 +187,9 @@ class Backend(Protocol):
 
     def file_records(self, store: str) -> FileRecords | None:
         """Where file store *store* keeps its rows (None: files on disk only)."""
+
+    def task_queue(self) -> TaskQueue | None:
+        """Durable task runs (None: every run lives in its process, flask-silo's way)."""
 
     def now(self) -> float:
         """The time by this backend's clock (the policy's injected clock first)."""

@@ -179,6 +179,9 @@ class MemoryBackend:
     def file_records(self, store: str) -> None:
         return None
 
+    def task_queue(self) -> None:
+        return None
+
 
 class MemoryUnit:
     """A request on a memory backend: flask-silo's ``get`` on first use, ``save`` at the end."""

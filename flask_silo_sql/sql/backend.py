@@ -18,6 +18,7 @@ from . import sessions as ops
 from . import sweep as sweeping
 from .context import Context
 from .file_rows import SQLFileRecords
+from .task_queue import SQLTaskQueue
 from .unit import META, Session, SQLUnit, busy_session, reset, rotate
 
 
@@ -28,6 +29,7 @@ class SQLBackend:
         self._make_context = context
         self._ctx: Context | None = None
         self._file_records: dict[str, SQLFileRecords] = {}
+        self._task_queue: SQLTaskQueue | None = None
 
     @property
     def ctx(self) -> Context:
@@ -59,6 +61,12 @@ class SQLBackend:
         if records is None:
             records = self._file_records[store] = SQLFileRecords(self.ctx, store)
         return records
+
+    def task_queue(self) -> SQLTaskQueue:
+        queue = self._task_queue
+        if queue is None:
+            queue = self._task_queue = SQLTaskQueue(self.ctx)
+        return queue
 
     # -- flask-silo's store operations --------------------------------------------
 

@@ -3,7 +3,7 @@
 A unit keeps, for each namespace it read, the object it handed out and the
 JSON text and version the row had then: the baseline its commit compares
 with. A task that sits in the namespace keeps the same slot after the request
-ends, so the task's thread can save what it changed (:func:`save_merged`).
+ends, so the task's thread can save what it changed (:func:`merge_write`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import threading
 from typing import Any
 
 from ..codec import UNSERIALISABLE, UnlinkedTask, encode, merge_keys, serialise
-from ..errors import StateConflict
 from . import sessions as ops
 from .context import Context
+from .executor import Executor
 
 MERGE_ATTEMPTS = 20
 """How often a task thread's save retries when requests keep changing the namespace."""
@@ -36,36 +36,33 @@ class Slot:
         self.lock = threading.Lock()  # a task thread may save this namespace too
 
 
-def save_merged(ctx: Context, sid: str, slot: Slot) -> None:
-    """Save one namespace from a task thread, merging by top-level key.
+def merge_write(ctx: Context, ex: Executor, sid: str, slot: Slot, text: str, now: float) -> int:
+    """In the open transaction: write *text* (the slot's new JSON) merged by top-level key.
 
     The keys this copy changed since it was read (or last saved) are applied
     to the namespace as stored now, so changes made meanwhile by requests to
-    other keys survive. Retries on a concurrent write, and after
-    :data:`MERGE_ATTEMPTS` gives up with :class:`StateConflict`: it never
-    writes over another writer's change.
+    other keys survive. Returns the new version; raises
+    :class:`~flask_silo_sql.errors.StateConflict` when another writer got there
+    first (the caller rolls back and tries again), never writing over its change.
     """
-    with slot.lock:
-        try:
-            text = serialise(slot.name, slot.value, ctx.policy.max_state_bytes)
-        except UnlinkedTask:
-            return
-        if text == slot.text:
-            return
-        mine = json.loads(text)
-        base = json.loads(slot.text) if slot.text != UNSERIALISABLE else None
-        for _attempt in range(MERGE_ATTEMPTS):
-            with ctx.connector.executor() as ex, ex.transaction():
-                current = ops.load_namespace(ex, ctx.st, sid, slot.name)
-                if current is None:
-                    write = ops.Write(slot.name, text, None)
-                else:
-                    merged = encode(merge_keys(current.data, base, mine))
-                    write = ops.Write(slot.name, merged, current.version)
-                try:
-                    versions = ops.write_namespaces(ex, ctx.st, sid, [write], ctx.now())
-                except StateConflict:
-                    continue
-            slot.text, slot.version = text, versions[0]
-            return
-        raise StateConflict(sid, slot.name)
+    mine = json.loads(text)
+    base = json.loads(slot.text) if slot.text != UNSERIALISABLE else None
+    current = ops.load_namespace(ex, ctx.st, sid, slot.name)
+    if current is None:
+        write = ops.Write(slot.name, text, None)
+    else:
+        merged = encode(merge_keys(current.data, base, mine))
+        write = ops.Write(slot.name, merged, current.version)
+    return ops.write_namespaces(ex, ctx.st, sid, [write], now)[0]
+
+
+def pending_text(ctx: Context, slot: Slot) -> str | None:
+    """The slot's JSON when it changed since it was read or saved, else None.
+
+    A namespace that cannot be stored (not JSON, too large) raises, as a request's would.
+    """
+    try:
+        text = serialise(slot.name, slot.value, ctx.policy.max_state_bytes)
+    except UnlinkedTask:
+        return None
+    return None if text == slot.text else text

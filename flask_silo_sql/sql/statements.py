@@ -30,6 +30,8 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    null,
+    or_,
     select,
     text,
     tuple_,
@@ -41,10 +43,40 @@ from sqlalchemy.sql import ColumnElement
 
 from ..sids import SID_LENGTH
 from .executor import Prepared
-from .models import UTCDateTime, expired_sids, files, namespaces, sessions, tasks
+from .models import UTCDateTime, expired_sids, files, namespaces, sessions, tasks, workers
 
 UTC = dt.timezone.utc
 CHILD_TABLES = (namespaces, files, tasks)
+NOTIFY_CHANNEL = "silo_tasks"
+"""The PostgreSQL channel a queued durable run is announced on (workers LISTEN to it)."""
+WAITING = ("queued", "retrying")
+"""Statuses of a durable run that waits for a process to claim it."""
+
+
+def _waiting() -> ColumnElement[bool]:
+    return or_(*(tasks.c.status == literal(status) for status in WAITING))
+
+
+def live_task(now: Any, stale_before: Any) -> ColumnElement[bool]:
+    """A task row whose run is not over (it keeps its session busy, refuses a new start).
+
+    A plain run: ``running`` with a fresh heartbeat. A durable run: waiting to be
+    claimed, or running, unless its lease lapsed with no attempt left.
+    """
+    plain = and_(
+        tasks.c.target.is_(None), tasks.c.status == "running", tasks.c.heartbeat_at >= stale_before
+    )
+    durable = and_(
+        tasks.c.target.is_not(None),
+        or_(
+            _waiting(),
+            and_(
+                tasks.c.status == "running",
+                or_(tasks.c.lease_expires_at >= now, tasks.c.attempt < tasks.c.max_attempts),
+            ),
+        ),
+    )
+    return or_(plain, durable)
 
 
 def _ts(name: str) -> Any:
@@ -303,9 +335,7 @@ class Statements:
 
         # -- expiry ---------------------------------------------------------------
         running_task = exists().where(
-            tasks.c.sid == sessions.c.sid,
-            tasks.c.status == "running",
-            tasks.c.heartbeat_at >= _ts("heartbeat_cutoff"),
+            tasks.c.sid == sessions.c.sid, live_task(now, _ts("heartbeat_cutoff"))
         )
         after = tuple_(sessions.c.expires_at, sessions.c.sid) > tuple_(
             _ts("after_ts"), bindparam("after_sid", type_=String())
@@ -379,6 +409,9 @@ class Statements:
         task_id = bindparam("id", type_=String(32))
         logs = jsonb(bindparam("logs", type_=Text()))
         started_at = _ts("started_at")
+        attempt = bindparam("attempt", type_=Integer())
+        worker = bindparam("worker", type_=String(64))
+        stale_before = _ts("stale_before")
         fields: dict[str, Any] = {
             "status": bindparam("status", type_=String(16)),
             "progress": bindparam("progress", type_=Float()),
@@ -387,8 +420,27 @@ class Statements:
             "error": bindparam("error", type_=Text()),
             "finished_at": _ts("finished_at"),
             "heartbeat_at": now,
+            "lease_expires_at": _ts("lease"),
+            "run_after": _ts("run_after"),
+            "checkpoint": jsonb(bindparam("checkpoint", type_=Text())),
         }
-        claimed = {"id": task_id, "sid": sid, "name": name, "started_at": started_at, **fields}
+        run: dict[str, Any] = {
+            "namespace": bindparam("namespace", type_=String(255)),
+            "target": bindparam("target", type_=String(255)),
+            "args": jsonb(bindparam("args", type_=Text())),
+            "attempt": attempt,
+            "max_attempts": bindparam("max_attempts", type_=Integer()),
+            "retry_delay": bindparam("retry_delay", type_=Float()),
+            "worker": worker,
+        }
+        claimed = {
+            "id": task_id,
+            "sid": sid,
+            "name": name,
+            "started_at": started_at,
+            **fields,
+            **run,
+        }
         claim = insert(tasks).from_select(
             list(claimed),
             select(*claimed.values()).where(exists().where(sessions.c.sid == sid)),
@@ -397,21 +449,23 @@ class Statements:
             "claim_task",
             claim.on_conflict_do_update(
                 index_elements=[tasks.c.id],
-                set_={c: getattr(claim.excluded, c) for c in ("name", "started_at", *fields)},
-                where=(tasks.c.sid == claim.excluded.sid)
-                & ~((tasks.c.status == "running") & (tasks.c.heartbeat_at >= _ts("stale_before"))),
+                set_={c: getattr(claim.excluded, c) for c in claimed if c not in ("id", "sid")},
+                where=(tasks.c.sid == claim.excluded.sid) & ~live_task(now, stale_before),
             ).returning(tasks.c.id),
         )
-        self.save_task = prepare(
-            "save_task",
-            update(tasks)
-            .where(
-                tasks.c.id == task_id,
-                tasks.c.sid == sid,
-                tasks.c.started_at == started_at,
-                tasks.c.status == "running",  # a run declared lost stays failed
-            )
-            .values(**fields),
+        # Every write of a run is fenced by its attempt: a run declared lost stays
+        # failed, and an attempt whose lease was taken writes nothing more.
+        owned = (
+            tasks.c.id == task_id,
+            tasks.c.sid == sid,
+            tasks.c.started_at == started_at,
+            tasks.c.attempt == attempt,
+            tasks.c.status == "running",
+        )
+        self.save_task = prepare("save_task", update(tasks).where(*owned).values(**fields))
+        self.fence_task = prepare(
+            "fence_task",
+            update(tasks).where(*owned).values(heartbeat_at=now, lease_expires_at=_ts("lease")),
         )
         self.load_task = prepare(
             "load_task",
@@ -424,24 +478,120 @@ class Statements:
                 tasks.c.started_at,
                 tasks.c.finished_at,
                 tasks.c.heartbeat_at,
+                tasks.c.target,
+                tasks.c.attempt,
+                tasks.c.max_attempts,
+                tasks.c.lease_expires_at,
+                tasks.c.checkpoint,
             ).where(tasks.c.id == task_id, tasks.c.sid == sid),
         )
+        lost = {
+            "status": "failed",
+            "error": bindparam("error", type_=Text()),
+            "message": bindparam("message", type_=Text()),
+            "finished_at": now,
+            "lease_expires_at": null(),
+        }
         self.mark_task_lost = prepare(
             "mark_task_lost",
             update(tasks)
             .where(
                 tasks.c.id == task_id,
                 tasks.c.sid == sid,
+                tasks.c.target.is_(None),
                 tasks.c.status == "running",
-                tasks.c.heartbeat_at < _ts("stale_before"),
+                tasks.c.heartbeat_at < stale_before,
             )
-            .values(
-                status="failed",
-                error=bindparam("error", type_=Text()),
-                message=bindparam("message", type_=Text()),
-                finished_at=now,
+            .values(**lost),
+        )
+        exhausted = and_(
+            tasks.c.target.is_not(None),
+            tasks.c.status == "running",
+            tasks.c.lease_expires_at < now,
+            tasks.c.attempt >= tasks.c.max_attempts,
+        )
+        self.fail_exhausted = prepare(
+            "fail_exhausted", update(tasks).where(exhausted).values(**lost)
+        )
+        self.fail_exhausted_one = prepare(
+            "fail_exhausted_one",
+            update(tasks)
+            .where(tasks.c.id == task_id, tasks.c.sid == sid, exhausted)
+            .values(**lost),
+        )
+        # A process claims durable runs that are due: queued or retrying ones whose
+        # time has come, and running ones whose lease lapsed with attempts left. Each
+        # claim is the next attempt (so the previous one's writes are refused).
+        claimable = and_(
+            tasks.c.target.is_not(None),
+            tasks.c.attempt < tasks.c.max_attempts,
+            or_(
+                and_(_waiting(), tasks.c.run_after <= now),
+                and_(tasks.c.status == "running", tasks.c.lease_expires_at < now),
             ),
         )
+        candidates = (
+            select(tasks.c.id)
+            .where(claimable)
+            .order_by(func.coalesce(tasks.c.run_after, tasks.c.lease_expires_at))
+            .limit(bindparam("limit", type_=Integer()))
+        )
+        if postgresql:
+            candidates = candidates.with_for_update(skip_locked=True)
+        self.claim_runs = prepare(
+            "claim_runs",
+            update(tasks)
+            .where(tasks.c.id.in_(candidates.scalar_subquery()), claimable)
+            .values(
+                status="running",
+                progress=0.0,
+                message="Starting…",
+                attempt=tasks.c.attempt + 1,
+                started_at=now,
+                heartbeat_at=now,
+                lease_expires_at=_ts("lease"),
+                worker=worker,
+                finished_at=null(),
+                run_after=null(),
+            )
+            .returning(
+                tasks.c.id,
+                tasks.c.sid,
+                tasks.c.name,
+                tasks.c.namespace,
+                tasks.c.target,
+                tasks.c.args,
+                tasks.c.attempt,
+                tasks.c.max_attempts,
+                tasks.c.retry_delay,
+                tasks.c.checkpoint,
+                tasks.c.progress,
+                tasks.c.message,
+                tasks.c.logs,
+                tasks.c.error,
+                tasks.c.started_at,
+            ),
+        )
+        # Handing a run back (a worker stopping): queued again at once, and the
+        # attempt it did not finish is not counted against its retries.
+        hand_back = update(tasks).values(
+            status="queued",
+            run_after=now,
+            lease_expires_at=null(),
+            worker=null(),
+            max_attempts=tasks.c.max_attempts + 1,
+        )
+        self.hand_back_all = prepare(
+            "hand_back_all",
+            hand_back.where(
+                tasks.c.worker == worker,
+                tasks.c.status == "running",
+                tasks.c.target.is_not(None),
+            ),
+        )
+        self.hand_back_one = prepare("hand_back_one", hand_back.where(*owned))
+        notify = select(func.pg_notify(NOTIFY_CHANNEL, ""))
+        self.notify_tasks = prepare("notify_tasks", notify) if postgresql else None
         self.delete_task = prepare(
             "delete_task", delete(tasks).where(tasks.c.id == task_id, tasks.c.sid == sid)
         )
@@ -450,15 +600,57 @@ class Statements:
         )
         self.running_task = prepare(
             "running_task",
-            select(literal(1)).where(
-                tasks.c.sid == sid,
-                tasks.c.status == "running",
-                tasks.c.heartbeat_at >= _ts("stale_before"),
-            ),
+            select(literal(1)).where(tasks.c.sid == sid, live_task(now, stale_before)),
         )
         self.task_counts = prepare(
             "task_counts",
             select(tasks.c.status, func.count()).group_by(tasks.c.status),
+        )
+
+        # -- worker processes ------------------------------------------------------
+        registered = {
+            "id": worker,
+            "hostname": bindparam("hostname", type_=String(255)),
+            "pid": bindparam("pid", type_=Integer()),
+            "kind": bindparam("kind", type_=String(16)),
+            "concurrency": bindparam("concurrency", type_=Integer()),
+            "started_at": now,
+            "heartbeat_at": now,
+        }
+        worker_row = insert(workers).values(**registered)
+        self.register_worker = prepare(
+            "register_worker",
+            worker_row.on_conflict_do_update(
+                index_elements=[workers.c.id],
+                set_={"heartbeat_at": worker_row.excluded.heartbeat_at},
+            ),
+        )
+        self.beat_worker = prepare(
+            "beat_worker", update(workers).where(workers.c.id == worker).values(heartbeat_at=now)
+        )
+        self.drop_worker = prepare("drop_worker", delete(workers).where(workers.c.id == worker))
+        self.prune_workers = prepare(
+            "prune_workers", delete(workers).where(workers.c.heartbeat_at < stale_before)
+        )
+        running_in = (
+            select(func.count())
+            .where(tasks.c.worker == workers.c.id, tasks.c.status == "running")
+            .scalar_subquery()
+        )
+        self.live_workers = prepare(
+            "live_workers",
+            select(
+                workers.c.id,
+                workers.c.hostname,
+                workers.c.pid,
+                workers.c.kind,
+                workers.c.concurrency,
+                workers.c.started_at,
+                workers.c.heartbeat_at,
+                running_in,
+            )
+            .where(workers.c.heartbeat_at >= stale_before)
+            .order_by(workers.c.started_at),
         )
 
         # -- file rows ------------------------------------------------------------
@@ -529,5 +721,5 @@ class Statements:
         )
         self.count_rows = {
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
-            for table in (sessions, namespaces, expired_sids, files, tasks)
+            for table in (sessions, namespaces, expired_sids, files, tasks, workers)
         }

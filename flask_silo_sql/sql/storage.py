@@ -172,9 +172,10 @@ class SQLStorage(SiloStorage):
 
     @statement_hook.setter
     def statement_hook(self, hook: StatementHook | None) -> None:
-        self._hook = hook
-        if self._parts is not None:
-            self._parts.connector.hook = hook
+        with self._ready:  # not between another thread's making of the parts and their use
+            self._hook = hook
+            if self._parts is not None:
+                self._parts.connector.hook = hook
 
     def dispose(self) -> None:
         """Close pooled connections, when this storage created its engine."""
@@ -293,13 +294,30 @@ class SQLStorage(SiloStorage):
 
     # -- operators -----------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """Row counts for ``flask silo-db stats``."""
+    def stats(self, *, heartbeat_timeout: float = 60.0) -> dict[str, Any]:
+        """Row counts for ``flask silo-db stats``, and the live task workers."""
         st = self.statements
+        v = st.values
+        now = self.clock()
         with self.connector.executor() as ex:
             counts = {name: int(ex.run(q, {}).scalar()) for name, q in st.count_rows.items()}
             by_status = {row[0]: int(row[1]) for row in ex.run(st.task_counts, {}).rows}
             file_bytes = int(ex.run(st.all_file_bytes, {}).scalar() or 0)
+            stale_before = {"stale_before": v.time(now - heartbeat_timeout)}
+            live = ex.run(st.live_workers, stale_before).rows
+        workers = [
+            {
+                "id": wid,
+                "hostname": host,
+                "pid": pid,
+                "kind": kind,
+                "concurrency": concurrency,
+                "started_at": v.unix(started),
+                "heartbeat_age": max(0.0, now - v.unix(beat)),
+                "running": int(running or 0),
+            }
+            for wid, host, pid, kind, concurrency, started, beat, running in live
+        ]
         return {
             "sessions": counts["silo_sessions"],
             "namespaces": counts["silo_namespaces"],
@@ -307,4 +325,5 @@ class SQLStorage(SiloStorage):
             "files": counts["silo_files"],
             "file_bytes": file_bytes,
             "tasks": by_status,
+            "workers": workers,
         }

@@ -2,60 +2,133 @@
 
 A run claims the row (``INSERT ... ON CONFLICT DO UPDATE`` unless a live run
 holds it), writes its progress and heartbeat while it owns it (the update is
-guarded by the run's start time and ``status = 'running'``, so a run declared
-lost stays failed), and is reported lost once its heartbeat is older than the
-heartbeat timeout. Every statement is scoped to the task's session as well as
-its ID, and every time is the database's clock.
+guarded by the run's start time, its attempt number and ``status =
+'running'``, so a run declared lost stays failed and an attempt whose lease was
+taken writes nothing), and a plain run is reported lost once its heartbeat is
+older than the heartbeat timeout. A durable run's row also records its
+registered function and arguments, its attempts and its lease (see
+:mod:`.task_queue` for the claims of processes that run them). The namespace
+holding the task is saved in the same transaction as the run's state. Every
+statement is scoped to the task's session as well as its ID, and every time
+is the database's clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..backends.base import Policy
 from ..codec import dumps
-from ..errors import SessionExpired, TaskAlreadyRunning
-from ..tasks import LOST_WORKER, TaskState
+from ..errors import SessionExpired, SiloError, StateConflict, TaskAlreadyRunning
+from ..logs import log_failure
+from ..sids import tag
+from ..tasks import (
+    HAND_BACK,
+    LOST_WORKER,
+    NAMESPACE_ARG,
+    PROCESS,
+    Durable,
+    TaskSpec,
+    TaskState,
+    logger,
+    running_homes,
+)
 from .context import Context
 from .executor import Executor
-from .slots import Slot, save_merged
-from .statements import Statements
+from .slots import MERGE_ATTEMPTS, Slot, merge_write, pending_text
+from .statements import WAITING, Statements
 
 
-def _fields(st: Statements, sid: str, task_id: str, state: TaskState, now: float) -> dict[str, Any]:
+def _fields(
+    st: Statements,
+    sid: str,
+    task_id: str,
+    state: TaskState,
+    now: float,
+    timeout: float,
+    checkpoint: str | None,
+) -> dict[str, Any]:
     v = st.values
+    status = state.status
+    run_after = None
+    if status == "queued":
+        run_after = now
+    elif status == "retrying":
+        run_after = state.retry_at if state.retry_at is not None else now
+    error = state.error if state.error is not None else state.last_error
     return {
         "id": task_id,
         "sid": sid,
-        "status": state.status,
+        "status": status,
         "progress": state.progress,
         "message": state.message,
         "logs": dumps(state.logs),
-        "error": state.error,
+        "error": error,
         "started_at": None if state.started_at is None else v.time(state.started_at),
         "finished_at": None if state.finished_at is None else v.time(state.finished_at),
         "now": v.time(now),
+        "lease": v.time(now + timeout) if status == "running" and state.durable else None,
+        "run_after": None if run_after is None else v.time(run_after),
+        "checkpoint": checkpoint,
+        "attempt": state.attempt,
     }
 
 
 def claim(
-    ex: Executor, st: Statements, home: SQLTaskHome, state: TaskState, name: str, now: float
+    ex: Executor,
+    st: Statements,
+    home: SQLTaskHome,
+    state: TaskState,
+    name: str,
+    now: float,
+    durable: Durable | None,
 ) -> None:
     """Write a new run's row unless a live run holds it (:class:`TaskAlreadyRunning`)."""
-    values = _fields(st, home.sid, home.task_id, state, now)
+    values = _fields(st, home.sid, home.task_id, state, now, home.heartbeat_timeout, None)
     values["name"] = name
     values["stale_before"] = st.values.time(now - home.heartbeat_timeout)
+    values["namespace"] = home.slot.name if home.slot is not None else None
+    values["target"] = durable.target if durable else None
+    values["args"] = durable.args if durable else None
+    values["max_attempts"] = durable.max_attempts if durable else 1
+    values["retry_delay"] = durable.retry_delay if durable else 0.0
+    values["worker"] = None if durable is not None and durable.queued else PROCESS.id
     if ex.run(st.claim_task, values).first() is None:
         if ex.run(st.has_session, {"sid": home.sid}).first() is None:
             raise SessionExpired(home.sid)
         raise TaskAlreadyRunning(name)
+    if durable is not None and durable.queued and st.notify_tasks is not None:
+        ex.run(st.notify_tasks, {})  # delivered with the commit: a worker wakes up
 
 
 def running_in_session(ex: Executor, st: Statements, sid: str, now: float, policy: Policy) -> bool:
-    """Whether a task of *sid* is running with a fresh heartbeat."""
-    values = {"sid": sid, "stale_before": st.values.time(now - policy.heartbeat_timeout)}
+    """Whether a task of *sid* is running (or, durable, waiting to run)."""
+    v = st.values
+    stale_before = v.time(now - policy.heartbeat_timeout)
+    values = {"sid": sid, "now": v.time(now), "stale_before": stale_before}
     return ex.run(st.running_task, values).first() is not None
+
+
+def hand_back(ctx: Context, worker: str) -> int:
+    """Queue again the durable runs process *worker* holds (it stops): others run them now."""
+    st = ctx.st
+    with ctx.connector.transaction() as ex:
+        count = ex.run(st.hand_back_all, {"worker": worker, "now": st.values.time(ctx.now())})
+        if count.rowcount and st.notify_tasks is not None:
+            ex.run(st.notify_tasks, {})
+    return int(count.rowcount or 0)
+
+
+def hand_back_at_exit(ctx: Context) -> None:
+    """Whatever this process still holds when it exits goes back to the queue."""
+
+    def at_exit() -> None:
+        homes = running_homes()
+        if any(isinstance(home, SQLTaskHome) and home.ctx is ctx for home in homes):
+            hand_back(ctx, PROCESS.id)
+
+    HAND_BACK.add(id(ctx), at_exit)
 
 
 class StagedClaim:
@@ -64,21 +137,35 @@ class StagedClaim:
     directory: str | None = None
 
     def __init__(
-        self, home: SQLTaskHome, state: TaskState, name: str, on_commit: Callable[[], None]
+        self,
+        home: SQLTaskHome,
+        state: TaskState,
+        name: str,
+        on_commit: Callable[[], None],
+        durable: Durable | None,
     ) -> None:
         self.home = home
         self.state = state
         self.name = name
         self.on_commit = on_commit
+        self.durable = durable
 
     def write(self, ex: Executor, now: float) -> None:
-        claim(ex, self.home.ctx.st, self.home, self.state, self.name, now)
+        claim(ex, self.home.ctx.st, self.home, self.state, self.name, now, self.durable)
 
     def committed(self) -> None:
         self.on_commit()
 
     def discard(self) -> None:
         """Nothing was done ahead of the commit: the thread simply never starts."""
+
+
+class _Refused(Exception):
+    """The run no longer owns its row: the transaction is rolled back."""
+
+
+class _Again(Exception):
+    """The namespace changed meanwhile: roll back and merge again."""
 
 
 class SQLTaskHome:
@@ -112,21 +199,106 @@ class SQLTaskHome:
         state = self.load()
         return state is not None and state.running
 
-    def claim(self, state: TaskState, name: str, *, on_commit: Callable[[], None]) -> None:
+    def knows(self, spec: TaskSpec) -> bool:
+        return spec.name in self.ctx.policy.tasks
+
+    def durable(self, spec: TaskSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Durable:
+        policy = self.ctx.policy
+        holder = self.slot.value if self.slot is not None else None
+        name = self.slot.name if self.slot is not None else None
+
+        def stored(value: Any) -> Any:
+            return {NAMESPACE_ARG: name} if holder is not None and value is holder else value
+
+        payload = {
+            "args": [stored(a) for a in args],
+            "kwargs": {k: stored(v) for k, v in kwargs.items()},
+        }
+        try:
+            text = dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"task {spec.name!r} is registered, so its runs are durable and its arguments "
+                f"must be JSON (or the namespace holding the task): {exc}"
+            ) from None
+        retries = policy.task_retries if spec.retries is None else spec.retries
+        delay = policy.task_retry_delay if spec.retry_delay is None else spec.retry_delay
+        return Durable(
+            spec.name,
+            text,
+            max(1, int(retries) + 1),
+            float(delay),
+            queued=policy.task_runner == "worker",
+        )
+
+    def claim(
+        self,
+        state: TaskState,
+        name: str,
+        *,
+        on_commit: Callable[[], None],
+        durable: Durable | None = None,
+    ) -> None:
         ctx = self.ctx
+        if durable is not None and not durable.queued:
+            hand_back_at_exit(ctx)
         unit = ctx.current_unit(self.sid)
         if unit is not None:  # with the request's commit; the thread starts after it
-            unit.stage(StagedClaim(self, state, name, on_commit))
+            unit.stage(StagedClaim(self, state, name, on_commit, durable))
             return
         with ctx.connector.transaction() as ex:
-            claim(ex, ctx.st, self, state, name, ctx.now())
+            claim(ex, ctx.st, self, state, name, ctx.now(), durable)
         on_commit()
 
-    def save(self, state: TaskState, name: str) -> bool:
-        b = self.ctx
-        values = _fields(b.st, self.sid, self.task_id, state, b.now())
-        with b.connector.executor() as ex:
-            return ex.run(b.st.save_task, values).rowcount == 1
+    def save(self, state: TaskState, name: str, *, checkpoint: str | None = None) -> bool:
+        """The namespace first (the order requests lock in), then the run's row, fenced."""
+        ctx = self.ctx
+        slot = self.slot
+        if slot is None:
+            return self._save(state, checkpoint, None, None)
+        with slot.lock:
+            try:
+                text = pending_text(ctx, slot)
+            except SiloError as exc:  # not JSON, too large: the run's state is saved all the same
+                log_failure(
+                    logger,
+                    "could not save the namespace of task '%s' of session %s",
+                    name,
+                    tag(self.sid),
+                    exc=exc,
+                    sid=self.sid,
+                )
+                text = None
+            for _attempt in range(MERGE_ATTEMPTS):
+                try:
+                    return self._save(state, checkpoint, slot, text)
+                except _Again:
+                    continue
+            raise StateConflict(self.sid, slot.name)
+
+    def _save(
+        self, state: TaskState, checkpoint: str | None, slot: Slot | None, text: str | None
+    ) -> bool:
+        ctx = self.ctx
+        now = ctx.now()
+        values = _fields(
+            ctx.st, self.sid, self.task_id, state, now, self.heartbeat_timeout, checkpoint
+        )
+        version = None
+        try:
+            with ctx.connector.executor() as ex, ex.transaction():
+                if slot is not None and text is not None:
+                    try:
+                        version = merge_write(ctx, ex, self.sid, slot, text, now)
+                    except StateConflict:
+                        raise _Again from None
+                if ex.run(ctx.st.save_task, values).rowcount != 1:
+                    raise _Refused
+        except (_Refused, SessionExpired):
+            return False
+        if slot is not None and text is not None and version is not None:
+            slot.text, slot.version = text, version
+        return True
 
     def load(self) -> TaskState | None:
         b = self.ctx
@@ -136,46 +308,78 @@ class SQLTaskHome:
             row = ex.run(st.load_task, {"id": self.task_id, "sid": self.sid}).first()
             if row is None:
                 return None
-            status, progress, message, logs, error, started, finished, heartbeat = row
+            (
+                status,
+                progress,
+                message,
+                logs,
+                error,
+                started,
+                finished,
+                heartbeat,
+                target,
+                attempt,
+                max_attempts,
+                lease,
+                _checkpoint,
+            ) = row
             if isinstance(logs, str):
                 logs = v.json(logs)[0]
+            durable = target is not None
+            failed = status == "failed"
             state = TaskState(
-                running=status == "running",
+                running=status == "running" or status in WAITING,
                 progress=float(progress),
                 message=message,
                 logs=list(logs),
                 complete=status == "complete",
-                error=error,
+                error=error if failed or not durable else None,
                 started_at=v.maybe_unix(started),
                 finished_at=v.maybe_unix(finished),
+                attempt=int(attempt or 0),
+                last_error=None if failed or not durable else error,
+                durable=durable,
+                waiting=status if status in WAITING else None,
             )
             now = b.now()
             timeout = self.heartbeat_timeout
-            beat = v.maybe_unix(heartbeat) or 0.0
-            if state.running and beat < now - timeout:
-                error = LOST_WORKER.format(timeout=timeout)
-                ex.run(
-                    st.mark_task_lost,
-                    {
-                        "id": self.task_id,
-                        "sid": self.sid,
-                        "stale_before": v.time(now - timeout),
-                        "now": v.time(now),
-                        "error": error,
-                        "message": f"Failed: {error}",
-                    },
-                )
-                state.running = False
-                state.error = error
-                state.message = f"Failed: {error}"
-                state.finished_at = now
+            values = {
+                "id": self.task_id,
+                "sid": self.sid,
+                "stale_before": v.time(now - timeout),
+                "now": v.time(now),
+                "error": LOST_WORKER.format(timeout=timeout),
+                "message": f"Failed: {LOST_WORKER.format(timeout=timeout)}",
+            }
+            if not durable:
+                beat = v.maybe_unix(heartbeat) or 0.0
+                if state.running and beat < now - timeout:
+                    ex.run(st.mark_task_lost, values)
+                    self._lost(state, values["error"], now)
+            elif (
+                status == "running"
+                and lease is not None
+                and int(attempt) >= int(max_attempts)
+                and v.unix(lease) < now
+                and ex.run(st.fail_exhausted_one, values).rowcount
+            ):
+                self._lost(state, values["error"], now)
         return state
+
+    @staticmethod
+    def _lost(state: TaskState, error: str, now: float) -> None:
+        state.running = False
+        state.waiting = None
+        state.error = error
+        state.last_error = None
+        state.message = f"Failed: {error}"
+        state.finished_at = now
 
     def delete(self) -> None:
         b = self.ctx
         with b.connector.executor() as ex:
             ex.run(b.st.delete_task, {"id": self.task_id, "sid": self.sid})
 
-    def save_namespace(self) -> None:
-        if self.slot is not None:
-            save_merged(self.ctx, self.sid, self.slot)
+    def namespace(self) -> dict[str, Any] | None:
+        value = self.slot.value if self.slot is not None else None
+        return value if isinstance(value, dict) else None

@@ -145,6 +145,10 @@ class SQLUnit:
             self._view[name] = slot.value
         return slot.value  # type: ignore[no-any-return]
 
+    def slot(self, name: str) -> Slot:
+        """The slot of a namespace this unit read (KeyError before)."""
+        return self._slots[name]
+
     def session(self) -> Session:
         if self._view is not None:
             return self._view

@@ -4,9 +4,9 @@ Each test starts gunicorn with four worker processes on SQLite and on
 PostgreSQL (the schema upgraded first with ``flask silo-db upgrade``) and
 drives it with ``requests``: upload, process, poll progress until complete
 (answered by several workers), fetch the results, reset; and a worker killed
-with SIGKILL while it runs a task: the task must end up failed with "worker
-lost", not running forever. The time from the kill to that answer is printed
-(run with ``-s`` to see it).
+with SIGKILL while it runs a task: the example's task is durable, so another
+worker runs it again, to completion. The time from the kill to the next
+attempt is printed (run with ``-s`` to see it).
 """
 
 from __future__ import annotations
@@ -189,11 +189,13 @@ def test_upload_process_poll_results_reset(db_url: str, tmp_path: Path) -> None:
         assert server.proc.poll() is None
 
 
-def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> None:
+def test_killed_workers_task_is_run_again_by_a_live_worker(db_url: str, tmp_path: Path) -> None:
+    """The example's task is registered (durable): SIGKILL of the worker running it, and
+    another worker runs it again, to completion, with its results in the namespace."""
     with gunicorn(db_url, tmp_path) as server:
         client = Client(server.base)
         client.upload("big.txt", TEXT)
-        started = client.call("POST", "/api/process", params={"steps": 300, "delay": 0.1})
+        started = client.call("POST", "/api/process", params={"steps": 40, "delay": 0.05})
         assert started.status_code == 200, started.text
         victim = started.json()["worker"]
         assert victim in server.worker_pids(), "the task's worker is not one of ours"
@@ -202,8 +204,7 @@ def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> Non
         while True:  # running, and progress written by its thread
             body = client.status()
             assert body["running"] is True, body
-            assert body["task_worker"] == victim
-            if body["progress"] > 0:
+            if body["progress"] > 0 and body["task_worker"] == victim:
                 break
             assert time.monotonic() < deadline, f"no progress: {body}"
             time.sleep(0.05)
@@ -213,52 +214,41 @@ def test_killed_worker_task_is_marked_failed(db_url: str, tmp_path: Path) -> Non
         killed_at = time.monotonic()
 
         answered_by: set[int] = set()
-        deadline = killed_at + 10 * HEARTBEAT_TIMEOUT + 10
+        recovered = None
+        deadline = killed_at + 10 * HEARTBEAT_TIMEOUT + 30
         while True:
             body = client.status()
             answered_by.add(body["worker"])
-            if not body["running"]:
+            if recovered is None and body.get("attempt", 0) >= 2:
+                recovered = time.monotonic() - killed_at
+            if body["complete"]:
                 break
-            assert time.monotonic() < deadline, f"task still running after its worker died: {body}"
+            assert body["error"] is None, body
+            assert time.monotonic() < deadline, f"task not recovered after its worker died: {body}"
             time.sleep(0.05)
-        detected = time.monotonic() - killed_at
 
         print(
-            f"\n[{db_url.split(':')[0]}] worker {victim} killed with SIGKILL at "
-            f"{body['progress']}%; lost task detected after {detected:.2f} s "
-            f"(heartbeat timeout {HEARTBEAT_TIMEOUT:g} s), answered by {sorted(answered_by)}"
+            f"\n[{db_url.split(':')[0]}] worker {victim} killed with SIGKILL; its task ran again "
+            f"after {recovered:.2f} s (heartbeat timeout {HEARTBEAT_TIMEOUT:g} s) and completed "
+            f"after {time.monotonic() - killed_at:.2f} s, answered by {sorted(answered_by)}"
         )
         assert victim not in answered_by
-        assert body["complete"] is False
-        assert body["error"] is not None
-        assert "worker lost" in body["error"]
-        assert body["finished_at"] is not None
-        assert 0 < body["progress"] < 100
+        assert body["attempt"] >= 2
+        assert body["task_worker"] != victim
+        assert body["progress"] == 100
+        results = client.call("GET", "/api/results")
+        assert results.status_code == 200
+        assert results.json()["results"]["lines"] == 401
 
-        # Recorded as failed in silo_tasks, not merely reported so.
         engine = make_engine(db_url)
         try:
             with engine.connect() as conn:
                 rows = conn.execute(
-                    select(tasks.c.status, tasks.c.error).where(tasks.c.sid == client.sid)
+                    select(tasks.c.status, tasks.c.attempt).where(tasks.c.sid == client.sid)
                 ).all()
         finally:
             engine.dispose()
-        assert len(rows) == 1
-        assert rows[0].status == "failed"
-        assert "worker lost" in rows[0].error
-
-        # Every worker agrees, and the client can start over.
-        for _ in range(WORKERS):
-            again = client.status()
-            assert again["running"] is False
-            assert "worker lost" in again["error"]
-        results = client.call("GET", "/api/results")
-        assert results.status_code == 200
-        assert results.json()["results"] is None
-        reset = client.call("POST", "/api/reset")
-        assert reset.status_code == 200, reset.text
-        assert client.status()["error"] is None
+        assert [(row.status, row.attempt >= 2) for row in rows] == [("complete", True)]
 
         # gunicorn replaced the dead worker.
         deadline = time.monotonic() + 20

@@ -1,0 +1,229 @@
+"""Durable runs as the processes that run them see them: claims, hand-backs, wake-ups.
+
+A process claims due runs with one ``UPDATE ... RETURNING`` (on PostgreSQL
+its candidates are locked ``FOR UPDATE SKIP LOCKED``, so claimers never wait
+for each other nor claim one run twice; on SQLite the statement takes the
+database's write lock): queued runs, retrying runs whose delay is over, and
+running ones whose lease lapsed with attempts left, each as its next attempt.
+Runs whose lease lapsed with no attempt left are failed first. A claimed run
+comes back ready to execute: its namespace loaded (the task object found in
+it, so what the run changes there is saved), its registered function looked
+up, its arguments decoded. ``LISTEN/NOTIFY`` on PostgreSQL wakes claimers as
+soon as a run is queued; every claimer polls as well (notifications do not
+pass PgBouncer's transaction pooling, and SQLite has none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..codec import dumps, tasks_in
+from ..tasks import (
+    LOST_WORKER,
+    NAMESPACE_ARG,
+    BackgroundTask,
+    Claimed,
+    Durable,
+    TaskState,
+)
+from .context import Context
+from .statements import NOTIFY_CHANNEL
+from .task_rows import SQLTaskHome, hand_back, hand_back_at_exit
+from .unit import SQLUnit
+
+logger = logging.getLogger("flask_silo_sql.tasks")
+
+LISTEN_RETRY_S = 2.0
+"""Seconds between two attempts to (re)open the notification connection."""
+
+
+class SQLTaskQueue:
+    """The :class:`~flask_silo_sql.backends.base.TaskQueue` of the SQL backend."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # -- processes ---------------------------------------------------------------
+
+    def register(self, worker: str, kind: str, concurrency: int) -> None:
+        ctx = self.ctx
+        st = ctx.st
+        v = st.values
+        now = ctx.now()
+        with ctx.connector.executor() as ex:
+            ex.run(
+                st.register_worker,
+                {
+                    "worker": worker,
+                    "hostname": socket.gethostname()[:255],
+                    "pid": int(worker.split(":")[1]) if worker.count(":") >= 2 else 0,
+                    "kind": kind,
+                    "concurrency": concurrency,
+                    "now": v.time(now),
+                },
+            )
+            stale = now - 4 * ctx.policy.heartbeat_timeout
+            ex.run(st.prune_workers, {"stale_before": v.time(stale)})
+
+    def unregister(self, worker: str) -> None:
+        with self.ctx.connector.executor() as ex:
+            ex.run(self.ctx.st.drop_worker, {"worker": worker})
+
+    # -- runs ----------------------------------------------------------------------
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        ctx = self.ctx
+        st = ctx.st
+        v = st.values
+        now = ctx.now()
+        timeout = ctx.policy.heartbeat_timeout
+        error = LOST_WORKER.format(timeout=timeout)
+        with ctx.connector.executor() as ex:
+            ex.run(
+                st.fail_exhausted,
+                {"now": v.time(now), "error": error, "message": f"Failed: {error}"},
+            )
+            rows = ex.run(
+                st.claim_runs,
+                {
+                    "now": v.time(now),
+                    "lease": v.time(now + timeout),
+                    "worker": worker,
+                    "limit": limit,
+                },
+            ).rows
+        if rows:
+            hand_back_at_exit(ctx)
+        claimed: list[Claimed] = []
+        for row in rows:
+            try:
+                claimed.append(self._ready(row))
+            except Exception as exc:  # the database went away meanwhile: the lease lapses
+                logger.warning("could not prepare a claimed task run (%s)", exc)
+        return claimed
+
+    def _ready(self, row: Any) -> Claimed:
+        """A claimed row as an attempt to run: namespace loaded, function and arguments found."""
+        ctx = self.ctx
+        v = ctx.st.values
+        (
+            task_id,
+            sid,
+            name,
+            namespace,
+            target,
+            args,
+            attempt,
+            max_attempts,
+            delay,
+            checkpoint,
+            _progress,
+            _message,
+            logs,
+            error,
+            started,
+        ) = row
+        logs = v.json(logs)[0] if isinstance(logs, str) else logs
+        payload = v.json(args)[0] if isinstance(args, str) else (args or {})
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            checkpoint = dumps(checkpoint)
+        task, holder = self._task(sid, namespace, task_id, name)
+
+        def decoded(value: Any) -> Any:
+            if isinstance(value, dict) and set(value) == {NAMESPACE_ARG}:
+                return holder if holder is not None else {}
+            return value
+
+        spec = ctx.policy.tasks.get(target)
+        fn: Callable[..., Any] = spec.fn if spec is not None else _unregistered(target)
+        state = TaskState(
+            running=True,
+            progress=0.0,
+            message="Starting…",
+            logs=list(logs or []),
+            started_at=v.maybe_unix(started),
+            attempt=int(attempt),
+            last_error=error,
+            durable=True,
+        )
+        durable = Durable(
+            target,
+            args if isinstance(args, str) else json.dumps(args),
+            int(max_attempts),
+            float(delay),
+        )
+        return Claimed(
+            task=task,
+            target=fn,
+            args=tuple(decoded(a) for a in payload.get("args", [])),
+            kwargs={k: decoded(x) for k, x in payload.get("kwargs", {}).items()},
+            state=state,
+            durable=durable,
+            checkpoint=checkpoint,
+        )
+
+    def _task(
+        self, sid: str, namespace: str | None, task_id: str, name: str
+    ) -> tuple[BackgroundTask, dict[str, Any] | None]:
+        """The task object inside its namespace as stored now (so the run saves into it)."""
+        ctx = self.ctx
+        if namespace is None or namespace not in ctx.policy.factories:
+            return BackgroundTask.linked(name, SQLTaskHome(ctx, sid, task_id, None)), None
+        unit = SQLUnit(ctx, sid)
+        try:
+            holder = unit.namespace(namespace)
+            slot = unit.slot(namespace)
+        finally:
+            unit.close()
+        for _path, found in tasks_in(holder):
+            if found.task_id == task_id:
+                return found, holder
+        return BackgroundTask.linked(name, SQLTaskHome(ctx, sid, task_id, slot)), holder
+
+    def hand_back(self, worker: str) -> int:
+        return hand_back(self.ctx, worker)
+
+    # -- notifications --------------------------------------------------------------
+
+    def listen(self, stop: threading.Event, wake: Callable[[], None]) -> bool:
+        """On PostgreSQL: ``LISTEN`` on a connection of its own (out of the pool)."""
+        engine = self.ctx.connector.engine
+        if engine.dialect.name != "postgresql":
+            return False
+        while not stop.is_set():
+            try:
+                self._listen(stop, wake)
+            except Exception as exc:
+                logger.info("task notifications interrupted (%s); polling meanwhile", exc)
+            wake()  # whatever was announced meanwhile: look now
+            stop.wait(LISTEN_RETRY_S)
+        return True
+
+    def _listen(self, stop: threading.Event, wake: Callable[[], None]) -> None:
+        raw = self.ctx.connector.engine.raw_connection()
+        raw.detach()  # never back into the pool: it stays in LISTEN
+        conn: Any = raw.dbapi_connection
+        try:
+            conn.autocommit = True
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            wake()
+            while not stop.is_set():
+                for _note in conn.notifies(timeout=1.0, stop_after=1):
+                    wake()
+        finally:
+            conn.close()
+
+
+def _unregistered(target: str) -> Callable[..., Any]:
+    def missing(task: BackgroundTask, *args: Any, **kwargs: Any) -> None:
+        raise LookupError(
+            f"task function {target!r} is not registered in this process: import the "
+            "module that defines it (@silo.task) in the app"
+        )
+
+    return missing
