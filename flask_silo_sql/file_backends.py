@@ -614,6 +614,7 @@ class RemoteSink(CachedSink):
             with contextlib.suppress(Exception):
                 if hasattr(remote, "discard"):
                     remote.discard()  # a multipart upload that never completes
+                    remote.closed = True  # nothing left to flush when it is collected
                 else:
                     remote.close()
         self.backend.delete_keys([self.key], sid=self.row.sid)
@@ -755,16 +756,34 @@ class FsspecBytes:
                 self.fs.rm(entry, recursive=True)
 
     def move_session(self, old: str, new: str) -> Callable[[], None]:
+        """Every object of *old* under *new*'s prefix (a rotation); returns the undo."""
         source, target = self.session_prefix(old), self.session_prefix(new)
         with remote_errors(self.store.name, old, "move files"):
-            if not self.fs.exists(source):
-                return lambda: None
-            self.fs.mv(source, target, recursive=True)
+            moved = self._move(source, target)
 
         def undo() -> None:
-            self.fs.mv(target, source, recursive=True)
+            if moved:
+                self._move(target, source)
 
         return undo
+
+    def _move(self, source: str, target: str) -> bool:
+        if self.direct:
+            if not os.path.isdir(source):
+                return False
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+            return True
+        try:
+            keys = [str(k) for k in self.fs.find(source)]
+        except FileNotFoundError:
+            return False
+        for key in keys:  # object stores copy on the server, key by key
+            self.fs.copy(key, target + key[len(source) :])
+        if keys:
+            self.fs.rm(keys)
+        self.fs.invalidate_cache()
+        return bool(keys)
 
     def sessions(self) -> list[str]:
         """The session prefixes under the store's URL."""

@@ -79,8 +79,8 @@ FILE_MODE = 0o600
 """Mode of stored files: readable by the application's user only."""
 CHUNK = 1024 * 1024
 """Bytes read from a stream at a time, and the size of a ``database`` chunk."""
-RESERVE_STEP = 8 * 1024 * 1024
-"""Bytes an upload reserves ahead of what it received (one SQL statement per step)."""
+FREE_SPACE_STEP = 8 * 1024 * 1024
+"""Bytes an upload receives between two checks of the free-space floor."""
 HEARTBEAT_S = 60.0
 """An upload in progress refreshes its pending row at least this often."""
 STALE_UPLOAD_S = 3600.0
@@ -298,8 +298,8 @@ class FileRecords(Protocol):
     ) -> Reservation:
         """An upload of ``row.filename`` starts: its session is created if missing
         (``SessionExpired`` if it expired while the request ran), dead uploads of the
-        session are forgotten, and a pending row named *pending_name* reserving up to
-        *reserve* bytes is written (``FileTooLarge`` when the quota is used up already)."""
+        session are forgotten, and a pending row named *pending_name* reserving
+        *reserve* bytes is written (``FileTooLarge`` when they do not fit the quota)."""
 
     def reserve(
         self, upload: Reservation, row: FileRow, *, needed: int, target: int, quota: int | None
@@ -490,19 +490,26 @@ class FileStore:
         data: IO[bytes] | bytes,
         *,
         content_type: str | None = None,
+        size: int | None = None,
     ) -> str:
         """Store *data* (bytes or a binary stream, read in chunks) as *filename* (sanitised).
 
         Returns a local path to the stored file (for ``database`` and fsspec
-        backends, this machine's cached copy). Raises :class:`InvalidFilename`
-        (a ValueError, ``400``) for a name with nothing safe left or too long,
-        :class:`FileTooLarge` (``413``) past a byte limit,
-        :class:`InsufficientStorage` (``507``) below the free-space floor or
-        on a full disk; nothing is kept then.
+        backends, this machine's cached copy). *size*, when known (else taken
+        from the stream where it says, like a request body's
+        ``Content-Length``), is reserved against the session's quota before a
+        byte is read. Raises :class:`InvalidFilename` (a ValueError, ``400``)
+        for a name with nothing safe left or too long, :class:`FileTooLarge`
+        (``413``) past a byte limit, :class:`InsufficientStorage` (``507``)
+        below the free-space floor or on a full disk; nothing is kept then.
         """
         name = safe_filename(filename)
         directory = self.session_dir(sid)
         records = self._needs_records()
+        declared = size if size is not None else declared_size(data)
+        limit = self.max_file_bytes
+        if declared is not None and limit is not None and declared > limit:
+            raise FileTooLarge(name, declared, limit)
         self._check_free_space(directory, records, sid)
         if records is None:
             return self._save_unrecorded(sid, name, directory, data)
@@ -518,11 +525,8 @@ class FileStore:
             location=backend.new_location(name),
         )
         pending = TEMP_PREFIX + secrets.token_hex(8)
-        first = (
-            RESERVE_STEP if self.max_file_bytes is None else min(RESERVE_STEP, self.max_file_bytes)
-        )
         reservation = records.begin(
-            row, pending_name=pending, reserve=first, quota=self.max_session_bytes
+            row, pending_name=pending, reserve=declared or 0, quota=self.max_session_bytes
         )
         if reservation.stale:
             self._forgotten(reservation.stale)
@@ -546,12 +550,17 @@ class FileStore:
         pending: str,
         data: IO[bytes] | bytes,
     ) -> StagedUpload:
-        """Stream *data* to the backend (and a local temporary file), reserving as it comes."""
+        """Stream *data* to the backend (and a local temporary file), reserving as it comes.
+
+        Past what was reserved, each chunk reserves what it adds (with a quota),
+        so concurrent uploads of unknown size never take more than is left.
+        """
         sid, name = row.sid, row.filename
         limit = self.max_file_bytes
         quota = self.max_session_bytes
         digest = hashlib.sha256()
         size = 0
+        checked = 0
         beat = time.monotonic()
         with file_errors(self.name, sid, "store a file"):
             sink = self.blobs.sink(row, directory, pending)
@@ -564,11 +573,13 @@ class FileStore:
                 size += len(chunk)
                 if limit is not None and size > limit:
                     raise FileTooLarge(name, size, limit)
-                if size > reservation.reserved or time.monotonic() - beat > HEARTBEAT_S:
+                if size - checked >= FREE_SPACE_STEP:
                     self._check_free_space(directory, records, sid)
-                    records.reserve(
-                        reservation, row, needed=size, target=size + RESERVE_STEP, quota=quota
-                    )
+                    checked = size
+                over = quota is not None and size > reservation.reserved
+                if over or time.monotonic() - beat > HEARTBEAT_S:
+                    target = max(size, reservation.reserved)
+                    records.reserve(reservation, row, needed=size, target=target, quota=quota)
                     beat = time.monotonic()
                 digest.update(chunk)
                 with file_errors(self.name, sid, "store a file"):
@@ -878,6 +889,25 @@ def _create_temp(directory: str, name: str) -> tuple[int, str]:
     except FileNotFoundError:
         os.makedirs(directory, exist_ok=True)
         return os.open(path, flags, FILE_MODE), path
+
+
+def declared_size(data: Any) -> int | None:
+    """How many bytes *data* says it holds, if it says: its length, what is left of a
+    seekable file, a request body's ``Content-Length`` (werkzeug's ``LimitedStream``)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return len(data)
+    limit = getattr(data, "limit", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return max(0, limit - int(getattr(data, "_pos", 0) or 0))
+    try:
+        if data.seekable():
+            here = data.tell()
+            end = data.seek(0, os.SEEK_END)
+            data.seek(here)
+            return max(0, int(end) - int(here))
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
 
 
 def _chunks(data: IO[bytes] | bytes | bytearray | memoryview) -> Iterator[bytes]:

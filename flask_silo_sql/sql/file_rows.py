@@ -131,7 +131,7 @@ class SQLFileRecords:
                 "backend": row.backend,
                 "host": row.host,
                 "location": row.location,
-                "needed": 0,
+                "needed": reserve,
                 "target": reserve,
                 "quota": UNLIMITED if quota is None else quota,
                 "self_id": -1,
@@ -140,7 +140,7 @@ class SQLFileRecords:
         if created:
             b.policy.created(row.sid)
         if found is None:
-            raise FileTooLarge(row.filename, 0, quota if quota is not None else 0)
+            raise FileTooLarge(row.filename, reserve, quota if quota is not None else 0)
         return Reservation(int(found[0]), int(found[1]), stale)
 
     def _forget_stale(self, ex: Executor, sid: str, now: float) -> list[FileRow]:
