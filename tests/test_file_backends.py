@@ -146,7 +146,8 @@ def machines(silo_url: str, backend: Backend, tmp_path: Path) -> Iterator[Any]:
         def put(name: str) -> Any:
             path = uploads.save(silo.sid, name, request.stream, content_type=request.content_type)
             silo.state("data")["files"].append(name)
-            assert open(path, "rb").read(4) is not None  # the path can be opened at once
+            with open(path, "rb") as saved:  # the path can be opened at once
+                assert saved.read(4) is not None
             if request.args.get("fail"):
                 return jsonify(error="refused"), 400
             return jsonify(path=path), 201
