@@ -27,7 +27,8 @@ Run it:
 Environment: every ``SILO_*`` configuration key of the library
 (``SILO_DATABASE_URI``, ``SILO_TASK_HEARTBEAT_TIMEOUT``, ...; values are read
 as JSON when they parse, else as text), plus, for this example only,
-``SILO_TTL`` and ``SILO_CLEANUP_INTERVAL`` (seconds, for :class:`Silo`) and
+``SILO_TTL`` and ``SILO_CLEANUP_INTERVAL`` (seconds, for :class:`Silo`),
+``INSTANCE_DIR`` (default ``examples/instance/data_processor``) and
 ``UPLOAD_DIR`` (default ``<instance folder>/uploads``: the files, or this
 machine's cache of them when ``SILO_FILE_BACKEND`` is not ``local``).
 
@@ -78,7 +79,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The same instance folder however the app is started (gunicorn or flask --app), and
 # one of its own: the quickstart's counters live in examples/instance/silo.db.
-app = Flask(__name__, instance_path=os.path.join(HERE, "instance", "data_processor"))
+app = Flask(
+    __name__,
+    instance_path=os.path.abspath(
+        os.environ.get("INSTANCE_DIR") or os.path.join(HERE, "instance", "data_processor")
+    ),
+)
 app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
 for _key in CONFIG_DEFAULTS:
     if _key in os.environ:

@@ -242,8 +242,14 @@ class Cache:
         return os.path.join(self.store.base_dir, row.sid, row.sha256[:SHA_DIR_LENGTH], row.filename)
 
     def install(self, tmp: str, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.replace(tmp, path)
+        for attempt in range(3):  # another thread may remove an empty version directory
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.replace(tmp, path)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not os.path.exists(tmp):
+                    raise
         self._prune(path)
 
     def _prune(self, path: str) -> None:
@@ -256,10 +262,12 @@ class Cache:
                 other = os.path.join(session_dir, entry)
                 if other == version_dir or entry.startswith(TEMP_PREFIX):
                     continue
-                with contextlib.suppress(OSError):
+                try:
                     os.unlink(os.path.join(other, name))
+                except OSError:
+                    continue
                 with contextlib.suppress(OSError):
-                    os.rmdir(other)
+                    os.rmdir(other)  # only a directory this name was in
 
     def drop(self, row: FileRow, path: str | None = None) -> None:
         path = path or self.path(row)

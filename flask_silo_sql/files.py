@@ -359,6 +359,12 @@ class FileRecords(Protocol):
 RecordsProvider = Callable[[], "FileRecords | None"]
 
 
+class Readable(Protocol):
+    """What ``save`` reads from: any binary stream (a file, a request body, a socket)."""
+
+    def read(self, size: int = ..., /) -> bytes | None: ...
+
+
 def file_errors(
     store: str, sid: str | None, action: str
 ) -> contextlib.AbstractContextManager[None]:
@@ -487,7 +493,7 @@ class FileStore:
         self,
         sid: str,
         filename: str,
-        data: IO[bytes] | bytes,
+        data: Readable | bytes,
         *,
         content_type: str | None = None,
         size: int | None = None,
@@ -548,7 +554,7 @@ class FileStore:
         reservation: Reservation,
         directory: str,
         pending: str,
-        data: IO[bytes] | bytes,
+        data: Readable | bytes,
     ) -> StagedUpload:
         """Stream *data* to the backend (and a local temporary file), reserving as it comes.
 
@@ -596,7 +602,7 @@ class FileStore:
         row.sha256 = digest.hexdigest()
         return StagedUpload(self.blobs, row, reservation, sink.tmp, sink.path(row))
 
-    def _save_unrecorded(self, sid: str, name: str, directory: str, data: IO[bytes] | bytes) -> str:
+    def _save_unrecorded(self, sid: str, name: str, directory: str, data: Readable | bytes) -> str:
         """flask-silo's behaviour, for a store without rows: the file on disk, nothing else."""
         limit = self.max_file_bytes
         path = os.path.join(directory, name)
@@ -910,13 +916,17 @@ def declared_size(data: Any) -> int | None:
     return None
 
 
-def _chunks(data: IO[bytes] | bytes | bytearray | memoryview) -> Iterator[bytes]:
+def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])
         return
-    yield from iter(lambda: data.read(CHUNK), b"")
+    while True:
+        chunk = data.read(CHUNK)
+        if not chunk:
+            return
+        yield bytes(chunk)
 
 
 def fsck(
