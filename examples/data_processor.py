@@ -27,11 +27,18 @@ Run it:
       flask --app examples/data_processor.py silo-db upgrade
       gunicorn -w 4 examples.data_processor:app
 
+* on several machines without a shared filesystem: the same, with the
+  uploaded files kept in the database too (``SILO_FILE_BACKEND=database``;
+  ``UPLOAD_DIR`` is then each machine's cache), or in an object store
+  (``SILO_FILE_BACKEND=s3://bucket/prefix``).
+
 Environment: every ``SILO_*`` configuration key of the library
 (``SILO_DATABASE_URI``, ``SILO_TASK_HEARTBEAT_TIMEOUT``, ...; values are read
 as JSON when they parse, else as text), plus, for this example only,
-``SILO_TTL`` and ``SILO_CLEANUP_INTERVAL`` (seconds, for :class:`Silo`) and
-``UPLOAD_DIR`` (default ``<instance folder>/uploads``).
+``SILO_TTL`` and ``SILO_CLEANUP_INTERVAL`` (seconds, for :class:`Silo`),
+``INSTANCE_DIR`` (default ``examples/instance/data_processor``) and
+``UPLOAD_DIR`` (default ``<instance folder>/uploads``: the files, or this
+machine's cache of them when ``SILO_FILE_BACKEND`` is not ``local``).
 
 API (every response carries the session ID in ``X-Session-ID``; send it back):
 
@@ -42,6 +49,9 @@ API (every response carries the session ID in ``X-Session-ID``; send it back):
   (``worker``) and of the process that ran the task (``task_worker``).
 * ``GET /api/results``: the results (``null`` until complete); ``410 Gone``
   with ``{"error": "session_expired"}`` once the session has expired.
+* ``GET /api/download``: the uploaded file, from whichever machine answers
+  (``ETag``, ``Range``, ``If-None-Match`` as a browser expects); ``410`` once
+  the session has expired.
 * ``POST /api/reset``: fresh state, uploaded files removed.
 """
 
@@ -77,7 +87,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The same instance folder however the app is started (gunicorn or flask --app), and
 # one of its own: the quickstart's counters live in examples/instance/silo.db.
-app = Flask(__name__, instance_path=os.path.join(HERE, "instance", "data_processor"))
+app = Flask(
+    __name__,
+    instance_path=os.path.abspath(
+        os.environ.get("INSTANCE_DIR") or os.path.join(HERE, "instance", "data_processor")
+    ),
+)
 app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
 for _key in CONFIG_DEFAULTS:
     if _key in os.environ:
@@ -106,7 +121,7 @@ silo.register(
 )
 
 # Needs existing data: an expired client gets 410 Gone here, not an empty answer.
-silo.add_data_endpoints("/api/results")
+silo.add_data_endpoints("/api/results", "/api/download")
 
 
 def _error(status: int, error: str, message: str) -> tuple[Response, int]:
@@ -216,6 +231,15 @@ def results() -> Response:
     """The results of the last completed run (null before)."""
     state = silo.state(NAMESPACE)
     return jsonify(results=state["results"], filename=state["filename"])
+
+
+@app.get("/api/download")
+def download() -> Response | tuple[Response, int]:
+    """The uploaded file, streamed from wherever it is kept."""
+    filename = silo.state(NAMESPACE)["filename"]
+    if not filename:
+        return _error(404, "no_upload", "Upload a file first.")
+    return silo.send_file(uploads, filename, as_attachment=True)
 
 
 @app.post("/api/reset")

@@ -7,7 +7,12 @@ and the schema managed by Alembic (``flask silo-db upgrade``).
 
 from .cleanup import CleanupDaemon
 from .errors import (
+    FileCorrupt,
+    FileElsewhere,
+    FileNotStored,
+    FileStorageError,
     FileTooLarge,
+    InsufficientStorage,
     InvalidFilename,
     NamespaceError,
     SchemaError,
@@ -22,7 +27,7 @@ from .errors import (
     TaskLeaseLost,
 )
 from .ext import Silo
-from .files import FileStore
+from .files import FileStore, StoredFile
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
@@ -35,9 +40,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BackgroundTask",
     "CleanupDaemon",
+    "FileCorrupt",
+    "FileElsewhere",
+    "FileNotStored",
+    "FileStorageError",
     "FileStore",
     "FileTooLarge",
     "InMemoryStorage",
+    "InsufficientStorage",
     "InvalidFilename",
     "NamespaceError",
     "SQLStorage",
@@ -52,6 +62,7 @@ __all__ = [
     "StateNotSerializable",
     "StateTooLarge",
     "StorageUnavailable",
+    "StoredFile",
     "TaskAlreadyRunning",
     "TaskLeaseLost",
     "TaskRunner",

@@ -167,11 +167,24 @@ def cleanup(batch_size: int | None, dry_run: bool) -> None:
 
 
 @silo_db.command()
-@click.option("--fix", is_flag=True, help="Delete orphan files and rows without a file.")
+@click.option(
+    "--fix", is_flag=True, help="Delete bytes without a row and forget rows without bytes."
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds an upload that stopped reporting progress still counts as in progress.",
+)
+@click.option("--no-verify", is_flag=True, help="Compare sizes only, not SHA-256 hashes.")
 @with_appcontext
 @_reported
-def fsck(fix: bool) -> None:
-    """Compare file stores on disk with silo_files (exit 1 if anything is wrong)."""
+def fsck(fix: bool, grace: float, no_verify: bool) -> None:
+    """Compare file stores' bytes with silo_files (exit 1 if anything is wrong).
+
+    Safe while the application runs: uploads in progress are left alone.
+    """
     _migrated()
     stores = _silo().silo.file_stores
     if not stores:
@@ -179,17 +192,25 @@ def fsck(fix: bool) -> None:
         return
     dirty = False
     for files in stores.values():
-        report = check_files(files, fix=fix)
+        report = check_files(files, fix=fix, grace=grace, verify=not no_verify)
         for label, entries in (
             ("file without a row", report.unrecorded),
             ("row without a file", report.missing),
             ("partial upload", report.partial),
+            ("bytes differ from their row", report.mismatched),
         ):
             for entry in entries:
                 click.echo(f"{files.name}: {label}: {entry}")
-        verdict = "clean" if report.clean else ("repaired" if fix else "problems found")
+        if report.elsewhere:
+            click.echo(f"{files.name}: {report.elsewhere} file(s) on other hosts, not checked here")
+        if report.in_progress:
+            click.echo(
+                f"{files.name}: {report.in_progress} entry(ies) of uploads in progress left alone"
+            )
+        repaired = report.fixed and not report.mismatched
+        verdict = "clean" if report.clean else ("repaired" if repaired else "problems found")
         click.echo(f"{files.name}: {verdict}")
-        dirty = dirty or (not report.clean and not fix)
+        dirty = dirty or (not report.clean and not repaired)
     if dirty:
         sys.exit(1)
 

@@ -150,6 +150,101 @@ class FileTooLarge(SiloError):
         return {"limit": self.limit}
 
 
+class InsufficientStorage(SiloError):
+    """No room for a file: the disk is below the store's free-space floor, or full.
+
+    Answered ``507`` while the database, which the floor keeps room for, goes on
+    working; nothing of the upload is kept.
+    """
+
+    status = 507
+    slug = "insufficient_storage"
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        super().__init__(f"File store '{store}' has no room for this file.")
+
+    @property
+    def public_message(self) -> str:
+        return "There is not enough storage space for this file."
+
+
+class FileStorageError(SiloError):
+    """A file operation failed (a disk error, a remote store that does not answer).
+
+    ``500`` for this machine's disk, ``503`` for a remote store. The message
+    names the store and the operation, never a path (a session's directory is
+    its SID).
+    """
+
+    slug = "file_storage_error"
+
+    def __init__(self, store: str, action: str, reason: str, *, remote: bool = False) -> None:
+        self.store = store
+        self.action = action
+        self.remote = remote
+        super().__init__(f"File store '{store}' could not {action}: {reason}")
+
+    @property
+    def http_status(self) -> int:
+        return 503 if self.remote else 500
+
+    @property
+    def public_message(self) -> str:
+        return f"The file store could not {self.action}."
+
+
+class FileNotStored(SiloError, FileNotFoundError):
+    """No such file in the session (a ``FileNotFoundError``; ``404``)."""
+
+    status = 404
+    slug = "file_not_found"
+    logged = False
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        super().__init__(f"No file {filename[:100]!r} in this session.")
+
+
+class FileElsewhere(SiloError):
+    """A ``local`` file kept on another machine's disk (``409``): route the client there,
+    or use a backend every machine reads (``database``, an fsspec URL)."""
+
+    status = 409
+    slug = "file_on_other_host"
+
+    def __init__(self, filename: str, host: str | None) -> None:
+        self.filename = filename
+        self.host = host
+        super().__init__(f"File {filename[:100]!r} is stored on host {host!r}, not this one.")
+
+    @property
+    def public_message(self) -> str:
+        return "The file is stored on another server."
+
+
+class FileCorrupt(SiloError):
+    """A file's bytes do not match the size and SHA-256 its row recorded (``500``)."""
+
+    slug = "file_corrupt"
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        super().__init__(f"The bytes of file {filename[:100]!r} do not match its record.")
+
+
+class UploadInterrupted(SiloError):
+    """An upload's pending row was removed before its request committed (``409``)."""
+
+    status = 409
+    slug = "upload_interrupted"
+    logged = False
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        super().__init__(f"The upload of {filename[:100]!r} was interrupted; send it again.")
+
+
 class InvalidFilename(SiloError, ValueError):
     """A file name with nothing safe left, or too long (answered ``400``)."""
 

@@ -27,7 +27,8 @@ from flask import Config, Flask, Response, current_app, g, has_app_context, json
 from .backends import Unit
 from .cleanup import CleanupDaemon
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
-from .files import FileStore
+from .file_backends import check_backend
+from .files import Backend, FileStore
 from .logs import log_failure
 from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
@@ -59,8 +60,12 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_TASK_RETRIES": 3,
     "SILO_TASK_RETRY_DELAY": 1.0,
     "SILO_WORKER_GRACE": 30.0,
-    "SILO_MAX_FILE_BYTES": None,
-    "SILO_MAX_SESSION_BYTES": None,
+    "SILO_MAX_FILE_BYTES": 100 * 1024 * 1024,
+    "SILO_MAX_SESSION_BYTES": 1024 * 1024 * 1024,
+    "SILO_MIN_FREE_BYTES": 100 * 1024 * 1024,
+    "SILO_FILE_BACKEND": "local",
+    "SILO_FILE_STORAGE_OPTIONS": {},
+    "SILO_FILE_HOST": None,
     "SILO_LOCKING": False,
     "SILO_STRICT_SIDS": False,
     "SILO_SID_MAX_AGE": 30 * 24 * 3600,
@@ -186,7 +191,8 @@ class Silo:
         self._auto_cleanup = auto_cleanup
         self._api_prefix = api_prefix
         self._file_stores: dict[str, FileStore] = {}
-        self._explicit_limits: dict[str, tuple[bool, bool]] = {}
+        self._explicit: dict[str, set[str]] = {}
+        """Per file store: the settings given to add_file_store (the config gives the rest)."""
         self._storage = storage
         self._store_options: dict[str, Any] = {
             "ttl": ttl,
@@ -199,6 +205,7 @@ class Silo:
         self._apps: list[SiloApp] = []
         self._first.on_expire(self._on_session_expire)
         self._first.registry.on_rotate.append(self._move_files)
+        self._first.registry.after_sweep.append(self._maintain_files)
         if app is not None:
             self.init_app(app)
 
@@ -288,16 +295,37 @@ class Silo:
         store.task_runner = runner
         store.task_retries = int(config["SILO_TASK_RETRIES"])
         store.task_retry_delay = float(config["SILO_TASK_RETRY_DELAY"])
-        if not self._first_taken:  # file stores are shared: the first app's limits apply
+        if not self._first_taken:  # file stores are shared: the first app's settings apply
             for name, files in self._file_stores.items():
-                self._apply_limits(config, name, files)
+                self._apply_file_settings(config, name, files)
 
-    def _apply_limits(self, config: Config, name: str, files: FileStore) -> None:
-        explicit_file, explicit_session = self._explicit_limits.get(name, (False, False))
-        if not explicit_file:
-            files.max_file_bytes = config["SILO_MAX_FILE_BYTES"]
-        if not explicit_session:
-            files.max_session_bytes = config["SILO_MAX_SESSION_BYTES"]
+    FILE_SETTINGS = {
+        "max_file_bytes": "SILO_MAX_FILE_BYTES",
+        "max_session_bytes": "SILO_MAX_SESSION_BYTES",
+        "min_free_bytes": "SILO_MIN_FREE_BYTES",
+        "backend": "SILO_FILE_BACKEND",
+        "storage_options": "SILO_FILE_STORAGE_OPTIONS",
+        "host": "SILO_FILE_HOST",
+    }
+    """``add_file_store`` arguments and the configuration keys they default to."""
+
+    def _apply_file_settings(self, config: Config, name: str, files: FileStore) -> None:
+        explicit = self._explicit.get(name, set())
+        for attribute, key in self.FILE_SETTINGS.items():
+            if attribute in explicit:
+                continue
+            value = config.get(key)
+            if attribute == "backend":
+                value = value or "local"
+                check_backend(value)
+            elif attribute == "storage_options":
+                value = dict(value or {})
+            elif attribute == "host":
+                if not value:
+                    continue
+            elif value is not None:
+                value = int(value)
+            setattr(files, attribute, value)
 
     def _prepare_storage(self, app: Flask, state: SiloApp) -> None:
         storage = state.store.storage
@@ -339,26 +367,66 @@ class Silo:
         name: str,
         base_dir: str,
         *,
+        backend: Backend | None = None,
+        storage_options: dict[str, Any] | None = None,
+        host: str | None = None,
         max_file_bytes: int | None = None,
         max_session_bytes: int | None = None,
+        min_free_bytes: int | None = None,
     ) -> FileStore:
         """Add a per-session file store, cleaned when sessions expire or reset.
 
-        Its files are recorded in ``silo_files`` under *name*. Limits default
-        to ``SILO_MAX_FILE_BYTES`` / ``SILO_MAX_SESSION_BYTES``.
+        Its files are recorded in ``silo_files`` under *name*. *backend* says
+        where the bytes go: ``"local"`` (under *base_dir*, this machine's disk),
+        ``"database"`` (the database's ``silo_file_chunks``) or an fsspec URL
+        (``"s3://bucket/prefix"``, with *storage_options* for its filesystem);
+        for the last two *base_dir* is this machine's cache. Every setting left
+        out comes from the configuration (``SILO_FILE_BACKEND``,
+        ``SILO_FILE_STORAGE_OPTIONS``, ``SILO_FILE_HOST``,
+        ``SILO_MAX_FILE_BYTES``, ``SILO_MAX_SESSION_BYTES``,
+        ``SILO_MIN_FREE_BYTES``).
         """
+        if backend is not None:
+            check_backend(backend)
+        given = {
+            "backend": backend,
+            "storage_options": storage_options,
+            "host": host,
+            "max_file_bytes": max_file_bytes,
+            "max_session_bytes": max_session_bytes,
+            "min_free_bytes": min_free_bytes,
+        }
         files = FileStore(
             base_dir,
             name=name,
             records=lambda: self.store.backend.file_records(name),
+            backend=backend,
+            storage_options=storage_options,
+            host=host,
             max_file_bytes=max_file_bytes,
             max_session_bytes=max_session_bytes,
+            min_free_bytes=min_free_bytes,
         )
-        self._explicit_limits[name] = (max_file_bytes is not None, max_session_bytes is not None)
+        self._explicit[name] = {k for k, v in given.items() if v is not None}
         if self._apps:
-            self._apply_limits(self._apps[0].config, name, files)
+            self._apply_file_settings(self._apps[0].config, name, files)
         self._file_stores[name] = files
         return files
+
+    def send_file(
+        self,
+        store: FileStore | str,
+        filename: str,
+        *,
+        as_attachment: bool = False,
+        download_name: str | None = None,
+    ) -> Response:
+        """A response streaming *filename* of the current session from *store* (a file
+        store or its name): see :meth:`FileStore.send`."""
+        files = self.file_store(store) if isinstance(store, str) else store
+        return files.send(
+            self.sid, filename, as_attachment=as_attachment, download_name=download_name
+        )
 
     @property
     def file_stores(self) -> dict[str, FileStore]:
@@ -509,6 +577,14 @@ class Silo:
                 undo()
 
         return undo_all
+
+    def _maintain_files(self) -> None:
+        """After a sweep: what this machine keeps of sessions gone elsewhere goes too."""
+        for files in self._file_stores.values():
+            try:
+                files.maintain()
+            except Exception as exc:
+                log_failure(logger, "could not tidy file store %r", files.name, exc=exc, sid=None)
 
     def _on_session_expire(self, sid: str) -> None:
         for files in self._file_stores.values():

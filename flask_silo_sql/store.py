@@ -43,6 +43,8 @@ class Registry:
         self.on_expire: list[Callable[[str], None]] = []
         self.on_rotate: list[Callable[[str, str], Callable[[], None]]] = []
         """``mover(old, new) -> undo``: what else a rotation moves (file directories)."""
+        self.after_sweep: list[Callable[[], None]] = []
+        """Called after each sweep that changes things (the file stores' upkeep)."""
         self.tasks: dict[str, TaskSpec] = {}
         """The registered task functions (``@silo.task``), by name."""
 
@@ -373,9 +375,16 @@ class SessionStore:
         after its batch commits. *progress* gets the running count of expired
         (or, with *dry_run*, expirable) sessions after each batch.
         """
-        return self._backend.sweep(
+        result = self._backend.sweep(
             batch_size=batch_size or self.sweep_batch_size, dry_run=dry_run, progress=progress
         )
+        if not dry_run:
+            for upkeep in list(self._registry.after_sweep):
+                try:
+                    upkeep()
+                except Exception:
+                    logger.exception("error after a sweep")
+        return result
 
     # -- introspection -------------------------------------------------------
 

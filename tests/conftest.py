@@ -77,6 +77,23 @@ def pg_bouncer(pg_server: PgServer | ExternalPg) -> Iterator[PgBouncer]:
         yield bouncer
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """A real S3-API server (moto's, in its own process) on loopback, for this test run."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+        message = "moto[server] or s3fs not installed: S3 tests cannot run"
+        _pg_problem.append(message)
+        if UNDER_CI:
+            pytest.fail(message + " (CI=true: pip install -e '.[dev]')")
+        pytest.skip(message)
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
 @pytest.fixture
 def pg_url(pg_server: PgServer | ExternalPg) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""

@@ -15,6 +15,7 @@ T0 = 1_700_000_000.0
 SILO_TABLES_CHILD_FIRST = (
     "silo_workers",
     "silo_tasks",
+    "silo_file_chunks",
     "silo_files",
     "silo_namespaces",
     "silo_expired_sids",

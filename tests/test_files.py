@@ -414,6 +414,10 @@ def damage(env: App) -> None:
     orphan_dir = env.session_dir(OTHER_SID)
     orphan_dir.mkdir()
     (orphan_dir / "orphan.bin").write_bytes(b"no session")
+    an_hour_ago = time.time() - 3600  # left by a crash: fsck judges bytes older than its run
+    for left in ("stray.txt", f"{TEMP_PREFIX}abc123"):
+        os.utime(env.session_dir() / left, (an_hour_ago, an_hour_ago))
+    os.utime(orphan_dir / "orphan.bin", (an_hour_ago, an_hour_ago))
 
 
 def test_fsck_reports_and_fixes(env: App) -> None:

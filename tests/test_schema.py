@@ -380,7 +380,11 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         "silo_sessions": {"sid", "created_at", "last_active"},
         "silo_namespaces": {"sid", "name", "data", "updated_at"},
         "silo_expired_sids": {"sid", "expired_at"},
-        "silo_files": {"sid", "store", "filename", "size_bytes", "sha256", "created_at"},
+        "silo_files": {
+            "sid", "store", "filename", "size_bytes", "sha256", "created_at",
+            "backend", "host", "location",
+        },
+        "silo_file_chunks": {"file_id", "seq", "data"},
         "silo_tasks": {
             "sid", "name", "status", "progress", "message", "logs", "error",
             "started_at", "finished_at", "heartbeat_at",
@@ -401,6 +405,18 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
     assert "expires_at" in leading_index_columns("silo_sessions")
     assert "expired_at" in leading_index_columns("silo_expired_sids")
     assert "heartbeat_at" in leading_index_columns("silo_workers")
+
+    chunk_fks = inspector.get_foreign_keys("silo_file_chunks")
+    assert any(
+        fk["referred_table"] == "silo_files"
+        and fk["constrained_columns"] == ["file_id"]
+        and (fk.get("options") or {}).get("ondelete", "").upper() == "CASCADE"
+        for fk in chunk_fks
+    ), chunk_fks
+    assert inspector.get_pk_constraint("silo_file_chunks")["constrained_columns"] == [
+        "file_id",
+        "seq",
+    ]
 
     for table in ("silo_namespaces", "silo_files", "silo_tasks"):
         fks = inspector.get_foreign_keys(table)

@@ -39,6 +39,10 @@ class Staging(Protocol):
 
     sid: str
 
+    @property
+    def since(self) -> float:
+        """When the unit began (by the store's clock)."""
+
     def stage(self, item: Staged) -> None: ...
 
     def staged(self) -> list[Staged]: ...

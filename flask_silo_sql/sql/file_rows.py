@@ -1,12 +1,19 @@
-"""File rows in ``silo_files``: the :class:`~flask_silo_sql.files.FileRecords` of SQL.
+"""File rows in ``silo_files`` and chunks in ``silo_file_chunks``: SQL's
+:class:`~flask_silo_sql.files.FileRecords`.
 
-Holding the session directory's lock, an upload deletes the previous version's
-row, then moves its bytes in (the version they replace is kept aside); its own
-row is written with its request's commit (at once outside a request), again
-holding the lock, and only while the bytes under the name are still its own.
-A crash in between leaves a file without a row (which ``flask silo-db fsck``
-reports), never a row describing other bytes; a request that fails puts the
-previous version and its row back.
+An upload begins with a *pending* row (its name starts with
+``.silo-upload-``), written in a short transaction that creates the session if
+needed; the row reserves the bytes received so far against the session's
+quota, in the statement that checks it (on PostgreSQL under the session row's
+lock), so concurrent uploads cannot both take the last bytes. The ``database``
+backend's chunks hang off that row. The request's commit, with the session
+locked, deletes the version the upload replaces and renames the pending row
+into the file's row; a request that fails deletes the pending row (its chunks
+cascade). For ``local``, which moves the bytes under their name before the
+commit, the previous version's row goes first, holding the session
+directory's lock, and comes back if the request fails: a crash in between
+leaves a file without a row (which ``flask silo-db fsck`` reports), never a
+row describing other bytes.
 """
 
 from __future__ import annotations
@@ -14,9 +21,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
-from ..errors import SessionExpired, StorageUnavailable
-from ..files import FileRow, StagedUpload, directory_lock
+from ..errors import (
+    FileTooLarge,
+    SessionExpired,
+    StorageUnavailable,
+    UploadInterrupted,
+)
+from ..files import (
+    STALE_UPLOAD_S,
+    UNLIMITED,
+    FileRow,
+    Reservation,
+    StagedUpload,
+    directory_lock,
+)
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
@@ -25,7 +46,7 @@ logger = logging.getLogger("flask_silo_sql.files")
 
 
 class StagedFile:
-    """An upload in place whose row is written with the request's commit."""
+    """An upload whose row is written with the request's commit."""
 
     def __init__(
         self, records: SQLFileRecords, upload: StagedUpload, replaced: FileRow | None
@@ -33,88 +54,260 @@ class StagedFile:
         self.records = records
         self.upload = upload
         self.replaced = replaced
-        """The row of the version it replaced (deleted already): put back if not kept."""
+        """``local``: the row of the version it replaced (deleted already), put back if
+        the upload is not kept."""
         self.directory: str | None = upload.directory
 
     def write(self, ex: Executor, now: float) -> None:
-        self.records.write(ex, self.upload, now)
+        self.records.finish(ex, self.upload, now)
 
     def committed(self) -> None:
         self.upload.keep()
 
     def discard(self) -> None:
-        self.upload.discard()
-        if self.replaced is not None:
-            self.records.restore(self.replaced, self.upload.path)
+        self.records.undo(self.upload, self.replaced)
+
+
+def _lock(directory: str | None) -> AbstractContextManager[None]:
+    return directory_lock(directory) if directory is not None else nullcontext()
 
 
 class SQLFileRecords:
     """The rows of one file store."""
 
-    __slots__ = ("_b", "store")
+    __slots__ = ("_b", "database_dir", "store")
 
     def __init__(self, ctx: Context, store: str) -> None:
         self._b = ctx
         self.store = store
+        url = ctx.connector.engine.url
+        database = url.database if url.get_backend_name() == "sqlite" else None
+        self.database_dir: str | None = (
+            os.path.dirname(os.path.abspath(database))
+            if database and database != ":memory:"
+            else None
+        )
 
-    def record(self, upload: StagedUpload) -> None:
+    def now(self) -> float:
+        return self._b.now()
+
+    def _key(self, sid: str, filename: str) -> dict[str, Any]:
+        return {"store": self.store, "sid": sid, "filename": filename}
+
+    def _row(self, found: Any) -> FileRow:
+        file_id, sid, name, size, sha, content_type, created, backend, host, location = found
+        return FileRow(
+            sid,
+            name,
+            int(size),
+            sha,
+            content_type,
+            id=int(file_id),
+            created_at=self._b.st.values.unix(created),
+            backend=backend,
+            host=host,
+            location=location,
+            seen=created,
+        )
+
+    # -- an upload -------------------------------------------------------------------------
+
+    def begin(
+        self, row: FileRow, *, pending_name: str, reserve: int, quota: int | None
+    ) -> Reservation:
+        b = self._b
+        st = b.st
+        v = st.values
+        unit = b.current_unit(row.sid)
+        since = unit.since if unit is not None else None
+        now = b.now()
+        with b.connector.transaction() as ex:
+            created, _ = ops.lock(ex, st, row.sid, b.times(now, since=since), existed=None)
+            stale = self._forget_stale(ex, row.sid, now)
+            values = {
+                **self._key(row.sid, row.filename),
+                "pending_name": pending_name,
+                "now": v.time(now),
+                "backend": row.backend,
+                "host": row.host,
+                "location": row.location,
+                "needed": reserve,
+                "target": reserve,
+                "quota": UNLIMITED if quota is None else quota,
+                "self_id": -1,
+            }
+            found = ex.run(st.begin_upload, values).first()
+        if created:
+            b.policy.created(row.sid)
+        if found is None:
+            raise FileTooLarge(row.filename, reserve, quota if quota is not None else 0)
+        return Reservation(int(found[0]), int(found[1]), stale)
+
+    def _forget_stale(self, ex: Executor, sid: str, now: float) -> list[FileRow]:
+        """In the open transaction: pending rows of the session's dead uploads go."""
+        st = self._b.st
+        values = {
+            "store": self.store,
+            "sid": sid,
+            "stale_before": st.values.time(now - STALE_UPLOAD_S),
+        }
+        rows = ex.run(st.stale_uploads, values).rows
+        stale = []
+        for file_id, name, backend, host, location in rows:
+            ex.run(st.delete_file_chunks, {"id": file_id})
+            ex.run(st.delete_file_id, {"id": file_id})
+            stale.append(
+                FileRow(sid, name, 0, "", id=file_id, backend=backend, host=host, location=location)
+            )
+        return stale
+
+    def reserve(
+        self, upload: Reservation, row: FileRow, *, needed: int, target: int, quota: int | None
+    ) -> None:
+        b = self._b
+        st = b.st
+        values = {
+            **self._key(row.sid, row.filename),
+            "id": upload.id,
+            "self_id": upload.id,
+            "needed": needed,
+            "target": target,
+            "quota": UNLIMITED if quota is None else quota,
+            "now": st.values.time(b.now()),
+        }
+        alive: Any = True
+        with b.connector.transaction() as ex:
+            lock = st.lock_session_row if quota is not None else None
+            if lock is not None and ex.run(lock, {"sid": row.sid}).first() is None:
+                raise SessionExpired(row.sid)
+            got = ex.run(st.reserve_upload, values).first()
+            if got is None:
+                alive = ex.run(st.upload_alive, {"id": upload.id}).first()
+        if got is None:
+            if alive is None:
+                raise self._gone(row)
+            limit = quota if quota is not None else 0
+            raise FileTooLarge(row.filename, needed, limit)
+        upload.reserved = int(got[0])
+
+    def _gone(self, row: FileRow) -> Exception:
+        """The error for an upload whose pending row vanished: its session expired, or the
+        row was removed as a dead upload's."""
+        b = self._b
+        with b.connector.executor() as ex:
+            exists = ex.run(b.st.has_session, {"sid": row.sid}).first() is not None
+        return UploadInterrupted(row.filename) if exists else SessionExpired(row.sid)
+
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes) -> None:
+        b = self._b
+        try:
+            with b.connector.executor() as ex:
+                ex.run(b.st.put_chunk, {"id": file_id, "seq": seq, "data": data})
+        except StorageUnavailable:
+            with b.connector.executor() as ex:  # the pending row gone (a foreign key failed)?
+                alive = ex.run(b.st.upload_alive, {"id": file_id}).first()
+            if alive is None:
+                raise self._gone(row) from None
+            raise
+
+    def read_chunk(self, file_id: int, seq: int) -> bytes | None:
+        b = self._b
+        with b.connector.executor() as ex:
+            found = ex.run(b.st.read_chunk, {"id": file_id, "seq": seq}).first()
+        return None if found is None else bytes(found[0])
+
+    def chunk_sizes(self, file_id: int) -> list[tuple[int, int]]:
+        b = self._b
+        with b.connector.executor() as ex:
+            rows = ex.run(b.st.chunk_sizes, {"id": file_id}).rows
+        return [(int(seq), int(size)) for seq, size in rows]
+
+    def stage(self, upload: StagedUpload) -> None:
         b = self._b
         row = upload.row
         unit = b.current_unit(row.sid)
+        try:
+            replaced = self._install(upload)
+        except BaseException:
+            self.undo(upload, None)
+            raise
         if unit is not None:
-            with directory_lock(upload.directory):
-                old = self._replace(upload)
-            unit.stage(StagedFile(self, upload, old))
+            unit.stage(StagedFile(self, upload, replaced))
             return
-        now = b.now()
-        with b.connector.transaction() as ex:  # the session exists, or is new
-            created, _ = ops.lock(ex, b.st, row.sid, b.times(now), existed=None)
-        if created:
-            b.policy.created(row.sid)
-        with directory_lock(upload.directory):
-            self._replace(upload)
-            try:
-                with b.connector.transaction() as ex:
-                    self.write(ex, upload, b.now())
-            except BaseException:
-                upload.discard()
-                raise
+        try:  # outside a request: the row now (gone with its session if that went)
+            with _lock(upload.directory), b.connector.transaction() as ex:
+                self.finish(ex, upload, b.now())
+        except BaseException:
+            self.undo(upload, replaced)
+            raise
         upload.keep()
 
-    def _replace(self, upload: StagedUpload) -> FileRow | None:
-        """Holding the directory lock: the old version's row goes (committed, unless a
-        locking-mode transaction is open), then the new bytes move in. Returns the
-        old row, to put back if the upload is not kept."""
+    def _install(self, upload: StagedUpload) -> FileRow | None:
+        """Before the commit. ``local``, holding the directory lock: the old version's row
+        goes (committed, unless a locking-mode transaction is open), then the new bytes
+        move in; returns that row, to put back if the upload is not kept."""
+        if not upload.replaces_early:
+            upload.install()
+            return None
         b = self._b
         row = upload.row
-        old = self.row(row.sid, row.filename)
-        if old is not None:
-            with b.connector.executor() as ex:
-                ex.run(b.st.forget_file, self._key(row.sid, row.filename))
-        upload.install()
+        directory = upload.directory
+        assert directory is not None
+        with directory_lock(directory):
+            old = self.row(row.sid, row.filename)
+            if old is not None:
+                with b.connector.executor() as ex:
+                    ex.run(b.st.delete_file_chunks, {"id": old.id})
+                    ex.run(b.st.delete_file_id, {"id": old.id})
+            upload.install()
         return old
 
-    def _key(self, sid: str, filename: str) -> dict[str, str]:
-        return {"store": self.store, "sid": sid, "filename": filename}
-
-    def write(self, ex: Executor, upload: StagedUpload, now: float) -> None:
-        """In the open transaction, the session locked: the upload's row, if its bytes
-        are still under its name (else a later upload's row wins, with its bytes)."""
-        if not upload.still_mine():
-            return
-        self._upsert(ex, upload.row, now)
-
-    def _upsert(self, ex: Executor, row: FileRow, now: float) -> None:
+    def finish(self, ex: Executor, upload: StagedUpload, now: float) -> None:
+        """In the open transaction, the session locked: the upload's row, if its bytes are
+        still its own (``local``: else a later upload's row wins, with its bytes); the
+        version it replaces goes."""
         st = self._b.st
+        row = upload.row
+        file_id = upload.reservation.id
+        if not upload.still_mine():
+            ex.run(st.delete_file_chunks, {"id": file_id})
+            ex.run(st.delete_file_id, {"id": file_id})
+            return
+        key = {**self._key(row.sid, row.filename), "id": file_id}
+        ex.run(st.delete_replaced_chunks, key)
+        replaced = ex.run(st.delete_replaced, key).rows
         values = {
-            **self._key(row.sid, row.filename),
+            **key,
             "size_bytes": row.size_bytes,
             "sha256": row.sha256,
             "content_type": row.content_type,
             "now": st.values.time(now),
         }
-        if ex.run(st.upsert_file, values).rowcount != 1:
-            raise SessionExpired(row.sid)
+        if ex.run(st.finish_upload, values).rowcount != 1:
+            if ex.run(st.has_session, {"sid": row.sid}).first() is None:
+                raise SessionExpired(row.sid)
+            raise UploadInterrupted(row.filename)
+        upload.replaced = [
+            FileRow(row.sid, row.filename, 0, "", backend=backend, location=location)
+            for backend, location in replaced
+        ]
+
+    def undo(self, upload: StagedUpload, replaced: FileRow | None) -> None:
+        """An upload that is not kept: its bytes go (``local``: the version it replaced
+        comes back, with its row), then its pending row."""
+        upload.discard()
+        if replaced is not None:
+            self.restore(replaced, upload.path)
+        self.release(upload.row, upload.reservation.id)
+
+    def release(self, row: FileRow, file_id: int) -> None:
+        b = self._b
+        try:
+            with b.connector.executor() as ex, ex.transaction():
+                ex.run(b.st.delete_file_chunks, {"id": file_id})
+                ex.run(b.st.delete_file_id, {"id": file_id})
+        except StorageUnavailable:
+            logger.warning("could not forget an upload that was not kept; a later one will")
 
     def restore(self, old: FileRow, path: str) -> None:
         """Put back the row of the version an upload that was not kept had replaced.
@@ -122,13 +315,36 @@ class SQLFileRecords:
         If that fails (the database is down, the session gone), the version's
         bytes go too: a file without its row is invisible to the app anyway.
         """
+        b = self._b
+        st = b.st
+        values = {
+            **self._key(old.sid, old.filename),
+            "size_bytes": old.size_bytes,
+            "sha256": old.sha256,
+            "content_type": old.content_type,
+            "backend": old.backend,
+            "host": old.host,
+            "location": old.location,
+            "now": st.values.time(old.created_at if old.created_at is not None else b.now()),
+        }
         try:
-            with self._b.connector.executor() as ex:
-                self._upsert(ex, old, self._b.now())
+            with b.connector.executor() as ex:
+                if ex.run(st.upsert_file, values).rowcount != 1:
+                    raise SessionExpired(old.sid)
         except (SessionExpired, StorageUnavailable):
             logger.warning("could not put back the row of a replaced file; its bytes go too")
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+    def staged(self, sid: str) -> list[StagedUpload]:
+        unit = self._b.current_unit(sid)
+        uploads: list[StagedUpload] = []
+        for item in unit.staged() if unit is not None else []:
+            if isinstance(item, StagedFile) and item.records is self:
+                uploads.append(item.upload)
+        return uploads
+
+    # -- reading -------------------------------------------------------------------------------
 
     def names(self, sid: str) -> list[str]:
         b = self._b
@@ -139,45 +355,94 @@ class SQLFileRecords:
     def row(self, sid: str, filename: str) -> FileRow | None:
         b = self._b
         with b.connector.executor() as ex:
-            found = ex.run(
-                b.st.file_row, {"store": self.store, "sid": sid, "filename": filename}
-            ).first()
-        return None if found is None else FileRow(sid, filename, int(found[0]), found[1])
+            found = ex.run(b.st.file_row, self._key(sid, filename)).first()
+        if found is None:
+            return None
+        row = self._row(found)
+        return None if row.pending else row
 
-    def pending(self, sid: str) -> list[str]:
-        unit = self._b.current_unit(sid)
-        names: list[str] = []
-        for item in unit.staged() if unit is not None else []:
-            if isinstance(item, StagedFile) and item.records is self:
-                names.append(item.upload.row.filename)
-        return names
-
-    def used_bytes(self, sid: str, *, excluding: str) -> int:
+    def session_rows(self, sid: str) -> list[FileRow]:
         b = self._b
         with b.connector.executor() as ex:
-            total = ex.run(
-                b.st.session_bytes, {"store": self.store, "sid": sid, "filename": excluding}
-            ).scalar()
-        return int(total or 0)
+            rows = ex.run(b.st.session_file_rows, {"store": self.store, "sid": sid}).rows
+        return [self._row(r) for r in rows]
+
+    def pending_rows(self, sid: str) -> list[FileRow]:
+        b = self._b
+        with b.connector.executor() as ex:
+            rows = ex.run(b.st.session_pending_rows, {"store": self.store, "sid": sid}).rows
+        return [self._row(r) for r in rows]
+
+    def row_by_id(self, file_id: int) -> FileRow | None:
+        b = self._b
+        with b.connector.executor() as ex:
+            found = ex.run(b.st.file_by_id, {"id": file_id}).first()
+        return None if found is None else self._row(found)
 
     def total_bytes(self) -> int:
         b = self._b
         with b.connector.executor() as ex:
             return int(ex.run(b.st.store_bytes, {"store": self.store}).scalar() or 0)
 
-    def forget(self, sid: str | None = None, filename: str | None = None) -> int:
-        b = self._b
-        st = b.st
-        with b.connector.executor() as ex:
-            if sid is None:
-                return ex.run(st.forget_store_files, {"store": self.store}).rowcount
-            if filename is None:
-                return ex.run(st.forget_session_files, {"store": self.store, "sid": sid}).rowcount
-            values = {"store": self.store, "sid": sid, "filename": filename}
-            return ex.run(st.forget_file, values).rowcount
-
     def rows(self) -> list[FileRow]:
         b = self._b
         with b.connector.executor() as ex:
             rows = ex.run(b.st.store_file_rows, {"store": self.store}).rows
-        return [FileRow(sid, name, int(size), sha) for sid, name, size, sha in rows]
+        return [self._row(r) for r in rows]
+
+    def live(self, sids: list[str]) -> tuple[set[str], set[str]]:
+        b = self._b
+        st = b.st
+        values = {"sids": st.values.sids(sids)}
+        with b.connector.executor() as ex:
+            alive = {r[0] for r in ex.run(st.live_sessions, values).rows}
+            expired = {r[0] for r in ex.run(st.expired_among, values).rows}
+        return alive, expired
+
+    def rows_of(self, sids: list[str]) -> list[tuple[str, str, str]]:
+        b = self._b
+        values = {"store": self.store, "sids": b.st.values.sids(sids)}
+        with b.connector.executor() as ex:
+            return [(r[0], r[1], r[2]) for r in ex.run(b.st.rows_of_sessions, values).rows]
+
+    def orphan_chunks(self) -> list[int]:
+        b = self._b
+        with b.connector.executor() as ex:
+            return [int(r[0]) for r in ex.run(b.st.orphan_chunks, {}).rows]
+
+    # -- forgetting ------------------------------------------------------------------------------
+
+    def forget(self, sid: str | None = None, filename: str | None = None) -> list[FileRow]:
+        b = self._b
+        st = b.st
+        if sid is None:
+            chunks, rows = st.forget_store_files
+            values: dict[str, Any] = {"store": self.store}
+        elif filename is None:
+            chunks, rows = st.forget_session_files
+            values = {"store": self.store, "sid": sid}
+        else:
+            chunks, rows = st.forget_file
+            values = self._key(sid, filename)
+        with b.connector.executor() as ex, ex.transaction():
+            ex.run(chunks, values)
+            gone = ex.run(rows, values).rows
+        return [
+            FileRow(gone_sid, "", 0, "", backend=backend, location=location)
+            for gone_sid, backend, location in gone
+        ]
+
+    def forget_id(self, file_id: int, *, seen: Any = None) -> FileRow | None:
+        b = self._b
+        st = b.st
+        with b.connector.executor() as ex, ex.transaction():
+            if seen is None:
+                ex.run(st.delete_file_chunks, {"id": file_id})
+                gone = ex.run(st.delete_file_id, {"id": file_id}).first()
+            else:
+                gone = ex.run(st.delete_file_id_unchanged, {"id": file_id, "seen": seen}).first()
+                if gone is not None:
+                    ex.run(st.delete_file_chunks, {"id": file_id})
+        if gone is None:
+            return None
+        return FileRow("", "", 0, "", id=file_id, backend=gone[0], location=gone[1])

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -157,8 +158,45 @@ files = Table(
     Column("sha256", String(64), nullable=False, comment="Hex SHA-256 of the content"),
     Column("content_type", String(255), nullable=True, comment="MIME type, when known"),
     Column("created_at", UTCDateTime(), nullable=False, comment="When the file was stored"),
+    Column(
+        "backend",
+        String(16),
+        nullable=False,
+        server_default=text("'local'"),
+        comment="Where the bytes are: local (a host's disk), database (silo_file_chunks) "
+        "or fsspec (the store's URL)",
+    ),
+    Column(
+        "host",
+        String(255),
+        nullable=True,
+        comment="local backend: the machine whose disk holds the bytes",
+    ),
+    Column(
+        "location",
+        String(1024),
+        nullable=True,
+        comment="fsspec backend: the object's path under <store URL>/<sid>/",
+    ),
     UniqueConstraint("sid", "store", "filename", name="uq_silo_files_sid_store_filename"),
     comment="One row per file kept in a session's directory",
+)
+
+FILE_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+file_chunks = Table(
+    "silo_file_chunks",
+    metadata,
+    Column(
+        "file_id",
+        FILE_ID,
+        ForeignKey("silo_files.id", ondelete="CASCADE"),
+        primary_key=True,
+        comment="The file (silo_files.id)",
+    ),
+    Column("seq", Integer, primary_key=True, comment="Position of the chunk in the file, from 0"),
+    Column("data", LargeBinary, nullable=False, comment="The chunk's bytes"),
+    comment="The bytes of the files of the database backend, in chunks",
 )
 
 tasks = Table(

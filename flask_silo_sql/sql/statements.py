@@ -20,11 +20,13 @@ from sqlalchemy import (
     Engine,
     Float,
     Integer,
+    LargeBinary,
     String,
     Text,
     and_,
     any_,
     bindparam,
+    case,
     cast,
     delete,
     exists,
@@ -43,10 +45,21 @@ from sqlalchemy.sql import ColumnElement
 
 from ..sids import SID_LENGTH
 from .executor import Prepared
-from .models import UTCDateTime, expired_sids, files, namespaces, sessions, tasks, workers
+from .models import (
+    UTCDateTime,
+    expired_sids,
+    file_chunks,
+    files,
+    namespaces,
+    sessions,
+    tasks,
+    workers,
+)
 
 UTC = dt.timezone.utc
 CHILD_TABLES = (namespaces, files, tasks)
+PENDING_PREFIX = ".silo-upload-"
+"""``silo_files.filename`` of an upload in progress (no stored name can start so)."""
 NOTIFY_CHANNEL = "silo_tasks"
 """The PostgreSQL channel a queued durable run is announced on (workers LISTEN to it)."""
 WAITING = ("queued", "retrying")
@@ -307,9 +320,20 @@ class Statements:
             prepare(f"move_{t.name}", update(t).where(t.c.sid == sid).values(sid=new_sid))
             for t in CHILD_TABLES
         ]
+        # Chunks first: a host's SQLite engine may not cascade from silo_files.
         self.delete_children = [
-            prepare(f"delete_{t.name}", delete(t).where(in_list(t.c.sid, "sids")))
-            for t in CHILD_TABLES
+            prepare(
+                "delete_session_chunks",
+                delete(file_chunks).where(
+                    file_chunks.c.file_id.in_(
+                        select(files.c.id).where(in_list(files.c.sid, "sids"))
+                    )
+                ),
+            ),
+            *(
+                prepare(f"delete_{t.name}", delete(t).where(in_list(t.c.sid, "sids")))
+                for t in CHILD_TABLES
+            ),
         ]
         self.delete_sessions = prepare(
             "delete_sessions", delete(sessions).where(in_list(sessions.c.sid, "sids"))
@@ -654,8 +678,26 @@ class Statements:
         )
 
         # -- file rows ------------------------------------------------------------
+        # A row whose filename starts with PENDING_PREFIX is an upload in progress:
+        # it reserves the bytes received so far against the session's quota (and owns
+        # the chunks of the database backend) until the request's commit renames it.
         store = bindparam("store", type_=String(255))
         filename = bindparam("filename", type_=String(255))
+        file_id = bindparam("id", type_=BigInteger())
+        committed = ~files.c.filename.startswith(PENDING_PREFIX, autoescape=True)
+        pending = files.c.filename.startswith(PENDING_PREFIX, autoescape=True)
+        row_columns = (
+            files.c.id,
+            files.c.sid,
+            files.c.filename,
+            files.c.size_bytes,
+            files.c.sha256,
+            files.c.content_type,
+            files.c.created_at,
+            files.c.backend,
+            files.c.host,
+            files.c.location,
+        )
         file_values = {
             "sid": sid,
             "store": store,
@@ -664,6 +706,9 @@ class Statements:
             "sha256": bindparam("sha256", type_=String(64)),
             "content_type": bindparam("content_type", type_=String(255)),
             "created_at": now,
+            "backend": bindparam("backend", type_=String(16)),
+            "host": bindparam("host", type_=String(255)),
+            "location": bindparam("location", type_=String(1024)),
         }
         file_row = insert(files).from_select(
             list(file_values),
@@ -675,51 +720,223 @@ class Statements:
                 index_elements=[files.c.sid, files.c.store, files.c.filename],
                 set_={
                     c: getattr(file_row.excluded, c)
-                    for c in ("size_bytes", "sha256", "content_type", "created_at")
+                    for c in (
+                        "size_bytes",
+                        "sha256",
+                        "content_type",
+                        "created_at",
+                        "backend",
+                        "host",
+                        "location",
+                    )
                 },
             ),
         )
+
+        # Quotas: the bytes of the session's other files in this store (the version
+        # an upload replaces excluded), read in the statement that reserves, so two
+        # uploads never both take the last bytes (PostgreSQL: under the session row's
+        # lock, taken first; SQLite: one writer at a time).
+        other = files.alias("other")
+        quota = bindparam("quota", type_=BigInteger())
+        others = (
+            select(func.coalesce(func.sum(other.c.size_bytes), 0))
+            .where(
+                other.c.store == store,
+                other.c.sid == sid,
+                other.c.filename != filename,
+                other.c.id != bindparam("self_id", type_=BigInteger()),
+            )
+            .scalar_subquery()
+        )
+        room = quota - others
+        target = bindparam("target", type_=BigInteger())
+        needed = bindparam("needed", type_=BigInteger())
+        reserve = case((target <= room, target), else_=room)
+        self.lock_session_row = (
+            prepare(
+                "lock_session_row",
+                select(literal(1)).where(sessions.c.sid == sid).with_for_update(),
+            )
+            if postgresql
+            else None
+        )
+        begin_values = {
+            **file_values,
+            "filename": bindparam("pending_name", type_=String(255)),
+            "size_bytes": reserve,
+            "sha256": literal("", String(64)),
+            "content_type": cast(null(), String(255)),
+        }
+        self.begin_upload = prepare(
+            "begin_upload",
+            insert(files)
+            .from_select(
+                list(begin_values),
+                select(*begin_values.values()).where(
+                    exists().where(sessions.c.sid == sid), needed <= room
+                ),
+            )
+            .returning(files.c.id, files.c.size_bytes),
+        )
+        self.reserve_upload = prepare(
+            "reserve_upload",
+            update(files)
+            .where(files.c.id == file_id, needed <= room)
+            .values(size_bytes=reserve, created_at=now)
+            .returning(files.c.size_bytes),
+        )
+        self.upload_alive = prepare("upload_alive", select(literal(1)).where(files.c.id == file_id))
+        self.stale_uploads = prepare(
+            "stale_uploads",
+            select(
+                files.c.id, files.c.filename, files.c.backend, files.c.host, files.c.location
+            ).where(
+                files.c.store == store,
+                files.c.sid == sid,
+                pending,
+                files.c.created_at < _ts("stale_before"),
+            ),
+        )
+        self.finish_upload = prepare(
+            "finish_upload",
+            update(files)
+            .where(files.c.id == file_id)
+            .values(
+                filename=filename,
+                size_bytes=bindparam("size_bytes", type_=BigInteger()),
+                sha256=bindparam("sha256", type_=String(64)),
+                content_type=bindparam("content_type", type_=String(255)),
+                created_at=now,
+            ),
+        )
+        same_name = and_(
+            files.c.store == store,
+            files.c.sid == sid,
+            files.c.filename == filename,
+            files.c.id != file_id,
+        )
+        self.delete_replaced_chunks = prepare(
+            "delete_replaced_chunks",
+            delete(file_chunks).where(
+                file_chunks.c.file_id.in_(select(files.c.id).where(same_name))
+            ),
+        )
+        self.delete_replaced = prepare(
+            "delete_replaced",
+            delete(files).where(same_name).returning(files.c.backend, files.c.location),
+        )
+        self.delete_file_chunks = prepare(
+            "delete_file_chunks", delete(file_chunks).where(file_chunks.c.file_id == file_id)
+        )
+        self.delete_file_id = prepare(
+            "delete_file_id",
+            delete(files).where(files.c.id == file_id).returning(files.c.backend, files.c.location),
+        )
+        seen: Any = bindparam("seen")  # a created_at exactly as the driver returned it
+        self.delete_file_id_unchanged = prepare(
+            "delete_file_id_unchanged",
+            delete(files)
+            .where(files.c.id == file_id, files.c.created_at == seen)
+            .returning(files.c.backend, files.c.location),
+        )
+        self.file_by_id = prepare("file_by_id", select(*row_columns).where(files.c.id == file_id))
+        self.session_pending_rows = prepare(
+            "session_pending_rows",
+            select(*row_columns).where(files.c.store == store, files.c.sid == sid, pending),
+        )
+
+        # -- chunks of the database backend -----------------------------------------------
+        seq = bindparam("seq", type_=Integer())
+        self.put_chunk = prepare(
+            "put_chunk",
+            insert(file_chunks).values(
+                file_id=file_id, seq=seq, data=bindparam("data", type_=LargeBinary())
+            ),
+        )
+        self.read_chunk = prepare(
+            "read_chunk",
+            select(file_chunks.c.data).where(
+                file_chunks.c.file_id == file_id, file_chunks.c.seq == seq
+            ),
+        )
+        self.chunk_sizes = prepare(
+            "chunk_sizes",
+            select(file_chunks.c.seq, func.length(file_chunks.c.data))
+            .where(file_chunks.c.file_id == file_id)
+            .order_by(file_chunks.c.seq),
+        )
+        self.orphan_chunks = prepare(
+            "orphan_chunks",
+            select(file_chunks.c.file_id)
+            .where(~exists().where(files.c.id == file_chunks.c.file_id))
+            .distinct(),
+        )
+
+        # -- reading rows -----------------------------------------------------------------
         self.file_names = prepare(
             "file_names",
             select(files.c.filename)
-            .where(files.c.store == store, files.c.sid == sid)
+            .where(files.c.store == store, files.c.sid == sid, committed)
             .order_by(files.c.filename),
         )
         self.file_row = prepare(
             "file_row",
-            select(files.c.size_bytes, files.c.sha256).where(
+            select(*row_columns).where(
                 files.c.store == store, files.c.sid == sid, files.c.filename == filename
             ),
+        )
+        self.session_file_rows = prepare(
+            "session_file_rows",
+            select(*row_columns)
+            .where(files.c.store == store, files.c.sid == sid, committed)
+            .order_by(files.c.filename),
         )
         total = func.coalesce(func.sum(files.c.size_bytes), 0)
         self.store_bytes = prepare("store_bytes", select(total).where(files.c.store == store))
-        self.session_bytes = prepare(
-            "session_bytes",
-            select(total).where(
-                files.c.store == store, files.c.sid == sid, files.c.filename != filename
-            ),
-        )
         self.all_file_bytes = prepare("all_file_bytes", select(total))
-        self.forget_file = prepare(
-            "forget_file",
-            delete(files).where(
-                files.c.store == store, files.c.sid == sid, files.c.filename == filename
-            ),
-        )
-        self.forget_session_files = prepare(
-            "forget_session_files",
-            delete(files).where(files.c.store == store, files.c.sid == sid),
-        )
-        self.forget_store_files = prepare(
-            "forget_store_files", delete(files).where(files.c.store == store)
-        )
         self.store_file_rows = prepare(
             "store_file_rows",
-            select(files.c.sid, files.c.filename, files.c.size_bytes, files.c.sha256).where(
-                files.c.store == store
+            select(*row_columns).where(files.c.store == store).order_by(files.c.id),
+        )
+        self.rows_of_sessions = prepare(
+            "rows_of_sessions",
+            select(files.c.sid, files.c.filename, files.c.sha256).where(
+                files.c.store == store, in_list(files.c.sid, "sids"), committed
             ),
         )
+        self.live_sessions = prepare(
+            "live_sessions", select(sessions.c.sid).where(in_list(sessions.c.sid, "sids"))
+        )
+        self.expired_among = prepare(
+            "expired_among", select(expired_sids.c.sid).where(in_list(expired_sids.c.sid, "sids"))
+        )
+
+        # -- forgetting rows (their chunks first) ------------------------------------------
+        def forgetting(name: str, *where: ColumnElement[bool]) -> tuple[Prepared, Prepared]:
+            return (
+                prepare(
+                    f"{name}_chunks",
+                    delete(file_chunks).where(
+                        file_chunks.c.file_id.in_(select(files.c.id).where(*where))
+                    ),
+                ),
+                prepare(
+                    name,
+                    delete(files)
+                    .where(*where)
+                    .returning(files.c.sid, files.c.backend, files.c.location),
+                ),
+            )
+
+        self.forget_file = forgetting(
+            "forget_file", files.c.store == store, files.c.sid == sid, files.c.filename == filename
+        )
+        self.forget_session_files = forgetting(
+            "forget_session_files", files.c.store == store, files.c.sid == sid
+        )
+        self.forget_store_files = forgetting("forget_store_files", files.c.store == store)
         self.count_rows = {
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
-            for table in (sessions, namespaces, expired_sids, files, tasks, workers)
+            for table in (sessions, namespaces, expired_sids, files, file_chunks, tasks, workers)
         }

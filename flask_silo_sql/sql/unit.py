@@ -99,6 +99,11 @@ class SQLUnit:
         return self._began_at
 
     @property
+    def since(self) -> float:
+        """When the unit began (an upload it makes must not revive a SID expired after)."""
+        return self._since
+
+    @property
     def locked(self) -> bool:
         return self._locked
 

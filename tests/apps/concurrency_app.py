@@ -6,6 +6,8 @@ Configured from the environment:
 - ``SILO_LOCKING``: ``1`` for locking mode;
 - ``SILO_DB_TIMEOUT``: seconds any wait on the database may last (default 5);
 - ``SILO_TEST_UPLOAD_DIR``: base directory of the ``uploads`` file store;
+- ``SILO_FILE_BACKEND``, ``SILO_MAX_FILE_BYTES``, ``SILO_MAX_SESSION_BYTES``,
+  ``SILO_MIN_FREE_BYTES``: as the library reads them (JSON, else text);
 - ``SILO_TEST_BARRIER_DIR``: where the barrier files of paused requests live.
 
 A request can be paused at a chosen point with ``?pause=<point>&token=<name>``:
@@ -20,6 +22,7 @@ written).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -38,6 +41,17 @@ app = Flask(__name__)
 app.config["SILO_DATABASE_URI"] = os.environ["SILO_DATABASE_URI"]
 app.config["SILO_LOCKING"] = os.environ.get("SILO_LOCKING", "") == "1"
 app.config["SILO_DB_TIMEOUT"] = float(os.environ.get("SILO_DB_TIMEOUT", "5"))
+for _key in (
+    "SILO_FILE_BACKEND",
+    "SILO_MAX_FILE_BYTES",
+    "SILO_MAX_SESSION_BYTES",
+    "SILO_MIN_FREE_BYTES",
+):
+    if _key in os.environ:
+        try:
+            app.config[_key] = json.loads(os.environ[_key])
+        except ValueError:
+            app.config[_key] = os.environ[_key]
 
 silo = Silo(app, ttl=3600)
 silo.register("counter", lambda: {"value": 0})
@@ -165,6 +179,11 @@ def upload(name: str) -> tuple[Response, int]:
     """Stream the request body into the ``uploads`` store."""
     path = uploads.save(silo.sid, name, request.stream, content_type=request.content_type)
     return jsonify(path=os.path.basename(path), size=os.path.getsize(path)), 201
+
+
+@app.get("/api/files/<name>")
+def download(name: str) -> Response:
+    return silo.send_file(uploads, name)
 
 
 @app.get("/api/files")

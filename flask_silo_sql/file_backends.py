@@ -1,0 +1,852 @@
+"""Where a file store's bytes live: this machine's disk, the database, or an fsspec URL.
+
+* :class:`LocalBytes` (``local``, the default): ``<base_dir>/<sid>/<name>`` on
+  the machine that received the upload; its rows record that machine
+  (``host``), and other machines answer ``None``/``409`` for them.
+* :class:`DatabaseBytes` (``database``): the bytes in ``silo_file_chunks``,
+  1 MiB per row, written as they arrive (each chunk one short statement, no
+  transaction held open) and deleted with their row, so with their session, by
+  the transaction that deletes it.
+* :class:`FsspecBytes` (an fsspec URL: ``s3://bucket/prefix``,
+  ``file:///mnt/shared/uploads``, any installed protocol): each upload goes to
+  a new object, ``<url>/<sid>/<token>/<name>``, which a row names only once
+  the request commits (the row is written last), so no object is ever
+  overwritten in place.
+
+For the last two, ``base_dir`` is this machine's :class:`Cache` of verified
+copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``), which ``get_path`` and
+``save`` answer with, so code that opens a path keeps working on any machine.
+Uploads stream through a local temporary file as well, which becomes the
+cached copy on the machine that received them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
+from .files import CHUNK, FILE_MODE, TEMP_PREFIX, FileRow, _create_temp, storage_error
+from .logs import log_failure
+
+if TYPE_CHECKING:
+    from .files import FileRecords, FileStore
+
+logger = logging.getLogger("flask_silo_sql.files")
+
+COPY_BUFFER = 1024 * 1024
+SHA_DIR_LENGTH = 32
+"""Hex characters of the SHA-256 that name a cached version's directory."""
+
+
+class Sink(Protocol):
+    """Where an upload's bytes go while they arrive."""
+
+    tmp: str | None
+    """A local temporary file holding them too (None: none was needed)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> None:
+        """Every byte is durable where it belongs."""
+
+    def abort(self) -> None:
+        """Nothing of it stays (an upload that failed)."""
+
+    def path(self, row: FileRow) -> str:
+        """The local path ``save`` returns for the complete *row*."""
+
+
+class Bytes(Protocol):
+    """One store's bytes (see the module docstring)."""
+
+    kind: str
+    """``local``, ``database`` or ``fsspec`` (``silo_files.backend``)."""
+
+    def new_location(self, name: str) -> str | None: ...
+
+    def sink(self, row: FileRow, directory: str, tmp_name: str) -> Sink: ...
+
+    def install(self, tmp: str, path: str) -> None:
+        """Before the commit: the local temporary file becomes the cached copy at *path*."""
+
+    def drop_upload(self, row: FileRow, path: str) -> None:
+        """An upload that is not kept: its cached copy and its object go."""
+
+    def here(self, row: FileRow) -> bool:
+        """Whether this machine can read *row*'s bytes."""
+
+    def local_copy(self, row: FileRow) -> str | None: ...
+
+    def open(self, row: FileRow) -> IO[bytes]: ...
+
+    def remove(self, rows: list[FileRow]) -> None:
+        """The bytes of rows that were deleted."""
+
+    def remove_session(self, sid: str) -> None: ...
+
+    def remove_all(self) -> None: ...
+
+    def move_session(self, old: str, new: str) -> Callable[[], None]: ...
+
+
+def make_bytes(store: FileStore) -> Bytes:
+    """The backend object of *store*, from its ``backend`` setting."""
+    backend = store.backend
+    if backend == "local":
+        return LocalBytes(store)
+    if backend == "database":
+        return DatabaseBytes(store)
+    if isinstance(backend, str) and "://" in backend:
+        return FsspecBytes(store, backend)
+    raise ValueError(
+        f"file store {store.name!r}: unknown backend {backend!r} "
+        "(use 'local', 'database' or an fsspec URL such as 's3://bucket/prefix')"
+    )
+
+
+def check_backend(backend: str) -> None:
+    """Refuse at once a backend that cannot work (an unknown protocol, fsspec missing)."""
+    if backend in ("local", "database"):
+        return
+    if "://" not in backend:
+        raise ValueError(
+            f"unknown file backend {backend!r}: use 'local', 'database' or an fsspec URL"
+        )
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(
+            f"the file backend {backend!r} needs fsspec: pip install 'flask-silo-sql[fsspec]'"
+        ) from None
+    protocol = backend.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"the file backend {backend!r} cannot be used: {exc}") from None
+
+
+# -- local temporary files ---------------------------------------------------------------
+
+
+class LocalSink:
+    """An upload into a local temporary file (synced at the end)."""
+
+    def __init__(self, directory: str, tmp_name: str, final: Callable[[FileRow], str]) -> None:
+        fd, path = _create_temp(directory, tmp_name)
+        self.tmp: str | None = path
+        self.tmp_path = path
+        self._out: IO[bytes] | None = os.fdopen(fd, "wb")
+        self._final = final
+
+    def write(self, chunk: bytes) -> None:
+        assert self._out is not None
+        self._out.write(chunk)
+
+    def finish(self) -> None:
+        out, self._out = self._out, None
+        if out is None:
+            return
+        with out:
+            out.flush()
+            os.fsync(out.fileno())
+
+    def abort(self) -> None:
+        out, self._out = self._out, None
+        try:
+            if out is not None:
+                with contextlib.suppress(OSError):
+                    out.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
+
+    def path(self, row: FileRow) -> str:
+        return self._final(row)
+
+
+class LocalBytes:
+    """``local``: the bytes under ``<base_dir>/<sid>/<name>`` of the host that has them."""
+
+    kind = "local"
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+
+    def _path(self, row: FileRow) -> str:
+        return os.path.join(self.store.base_dir, row.sid, row.filename)
+
+    def new_location(self, name: str) -> str | None:
+        return None
+
+    def sink(self, row: FileRow, directory: str, tmp_name: str) -> Sink:
+        return LocalSink(directory, tmp_name, self._path)
+
+    def install(self, tmp: str, path: str) -> None:  # pragma: no cover - StagedUpload does it
+        os.replace(tmp, path)
+
+    def drop_upload(self, row: FileRow, path: str) -> None:  # pragma: no cover
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def here(self, row: FileRow) -> bool:
+        return row.host is None or row.host == self.store.host
+
+    def local_copy(self, row: FileRow) -> str | None:
+        path = self._path(row)
+        return path if os.path.isfile(path) else None
+
+    def open(self, row: FileRow) -> IO[bytes]:
+        try:
+            return open(self._path(row), "rb")
+        except FileNotFoundError:
+            raise FileNotStored(row.filename) from None
+
+    def remove(self, rows: list[FileRow]) -> None:
+        """Temporary files of dead uploads of this host (stored files go with their
+        directory or through fsck, which knows the host's disk)."""
+        for row in rows:
+            if row.pending and row.backend == "local" and self.here(row):
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path(row))
+
+    def remove_session(self, sid: str) -> None:
+        return None
+
+    def remove_all(self) -> None:
+        return None
+
+    def move_session(self, old: str, new: str) -> Callable[[], None]:
+        return lambda: None
+
+
+# -- the cache of the database and fsspec backends -------------------------------------------
+
+
+class Cache:
+    """Verified local copies: ``<base_dir>/<sid>/<sha256[:32]>/<name>``."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+
+    def path(self, row: FileRow) -> str:
+        return os.path.join(self.store.base_dir, row.sid, row.sha256[:SHA_DIR_LENGTH], row.filename)
+
+    def install(self, tmp: str, path: str) -> None:
+        for attempt in range(3):  # another thread may remove an empty version directory
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                os.replace(tmp, path)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or not os.path.exists(tmp):
+                    raise
+        self._prune(path)
+
+    def _prune(self, path: str) -> None:
+        """Other cached versions of the same name go."""
+        version_dir = os.path.dirname(path)
+        session_dir = os.path.dirname(version_dir)
+        name = os.path.basename(path)
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(session_dir):
+                other = os.path.join(session_dir, entry)
+                if other == version_dir or entry.startswith(TEMP_PREFIX):
+                    continue
+                try:
+                    os.unlink(os.path.join(other, name))
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.rmdir(other)  # only a directory this name was in
+
+    def drop(self, row: FileRow, path: str | None = None) -> None:
+        path = path or self.path(row)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+
+    def get(self, row: FileRow, opener: Callable[[], IO[bytes]]) -> str:
+        """The cached copy of *row*, fetched through *opener* when absent (or of another
+        size), checked against the row's size and SHA-256 before it is used."""
+        path = self.path(row)
+        try:
+            if os.path.getsize(path) == row.size_bytes:
+                return path
+        except FileNotFoundError:
+            pass
+        directory = os.path.join(self.store.base_dir, row.sid)
+        fd, tmp = _create_temp(directory, TEMP_PREFIX + "fetch-" + secrets.token_hex(8))
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out, opener() as source:
+                for chunk in iter(lambda: source.read(COPY_BUFFER), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size != row.size_bytes or digest.hexdigest() != row.sha256:
+                logger.error(
+                    "file store %r: the bytes of a file do not match its row (%d bytes, "
+                    "%d expected); not used",
+                    self.store.name,
+                    size,
+                    row.size_bytes,
+                )
+                raise FileCorrupt(row.filename)
+            self.install(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return path
+
+
+class CachedSink:
+    """An upload to a remote place, through a local temporary file that becomes its
+    cached copy (*remote* may be None: the local copy is all there is to write)."""
+
+    def __init__(self, cache: Cache, directory: str, tmp_name: str) -> None:
+        self.cache = cache
+        self._local = LocalSink(directory, tmp_name, cache.path)
+        self.tmp: str | None = self._local.tmp
+
+    def write(self, chunk: bytes) -> None:
+        self._local.write(chunk)
+        self.send(chunk)
+
+    def send(self, chunk: bytes) -> None:
+        """Also write *chunk* to the remote place."""
+
+    def finish(self) -> None:
+        self._local.finish()
+        self.flush()
+
+    def flush(self) -> None:
+        """Every byte is in the remote place."""
+
+    def abort(self) -> None:
+        try:
+            self.cancel()
+        finally:
+            self._local.abort()
+
+    def cancel(self) -> None:
+        """Nothing of the upload stays in the remote place."""
+
+    def path(self, row: FileRow) -> str:
+        return self.cache.path(row)
+
+
+# -- database ----------------------------------------------------------------------------
+
+
+class ChunkSink(CachedSink):
+    """An upload into ``silo_file_chunks``: each full chunk one ``INSERT`` as it comes."""
+
+    def __init__(
+        self, records: FileRecords, row: FileRow, cache: Cache, directory: str, tmp_name: str
+    ) -> None:
+        super().__init__(cache, directory, tmp_name)
+        self.records = records
+        self.row = row
+        self._buffer = bytearray()
+        self._seq = 0
+
+    def send(self, chunk: bytes) -> None:
+        buffer = self._buffer
+        buffer += chunk
+        while len(buffer) >= CHUNK:
+            self._put(bytes(buffer[:CHUNK]))
+            del buffer[:CHUNK]
+
+    def _put(self, data: bytes) -> None:
+        assert self.row.id is not None
+        self.records.put_chunk(self.row, self.row.id, self._seq, data)
+        self._seq += 1
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._put(bytes(self._buffer))
+            self._buffer.clear()
+
+    def cancel(self) -> None:
+        self._buffer.clear()  # the chunks go with the pending row
+
+
+class ChunkReader(io.RawIOBase):
+    """The bytes of a ``database`` file, read one chunk (one ``SELECT``) at a time.
+
+    Seekable, so ranges start at their chunk. Read from its start to its end, it
+    checks the bytes against the row's SHA-256 (a mismatch is logged and raised
+    at the end). A file replaced while it is read ends the read with an error.
+    """
+
+    def __init__(self, store: FileStore, records: FileRecords, row: FileRow) -> None:
+        super().__init__()
+        assert row.id is not None
+        self.store = store
+        self.records = records
+        self.row = row
+        self.file_id = row.id
+        self.size = row.size_bytes
+        self._pos = 0
+        self._chunk_size = CHUNK
+        self._seq = -1
+        self._data = b""
+        self._digest: Any = hashlib.sha256()
+        self._hashed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence == io.SEEK_END:
+            offset += self.size
+        self._pos = max(0, offset)
+        if self._pos != self._hashed:
+            self._digest = None  # not read straight through: nothing to check
+        return self._pos
+
+    def _load(self, seq: int) -> None:
+        data = self.records.read_chunk(self.file_id, seq)
+        if data is None:
+            raise FileStorageError(
+                self.store.name, "read a file", "its bytes changed while they were read"
+            )
+        if seq == 0 and self.size > len(data):
+            self._chunk_size = len(data)
+        self._seq, self._data = seq, bytes(data)
+
+    def readinto(self, buffer: Any) -> int:
+        if self._pos >= self.size:
+            self._check()
+            return 0
+        seq, offset = divmod(self._pos, self._chunk_size)
+        if seq != self._seq:
+            if seq > 0 and self._seq < 0 and self._chunk_size == CHUNK:
+                self._load(0)  # learn the chunk size the file was written with
+                seq, offset = divmod(self._pos, self._chunk_size)
+            if seq != self._seq:
+                self._load(seq)
+        piece = self._data[offset : offset + len(buffer)]
+        if not piece:
+            raise FileStorageError(self.store.name, "read a file", "a chunk is missing")
+        view = memoryview(buffer)
+        view[: len(piece)] = piece
+        if self._digest is not None and self._hashed == self._pos:
+            self._digest.update(piece)
+            self._hashed += len(piece)
+        self._pos += len(piece)
+        return len(piece)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.size - self._pos
+        if self._pos >= self.size:
+            self._check()
+            return b""
+        seq, offset = divmod(self._pos, self._chunk_size)
+        if offset == 0 and size >= self._chunk_size and seq != self._seq:
+            self._load(seq)  # whole chunks: no copy through a buffer
+            piece = self._data[: min(size, len(self._data))]
+            if self._digest is not None and self._hashed == self._pos:
+                self._digest.update(piece)
+                self._hashed += len(piece)
+            self._pos += len(piece)
+            return piece
+        buffer = bytearray(min(size, self.size - self._pos))
+        got = self.readinto(buffer)
+        return bytes(buffer[:got])
+
+    def _check(self) -> None:
+        digest, self._digest = self._digest, None
+        if digest is None or self._hashed != self.size:
+            return
+        if digest.hexdigest() != self.row.sha256:
+            logger.error(
+                "file store %r: the chunks of a file do not match its SHA-256", self.store.name
+            )
+            raise FileCorrupt(self.row.filename)
+
+
+class DatabaseBytes:
+    """``database``: the bytes in ``silo_file_chunks`` (see the module docstring)."""
+
+    kind = "database"
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+        self.cache = Cache(store)
+
+    def _records(self) -> FileRecords:
+        records = self.store.records
+        if records is None:
+            raise SiloError(f"file store {self.store.name!r}: the database backend needs SQL")
+        return records
+
+    def new_location(self, name: str) -> str | None:
+        return None
+
+    def sink(self, row: FileRow, directory: str, tmp_name: str) -> Sink:
+        return ChunkSink(self._records(), row, self.cache, directory, tmp_name)
+
+    def install(self, tmp: str, path: str) -> None:
+        self.cache.install(tmp, path)
+
+    def drop_upload(self, row: FileRow, path: str) -> None:
+        self.cache.drop(row, path)
+
+    def here(self, row: FileRow) -> bool:
+        return True
+
+    def open(self, row: FileRow) -> IO[bytes]:
+        return io.BufferedReader(ChunkReader(self.store, self._records(), row), CHUNK)
+
+    def _reader(self, row: FileRow) -> IO[bytes]:
+        return io.BufferedReader(ChunkReader(self.store, self._records(), row), CHUNK)
+
+    def local_copy(self, row: FileRow) -> str | None:
+        return self.cache.get(row, lambda: self._reader(row))
+
+    def remove(self, rows: list[FileRow]) -> None:
+        for row in rows:  # the chunks went with their rows; the cached copies go now
+            if row.sha256 and not row.pending:
+                self.cache.drop(row)
+
+    def remove_session(self, sid: str) -> None:
+        return None
+
+    def remove_all(self) -> None:
+        return None
+
+    def move_session(self, old: str, new: str) -> Callable[[], None]:
+        return lambda: None
+
+
+# -- fsspec ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def remote_errors(store: str, sid: str | None, action: str) -> Iterator[None]:
+    """Any failure of the remote filesystem as a :class:`SiloError` (``503``, logged)."""
+    try:
+        yield
+    except SiloError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        error = storage_error(exc, store, sid, action)
+        if isinstance(error, FileStorageError):
+            error.remote = True
+        raise error from None
+
+
+class RemoteSink(CachedSink):
+    """An upload to a new object of an fsspec filesystem (and the local cache)."""
+
+    def __init__(
+        self,
+        backend: FsspecBytes,
+        row: FileRow,
+        directory: str,
+        tmp_name: str,
+        *,
+        cached: bool,
+    ) -> None:
+        self.backend = backend
+        self.row = row
+        self.key = backend.key(row)
+        self.cached = cached
+        name = backend.store.name
+        with remote_errors(name, row.sid, "store a file"):
+            backend.fs.makedirs(self.key.rsplit("/", 1)[0], exist_ok=True)
+            self._remote: Any = backend.fs.open(self.key, "wb", block_size=backend.block_size)
+        if cached:
+            super().__init__(backend.cache, directory, tmp_name)
+        else:
+            self.cache = backend.cache
+            self.tmp = None
+
+    def write(self, chunk: bytes) -> None:
+        if self.cached:
+            self._local.write(chunk)
+        self.send(chunk)
+
+    def send(self, chunk: bytes) -> None:
+        with remote_errors(self.backend.store.name, self.row.sid, "store a file"):
+            self._remote.write(chunk)
+
+    def finish(self) -> None:
+        if self.cached:
+            self._local.finish()
+        self.flush()
+
+    def flush(self) -> None:
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            with remote_errors(self.backend.store.name, self.row.sid, "store a file"):
+                remote.close()
+
+    def abort(self) -> None:
+        try:
+            self.cancel()
+        finally:
+            if self.cached:
+                self._local.abort()
+
+    def cancel(self) -> None:
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            with contextlib.suppress(Exception):
+                if hasattr(remote, "discard"):
+                    remote.discard()  # a multipart upload that never completes
+                    remote.closed = True  # nothing left to flush when it is collected
+                else:
+                    remote.close()
+        self.backend.delete_keys([self.key], sid=self.row.sid)
+
+    def path(self, row: FileRow) -> str:
+        return self.cache.path(row) if self.cached else self.backend.local_key_path(row)
+
+
+class FsspecBytes:
+    """An fsspec URL: one new object per upload (see the module docstring)."""
+
+    kind = "fsspec"
+    block_size = 8 * 1024 * 1024
+
+    def __init__(self, store: FileStore, url: str) -> None:
+        check_backend(url)
+        import fsspec.core
+
+        self.store = store
+        self.url = url
+        fs, root = fsspec.core.url_to_fs(url, **store.storage_options)
+        self.fs: Any = fs
+        self.root = str(root).rstrip("/")
+        self.cache = Cache(store)
+        self.direct = type(fs).__name__ == "LocalFileSystem"
+        """A filesystem of this machine (``file://``): its objects are local paths already."""
+        self._lock = threading.Lock()
+        self.retry: set[str] = set()
+        """Session prefixes (``sid``) and keys whose removal failed: retried by ``maintain``."""
+
+    def key(self, row: FileRow) -> str:
+        assert row.location is not None
+        return f"{self.root}/{row.sid}/{row.location}"
+
+    def session_prefix(self, sid: str) -> str:
+        return f"{self.root}/{sid}"
+
+    def local_key_path(self, row: FileRow) -> str:
+        return os.path.abspath(self.key(row))
+
+    def new_location(self, name: str) -> str | None:
+        return f"{secrets.token_hex(8)}/{name}"
+
+    def sink(self, row: FileRow, directory: str, tmp_name: str) -> Sink:
+        return RemoteSink(self, row, directory, tmp_name, cached=not self.direct)
+
+    def install(self, tmp: str, path: str) -> None:
+        self.cache.install(tmp, path)
+
+    def drop_upload(self, row: FileRow, path: str) -> None:
+        if not self.direct:
+            self.cache.drop(row, path)
+        self.delete_keys([self.key(row)], sid=row.sid)
+
+    def here(self, row: FileRow) -> bool:
+        return True
+
+    def open(self, row: FileRow) -> IO[bytes]:
+        with remote_errors(self.store.name, row.sid, "read a file"):
+            try:
+                handle: IO[bytes] = self.fs.open(self.key(row), "rb", block_size=CHUNK)
+            except FileNotFoundError:
+                raise FileNotStored(row.filename) from None
+        return handle
+
+    def local_copy(self, row: FileRow) -> str | None:
+        if self.direct:
+            path = self.local_key_path(row)
+            return path if os.path.isfile(path) else None
+        with remote_errors(self.store.name, row.sid, "read a file"):
+            try:
+                return self.cache.get(row, lambda: self.open(row))
+            except FileNotStored:
+                return None
+
+    def delete_keys(self, keys: list[str], *, sid: str | None) -> None:
+        for key in keys:
+            try:
+                self.fs.rm(key)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                log_failure(logger, "could not remove an object; retried later", exc=exc, sid=sid)
+                with self._lock:
+                    self.retry.add(key)
+        self._forget_empty_dirs(keys)
+
+    def _forget_empty_dirs(self, keys: list[str]) -> None:
+        if not self.direct:
+            return
+        for key in keys:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(os.path.abspath(key)))
+
+    def remove(self, rows: list[FileRow]) -> None:
+        keys = [self.key(r) for r in rows if r.backend == "fsspec" and r.location]
+        self.delete_keys(keys, sid=None)
+        if not self.direct:
+            for row in rows:
+                if row.sha256 and not row.pending:
+                    self.cache.drop(row)
+
+    def remove_session(self, sid: str) -> None:
+        prefix = self.session_prefix(sid)
+        try:
+            if self.fs.exists(prefix):
+                self.fs.rm(prefix, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            log_failure(
+                logger, "could not remove a session's objects; retried later", exc=exc, sid=sid
+            )
+            with self._lock:
+                self.retry.add(prefix)
+
+    def retry_removals(self) -> int:
+        """Try again what could not be removed; how many are still left."""
+        with self._lock:
+            pending, self.retry = sorted(self.retry), set()
+        for target in pending:
+            try:
+                if self.fs.exists(target):
+                    self.fs.rm(target, recursive=True)
+            except FileNotFoundError:
+                pass
+            except Exception:
+                with self._lock:
+                    self.retry.add(target)
+        return len(self.retry)
+
+    def remove_all(self) -> None:
+        with remote_errors(self.store.name, None, "remove files"):
+            try:
+                entries = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return
+            for entry in entries:
+                self.fs.rm(entry, recursive=True)
+
+    def move_session(self, old: str, new: str) -> Callable[[], None]:
+        """Every object of *old* under *new*'s prefix (a rotation); returns the undo."""
+        source, target = self.session_prefix(old), self.session_prefix(new)
+        with remote_errors(self.store.name, old, "move files"):
+            moved = self._move(source, target)
+
+        def undo() -> None:
+            if moved:
+                self._move(target, source)
+
+        return undo
+
+    def _move(self, source: str, target: str) -> bool:
+        if self.direct:
+            if not os.path.isdir(source):
+                return False
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+            return True
+        try:
+            keys = [str(k) for k in self.fs.find(source)]
+        except FileNotFoundError:
+            return False
+        for key in keys:  # object stores copy on the server, key by key
+            self.fs.copy(key, target + key[len(source) :])
+        if keys:
+            self.fs.rm(keys)
+        self.fs.invalidate_cache()
+        return bool(keys)
+
+    def sessions(self) -> list[str]:
+        """The session prefixes under the store's URL."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def objects(self) -> list[dict[str, Any]]:
+        """Every object under the store's URL (``name`` relative to it, ``size``, ``mtime``)."""
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        objects = []
+        for key, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            relative = str(key)[len(self.root) + 1 :] if str(key).startswith(self.root) else key
+            objects.append({"name": relative, "size": info.get("size"), "mtime": _mtime(info)})
+        return objects
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """An object's modification time from fsspec's ``info`` (it varies by filesystem)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value)
+    return None
+
+
+def copy_stream(source: IO[bytes], target: IO[bytes]) -> int:
+    """Copy *source* to *target* in large pieces; how many bytes."""
+    total = 0
+    for chunk in iter(lambda: source.read(COPY_BUFFER), b""):
+        target.write(chunk)
+        total += len(chunk)
+    return total
+
+
+__all__ = [
+    "FILE_MODE",
+    "Bytes",
+    "Cache",
+    "ChunkReader",
+    "DatabaseBytes",
+    "FsspecBytes",
+    "LocalBytes",
+    "check_backend",
+    "make_bytes",
+    "shutil",
+]

@@ -1,0 +1,175 @@
+"""The upkeep each process runs after a sweep: no machine keeps a gone session's bytes.
+
+A sweep removes the rows of the sessions it expires (and, for the
+``database`` backend, their chunks, in the same transaction), and the
+sweeping process removes their directory and fsspec objects. Other machines
+learn of it here: a ``local`` directory or a cached copy whose session no
+longer exists goes (at once when its SID is remembered as expired, else once
+nothing in it changed for a grace period, so a directory an upload is about to
+use is left alone), as do cached copies that no row names any more and
+temporary files of uploads that died. For an fsspec store, removals that
+failed are retried, and, at most once an hour per process, objects of
+sessions that no longer exist are removed from the store itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+from .file_backends import SHA_DIR_LENGTH, FsspecBytes
+from .files import STALE_UPLOAD_S, TEMP_PREFIX
+from .sids import is_valid_sid
+
+if TYPE_CHECKING:
+    from .files import FileRecords, FileStore
+
+logger = logging.getLogger("flask_silo_sql.files")
+
+BATCH = 500
+REMOTE_EVERY_S = 3600.0
+_remote_checked: dict[int, float] = {}
+
+
+def maintain(files: FileStore, *, grace: float = 300.0) -> int:
+    """See :meth:`FileStore.maintain`; returns how many session directories went."""
+    records = files.records
+    if records is None:
+        return 0
+    backend = files.blobs
+    if isinstance(backend, FsspecBytes):
+        backend.retry_removals()
+    removed = 0
+    base = files.base_dir
+    try:
+        entries = sorted(os.listdir(base))
+    except FileNotFoundError:
+        entries = []
+    sids = [
+        e
+        for e in entries
+        if is_valid_sid(e)
+        and os.path.isdir(os.path.join(base, e))
+        and not os.path.islink(os.path.join(base, e))
+    ]
+    now = time.time()
+    for start in range(0, len(sids), BATCH):
+        batch = sids[start : start + BATCH]
+        alive, expired = records.live(batch)
+        for sid in batch:
+            directory = os.path.join(base, sid)
+            if sid in alive:
+                _tidy_live(directory, now)
+                continue
+            if sid in expired or _newest(directory) < now - grace:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed += 1
+        if backend.kind != "local":
+            _prune_cache(files, records, [s for s in batch if s in alive], now, grace)
+    if isinstance(backend, FsspecBytes):
+        _maintain_remote(files, backend, records, now, grace)
+    if removed:
+        logger.info(
+            "file store %r: removed %d directory(ies) of gone sessions", files.name, removed
+        )
+    return removed
+
+
+def _newest(directory: str) -> float:
+    """The latest change in *directory* or the entries in it (and one level below)."""
+    newest = 0.0
+    with contextlib.suppress(OSError):
+        st = os.stat(directory)
+        newest = max(st.st_mtime, st.st_ctime)
+        for entry in os.scandir(directory):
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                newest = max(newest, info.st_mtime, info.st_ctime)
+                if entry.is_dir(follow_symlinks=False):
+                    for inner in os.scandir(entry.path):
+                        with contextlib.suppress(OSError):
+                            deep = inner.stat(follow_symlinks=False)
+                            newest = max(newest, deep.st_mtime, deep.st_ctime)
+    return newest
+
+
+def _tidy_live(directory: str, now: float) -> None:
+    """Temporary files of uploads that died (untouched for an hour) in a live session."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if max(info.st_mtime, info.st_ctime) < now - STALE_UPLOAD_S:
+                    os.unlink(entry.path)
+
+
+def _prune_cache(
+    files: FileStore, records: FileRecords, sids: list[str], now: float, grace: float
+) -> None:
+    """Cached copies that no row names any more (a reset, a replacement elsewhere)."""
+    if not sids:
+        return
+    keep: dict[str, set[tuple[str, str]]] = {sid: set() for sid in sids}
+    for sid, name, sha in records.rows_of(sids):
+        keep[sid].add((sha[:SHA_DIR_LENGTH], name))
+    for sid in sids:
+        directory = os.path.join(files.base_dir, sid)
+        with contextlib.suppress(OSError):
+            for version in os.scandir(directory):
+                if version.name.startswith(TEMP_PREFIX) or not version.is_dir(
+                    follow_symlinks=False
+                ):
+                    continue
+                for cached in os.scandir(version.path):
+                    if (version.name, cached.name) in keep[sid]:
+                        continue
+                    with contextlib.suppress(OSError):
+                        info = cached.stat(follow_symlinks=False)
+                        if max(info.st_mtime, info.st_ctime) < now - grace:
+                            os.unlink(cached.path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(version.path)
+
+
+def _maintain_remote(
+    files: FileStore, backend: FsspecBytes, records: FileRecords, now: float, grace: float
+) -> None:
+    """Objects of sessions that no longer exist, in the store itself (rarely: it lists)."""
+    key = id(backend)
+    if now - _remote_checked.get(key, 0.0) < REMOTE_EVERY_S:
+        return
+    _remote_checked[key] = now
+    try:
+        prefixes = [p for p in backend.sessions() if is_valid_sid(p)]
+        for start in range(0, len(prefixes), BATCH):
+            batch = prefixes[start : start + BATCH]
+            alive, expired = records.live(batch)
+            for sid in batch:
+                if sid in alive:
+                    continue
+                if sid not in expired and not _remote_idle(backend, sid, now - grace):
+                    continue
+                backend.remove_session(sid)
+    except Exception:
+        logger.warning("file store %r: could not check its objects; tried again later", files.name)
+
+
+def _remote_idle(backend: FsspecBytes, sid: str, before: float) -> bool:
+    """Whether every object of session *sid* is older than *before*."""
+    try:
+        found = backend.fs.find(backend.session_prefix(sid), detail=True)
+    except FileNotFoundError:
+        return True
+    from .file_backends import _mtime
+
+    for info in found.values():
+        mtime = _mtime(info)
+        if mtime is None or mtime >= before:
+            return False
+    return True
