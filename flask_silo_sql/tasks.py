@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .errors import StorageUnavailable, TaskAlreadyRunning, TaskLeaseLost
@@ -147,6 +147,7 @@ class TaskState:
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    _: KW_ONLY  # what durable runs add: by keyword only, flask-silo's positions kept
     attempt: int = 0
     """A durable run's attempt number (1, 2, ...; 0 while it waits for its first)."""
     last_error: str | None = None

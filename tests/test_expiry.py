@@ -781,6 +781,7 @@ def test_cli_cleanup_and_stats(url: str, tmp_path: Path, clock: Clock) -> None:
             "files": 4,
             "file_bytes": 307,
             "tasks": {"complete": 2, "running": 1, "failed": 1},
+            "workers": [],
         }
 
         dry = runner.invoke(silo_db, ["cleanup", "--dry-run"], catch_exceptions=False)
@@ -805,6 +806,7 @@ def test_cli_cleanup_and_stats(url: str, tmp_path: Path, clock: Clock) -> None:
             "files": 1,
             "file_bytes": 7,
             "tasks": {"running": 1, "failed": 1},
+            "workers": [],
         }
         human = runner.invoke(silo_db, ["stats"], catch_exceptions=False)
         assert human.exit_code == 0, human.output
