@@ -160,6 +160,7 @@ def cleanup(batch_size: int | None, dry_run: bool) -> None:
     )
     if not dry_run:
         summary += f", {result.pruned} expired SID record(s) pruned"
+        summary += f", {result.keys_expired} idempotency key(s) forgotten"
     click.echo(summary + ")")
 
 
@@ -196,7 +197,7 @@ def fsck(fix: bool) -> None:
 @with_appcontext
 @_reported
 def stats(as_json: bool) -> None:
-    """Counts of sessions, namespaces, expired SIDs, files and tasks."""
+    """Counts of sessions, namespaces, expired SIDs, files, tasks and idempotency keys."""
     numbers = _migrated().stats()
     if as_json:
         click.echo(json.dumps(numbers, sort_keys=True))
@@ -205,3 +206,4 @@ def stats(as_json: bool) -> None:
         click.echo(f"{key:<14}{numbers[key]}")
     tasks = numbers["tasks"] or {}
     click.echo("tasks         " + (", ".join(f"{k}={v}" for k, v in sorted(tasks.items())) or "0"))
+    click.echo(f"{'idempotency_keys':<18}{numbers['idempotency_keys']}")

@@ -13,6 +13,7 @@ T0 = 1_700_000_000.0
 """The fixed time every :class:`Clock` starts at unless told otherwise."""
 
 SILO_TABLES_CHILD_FIRST = (
+    "silo_idempotency_keys",
     "silo_tasks",
     "silo_files",
     "silo_namespaces",

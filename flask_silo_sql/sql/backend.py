@@ -2,7 +2,8 @@
 
 It implements :class:`~flask_silo_sql.backends.base.Backend` with the units
 of :mod:`.unit` and the operations of :mod:`.sessions`, :mod:`.sweep`,
-:mod:`.task_rows` and :mod:`.file_rows`, all sharing one :class:`.Context`.
+:mod:`.task_rows`, :mod:`.file_rows` and :mod:`.idempotency_rows`, all sharing
+one :class:`.Context`.
 A request's unit is bound to its context, so uploads and task starts of that
 request join its commit.
 """
@@ -18,6 +19,7 @@ from . import sessions as ops
 from . import sweep as sweeping
 from .context import Context
 from .file_rows import SQLFileRecords
+from .idempotency_rows import SQLIdempotencyRecords
 from .unit import META, Session, SQLUnit, busy_session, reset, rotate
 
 
@@ -28,6 +30,7 @@ class SQLBackend:
         self._make_context = context
         self._ctx: Context | None = None
         self._file_records: dict[str, SQLFileRecords] = {}
+        self._idempotency: SQLIdempotencyRecords | None = None
 
     @property
     def ctx(self) -> Context:
@@ -58,6 +61,12 @@ class SQLBackend:
         records = self._file_records.get(store)
         if records is None:
             records = self._file_records[store] = SQLFileRecords(self.ctx, store)
+        return records
+
+    def idempotency_records(self) -> SQLIdempotencyRecords:
+        records = self._idempotency
+        if records is None:
+            records = self._idempotency = SQLIdempotencyRecords(self.ctx)
         return records
 
     # -- flask-silo's store operations --------------------------------------------
@@ -149,6 +158,9 @@ class SQLBackend:
         if not dry_run:
             result.pruned = sweeping.prune(
                 ctx.connector, ctx.st, cutoff=now - policy.expired_retain
+            )
+            result.keys_expired = sweeping.expire_keys(
+                ctx.connector, ctx.st, cutoff=now, batch_size=batch_size
             )
         return result
 

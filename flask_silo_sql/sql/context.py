@@ -24,6 +24,10 @@ class Staged(Protocol):
     directory: str | None
     """A directory whose lock the commit holds while it writes this (uploads), or None."""
 
+    locks_session: bool
+    """Whether the commit locks the session row first (a write the session must
+    outlive); False for a write guarded on its own (a stored response)."""
+
     def write(self, ex: Executor, now: float) -> None:
         """In the commit's transaction, with the session row locked."""
 

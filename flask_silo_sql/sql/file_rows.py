@@ -27,6 +27,8 @@ logger = logging.getLogger("flask_silo_sql.files")
 class StagedFile:
     """An upload in place whose row is written with the request's commit."""
 
+    locks_session = True
+
     def __init__(
         self, records: SQLFileRecords, upload: StagedUpload, replaced: FileRow | None
     ) -> None:

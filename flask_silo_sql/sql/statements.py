@@ -20,6 +20,7 @@ from sqlalchemy import (
     Engine,
     Float,
     Integer,
+    LargeBinary,
     String,
     Text,
     and_,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    null,
     select,
     text,
     tuple_,
@@ -41,10 +43,18 @@ from sqlalchemy.sql import ColumnElement
 
 from ..sids import SID_LENGTH
 from .executor import Prepared
-from .models import UTCDateTime, expired_sids, files, namespaces, sessions, tasks
+from .models import (
+    UTCDateTime,
+    expired_sids,
+    files,
+    idempotency_keys,
+    namespaces,
+    sessions,
+    tasks,
+)
 
 UTC = dt.timezone.utc
-CHILD_TABLES = (namespaces, files, tasks)
+CHILD_TABLES = (namespaces, files, tasks, idempotency_keys)
 
 
 def _ts(name: str) -> Any:
@@ -529,5 +539,92 @@ class Statements:
         )
         self.count_rows = {
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
-            for table in (sessions, namespaces, expired_sids, files, tasks)
+            for table in (sessions, namespaces, expired_sids, files, tasks, idempotency_keys)
         }
+
+        # -- idempotency keys -----------------------------------------------------
+        keys = idempotency_keys
+        key_hash = bindparam("key_hash", type_=String(64))
+        token = bindparam("token", type_=String(32))
+        this_key = and_(keys.c.sid == sid, keys.c.key_hash == key_hash)
+        key_record = (
+            keys.c.fingerprint,
+            keys.c.token,
+            keys.c.status,
+            keys.c.headers,
+            keys.c.body,
+            keys.c.locked_until,
+        )
+        claimed_key = {
+            "sid": sid,
+            "key_hash": key_hash,
+            "idempotency_key": bindparam("key", type_=String(255)),
+            "method": bindparam("method", type_=String(16)),
+            "route": bindparam("route", type_=Text()),
+            "fingerprint": bindparam("fingerprint", type_=String(64)),
+            "token": token,
+            "created_at": now,
+            "locked_until": _ts("lease_until"),
+            "expires_at": expires,
+        }
+        owned: ColumnElement[bool] = exists().where(sessions.c.sid == sid)
+        if postgresql:
+            # The claim commits without waiting for its WAL flush: the request's own
+            # commit, later, flushes it too, and a claim lost with a crash had a
+            # request that could not finish anyway (its retry runs the view).
+            owned = and_(owned, func.set_config("synchronous_commit", "off", True) == "off")
+        claim_key = (
+            insert(keys)
+            .from_select(list(claimed_key), select(*claimed_key.values()).where(owned))
+            .on_conflict_do_nothing(index_elements=[keys.c.sid, keys.c.key_hash])
+            .returning(*key_record)
+        )
+        self.read_key = prepare("read_key", select(*key_record).where(this_key))
+        if postgresql:
+            # One round trip for both answers: the claim's row, or the record that
+            # was there (a row committed during the statement is in neither: read again).
+            mine = claim_key.cte("claimed")
+            self.claim_key = prepare(
+                "claim_key",
+                select(literal(True).label("claimed"), *mine.c).union_all(
+                    select(literal(False), *key_record).where(this_key)
+                ),
+            )
+        else:
+            self.claim_key = prepare("claim_key", claim_key)
+        self.take_over_key = prepare(
+            "take_over_key",
+            update(keys)
+            .where(
+                this_key,
+                keys.c.token == bindparam("old_token", type_=String(32)),
+                keys.c.status.is_(None),
+                keys.c.locked_until < now,
+            )
+            .values(token=token, locked_until=_ts("lease_until")),
+        )
+        self.complete_key = prepare(
+            "complete_key",
+            update(keys)
+            .where(this_key, keys.c.token == token, keys.c.status.is_(None))
+            .values(
+                status=bindparam("status", type_=Integer()),
+                headers=bindparam("headers", type_=Text()),
+                body=bindparam("body", type_=LargeBinary()),
+                locked_until=null(),
+            ),
+        )
+        self.release_key = prepare(
+            "release_key",
+            delete(keys).where(this_key, keys.c.token == token, keys.c.status.is_(None)),
+        )
+        self.expire_keys = prepare(
+            "expire_keys",
+            delete(keys).where(
+                tuple_(keys.c.sid, keys.c.key_hash).in_(
+                    select(keys.c.sid, keys.c.key_hash)
+                    .where(keys.c.expires_at < _ts("cutoff"))
+                    .limit(bindparam("batch_size", type_=Integer()))
+                )
+            ),
+        )

@@ -307,4 +307,5 @@ class SQLStorage(SiloStorage):
             "files": counts["silo_files"],
             "file_bytes": file_bytes,
             "tasks": by_status,
+            "idempotency_keys": counts["silo_idempotency_keys"],
         }

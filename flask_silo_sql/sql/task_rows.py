@@ -62,6 +62,7 @@ class StagedClaim:
     """A run's claim, written with the request's commit; its thread starts after it."""
 
     directory: str | None = None
+    locks_session = True
 
     def __init__(
         self, home: SQLTaskHome, state: TaskState, name: str, on_commit: Callable[[], None]

@@ -318,11 +318,11 @@ class SQLUnit:
                         versions = self._write(ex, writes, staged, now)
                 else:
                     touched = False
-                    if len(writes) == 1:  # one statement: no transaction round trips
+                    if len(writes) == 1 and not staged:  # one statement: no transaction
                         versions = ops.write_namespaces(ex, b.st, self.sid, writes, now)
                     else:
                         with ex.transaction():
-                            versions = ops.write_namespaces(ex, b.st, self.sid, writes, now)
+                            versions = self._write(ex, writes, staged, now)
         except BaseException:
             _discard(staged)
             raise
@@ -341,9 +341,10 @@ class SQLUnit:
         """Whether the commit locks (touches or creates) the session row first.
 
         Only a session read as existing, whose ``last_active`` is fresh (so it
-        cannot be due for expiry), with nothing but namespaces to write, skips it.
+        cannot be due for expiry), with nothing to write but namespaces and
+        writes that guard themselves (a stored response), skips it.
         """
-        if self._existed is not True or staged:
+        if self._existed is not True or any(item.locks_session for item in staged):
             return True
         return self._last_active <= now - self._ctx.touch_interval
 
