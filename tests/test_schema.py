@@ -385,6 +385,10 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
             "sid", "name", "status", "progress", "message", "logs", "error",
             "started_at", "finished_at", "heartbeat_at",
         },
+        "silo_idempotency_keys": {
+            "sid", "key_hash", "idempotency_key", "fingerprint", "status", "headers", "body",
+            "locked_until", "expires_at",
+        },
     }
     assert set(required) == SILO_TABLES
     for table, columns in required.items():
@@ -398,8 +402,12 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
 
     assert "expires_at" in leading_index_columns("silo_sessions")
     assert "expired_at" in leading_index_columns("silo_expired_sids")
+    assert "expires_at" in leading_index_columns("silo_idempotency_keys")
+    assert inspector.get_pk_constraint("silo_idempotency_keys")["constrained_columns"] == [
+        "sid", "key_hash",
+    ]
 
-    for table in ("silo_namespaces", "silo_files", "silo_tasks"):
+    for table in ("silo_namespaces", "silo_files", "silo_tasks", "silo_idempotency_keys"):
         fks = inspector.get_foreign_keys(table)
         assert any(
             fk["referred_table"] == "silo_sessions"
@@ -420,6 +428,7 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         ("silo_expired_sids", False),
         ("silo_files", False),
         ("silo_tasks", False),
+        ("silo_idempotency_keys", False),
         (VERSION_TABLE, False),
         ("users", True),
         ("alembic_version", True),
