@@ -311,7 +311,8 @@ def test_stored_headers_leave_out_hop_by_hop_and_the_sid(keys_app: KeysApp) -> N
     assert "Keep-Alive" not in again.headers
     with keys_app.storage.engine.connect() as conn:
         stored = conn.execute(select(idempotency_keys.c.headers)).scalar()
-    assert ALICE not in stored and HEADER not in stored
+    assert ALICE not in stored
+    assert HEADER not in stored
     assert "Keep-Alive" not in stored
 
 
@@ -337,12 +338,14 @@ def test_keys_of_different_sessions_routes_and_methods_never_collide(keys_app: K
     bob = keys_app.post("/api/inc", sid=BOB, key="shared")
     assert "Idempotent-Replayed" not in bob.headers
     assert alice.get_json()["run"] != bob.get_json()["run"]
-    assert keys_app.counter(ALICE) == 2 and keys_app.counter(BOB) == 2
+    assert keys_app.counter(ALICE) == 2
+    assert keys_app.counter(BOB) == 2
     other_route = keys_app.post("/api/required", sid=ALICE, key="shared")
     assert "Idempotent-Replayed" not in other_route.headers
     post = keys_app.post("/api/either", key="m")
     put = keys_app.client.put("/api/either", headers={HEADER: ALICE, KEY: "m"})
-    assert post.get_json()["method"] == "POST" and put.get_json()["method"] == "PUT"
+    assert post.get_json()["method"] == "POST"
+    assert put.get_json()["method"] == "PUT"
     assert "Idempotent-Replayed" not in put.headers
     assert len(keys_app.runs) == 5
 
@@ -507,7 +510,8 @@ def test_with_wait_a_duplicate_waits_and_replays(keys_app: KeysApp) -> None:
     keys_app.gate.set()
     thread.join(30)
     waiting.join(30)
-    assert out[0].status_code == 200 and answers[0].status_code == 200
+    assert out[0].status_code == 200
+    assert answers[0].status_code == 200
     assert answers[0].headers["Idempotent-Replayed"] == "true"
     assert answers[0].get_data() == out[0].get_data()
     assert keys_app.runs == ["/api/wait"]
