@@ -168,7 +168,7 @@ class KeysApp:
 
     def keys(self) -> int:
         with self.storage.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(idempotency_keys)).scalar())
+            return int(conn.execute(select(func.count()).select_from(idempotency_keys)).scalar_one())
 
     def close(self) -> None:
         self.silo.stop()
@@ -310,7 +310,7 @@ def test_stored_headers_leave_out_hop_by_hop_and_the_sid(keys_app: KeysApp) -> N
     assert again.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
     assert "Keep-Alive" not in again.headers
     with keys_app.storage.engine.connect() as conn:
-        stored = conn.execute(select(idempotency_keys.c.headers)).scalar()
+        stored = str(conn.execute(select(idempotency_keys.c.headers)).scalar_one())
     assert ALICE not in stored
     assert HEADER not in stored
     assert "Keep-Alive" not in stored
