@@ -168,7 +168,8 @@ class KeysApp:
 
     def keys(self) -> int:
         with self.storage.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(idempotency_keys)).scalar_one())
+            count = conn.execute(select(func.count()).select_from(idempotency_keys)).scalar_one()
+        return int(count)
 
     def close(self) -> None:
         self.silo.stop()
