@@ -218,15 +218,23 @@ def _replay(stored: StoredResponse) -> Response:
     return response
 
 
-def _body() -> tuple[IO[bytes], bool]:
-    """The request body to hash, and whether it is the unread stream (the view will read
-    the spooled copy instead); something may have read it before the view."""
+def _body() -> tuple[IO[bytes] | None, bool]:
+    """The request body to hash (None: there is none), and whether it is the unread
+    stream (the view will read the spooled copy instead); something may have read it
+    before the view."""
+    if not request.content_length and not _chunked():
+        return None, False  # werkzeug gives such a request an empty stream
     cached = getattr(request, "_cached_data", None)
     if cached is not None:  # request.get_data() was called: the bytes are at hand
         return BytesIO(cached), False
     if "form" in request.__dict__:  # parsed already (a before_request read request.form)
         return _parsed_form(), False
     return request.stream, True
+
+
+def _chunked() -> bool:
+    """Whether a body comes without a length (HTTP/1.1: a body has one or is chunked)."""
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
 
 
 def _parsed_form() -> IO[bytes]:
