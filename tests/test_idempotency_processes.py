@@ -274,3 +274,22 @@ def test_the_response_and_the_state_change_are_never_one_without_the_other(
         f"\nIDEMPOTENCY {_db(db_url)} killed at {point}: record={record} counter={value}; "
         f"retry {'replayed' if committed else 'ran the view'}"
     )
+
+
+def test_the_readme_retry_loop_against_a_live_server(
+    app_env: dict[str, str], engine: Engine, tmp_path: Path
+) -> None:
+    """The README's client loop, as a user would copy it, through gunicorn."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("def post_once(")
+    opening = readme.rindex("```python", 0, start) + len("```python")
+    code = readme[opening : readme.index("```", start)]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    with gunicorn(app_env, tmp_path, workers=2) as server, requests.Session() as http:
+        sid = _session(server)
+        first = namespace["post_once"](http, server.url("/api/idem/inc"), {"n": 1}, sid)
+        second = namespace["post_once"](http, server.url("/api/idem/inc"), {"n": 1}, sid)
+    assert first.status_code == second.status_code == 200
+    assert [first.json()["value"], second.json()["value"]] == [2, 3]  # two keys: two runs
+    assert _runs(app_env) == 2
