@@ -5,7 +5,8 @@ the query parameter; a missing, short or malformed one gets a new SID. Each
 API request works through one unit of work of its app's store
 (:meth:`SessionStore.request <flask_silo_sql.store.SessionStore.request>`):
 state is read when the view asks for it, and written, with the request's
-uploads and task starts, by one commit once the response is known.
+uploads, task starts and (for an idempotent view, see :mod:`.decorators`) its
+stored response, by one commit once the response is known.
 
 Each app served keeps its own store, storage and settings in
 ``app.extensions["silo"]`` (a :class:`SiloApp`); the :class:`Silo` object

@@ -147,7 +147,7 @@ def test_concurrent_duplicates_across_workers_run_the_view_once(
     assert "Exception on /api/" not in log, log[-3000:]
 
 
-def test_reuse_missing_key_and_a_raising_view_through_gunicorn(
+def test_reuse_missing_key_raising_view_and_other_sessions_through_gunicorn(
     app_env: dict[str, str], engine: Engine, db_url: str, tmp_path: Path
 ) -> None:
     with gunicorn(app_env, tmp_path, workers=2) as server:
@@ -170,7 +170,11 @@ def test_reuse_missing_key_and_a_raising_view_through_gunicorn(
         assert retry.status_code == 200
         assert KEY_REPLAYED not in retry.headers
         assert retry.json()["value"] == 3
-        assert _runs(app_env) == 3  # k1, the failed k2, its retry
+        other_session = _session(server)
+        theirs = _post(server, "/api/idem/inc", other_session, "k1")  # the same key elsewhere
+        assert KEY_REPLAYED not in theirs.headers
+        assert theirs.json()["value"] == 2
+        assert _runs(app_env) == 4  # k1, the failed k2, its retry, the other session's k1
         log = server.log_text()
     assert "the view failed, as asked" in log
 
