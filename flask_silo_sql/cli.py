@@ -197,7 +197,7 @@ def fsck(fix: bool) -> None:
 @with_appcontext
 @_reported
 def stats(as_json: bool) -> None:
-    """Counts of sessions, namespaces, expired SIDs, files, tasks and idempotency keys."""
+    """Counts of sessions, namespaces, expired SIDs, files and tasks."""
     numbers = _migrated().stats()
     if as_json:
         click.echo(json.dumps(numbers, sort_keys=True))
@@ -206,4 +206,3 @@ def stats(as_json: bool) -> None:
         click.echo(f"{key:<14}{numbers[key]}")
     tasks = numbers["tasks"] or {}
     click.echo("tasks         " + (", ".join(f"{k}={v}" for k, v in sorted(tasks.items())) or "0"))
-    click.echo(f"{'idempotency_keys':<18}{numbers['idempotency_keys']}")

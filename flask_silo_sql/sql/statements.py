@@ -539,7 +539,7 @@ class Statements:
         )
         self.count_rows = {
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
-            for table in (sessions, namespaces, expired_sids, files, tasks, idempotency_keys)
+            for table in (sessions, namespaces, expired_sids, files, tasks)
         }
 
         # -- idempotency keys -----------------------------------------------------

@@ -307,5 +307,4 @@ class SQLStorage(SiloStorage):
             "files": counts["silo_files"],
             "file_bytes": file_bytes,
             "tasks": by_status,
-            "idempotency_keys": counts["silo_idempotency_keys"],
         }
