@@ -71,6 +71,14 @@ class KeysApp:
             state["n"] += 1
             return jsonify(n=state["n"], run=mark, body=request.get_data(as_text=True))
 
+        @app.post("/api/read-then-inc")
+        @silo.idempotent()
+        def read_then_inc() -> Response:
+            state = silo.state("counter")  # read first: another request may change it now
+            mark = run()
+            state["n"] += 1
+            return jsonify(n=state["n"], run=mark)
+
         @app.post("/api/plain")
         def plain() -> Response:
             state = silo.state("counter")
@@ -542,6 +550,39 @@ def test_a_claim_whose_lease_ran_out_is_taken_over_and_its_late_commit_saves_not
     assert replay.get_data() == retry.get_data()
 
 
+def test_a_conflict_at_the_commit_saves_nothing_and_frees_the_key(keys_app: KeysApp) -> None:
+    first_use(keys_app)
+    keys_app.gate = gate = threading.Event()
+    thread, out = _in_thread(keys_app, "/api/read-then-inc")
+    assert keys_app.entered.wait(30)
+    keys_app.gate = None
+    assert keys_app.post("/api/plain", key=None).get_json()["n"] == 2  # changed meanwhile
+    gate.set()
+    thread.join(30)
+    conflict = out[0]
+    assert conflict.status_code == 409
+    assert conflict.get_json()["error"] == "state_conflict"
+    assert keys_app.keys() == 0
+    assert keys_app.counter() == 2
+    retry = keys_app.post("/api/read-then-inc")
+    assert retry.status_code == 200
+    assert retry.get_json()["n"] == 3
+    assert keys_app.post("/api/read-then-inc").get_data() == retry.get_data()
+
+
+def test_a_session_expired_during_the_view_keeps_nothing(keys_app: KeysApp) -> None:
+    first_use(keys_app)
+    keys_app.gate = gate = threading.Event()
+    thread, out = _in_thread(keys_app, "/api/read-then-inc")
+    assert keys_app.entered.wait(30)
+    keys_app.silo.store.destroy(ALICE)  # its key goes with it
+    gate.set()
+    thread.join(30)
+    assert out[0].status_code == 410
+    assert keys_app.keys() == 0
+    assert keys_app.counter() == 0
+
+
 def test_one_of_many_concurrent_duplicates_runs_the_view(keys_app: KeysApp) -> None:
     first_use(keys_app)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -616,9 +657,14 @@ def test_statements_of_a_first_request_and_of_a_replay(keys_app: KeysApp) -> Non
     with StatementLog(keys_app.storage) as replay:
         keys_app.post("/api/inc", key="cost")
     assert plain.names == ["load_one", "update_namespace"]
-    # The claim before the view; the response in the commit's transaction.
-    assert first.names == ["claim_key", "load_one", "update_namespace", "complete_key"]
     postgresql = keys_app.storage.dialect == "postgresql"
+    # The claim before the view; the response with the namespace in the commit: one
+    # statement on PostgreSQL, a transaction of two on SQLite.
+    assert first.names == (
+        ["claim_key", "load_one", "complete_key_with_namespace"]
+        if postgresql
+        else ["claim_key", "load_one", "update_namespace", "complete_key"]
+    )
     assert replay.names == (["claim_key"] if postgresql else ["claim_key", "read_key"])
 
 

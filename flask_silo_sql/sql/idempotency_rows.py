@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import IdempotencyKeyInFlight, SessionExpired, StorageUnavailable
+from ..errors import IdempotencyKeyInFlight, SessionExpired, StateConflict, StorageUnavailable
 from ..idempotency import Claim, Found, KeyRequest, StoredResponse
 from . import sessions as ops
 from .context import Context
@@ -40,6 +40,11 @@ class StagedResponse:
 
     def write(self, ex: Executor, now: float) -> None:
         self.records.store(ex, self.claim, self.response)
+
+    def write_with(self, ex: Executor, write: ops.Write, sid: str, now: float) -> int | None:
+        """PostgreSQL: the namespace update and the response in one statement (no
+        transaction round trips); None elsewhere, or for a namespace's first row."""
+        return self.records.store_with(ex, self.claim, self.response, write, now)
 
     def committed(self) -> None:
         self.claim.completed = True
@@ -162,6 +167,42 @@ class SQLIdempotencyRecords:
             return
         if ex.run(st.has_session, {"sid": claim.request.sid}).first() is None:
             raise SessionExpired(claim.request.sid)
+        self._lost(claim)
+
+    def store_with(
+        self,
+        ex: Executor,
+        claim: Claim,
+        response: StoredResponse,
+        write: ops.Write,
+        now: float,
+    ) -> int | None:
+        """The response and one namespace update in one statement, both or neither."""
+        st = self._b.st
+        statement = st.complete_key_with_namespace
+        if statement is None or write.expected is None:
+            return None
+        values = {
+            **self._key(claim.request),
+            "token": claim.token,
+            "status": response.status,
+            "headers": response.headers_json(),
+            "body": response.body,
+            "name": write.name,
+            "data": write.text,
+            "expected": write.expected,
+            "now": st.values.time(now),
+        }
+        ours, _changed, completed = ex.run(statement, values).first()
+        if completed == 1:
+            return write.expected + 1
+        if ex.run(st.has_session, {"sid": claim.request.sid}).first() is None:
+            raise SessionExpired(claim.request.sid)
+        if not ours:
+            self._lost(claim)
+        raise StateConflict(claim.request.sid, write.name)
+
+    def _lost(self, claim: Claim) -> NoReturn:
         logger.warning(
             "an idempotent request outlived its lease (%.0f s) and another took its key over: "
             "its changes were not saved; give the view a longer lease",

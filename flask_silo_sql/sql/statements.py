@@ -603,17 +603,57 @@ class Statements:
             )
             .values(token=token, locked_until=_ts("lease_until")),
         )
+        stored = {
+            "status": bindparam("status", type_=Integer()),
+            "headers": bindparam("headers", type_=Text()),
+            "body": bindparam("body", type_=LargeBinary()),
+            "locked_until": null(),
+        }
         self.complete_key = prepare(
             "complete_key",
             update(keys)
             .where(this_key, keys.c.token == token, keys.c.status.is_(None))
-            .values(
-                status=bindparam("status", type_=Integer()),
-                headers=bindparam("headers", type_=Text()),
-                body=bindparam("body", type_=LargeBinary()),
-                locked_until=null(),
-            ),
+            .values(**stored),
         )
+        self.complete_key_with_namespace: Prepared | None = None
+        if postgresql:
+            # A commit with one namespace to update and the response to store, in one
+            # statement: the key's row locked while the claim is still ours, then the
+            # namespace under its version guard, then the response; any guard that fails
+            # leaves all three untouched. Returns what each step matched.
+            ours = (
+                select(keys.c.token)
+                .where(this_key, keys.c.token == token, keys.c.status.is_(None))
+                .with_for_update()
+                .cte("ours")
+            )
+            changed = (
+                update(namespaces)
+                .where(
+                    namespaces.c.sid == sid,
+                    namespaces.c.name == name,
+                    namespaces.c.version == bindparam("expected", type_=Integer()),
+                    exists(select(ours.c.token)),
+                )
+                .values(data=data, version=namespaces.c.version + 1, updated_at=now)
+                .returning(namespaces.c.version)
+                .cte("changed")
+            )
+            completed = (
+                update(keys)
+                .where(this_key, keys.c.token == token, exists(select(changed.c.version)))
+                .values(**stored)
+                .returning(keys.c.token)
+                .cte("completed")
+            )
+            self.complete_key_with_namespace = prepare(
+                "complete_key_with_namespace",
+                select(
+                    select(func.count()).select_from(ours).scalar_subquery(),
+                    select(func.count()).select_from(changed).scalar_subquery(),
+                    select(func.count()).select_from(completed).scalar_subquery(),
+                ),
+            )
         self.release_key = prepare(
             "release_key",
             delete(keys).where(this_key, keys.c.token == token, keys.c.status.is_(None)),

@@ -41,7 +41,7 @@ from ..files import directory_lock
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import sessions as ops
 from . import task_rows
-from .context import Context, Staged
+from .context import Context, Staged, WritesWithNamespace
 from .executor import Executor
 from .file_rows import StagedFile
 from .slots import Slot
@@ -320,6 +320,8 @@ class SQLUnit:
                     touched = False
                     if len(writes) == 1 and not staged:  # one statement: no transaction
                         versions = ops.write_namespaces(ex, b.st, self.sid, writes, now)
+                    elif (v := _written_together(ex, writes, staged, self.sid, now)) is not None:
+                        versions = [v]
                     else:
                         with ex.transaction():
                             versions = self._write(ex, writes, staged, now)
@@ -427,6 +429,16 @@ class SQLUnit:
             if not self._closed:
                 self._closed = True
                 self._ctx.unbind(self)
+
+
+def _written_together(
+    ex: Executor, writes: list[ops.Write], staged: list[Staged], sid: str, now: float
+) -> int | None:
+    """One namespace and one staged write in one statement, where the item can (see
+    :class:`WritesWithNamespace`): the namespace's new version, or None."""
+    if len(writes) != 1 or len(staged) != 1 or not isinstance(staged[0], WritesWithNamespace):
+        return None
+    return staged[0].write_with(ex, writes[0], sid, now)
 
 
 def _discard(staged: list[Staged]) -> None:
