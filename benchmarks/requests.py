@@ -52,7 +52,16 @@ statements in a bare Flask view); against the Core floor, a write at most 1.25 x
 (bare Flask write + Core write floor) and a read at most 1.25 x (bare Flask read
 + Core read floor); and Flask-Session costs at least 3 x flask_silo_sql for both.
 The traced configuration's ratios to the same floors are reported, with no
-target. The exit status is 0 whatever the verdicts: this is a report.
+target.
+
+Idempotent requests: the same app with ``@silo.idempotent()`` on the write
+view, on its own database, measured in the same interleaved rounds. Its write
+is a first request (a new ``Idempotency-Key`` each time), its read a replay (one
+key answered already). Targets: a first request costs at most 1.15 x the same
+POST without the decorator and sends at most one statement more (counted at
+the storage's statement hook), a replay at most 1.1 x a read request.
+
+The exit status is 0 whatever the verdicts: this is a report.
 
 Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]``.
 """
@@ -107,6 +116,11 @@ READ_PATH = "/api/read"
 DATABASES = ("sqlite", "postgresql")
 DB_TITLES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 
+IDEMPOTENT_FIRST_TARGET = 1.15
+"""An idempotent POST (a new key) / the same POST without the decorator."""
+IDEMPOTENT_REPLAY_TARGET = 1.1
+"""A replay / a read request."""
+IDEMPOTENT_EXTRA_STATEMENTS = 1
 DBAPI_FLOOR_TARGET = 1.15
 """silo / (bare Flask + DBAPI floor), for writes and reads."""
 CORE_FLOOR_TARGET = 1.25
@@ -135,8 +149,8 @@ class Bench:
 
     label: str
     role: str
-    """``bare``, ``silo``, ``floor`` (Core), ``dbapi_floor``, ``flask_session``, ``silo_sql``
-    or ``silo_sql_traced``."""
+    """``bare``, ``silo``, ``floor`` (Core), ``dbapi_floor``, ``flask_session``, ``silo_sql``,
+    ``silo_sql_traced`` or ``silo_sql_idempotent``."""
     db: str | None
     write: Op
     read: Op
@@ -146,6 +160,8 @@ class Bench:
     after_round: Callable[[], None] | None = None
     """Called after each timed round (outside the timing)."""
     server_version: str | None = None
+    statements: dict[str, int] = field(default_factory=dict)
+    """Statements one request sends, by kind (silo configurations)."""
     writes_done: int = 0
     write_rounds: list[float] = field(default_factory=list)
     read_rounds: list[float] = field(default_factory=list)
@@ -166,14 +182,23 @@ class Bench:
 # -- apps ----------------------------------------------------------------------
 
 
-def add_counter_routes(app: Flask, state: State) -> None:
-    """The two endpoints, identical in every app; *state* is the client's state."""
+View = Callable[[], Response]
 
-    @app.post(WRITE_PATH)
+
+def add_counter_routes(
+    app: Flask, state: State, decorate: Callable[[View], View] | None = None
+) -> None:
+    """The two endpoints, identical in every app; *state* is the client's state.
+
+    *decorate* wraps the write view (``silo.idempotent()``).
+    """
+
     def count() -> Response:
         data = state()
         data["n"] = int(data.get("n", 0)) + 1
         return jsonify(n=data["n"])
+
+    app.post(WRITE_PATH)(decorate(count) if decorate is not None else count)
 
     @app.get(READ_PATH)
     def read() -> Response:
@@ -268,7 +293,69 @@ def silo_sql_bench(db: str, url: str, sid: str, *, traced: bool = False) -> Benc
     add_counter_routes(app, lambda: silo.state("counter"))
     write, read, value = client_ops(app, sid)
     closers.append(silo.stop)
-    return Bench(label, role, db, write, read, value, closers=closers, after_round=after_round)
+    bench = Bench(label, role, db, write, read, value, closers=closers, after_round=after_round)
+    if not traced:
+        write()  # the session's row: then a write is what the measured ones are
+        bench.statements = {"write": count_statements(storage, write),
+                            "read": count_statements(storage, read)}
+        bench.writes_done = 2
+    return bench
+
+
+def count_statements(storage: flask_silo_sql.SQLStorage, op: Op) -> int:
+    """How many statements *op* sends, counted at the storage's statement hook."""
+    seen: list[str] = []
+    previous = storage.statement_hook
+    storage.statement_hook = lambda name, sql, values: seen.append(name)
+    try:
+        op()
+    finally:
+        storage.statement_hook = previous
+    return len(seen)
+
+
+def silo_sql_idempotent_bench(db: str, url: str, sid: str) -> Bench:
+    """flask_silo_sql with ``@silo.idempotent()`` on the write view.
+
+    Its write is a first request (a new key each time), its read a replay of
+    one key answered already.
+    """
+    storage = flask_silo_sql.SQLStorage(url)
+    schema.upgrade(storage.engine)
+    app = Flask(f"bench_silo_sql_idempotent_{db}")
+    silo = flask_silo_sql.Silo(app, storage=storage, auto_cleanup=False)
+    silo.register("counter", lambda: {"n": 0})
+    add_counter_routes(app, lambda: silo.state("counter"), silo.idempotent())
+    client = app.test_client()
+    keys = iter(range(10**9))
+    client.post(WRITE_PATH, headers={HEADER: sid})  # the session's row, without a key
+    replayed = {HEADER: sid, "Idempotency-Key": "replayed"}
+    if client.post(WRITE_PATH, headers=replayed).status_code != 200:
+        raise BenchError("idempotent: the first request of the replayed key failed")
+
+    def write() -> None:
+        headers = {HEADER: sid, "Idempotency-Key": f"k{next(keys)}"}
+        response = client.post(WRITE_PATH, headers=headers)
+        if response.status_code != 200 or "Idempotent-Replayed" in response.headers:
+            raise BenchError(f"idempotent write answered {response.status_code}")
+
+    def read() -> None:
+        response = client.post(WRITE_PATH, headers=replayed)
+        if response.headers.get("Idempotent-Replayed") != "true":
+            raise BenchError(f"idempotent replay answered {response.status_code} unreplayed")
+
+    def value() -> int:
+        body = client.get(READ_PATH, headers={HEADER: sid}).get_json()
+        return int(body["n"]) - 2  # the two requests above
+
+    bench = Bench("flask_silo_sql, @silo.idempotent", "silo_sql_idempotent", db, write, read,
+                  value, closers=[silo.stop, storage.dispose])
+    bench.statements = {
+        "write": count_statements(storage, write),
+        "read": count_statements(storage, read),
+    }
+    bench.writes_done = 1
+    return bench
 
 
 def engine_spans(engine: Engine) -> Any:
@@ -445,6 +532,7 @@ def database_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Benc
         flask_session_bench(db, new_url(), sid),
         silo_sql_bench(db, new_url(), sid),
         silo_sql_bench(db, new_url(), sid, traced=True),
+        silo_sql_idempotent_bench(db, new_url(), sid),
     ]
 
 
@@ -539,6 +627,21 @@ def floor_ratios(silo: Bench, db: str, benches: list[Bench], bare: Bench) -> lis
     ]
 
 
+def idempotent_verdicts(db: str, benches: list[Bench]) -> list[Verdict]:
+    """@silo.idempotent against the same app without it, in the same run."""
+    by_role = {b.role: b for b in benches if b.db == db}
+    silo, idem = by_role["silo_sql"], by_role["silo_sql_idempotent"]
+    extra = idem.statements["write"] - silo.statements["write"]
+    return [
+        Verdict(db, "idempotent POST (new key) / the same POST without the decorator",
+                idem.write_us / silo.write_us, IDEMPOTENT_FIRST_TARGET, True),
+        Verdict(db, "statements of an idempotent POST - those of the same POST",
+                float(extra), IDEMPOTENT_EXTRA_STATEMENTS, True),
+        Verdict(db, "replay / read request",
+                idem.read_us / silo.read_us, IDEMPOTENT_REPLAY_TARGET, True),
+    ]
+
+
 def verdicts_for(db: str, benches: list[Bench], bare: Bench) -> list[Verdict]:
     by_role = {b.role: b for b in benches if b.db == db}
     silo, peer = by_role["silo_sql"], by_role["flask_session"]
@@ -550,6 +653,7 @@ def verdicts_for(db: str, benches: list[Bench], bare: Bench) -> list[Verdict]:
                 peer.write_us / silo.write_us, PEER_TARGET, False),
         Verdict(db, "Flask-Session read / flask_silo_sql read",
                 peer.read_us / silo.read_us, PEER_TARGET, False),
+        *idempotent_verdicts(db, benches),
     ]
 
 
@@ -576,8 +680,8 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
             if bench.db != db:
                 continue
             if bench.role == "silo_sql":
-                cells = [v.cell() for v in verdicts[db]]
-            elif bench.role == "silo_sql_traced":
+                cells = [v.cell() for v in verdicts[db][:len(FLOOR_RATIOS) + 2]]
+            elif bench.role in ("silo_sql_traced", "silo_sql_idempotent"):
                 cells = [f"{r:.2f}" for r in floor_ratios(bench, db, benches, bare)] + ["", ""]
             else:
                 cells = []
@@ -644,6 +748,15 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
             print(f"  {DB_TITLES[db]:<10}  traced {what:<57} {ratio:5.2f}")
         print(f"  {DB_TITLES[db]:<10}  traced / untraced flask_silo_sql: write "
               f"{traced.write_us / silo.write_us:.2f}, read {traced.read_us / silo.read_us:.2f}")
+    print("Idempotent requests (@silo.idempotent, its own database, same rounds): write = a "
+          "first request (new key), read = a replay; statements per request:")
+    for db in dbs:
+        by_role = {b.role: b for b in benches if b.db == db}
+        silo, idem = by_role["silo_sql"], by_role["silo_sql_idempotent"]
+        print(f"  {DB_TITLES[db]:<10}  POST {silo.statements['write']}, idempotent POST "
+              f"{idem.statements['write']}; read {silo.statements['read']}, replay "
+              f"{idem.statements['read']}; idempotent POST {idem.write_us:.1f} µs vs "
+              f"{silo.write_us:.1f} µs, replay {idem.read_us:.1f} µs vs read {silo.read_us:.1f} µs")
     print("Verdicts:")
     for verdict in all_verdicts:
         print(verdict.line())

@@ -163,6 +163,7 @@ def cleanup(batch_size: int | None, dry_run: bool) -> None:
     )
     if not dry_run:
         summary += f", {result.pruned} expired SID record(s) pruned"
+        summary += f", {result.keys_expired} idempotency key(s) forgotten"
     click.echo(summary + ")")
 
 

@@ -35,6 +35,10 @@ class SiloError(Exception):
         """Fields of the JSON body besides ``error`` and ``message``."""
         return {}
 
+    def headers(self) -> dict[str, str]:
+        """Headers the answer carries besides the JSON body's (``Retry-After``, ...)."""
+        return {}
+
     def body(self) -> dict[str, Any]:
         """The JSON body: ``error`` (the slug), ``message``, and the details."""
         return {"error": self.slug, "message": self.public_message, **self.details()}
@@ -350,3 +354,105 @@ class StorageUnavailable(SiloError):
     @property
     def public_message(self) -> str:
         return "Session storage is unavailable."
+
+
+class IdempotencyKeyInvalid(SiloError, ValueError):
+    """An ``Idempotency-Key`` header that is not a string or token of 1 to 255 characters."""
+
+    status = 400
+    slug = "idempotency_key_invalid"
+    logged = False
+
+    def __init__(self, header: str, reason: str) -> None:
+        self.header = header
+        super().__init__(
+            f"The {header} header must be one string (RFC 8941, quoted) or token of "
+            f"1 to 255 characters: {reason}."
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"header": self.header}
+
+
+class IdempotencyKeyMissing(SiloError):
+    """A view that requires an ``Idempotency-Key`` was called without one."""
+
+    status = 400
+    slug = "idempotency_key_missing"
+    logged = False
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+        super().__init__(f"This request needs an {header} header.")
+
+    def details(self) -> dict[str, Any]:
+        return {"header": self.header}
+
+
+class IdempotencyKeyInFlight(SiloError):
+    """Another request with the same key is running the view now (answered ``409``).
+
+    The answer carries ``Retry-After``: retrying with the same key then gets the
+    first request's response, or runs the view if that request failed.
+    """
+
+    status = 409
+    slug = "idempotency_key_in_flight"
+    logged = False
+
+    def __init__(self, header: str, retry_after: int = 1) -> None:
+        self.header = header
+        self.retry_after = retry_after
+        super().__init__(
+            f"A request with this {header} is still in progress; "
+            f"retry in {retry_after} s to get its response."
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"header": self.header}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class IdempotencyKeyReused(SiloError):
+    """The key was first used with another request (method, path, query, content, body)."""
+
+    status = 422
+    slug = "idempotency_key_reused"
+    logged = False
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+        super().__init__(
+            f"This {header} was used with a different request; use a new key for a new request."
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"header": self.header}
+
+
+class IdempotencyUnsupported(SiloError):
+    """``@silo.idempotent`` on a storage without tables (``InMemoryStorage``, a flask-silo one)."""
+
+    slug = "idempotency_unsupported"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "@silo.idempotent needs SQL storage (SQLStorage, the default): this app's storage "
+            "keeps no idempotency keys."
+        )
+
+
+class ResponseNotStorable(SiloError, TypeError):
+    """An idempotent view answered with a streamed response, which cannot be stored."""
+
+    slug = "response_not_storable"
+
+    def __init__(self, view: str) -> None:
+        self.view = view
+        super().__init__(
+            f"The idempotent view {view!r} returned a streamed response (a generator, "
+            "send_file, ...), which cannot be stored for a replay: return the body whole, or "
+            "remove @silo.idempotent. Its changes were not saved."
+        )

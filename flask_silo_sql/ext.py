@@ -5,7 +5,8 @@ the query parameter; a missing, short or malformed one gets a new SID. Each
 API request works through one unit of work of its app's store
 (:meth:`SessionStore.request <flask_silo_sql.store.SessionStore.request>`):
 state is read when the view asks for it, and written, with the request's
-uploads and task starts, by one commit once the response is known.
+uploads, task starts and (for an idempotent view, see :mod:`.decorators`) its
+stored response, by one commit once the response is known.
 
 Each app served keeps its own store, storage and settings in
 ``app.extensions["silo"]`` (a :class:`SiloApp`); the :class:`Silo` object
@@ -19,16 +20,18 @@ import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar, overload
+from typing import IO, Any, TypeVar, overload
 
 import click
 from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
 
 from .backends import Unit
 from .cleanup import CleanupDaemon
+from .decorators import IdempotentOptions, idempotent_view, locked_view
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .file_backends import check_backend
 from .files import Backend, FileStore
+from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_TTL_S, Claim, IdempotencyRecords
 from .logs import log_failure
 from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
@@ -69,8 +72,12 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_LOCKING": False,
     "SILO_STRICT_SIDS": False,
     "SILO_SID_MAX_AGE": 30 * 24 * 3600,
+    "SILO_IDEMPOTENCY_HEADER": DEFAULT_HEADER,
+    "SILO_IDEMPOTENCY_LEASE": DEFAULT_LEASE_S,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
+
+View = TypeVar("View", bound=Callable[..., Any])
 
 NO_REQUEST = (
     "No active session: silo.state() and silo.sid work inside an API request. "
@@ -97,6 +104,9 @@ class SiloApp:
         max_age = config["SILO_SID_MAX_AGE"]
         self.sid_max_age: float | None = None if max_age is None else float(max_age)
         """Strict SIDs: how long after its issue a SID is accepted (then a new one is given)."""
+        self.idempotency_header = str(config["SILO_IDEMPOTENCY_HEADER"])
+        self.idempotency_lease = float(config["SILO_IDEMPOTENCY_LEASE"])
+        """Seconds an idempotent request holds its key while its view runs."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
         self.runner: TaskRunner | None = None
@@ -121,14 +131,35 @@ class SiloApp:
 class _RequestState:
     """What the extension knows about the current request."""
 
-    __slots__ = ("gone", "sid", "streamed", "unit")
+    __slots__ = (
+        "claim",
+        "gone",
+        "issued",
+        "records",
+        "replayed",
+        "sid",
+        "spool",
+        "streamed",
+        "unit",
+        "view_failed",
+    )
 
-    def __init__(self, sid: str, unit: Unit) -> None:
+    def __init__(self, sid: str, unit: Unit, *, issued: bool = False) -> None:
         self.sid = sid
         self.unit = unit
+        self.issued = issued
+        """The SID was made for this request (the client sent none usable)."""
         self.gone = False
         self.streamed = False
         """The response streams: what its generator changes is saved when it ends."""
+        self.claim: Claim | None = None
+        """The Idempotency-Key this request holds (an idempotent view runs)."""
+        self.records: IdempotencyRecords | None = None
+        self.replayed = False
+        """Answered with a stored response: nothing is saved."""
+        self.view_failed = False
+        """The idempotent view raised: its changes are discarded, its key released."""
+        self.spool: IO[bytes] | None = None
 
 
 class LazySession(MutableMapping[str, Any]):
@@ -492,7 +523,7 @@ class Silo:
             self._verify_schema(state)
         sid, issued = self._extract_sid(state)
         unit = state.store.request(sid, locking=state.locking, issued=issued)
-        request_state = _RequestState(sid, unit)
+        request_state = _RequestState(sid, unit, issued=issued)
         g._silo_request = request_state
         g.silo_sid = sid
         g.silo = LazySession(self)
@@ -507,11 +538,20 @@ class Silo:
         status = response.status_code
         passive = status in (404, 405) or request.method == "OPTIONS"
         state.streamed = response.is_streamed and status < 400
+        keep = status < 500 and not state.view_failed
+        claim = state.claim
         try:
-            if passive and not state.unit.loaded:
+            if state.replayed:
+                pass  # a stored response: the request changes nothing
+            elif claim is not None and claim.response is not None and keep and not state.gone:
+                claim.request.sid = state.sid  # (the view may have rotated it)
+                if state.records is not None:
+                    state.records.complete(claim, claim.response)  # with the commit
+                state.unit.commit(state=True, files=status < 400)
+            elif passive and not state.unit.loaded:
                 pass  # nothing asked of the session: nothing stored, nothing touched
             elif not state.gone:
-                state.unit.commit(state=status < 500, files=status < 400)
+                state.unit.commit(state=keep, files=status < 400 and keep)
         except SessionExpired as exc:
             logger.info(
                 "session %s expired during the request; its changes were dropped", tag(state.sid)
@@ -541,6 +581,12 @@ class Silo:
                 self._commit_after_stream(state, failed=exc is not None)
         finally:
             state.unit.close()
+            claim = state.claim
+            if claim is not None and not claim.completed and state.records is not None:
+                claim.request.sid = state.sid
+                state.records.release(claim)  # the view failed: a retry runs it again
+            if state.spool is not None:
+                state.spool.close()
 
     @staticmethod
     def _commit_after_stream(state: _RequestState, *, failed: bool) -> None:
@@ -560,7 +606,9 @@ class Silo:
         status = exc.http_status
         if exc.logged or status >= 500:
             logger.error("%s", exc)
-        return jsonify(exc.body()), status
+        response = jsonify(exc.body())
+        response.headers.update(exc.headers())
+        return response, status
 
     def _move_files(self, old: str, new: str) -> Callable[[], None]:
         undos: list[Callable[[], None]] = []
@@ -599,6 +647,68 @@ class Silo:
                     exc=exc,
                     sid=sid,
                 )
+
+    # -- view decorators ---------------------------------------------------------
+
+    @overload
+    def idempotent(self, ttl: View) -> View: ...
+
+    @overload
+    def idempotent(
+        self,
+        ttl: float = DEFAULT_TTL_S,
+        *,
+        required: bool = False,
+        wait: float = 0.0,
+        scope: Callable[[], object] | None = None,
+        lease: float | None = None,
+    ) -> Callable[[View], View]: ...
+
+    def idempotent(
+        self,
+        ttl: float | View = DEFAULT_TTL_S,
+        *,
+        required: bool = False,
+        wait: float = 0.0,
+        scope: Callable[[], object] | None = None,
+        lease: float | None = None,
+    ) -> View | Callable[[View], View]:
+        """Run the view once per ``Idempotency-Key``; a retry gets the stored response.
+
+        The key (the ``SILO_IDEMPOTENCY_HEADER`` header, an RFC 8941 string or
+        a token of at most 255 characters; malformed: ``400``) is scoped to the
+        session, the method, the route and, with *scope*, the principal it
+        returns (a user ID). Missing: ``400`` with *required*, else the view
+        runs as usual. The first request claims the key before the view runs;
+        a duplicate while it is in flight gets ``409`` with ``Retry-After``, or
+        waits up to *wait* seconds for its response. The response is stored
+        with the request's state changes, in one transaction, and replayed
+        byte for byte (``Idempotent-Replayed: true``) for *ttl* seconds; the
+        same key with another request (method, path, query, content type,
+        body) gets ``422``. A view that raises, answers ``5xx`` or dies frees
+        the key (dead: after *lease* seconds, ``SILO_IDEMPOTENCY_LEASE`` by
+        default), and saves nothing. Needs SQL storage; streamed responses
+        are refused (``ResponseNotStorable``).
+        """
+        if callable(ttl):  # @silo.idempotent without parentheses
+            defaults = IdempotentOptions(DEFAULT_TTL_S, False, 0.0, None, None)
+            return idempotent_view(self, ttl, defaults)
+        options = IdempotentOptions(ttl, required, wait, scope, lease)
+
+        def decorate(view: View) -> View:
+            return idempotent_view(self, view, options)
+
+        return decorate
+
+    def locked(self, view: View) -> View:
+        """Run the view with its session locked from its start to its response.
+
+        The decorator form of ``silo.state(ns, lock=True)`` for the whole view:
+        concurrent requests of one session through it run one after another.
+        Put it below ``@silo.idempotent``, so that a key is claimed before the
+        lock is waited for.
+        """
+        return locked_view(self, view)
 
     # -- request accessors ------------------------------------------------------
 

@@ -14,6 +14,7 @@ T0 = 1_700_000_000.0
 
 SILO_TABLES_CHILD_FIRST = (
     "silo_workers",
+    "silo_idempotency_keys",
     "silo_tasks",
     "silo_file_chunks",
     "silo_files",

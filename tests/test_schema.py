@@ -391,6 +391,10 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
             "target", "args", "attempt", "max_attempts", "lease_expires_at", "checkpoint",
         },
         "silo_workers": {"id", "hostname", "pid", "kind", "heartbeat_at"},
+        "silo_idempotency_keys": {
+            "sid", "key_hash", "idempotency_key", "fingerprint", "status", "headers", "body",
+            "locked_until", "expires_at",
+        },
     }
     assert set(required) == SILO_TABLES
     for table, columns in required.items():
@@ -417,8 +421,12 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         "file_id",
         "seq",
     ]
+    assert "expires_at" in leading_index_columns("silo_idempotency_keys")
+    assert inspector.get_pk_constraint("silo_idempotency_keys")["constrained_columns"] == [
+        "sid", "key_hash",
+    ]
 
-    for table in ("silo_namespaces", "silo_files", "silo_tasks"):
+    for table in ("silo_namespaces", "silo_files", "silo_tasks", "silo_idempotency_keys"):
         fks = inspector.get_foreign_keys(table)
         assert any(
             fk["referred_table"] == "silo_sessions"
@@ -440,6 +448,7 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         ("silo_files", False),
         ("silo_tasks", False),
         ("silo_workers", False),
+        ("silo_idempotency_keys", False),
         (VERSION_TABLE, False),
         ("users", True),
         ("alembic_version", True),

@@ -10,7 +10,8 @@ Work on one session goes through a :class:`Unit`: a request opens one, reads
 namespaces through it, and commits it when the response is known; scripts use
 one as a locked transaction. Files and task rows are capabilities a backend
 may lack (``None``): then file stores keep flask-silo's disk-only behaviour and
-tasks live in their objects only (flask-silo's behaviour too).
+tasks live in their objects only (flask-silo's behaviour too); without
+idempotency records, ``@silo.idempotent`` views answer an error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import threading
 
     from ..files import FileRecords
+    from ..idempotency import IdempotencyRecords
     from ..tasks import Claimed, TaskSpec
 
 
@@ -77,6 +79,8 @@ class SweepResult:
     skipped_busy: int = 0
     batches: int = 0
     pruned: int = 0
+    keys_expired: int = 0
+    """Idempotency keys forgotten (older than their view's ttl)."""
 
 
 class TaskQueue(Protocol):
@@ -190,6 +194,9 @@ class Backend(Protocol):
 
     def task_queue(self) -> TaskQueue | None:
         """Durable task runs (None: every run lives in its process, flask-silo's way)."""
+
+    def idempotency_records(self) -> IdempotencyRecords | None:
+        """Where idempotency keys are kept (None: this backend keeps none)."""
 
     def now(self) -> float:
         """The time by this backend's clock (the policy's injected clock first)."""

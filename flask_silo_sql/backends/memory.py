@@ -182,6 +182,10 @@ class MemoryBackend:
     def task_queue(self) -> None:
         return None
 
+    def idempotency_records(self) -> None:
+        """No tables: ``@silo.idempotent`` answers ``IdempotencyUnsupported`` here. Keys kept
+        in one process's memory would protect nothing across workers or restarts."""
+
 
 class MemoryUnit:
     """A request on a memory backend: flask-silo's ``get`` on first use, ``save`` at the end."""

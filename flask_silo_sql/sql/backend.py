@@ -2,7 +2,8 @@
 
 It implements :class:`~flask_silo_sql.backends.base.Backend` with the units
 of :mod:`.unit` and the operations of :mod:`.sessions`, :mod:`.sweep`,
-:mod:`.task_rows` and :mod:`.file_rows`, all sharing one :class:`.Context`.
+:mod:`.task_rows`, :mod:`.file_rows` and :mod:`.idempotency_rows`, all sharing
+one :class:`.Context`.
 A request's unit is bound to its context, so uploads and task starts of that
 request join its commit.
 """
@@ -18,6 +19,7 @@ from . import sessions as ops
 from . import sweep as sweeping
 from .context import Context
 from .file_rows import SQLFileRecords
+from .idempotency_rows import SQLIdempotencyRecords
 from .task_queue import SQLTaskQueue
 from .unit import META, Session, SQLUnit, busy_session, reset, rotate
 
@@ -30,6 +32,7 @@ class SQLBackend:
         self._ctx: Context | None = None
         self._file_records: dict[str, SQLFileRecords] = {}
         self._task_queue: SQLTaskQueue | None = None
+        self._idempotency: SQLIdempotencyRecords | None = None
 
     @property
     def ctx(self) -> Context:
@@ -67,6 +70,12 @@ class SQLBackend:
         if queue is None:
             queue = self._task_queue = SQLTaskQueue(self.ctx)
         return queue
+
+    def idempotency_records(self) -> SQLIdempotencyRecords:
+        records = self._idempotency
+        if records is None:
+            records = self._idempotency = SQLIdempotencyRecords(self.ctx)
+        return records
 
     # -- flask-silo's store operations --------------------------------------------
 
@@ -157,6 +166,9 @@ class SQLBackend:
         if not dry_run:
             result.pruned = sweeping.prune(
                 ctx.connector, ctx.st, cutoff=now - policy.expired_retain
+            )
+            result.keys_expired = sweeping.expire_keys(
+                ctx.connector, ctx.st, cutoff=now, batch_size=batch_size
             )
         return result
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..backends.base import Policy
 from . import sessions as ops
@@ -24,6 +24,10 @@ class Staged(Protocol):
     directory: str | None
     """A directory whose lock the commit holds while it writes this (uploads), or None."""
 
+    locks_session: bool
+    """Whether the commit locks the session row first (a write the session must
+    outlive); False for a write guarded on its own (a stored response)."""
+
     def write(self, ex: Executor, now: float) -> None:
         """In the commit's transaction, with the session row locked."""
 
@@ -32,6 +36,16 @@ class Staged(Protocol):
 
     def discard(self) -> None:
         """The request failed: undo what was done ahead of the commit."""
+
+
+@runtime_checkable
+class WritesWithNamespace(Protocol):
+    """A staged write that can go out with the commit's one namespace write as one statement."""
+
+    def write_with(self, ex: Executor, write: ops.Write, sid: str, now: float) -> int | None:
+        """Write *write* (of session *sid*) and this item together, both or neither; the
+        namespace's new version, or None when this database cannot (a transaction then
+        writes them one after the other)."""
 
 
 class Staging(Protocol):

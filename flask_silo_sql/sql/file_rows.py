@@ -48,6 +48,8 @@ logger = logging.getLogger("flask_silo_sql.files")
 class StagedFile:
     """An upload whose row is written with the request's commit."""
 
+    locks_session = True
+
     def __init__(
         self, records: SQLFileRecords, upload: StagedUpload, replaced: FileRow | None
     ) -> None:

@@ -298,6 +298,70 @@ workers = Table(
     comment="One row per live process that claims durable task runs",
 )
 
+
+idempotency_keys = Table(
+    "silo_idempotency_keys",
+    metadata,
+    owner_sid(primary_key=True),
+    Column(
+        "key_hash",
+        String(64),
+        primary_key=True,
+        comment="Hex SHA-256 of the request method, the route, the principal and the key: "
+        "the key's scope within its session",
+    ),
+    Column(
+        "idempotency_key",
+        String(255),
+        nullable=False,
+        comment="The Idempotency-Key header's value as the client sent it (unquoted)",
+    ),
+    Column("method", String(16), nullable=False, comment="HTTP method of the request"),
+    Column("route", Text, nullable=False, comment="URL rule of the view the key was used on"),
+    Column(
+        "fingerprint",
+        String(64),
+        nullable=False,
+        comment="Hex SHA-256 of the request: method, path, query string, content type, body",
+    ),
+    Column(
+        "token",
+        String(32),
+        nullable=False,
+        comment="Random token of the request that holds the claim (runs or ran the view)",
+    ),
+    Column(
+        "status",
+        Integer,
+        nullable=True,
+        comment="HTTP status of the stored response; NULL while the first request is in flight",
+    ),
+    Column(
+        "headers",
+        Text,
+        nullable=True,
+        comment="Headers of the stored response: a JSON list of [name, value] pairs "
+        "(no hop-by-hop headers, no SID header)",
+    ),
+    Column("body", LargeBinary, nullable=True, comment="Body of the stored response, as sent"),
+    Column("created_at", UTCDateTime(), nullable=False, comment="When the key was first claimed"),
+    Column(
+        "locked_until",
+        UTCDateTime(),
+        nullable=True,
+        comment="While in flight: end of the claim's lease (a retry after it runs the view "
+        "again); NULL once the response is stored",
+    ),
+    Column(
+        "expires_at",
+        UTCDateTime(),
+        nullable=False,
+        comment="When the cleanup sweep forgets the key: created_at + the view's ttl",
+    ),
+    Index("ix_silo_idempotency_keys_expires_at", "expires_at"),
+    comment="One row per Idempotency-Key used in a session: its claim and stored response",
+)
+
 SILO_TABLES = frozenset(metadata.tables)
 """Names of every table flask-silo-sql owns."""
 

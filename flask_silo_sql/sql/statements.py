@@ -50,6 +50,7 @@ from .models import (
     expired_sids,
     file_chunks,
     files,
+    idempotency_keys,
     namespaces,
     sessions,
     tasks,
@@ -57,7 +58,7 @@ from .models import (
 )
 
 UTC = dt.timezone.utc
-CHILD_TABLES = (namespaces, files, tasks)
+CHILD_TABLES = (namespaces, files, tasks, idempotency_keys)
 PENDING_PREFIX = ".silo-upload-"
 """``silo_files.filename`` of an upload in progress (no stored name can start so)."""
 NOTIFY_CHANNEL = "silo_tasks"
@@ -940,3 +941,131 @@ class Statements:
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
             for table in (sessions, namespaces, expired_sids, files, file_chunks, tasks, workers)
         }
+
+        # -- idempotency keys -----------------------------------------------------
+        keys = idempotency_keys
+        key_hash = bindparam("key_hash", type_=String(64))
+        token = bindparam("token", type_=String(32))
+        this_key = and_(keys.c.sid == sid, keys.c.key_hash == key_hash)
+        key_record = (
+            keys.c.fingerprint,
+            keys.c.token,
+            keys.c.status,
+            keys.c.headers,
+            keys.c.body,
+            keys.c.locked_until,
+        )
+        claimed_key = {
+            "sid": sid,
+            "key_hash": key_hash,
+            "idempotency_key": bindparam("key", type_=String(255)),
+            "method": bindparam("method", type_=String(16)),
+            "route": bindparam("route", type_=Text()),
+            "fingerprint": bindparam("fingerprint", type_=String(64)),
+            "token": token,
+            "created_at": now,
+            "locked_until": _ts("lease_until"),
+            "expires_at": expires,
+        }
+        in_session: ColumnElement[bool] = exists().where(sessions.c.sid == sid)
+        if postgresql:
+            # The claim commits without waiting for its WAL flush: the request's own
+            # commit, later, flushes it too, and a claim lost with a crash had a
+            # request that could not finish anyway (its retry runs the view).
+            no_flush = func.set_config("synchronous_commit", "off", True) == "off"
+            in_session = and_(in_session, no_flush)
+        claim_key = (
+            insert(keys)
+            .from_select(list(claimed_key), select(*claimed_key.values()).where(in_session))
+            .on_conflict_do_nothing(index_elements=[keys.c.sid, keys.c.key_hash])
+            .returning(*key_record)
+        )
+        self.read_key = prepare("read_key", select(*key_record).where(this_key))
+        if postgresql:
+            # One round trip for both answers: the claim's row, or the record that
+            # was there (a row committed during the statement is in neither: read again).
+            mine = claim_key.cte("claimed")
+            self.claim_key = prepare(
+                "claim_key",
+                select(literal(True).label("claimed"), *mine.c).union_all(
+                    select(literal(False), *key_record).where(this_key)
+                ),
+            )
+        else:
+            self.claim_key = prepare("claim_key", claim_key)
+        self.take_over_key = prepare(
+            "take_over_key",
+            update(keys)
+            .where(
+                this_key,
+                keys.c.token == bindparam("old_token", type_=String(32)),
+                keys.c.status.is_(None),
+                keys.c.locked_until < now,
+            )
+            .values(token=token, locked_until=_ts("lease_until")),
+        )
+        stored = {
+            "status": bindparam("status", type_=Integer()),
+            "headers": bindparam("headers", type_=Text()),
+            "body": bindparam("body", type_=LargeBinary()),
+            "locked_until": null(),
+        }
+        self.complete_key = prepare(
+            "complete_key",
+            update(keys)
+            .where(this_key, keys.c.token == token, keys.c.status.is_(None))
+            .values(**stored),
+        )
+        self.complete_key_with_namespace: Prepared | None = None
+        if postgresql:
+            # A commit with one namespace to update and the response to store, in one
+            # statement: the key's row locked while the claim is still ours, then the
+            # namespace under its version guard, then the response; any guard that fails
+            # leaves all three untouched. Returns what each step matched.
+            ours = (
+                select(keys.c.token)
+                .where(this_key, keys.c.token == token, keys.c.status.is_(None))
+                .with_for_update()
+                .cte("ours")
+            )
+            changed = (
+                update(namespaces)
+                .where(
+                    namespaces.c.sid == sid,
+                    namespaces.c.name == name,
+                    namespaces.c.version == bindparam("expected", type_=Integer()),
+                    exists(select(ours.c.token)),
+                )
+                .values(data=data, version=namespaces.c.version + 1, updated_at=now)
+                .returning(namespaces.c.version)
+                .cte("changed")
+            )
+            completed = (
+                update(keys)
+                .where(this_key, keys.c.token == token, exists(select(changed.c.version)))
+                .values(**stored)
+                .returning(keys.c.token)
+                .cte("completed")
+            )
+            self.complete_key_with_namespace = prepare(
+                "complete_key_with_namespace",
+                select(
+                    select(func.count()).select_from(ours).scalar_subquery(),
+                    select(func.count()).select_from(changed).scalar_subquery(),
+                    select(func.count()).select_from(completed).scalar_subquery(),
+                ),
+            )
+        self.release_key = prepare(
+            "release_key",
+            delete(keys).where(this_key, keys.c.token == token, keys.c.status.is_(None)),
+        )
+        self.expire_keys = prepare(
+            "expire_keys",
+            delete(keys).where(
+                tuple_(keys.c.sid, keys.c.key_hash).in_(
+                    select(keys.c.sid, keys.c.key_hash)
+                    .where(keys.c.expires_at < _ts("cutoff"))
+                    .limit(bindparam("batch_size", type_=Integer()))
+                )
+            ),
+        )

@@ -10,7 +10,8 @@ transaction). The delete re-checks ``expires_at`` (a request may have touched
 the session since it was listed) and, on PostgreSQL, skips rows a request
 holds locked. Deleted SIDs are recorded as expired in the same transaction, and
 ``DELETE ... RETURNING`` means that when several processes sweep at once each
-SID is expired by exactly one.
+SID is expired by exactly one. After the sessions, the sweep forgets old
+expired-SID records and idempotency keys past their ttl, in batches too.
 """
 
 from __future__ import annotations
@@ -103,6 +104,22 @@ def prune(connector: Connector, st: Statements, *, cutoff: float, batch_size: in
     while True:
         with connector.executor() as ex:
             count = ex.run(st.prune_expired, values).rowcount
+        total += count
+        if count < batch_size:
+            return total
+
+
+def expire_keys(connector: Connector, st: Statements, *, cutoff: float, batch_size: int) -> int:
+    """Forget idempotency keys whose ttl ran out by *cutoff*, in batches; how many went.
+
+    Each batch is one short statement through the ``expires_at`` index. Keys of
+    expired sessions went with them already (their foreign key cascades).
+    """
+    total = 0
+    values = {"cutoff": st.values.time(cutoff), "batch_size": batch_size}
+    while True:
+        with connector.executor() as ex:
+            count = ex.run(st.expire_keys, values).rowcount
         total += count
         if count < batch_size:
             return total

@@ -135,6 +135,7 @@ class StagedClaim:
     """A run's claim, written with the request's commit; its thread starts after it."""
 
     directory: str | None = None
+    locks_session = True
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ from ..files import directory_lock
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import sessions as ops
 from . import task_rows
-from .context import Context, Staged
+from .context import Context, Staged, WritesWithNamespace
 from .executor import Executor
 from .file_rows import StagedFile
 from .slots import Slot
@@ -327,11 +327,13 @@ class SQLUnit:
                         versions = self._write(ex, writes, staged, now)
                 else:
                     touched = False
-                    if len(writes) == 1:  # one statement: no transaction round trips
+                    if len(writes) == 1 and not staged:  # one statement: no transaction
                         versions = ops.write_namespaces(ex, b.st, self.sid, writes, now)
+                    elif (v := _written_together(ex, writes, staged, self.sid, now)) is not None:
+                        versions = [v]
                     else:
                         with ex.transaction():
-                            versions = ops.write_namespaces(ex, b.st, self.sid, writes, now)
+                            versions = self._write(ex, writes, staged, now)
         except BaseException:
             _discard(staged)
             raise
@@ -350,9 +352,10 @@ class SQLUnit:
         """Whether the commit locks (touches or creates) the session row first.
 
         Only a session read as existing, whose ``last_active`` is fresh (so it
-        cannot be due for expiry), with nothing but namespaces to write, skips it.
+        cannot be due for expiry), with nothing to write but namespaces and
+        writes that guard themselves (a stored response), skips it.
         """
-        if self._existed is not True or staged:
+        if self._existed is not True or any(item.locks_session for item in staged):
             return True
         return self._last_active <= now - self._ctx.touch_interval
 
@@ -435,6 +438,16 @@ class SQLUnit:
             if not self._closed:
                 self._closed = True
                 self._ctx.unbind(self)
+
+
+def _written_together(
+    ex: Executor, writes: list[ops.Write], staged: list[Staged], sid: str, now: float
+) -> int | None:
+    """One namespace and one staged write in one statement, where the item can (see
+    :class:`WritesWithNamespace`): the namespace's new version, or None."""
+    if len(writes) != 1 or len(staged) != 1 or not isinstance(staged[0], WritesWithNamespace):
+        return None
+    return staged[0].write_with(ex, writes[0], sid, now)
 
 
 def _discard(staged: list[Staged]) -> None:

@@ -8,13 +8,19 @@ Configured from the environment:
 - ``SILO_TEST_UPLOAD_DIR``: base directory of the ``uploads`` file store;
 - ``SILO_FILE_BACKEND``, ``SILO_MAX_FILE_BYTES``, ``SILO_MAX_SESSION_BYTES``,
   ``SILO_MIN_FREE_BYTES``: as the library reads them (JSON, else text);
-- ``SILO_TEST_BARRIER_DIR``: where the barrier files of paused requests live.
+- ``SILO_TEST_BARRIER_DIR``: where the barrier files of paused requests live;
+- ``SILO_IDEMPOTENCY_LEASE``: seconds an idempotent request holds its key (default 60);
+- ``SILO_TEST_RUNS_FILE``: a file the idempotent views append a line to each time
+  they run (the side effect their key must keep to one).
 
-A request can be paused at a chosen point with ``?pause=<point>&token=<name>``:
-it writes ``<token>.ready`` (holding the worker's PID) in the barrier directory,
-then waits until ``<token>.go`` exists. The points are ``handler`` (state
-changed, nothing saved yet), ``mid_save`` (inside the write transaction,
-after the first namespace row was written and before the next one),
+A request can be paused at a chosen point with ``?pause=<point>&token=<name>``
+(or the headers ``X-Test-Pause`` and ``X-Test-Token``, which leave an idempotent
+request's fingerprint as its retry's): it writes ``<token>.ready`` (holding the
+worker's PID) in the barrier directory, then waits until ``<token>.go`` exists.
+The points are ``handler`` (state changed, nothing saved yet), ``mid_save``
+(inside the write transaction, after the first namespace row was written and
+before the next one), ``before_response`` (inside the write transaction of an
+idempotent request: its namespace written, its response not yet stored),
 ``after_commit`` (state committed, response not yet sent) and
 ``before_record`` (upload renamed into place, its ``silo_files`` row not yet
 written).
@@ -52,6 +58,7 @@ for _key in (
             app.config[_key] = json.loads(os.environ[_key])
         except ValueError:
             app.config[_key] = os.environ[_key]
+app.config["SILO_IDEMPOTENCY_LEASE"] = float(os.environ.get("SILO_IDEMPOTENCY_LEASE", "60"))
 
 silo = Silo(app, ttl=3600)
 silo.register("counter", lambda: {"value": 0})
@@ -66,7 +73,7 @@ uploads = silo.add_file_store(
 
 
 def _barrier_paths() -> tuple[str, str]:
-    token = request.args.get("token", "")
+    token = request.args.get("token") or request.headers.get("X-Test-Token", "")
     directory = os.environ.get("SILO_TEST_BARRIER_DIR", "")
     if not directory or not _TOKEN.fullmatch(token):
         abort(400)
@@ -102,7 +109,9 @@ def _pause_in_transaction(name: str, sql: str, values: Mapping[str, Any]) -> Non
         g.namespace_writes = g.get("namespace_writes", 0) + 1
         if g.namespace_writes == 2:  # the first namespace is written, uncommitted
             wait_at_barrier()
-    elif _pause_at("before_record") and name == "upsert_file":
+    elif (_pause_at("before_record") and name == "upsert_file") or (
+        _pause_at("before_response") and name == "complete_key"  # an idempotent commit
+    ):
         wait_at_barrier()
 
 
@@ -113,7 +122,7 @@ _storage.statement_hook = _pause_in_transaction
 
 @app.before_request
 def _read_pause() -> None:
-    g.pause_at = request.args.get("pause")
+    g.pause_at = request.args.get("pause") or request.headers.get("X-Test-Pause")
 
 
 @app.teardown_request
@@ -189,3 +198,42 @@ def download(name: str) -> Response:
 @app.get("/api/files")
 def list_files() -> Response:
     return jsonify(files=uploads.list_files(silo.sid))
+
+
+def _idempotent_increment() -> Response:
+    """The idempotent views' work: a side effect outside the database, a state change."""
+    runs = os.environ.get("SILO_TEST_RUNS_FILE")
+    if runs:
+        with open(runs, "a") as handle:  # one short O_APPEND write per run
+            handle.write(f"{os.getpid()}\n")
+    delay = float(request.args.get("delay", "0"))
+    if delay:
+        time.sleep(min(delay, 5.0))
+    state = silo.state("counter")
+    state["value"] += 1
+    if _pause_at("handler"):
+        wait_at_barrier()
+    if request.headers.get("X-Test-Fail"):
+        raise RuntimeError("the view failed, as asked")
+    return jsonify(value=state["value"], run=os.urandom(8).hex(), pid=os.getpid())
+
+
+@app.post("/api/idem/inc")
+@silo.idempotent()
+def idempotent_inc() -> Response:
+    """Increment the counter once per Idempotency-Key (a duplicate in flight: 409)."""
+    return _idempotent_increment()
+
+
+@app.post("/api/idem/wait")
+@silo.idempotent(wait=30)
+def idempotent_wait() -> Response:
+    """The same, but a duplicate in flight waits for the first one's response."""
+    return _idempotent_increment()
+
+
+@app.post("/api/idem/required")
+@silo.idempotent(required=True)
+def idempotent_required() -> Response:
+    """The same, refusing a request without a key."""
+    return _idempotent_increment()
