@@ -2,7 +2,8 @@
 
 Two kinds of database per test, each on SQLite and on PostgreSQL:
 
-* ``db_url`` (``sqlite_url``, ``pg_url``): a fresh, empty database, no schema.
+* ``db_url`` (``sqlite_url``, ``pg_url``): a fresh, empty database, no schema;
+  ``engine`` on it, ``migrated_engine`` on it at the current schema.
 * ``silo_url`` (``sqlite_silo_url``, ``pg_silo_url``): a database at the current
   schema with no silo rows. Each test module migrates once per database
   (``sqlite_template``, ``pg_migrated``); each test then gets a copy of the
@@ -38,9 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import AppFactory
 from pgbouncer import PgBouncer, find_pgbouncer
 from pgserver import ExternalPg, PgServer, find_bindir
-from support import SILO_TABLES_CHILD_FIRST
+from support import SILO_TABLES_CHILD_FIRST, UNDER_CI
 
-UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _pg_problem: list[str] = []
 
 
@@ -114,6 +114,21 @@ def db_url(request: pytest.FixtureRequest) -> str:
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on the fresh test database (no schema), with silo's connection settings."""
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def migrated_engine(engine: Engine) -> Engine:
+    """The fresh test database, migrated to the current schema."""
+    schema.upgrade(engine)
+    return engine
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ from support import sql_storage
 from flask_silo_sql import InMemoryStorage, SchemaError, Silo, schema
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.ext import SiloApp
-from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import SILO_TABLES, expired_sids, files, namespaces, sessions, tasks
 
 UTC = dt.timezone.utc
@@ -114,13 +113,6 @@ def app_module(
     handle = AppModule(directory, db_url, factory)
     yield handle
     handle.close()
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

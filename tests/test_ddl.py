@@ -16,11 +16,9 @@ import re
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 from sqlalchemy import Engine, inspect, make_url, text
 
 from flask_silo_sql import schema
@@ -60,13 +58,6 @@ def flask_silo_db(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedP
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def table_names(engine: Engine) -> set[str]:

@@ -9,7 +9,7 @@ import datetime as dt
 import io
 import multiprocessing
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,6 @@ from flask_silo_sql.sql.models import SILO_TABLES, VERSION_TABLE, UTCDateTime, m
 UTC = dt.timezone.utc
 REPO = Path(__file__).resolve().parent.parent
 SID = "s" * 32
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    """An engine on the fresh test database, with silo's connection settings."""
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def schema_diffs(engine: Engine, target: MetaData = metadata) -> list[Any]:

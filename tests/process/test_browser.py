@@ -18,7 +18,6 @@ downloaded: Playwright only drives the system's Chromium.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import sys
 import threading
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Engine, select
-from support import sql_storage
+from support import UNDER_CI, sql_storage
 from werkzeug.serving import make_server
 
 from flask_silo_sql import Silo, schema
@@ -55,7 +54,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TTL = 60
 TIMEOUT_MS = 20_000
 EXPIRED_TEXT = "Session expired, please re-upload"

@@ -17,7 +17,7 @@ import http.client
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,8 @@ import requests
 from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
-from flask_silo_sql import SessionStore, SQLStorage, schema
+from flask_silo_sql import SessionStore, SQLStorage
 from flask_silo_sql.files import TEMP_PREFIX, FileRecords, FileStore, fsck
-from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import files, namespaces
 
 pytestmark = pytest.mark.slow
@@ -38,14 +37,9 @@ MULTI = ("alpha", "beta", "gamma")
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
+def engine(migrated_engine: Engine) -> Engine:
     """The test database at the current schema, for reading behind the app's back."""
-    engine = make_engine(db_url)
-    schema.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+    return migrated_engine
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ import requests
 from liveserver import APPS_DIR, REPO_ROOT, Gunicorn, gunicorn, process_gone, wait_for
 from pgserver import PgServer, find_bindir
 from sqlalchemy import Engine, select, text
+from support import UNDER_CI
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -49,17 +50,12 @@ FLASK_SILO_KEYS = {
     "started_at",
     "finished_at",
 }
-UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    schema.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+def engine(migrated_engine: Engine) -> Engine:
+    """The test database at the current schema, for reading behind the app's back."""
+    return migrated_engine
 
 
 def app_env(url: str, tmp: Path, **settings: Any) -> dict[str, str]:

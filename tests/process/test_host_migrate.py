@@ -28,7 +28,6 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,6 @@ from flask import Flask
 from sqlalchemy import Engine, inspect, text
 
 from flask_silo_sql import SQLStorage, schema
-from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import SILO_TABLES, VERSION_TABLE
 
 pytestmark = pytest.mark.slow
@@ -142,13 +140,6 @@ def host(tmp_path: Path, db_url: str) -> Host:
     directory.mkdir()
     (directory / "hostapp.py").write_text(HOST_SOURCE)
     return Host(directory, db_url)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def tables(engine: Engine) -> set[str]:

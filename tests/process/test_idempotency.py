@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ import requests
 from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
-from flask_silo_sql import schema
-from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import idempotency_keys, namespaces
 
 pytestmark = pytest.mark.slow
@@ -43,13 +40,9 @@ LEASE_S = 5.0
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    schema.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+def engine(migrated_engine: Engine) -> Engine:
+    """The test database at the current schema, for reading behind the app's back."""
+    return migrated_engine
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ before the outage is there.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import requests
 from liveserver import gunicorn, wait_for, wait_ready
 from pgserver import PgServer, find_bindir
 from sqlalchemy import select
+from support import UNDER_CI
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -36,7 +36,6 @@ THREADS = 2
 # Right after the restart, a worker whose pool still holds connections from
 # before the outage may answer 503 once per stale connection it discovers.
 RECOVERY_REQUESTS = 2 * WORKERS * THREADS + 2
-UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="module")

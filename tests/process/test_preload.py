@@ -39,13 +39,6 @@ CLIENTS = 6
 REQUESTS_PER_CLIENT = 40
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
 def _connection_identity(engine: Engine) -> str:
     """Which server connection a checkout gets (a backend PID on PostgreSQL)."""
     with engine.connect() as conn:
