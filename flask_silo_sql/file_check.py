@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -214,19 +215,14 @@ class _Check:
         return not self._upload_in_progress(sid)
 
     def _unlink_unrecorded(self, sid: str, name: str) -> None:
-        directory = os.path.join(self.files.base_dir, sid)
-        with directory_lock(directory):
-            path = os.path.join(directory, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return
-            if st.st_mtime >= self.started or not self._still_unrecorded(sid, name):
-                return
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        self._unlink_unless(sid, name, lambda: not self._still_unrecorded(sid, name))
 
     def _unlink_leftover(self, sid: str, name: str) -> None:
+        # An upload in progress may own it (a version it keeps aside).
+        self._unlink_unless(sid, name, lambda: self._upload_in_progress(sid))
+
+    def _unlink_unless(self, sid: str, name: str, keep: Callable[[], bool]) -> None:
+        """Holding the directory lock: unlink a file older than this run unless *keep*()."""
         directory = os.path.join(self.files.base_dir, sid)
         with directory_lock(directory):
             path = os.path.join(directory, name)
@@ -234,8 +230,8 @@ class _Check:
                 st = os.lstat(path)
             except FileNotFoundError:
                 return
-            if st.st_mtime >= self.started or self._upload_in_progress(sid):
-                return  # an upload in progress may own it (a version it keeps aside)
+            if st.st_mtime >= self.started or keep():
+                return
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
