@@ -78,6 +78,9 @@ OLD_PREFIX = TEMP_PREFIX + "old-"
 FILE_MODE = 0o600
 """Mode of stored files: readable by the application's user only."""
 CHUNK = 1024 * 1024
+READ = 64 * 1024
+"""How much of an upload is read at a time: what has arrived is on its way at once
+(a read of a whole CHUNK from a socket would wait for all of it)."""
 """Bytes read from a stream at a time, and the size of a ``database`` chunk."""
 FREE_SPACE_STEP = 8 * 1024 * 1024
 """Bytes an upload receives between two checks of the free-space floor."""
@@ -584,7 +587,7 @@ class FileStore:
                     checked = size
                 over = quota is not None and size > reservation.reserved
                 if over or time.monotonic() - beat > HEARTBEAT_S:
-                    target = max(size, reservation.reserved)
+                    target = max(size, reservation.reserved + CHUNK)  # ahead, by the chunk
                     records.reserve(reservation, row, needed=size, target=target, quota=quota)
                     beat = time.monotonic()
                 digest.update(chunk)
@@ -923,7 +926,7 @@ def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes]:
             yield bytes(view[start : start + CHUNK])
         return
     while True:
-        chunk = data.read(CHUNK)
+        chunk = data.read(READ)
         if not chunk:
             return
         yield bytes(chunk)

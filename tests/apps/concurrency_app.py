@@ -109,7 +109,7 @@ def _pause_in_transaction(name: str, sql: str, values: Mapping[str, Any]) -> Non
         g.namespace_writes = g.get("namespace_writes", 0) + 1
         if g.namespace_writes == 2:  # the first namespace is written, uncommitted
             wait_at_barrier()
-    elif (_pause_at("before_record") and name == "upsert_file") or (
+    elif (_pause_at("before_record") and name == "finish_upload") or (
         _pause_at("before_response") and name == "complete_key"  # an idempotent commit
     ):
         wait_at_barrier()
