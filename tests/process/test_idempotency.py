@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import requests
-from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
+from liveserver import REPO_ROOT, Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
 from flask_silo_sql.sql.models import idempotency_keys, namespaces
@@ -277,7 +277,7 @@ def test_the_readme_retry_loop_against_a_live_server(
     app_env: dict[str, str], engine: Engine, tmp_path: Path
 ) -> None:
     """The README's client loop, as a user would copy it, through gunicorn."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     start = readme.index("def post_once(")
     opening = readme.rindex("```python", 0, start) + len("```python")
     code = readme[opening : readme.index("```", start)]

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import requests
-from liveserver import Gunicorn, wait_for
+from liveserver import REPO_ROOT, Gunicorn, wait_for
 from liveserver import gunicorn as live_gunicorn
 from sqlalchemy import func, select
 
@@ -36,7 +36,7 @@ from flask_silo_sql.sql.models import file_chunks, files, sessions
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 APP_FILE = "examples/data_processor.py"
 HEADER = "X-Session-ID"
 TTL = 4
