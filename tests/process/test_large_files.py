@@ -120,6 +120,7 @@ def test_a_2_gib_file_streams_through_the_database_in_bounded_memory(
         "SILO_TEST_UPLOAD_DIR": str(base_dir),
         "SILO_FILE_BACKEND": "database",
         "SILO_MAX_FILE_BYTES": str(SIZE),
+        "SILO_MAX_SESSION_BYTES": str(2 * SIZE),
         "SILO_DB_TIMEOUT": "60",
     }
     try:
