@@ -23,7 +23,6 @@ cached copy on the machine that received them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -35,6 +34,7 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
+from .file_digest import StreamDigest
 from .files import CHUNK, FILE_MODE, TEMP_PREFIX, FileRow, _create_temp, storage_error
 from .logs import log_failure
 
@@ -288,7 +288,7 @@ class Cache:
         directory = os.path.join(self.store.base_dir, row.sid)
         fd, tmp = _create_temp(directory, TEMP_PREFIX + "fetch-" + secrets.token_hex(8))
         try:
-            digest = hashlib.sha256()
+            digest = StreamDigest()
             size = 0
             with os.fdopen(fd, "wb") as out, opener() as source:
                 for chunk in iter(lambda: source.read(COPY_BUFFER), b""):
@@ -367,6 +367,9 @@ class ChunkSink(CachedSink):
 
     def send(self, chunk: bytes) -> None:
         buffer = self._buffer
+        if not buffer and len(chunk) == CHUNK:
+            self._put(chunk)  # a whole chunk as it came: no copy
+            return
         buffer += chunk
         while len(buffer) >= CHUNK:
             self._put(bytes(buffer[:CHUNK]))
@@ -406,7 +409,7 @@ class ChunkReader(io.RawIOBase):
         self._chunk_size = CHUNK
         self._seq = -1
         self._data = b""
-        self._digest: Any = hashlib.sha256()
+        self._digest: StreamDigest | None = StreamDigest()
         self._hashed = 0
 
     def readable(self) -> bool:

@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
@@ -60,6 +59,7 @@ from .errors import (
     InvalidFilename,
     SiloError,
 )
+from .file_digest import StreamDigest
 from .logs import log_failure
 from .sids import is_valid_sid
 
@@ -564,7 +564,7 @@ class FileStore:
         sid, name = row.sid, row.filename
         limit = self.max_file_bytes
         quota = self.max_session_bytes
-        digest = hashlib.sha256()
+        digest = StreamDigest()  # hashed beside the writes
         size = 0
         checked = 0
         beat = time.monotonic()
