@@ -452,7 +452,7 @@ class ChunkReader(io.RawIOBase):
                 seq, offset = divmod(self._pos, self._chunk_size)
             if seq != self._seq:
                 self._load(seq)
-        piece = self._data[offset : offset + len(buffer)]
+        piece = memoryview(self._data)[offset : offset + len(buffer)]  # copied once, below
         if not piece:
             raise FileStorageError(self.store.name, "read a file", "a chunk is missing")
         view = memoryview(buffer)
