@@ -4,9 +4,11 @@
   the machine that received the upload; its rows record that machine
   (``host``), and other machines answer ``None``/``409`` for them.
 * :class:`DatabaseBytes` (``database``): the bytes in ``silo_file_chunks``,
-  1 MiB per row, written as they arrive (each chunk one short statement, no
-  transaction held open) and deleted with their row, so with their session, by
-  the transaction that deletes it.
+  1 MiB per row, written as they arrive (each chunk one short transaction, none
+  held open while the client sends; on PostgreSQL its commit does not wait for
+  the WAL flush, which the file's row, committed after it, waits for) and
+  deleted with their row, so with their session, by the transaction that
+  deletes it.
 * :class:`FsspecBytes` (an fsspec URL: ``s3://bucket/prefix``,
   ``file:///mnt/shared/uploads``, any installed protocol): each upload goes to
   a new object, ``<url>/<sid>/<token>/<name>``, which a row names only once
