@@ -56,7 +56,7 @@ class Sink(Protocol):
     tmp: str | None
     """A local temporary file holding them too (None: none was needed)."""
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: bytes | bytearray) -> None: ...
 
     def finish(self) -> None:
         """Every byte is durable where it belongs."""
@@ -150,7 +150,7 @@ class LocalSink:
         self._out: IO[bytes] | None = os.fdopen(fd, "wb")
         self._final = final
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         assert self._out is not None
         self._out.write(chunk)
 
@@ -325,11 +325,11 @@ class CachedSink:
         self._local = LocalSink(directory, tmp_name, cache.path)
         self.tmp: str | None = self._local.tmp
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         self._local.write(chunk)
         self.send(chunk)
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | bytearray) -> None:
         """Also write *chunk* to the remote place."""
 
     def finish(self) -> None:
@@ -367,7 +367,7 @@ class ChunkSink(CachedSink):
         self._buffer = bytearray()
         self._seq = 0
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | bytearray) -> None:
         buffer = self._buffer
         if not buffer and len(chunk) == CHUNK:
             self._put(chunk)  # a whole chunk as it came: no copy
@@ -377,7 +377,7 @@ class ChunkSink(CachedSink):
             self._put(bytes(buffer[:CHUNK]))
             del buffer[:CHUNK]
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | bytearray) -> None:
         assert self.row.id is not None
         self.records.put_chunk(self.row, self.row.id, self._seq, data)
         self._seq += 1
@@ -594,12 +594,12 @@ class RemoteSink(CachedSink):
             self.cache = backend.cache
             self.tmp = None
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         if self.cached:
             self._local.write(chunk)
         self.send(chunk)
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | bytearray) -> None:
         with remote_errors(self.backend.store.name, self.row.sid, "store a file"):
             self._remote.write(chunk)
 

@@ -57,7 +57,7 @@ class StreamDigest:
         self._pending: Future[None] | None = None
         self._seen = 0
 
-    def update(self, piece: bytes | memoryview) -> None:
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
         self.wait()
         self._seen += len(piece)
         if len(piece) < BESIDE_BYTES or self._seen <= INLINE_BYTES:

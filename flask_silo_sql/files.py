@@ -37,6 +37,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import io
 import logging
 import os
 import secrets
@@ -307,7 +308,7 @@ class FileRecords(Protocol):
         """Reserve at least *needed* bytes, up to *target* (``FileTooLarge`` past the quota;
         ``SessionExpired`` when the session went meanwhile)."""
 
-    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes) -> None: ...
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None: ...
 
     def read_chunk(self, file_id: int, seq: int) -> bytes | None: ...
 
@@ -916,17 +917,54 @@ def declared_size(data: Any) -> int | None:
     return None
 
 
-def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes]:
+def _defined_by(kind: type, name: str) -> type | None:
+    return next((klass for klass in kind.__mro__ if name in vars(klass)), None)
+
+
+_RAW_READ = _defined_by(io.RawIOBase, "read")
+"""io's own ``read`` of raw streams, made of their ``readinto``."""
+
+
+def _fills_in_place(data: object) -> bool:
+    """Whether *data*'s ``readinto`` gives what its ``read`` gives: both come from one
+    class (files, ``BytesIO``), or its ``read`` is io's own, made of its ``readinto``
+    (werkzeug's request stream). A stream that defines only ``read`` is read with it."""
+    kind = type(data)
+    filler = _defined_by(kind, "readinto")
+    reader = _defined_by(kind, "read")
+    return filler not in (None, _RAW_READ) and reader in (filler, _RAW_READ)
+
+
+def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes | bytearray]:
+    """*data* in pieces of :data:`CHUNK` bytes (the last one shorter). A stream that can
+    ``readinto`` fills each piece in place: one copy of the bytes, not three."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])
         return
+    readinto = getattr(data, "readinto", None) if _fills_in_place(data) else None
+    if readinto is None:
+        while True:
+            chunk = data.read(CHUNK)
+            if not chunk:
+                return
+            yield bytes(chunk)
     while True:
-        chunk = data.read(CHUNK)
-        if not chunk:
-            return
-        yield bytes(chunk)
+        piece = bytearray(CHUNK)  # a new one each time: the last may still be hashed
+        filled = 0
+        view = memoryview(piece)
+        while filled < CHUNK:
+            got = readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+        if filled == CHUNK:
+            yield piece
+            continue
+        if filled:
+            yield bytes(view[:filled])  # the last piece
+        return
 
 
 def fsck(

@@ -200,7 +200,7 @@ class SQLFileRecords:
             exists = ex.run(b.st.has_session, {"sid": row.sid}).first() is not None
         return UploadInterrupted(row.filename) if exists else SessionExpired(row.sid)
 
-    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes) -> None:
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None:
         b = self._b
         st = b.st
         try:
