@@ -16,7 +16,8 @@ same 1 MiB pieces:
 
 * plain copy: ``shutil.copyfileobj`` of the source into a new file on the
   same disk, then ``fsync`` (every backend syncs what it stores); its download
-  reads the file to its end;
+  reads the file to its end; beside it, with no target, the same copy and read
+  hashing the bytes (SHA-256) as every backend does;
 * raw chunks, on each database: no Flask, no SQLAlchemy on the measured
   path, one DBAPI connection of a :func:`~flask_silo_sql.sql.engine.make_engine`
   engine (the same connection settings), a table shaped like
@@ -47,6 +48,7 @@ Run: ``python benchmarks/files.py [--rounds R] [--only local|sqlite|postgresql|f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import os
 import platform
@@ -252,6 +254,40 @@ def copy_floor(home: Path) -> Config:
         home.mkdir(parents=True)
 
     return Config("plain copy (copyfileobj + fsync)", "disk", upload, download,
+                  new_round=new_round)
+
+
+def hashed_copy(home: Path, floor: str) -> Config:
+    """The plain copy, also hashing what it copies (SHA-256, inline): the work every
+    backend does besides moving the bytes (the row records the hash; a full read checks
+    it). Shown beside the plain copy, with no target."""
+    home.mkdir(parents=True, exist_ok=True)
+
+    def upload(source: Path, name: str) -> None:
+        digest = hashlib.sha256()
+        with open(source, "rb") as src, open(home / name, "wb") as out:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                digest.update(piece)
+                out.write(piece)
+            out.flush()
+            os.fsync(out.fileno())
+        digest.hexdigest()
+
+    def download(name: str) -> int:
+        digest = hashlib.sha256()
+        total = 0
+        with open(home / name, "rb") as src:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                digest.update(piece)
+                total += len(piece)
+        digest.hexdigest()
+        return total
+
+    def new_round() -> None:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+
+    return Config("plain copy + SHA-256 (no target)", "disk", upload, download, floor=floor,
                   new_round=new_round)
 
 
@@ -545,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         src = sources(tmp)
         copy = copy_floor(tmp / "copy")
         if wanted & {"local", "file"}:
-            configs.append(copy)
+            configs += [copy, hashed_copy(tmp / "hashed", copy.label)]
         if "local" in wanted:
             configs.append(silo_config("local", "disk", sqlite_url(), tmp / "local", "local",
                                        floor=copy.label, target=LOCAL_TARGET))
