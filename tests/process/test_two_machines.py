@@ -36,7 +36,7 @@ from flask_silo_sql.sql.models import file_chunks, files, sessions
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 APP_FILE = "examples/data_processor.py"
 HEADER = "X-Session-ID"
 TTL = 4
