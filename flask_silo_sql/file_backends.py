@@ -4,9 +4,11 @@
   the machine that received the upload; its rows record that machine
   (``host``), and other machines answer ``None``/``409`` for them.
 * :class:`DatabaseBytes` (``database``): the bytes in ``silo_file_chunks``,
-  1 MiB per row, written as they arrive (each chunk one short statement, no
-  transaction held open) and deleted with their row, so with their session, by
-  the transaction that deletes it.
+  1 MiB per row, written as they arrive (each chunk one short transaction, none
+  held open while the client sends; on PostgreSQL its commit does not wait for
+  the WAL flush, which the file's row, committed after it, waits for) and
+  deleted with their row, so with their session, by the transaction that
+  deletes it.
 * :class:`FsspecBytes` (an fsspec URL: ``s3://bucket/prefix``,
   ``file:///mnt/shared/uploads``, any installed protocol): each upload goes to
   a new object, ``<url>/<sid>/<token>/<name>``, which a row names only once
@@ -23,7 +25,6 @@ cached copy on the machine that received them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -35,6 +36,7 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
+from .file_digest import StreamDigest
 from .files import CHUNK, FILE_MODE, TEMP_PREFIX, FileRow, _create_temp, storage_error
 from .logs import log_failure
 
@@ -54,7 +56,7 @@ class Sink(Protocol):
     tmp: str | None
     """A local temporary file holding them too (None: none was needed)."""
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: bytes | bytearray) -> None: ...
 
     def finish(self) -> None:
         """Every byte is durable where it belongs."""
@@ -148,7 +150,7 @@ class LocalSink:
         self._out: IO[bytes] | None = os.fdopen(fd, "wb")
         self._final = final
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         assert self._out is not None
         self._out.write(chunk)
 
@@ -288,7 +290,7 @@ class Cache:
         directory = os.path.join(self.store.base_dir, row.sid)
         fd, tmp = _create_temp(directory, TEMP_PREFIX + "fetch-" + secrets.token_hex(8))
         try:
-            digest = hashlib.sha256()
+            digest = StreamDigest()
             size = 0
             with os.fdopen(fd, "wb") as out, opener() as source:
                 for chunk in iter(lambda: source.read(COPY_BUFFER), b""):
@@ -323,11 +325,11 @@ class CachedSink:
         self._local = LocalSink(directory, tmp_name, cache.path)
         self.tmp: str | None = self._local.tmp
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         self._local.write(chunk)
         self.send(chunk)
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | bytearray) -> None:
         """Also write *chunk* to the remote place."""
 
     def finish(self) -> None:
@@ -365,14 +367,17 @@ class ChunkSink(CachedSink):
         self._buffer = bytearray()
         self._seq = 0
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | bytearray) -> None:
         buffer = self._buffer
+        if not buffer and len(chunk) == CHUNK:
+            self._put(chunk)  # a whole chunk as it came: no copy
+            return
         buffer += chunk
         while len(buffer) >= CHUNK:
             self._put(bytes(buffer[:CHUNK]))
             del buffer[:CHUNK]
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | bytearray) -> None:
         assert self.row.id is not None
         self.records.put_chunk(self.row, self.row.id, self._seq, data)
         self._seq += 1
@@ -406,7 +411,7 @@ class ChunkReader(io.RawIOBase):
         self._chunk_size = CHUNK
         self._seq = -1
         self._data = b""
-        self._digest: Any = hashlib.sha256()
+        self._digest: StreamDigest | None = StreamDigest()
         self._hashed = 0
 
     def readable(self) -> bool:
@@ -449,7 +454,7 @@ class ChunkReader(io.RawIOBase):
                 seq, offset = divmod(self._pos, self._chunk_size)
             if seq != self._seq:
                 self._load(seq)
-        piece = self._data[offset : offset + len(buffer)]
+        piece = memoryview(self._data)[offset : offset + len(buffer)]  # copied once, below
         if not piece:
             raise FileStorageError(self.store.name, "read a file", "a chunk is missing")
         view = memoryview(buffer)
@@ -589,12 +594,12 @@ class RemoteSink(CachedSink):
             self.cache = backend.cache
             self.tmp = None
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         if self.cached:
             self._local.write(chunk)
         self.send(chunk)
 
-    def send(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes | bytearray) -> None:
         with remote_errors(self.backend.store.name, self.row.sid, "store a file"):
             self._remote.write(chunk)
 

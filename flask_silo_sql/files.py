@@ -37,7 +37,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
-import hashlib
+import io
 import logging
 import os
 import secrets
@@ -60,6 +60,7 @@ from .errors import (
     InvalidFilename,
     SiloError,
 )
+from .file_digest import StreamDigest
 from .logs import log_failure
 from .sids import is_valid_sid
 
@@ -78,9 +79,6 @@ OLD_PREFIX = TEMP_PREFIX + "old-"
 FILE_MODE = 0o600
 """Mode of stored files: readable by the application's user only."""
 CHUNK = 1024 * 1024
-READ = 64 * 1024
-"""How much of an upload is read at a time: what has arrived is on its way at once
-(a read of a whole CHUNK from a socket would wait for all of it)."""
 """Bytes read from a stream at a time, and the size of a ``database`` chunk."""
 FREE_SPACE_STEP = 8 * 1024 * 1024
 """Bytes an upload receives between two checks of the free-space floor."""
@@ -310,7 +308,7 @@ class FileRecords(Protocol):
         """Reserve at least *needed* bytes, up to *target* (``FileTooLarge`` past the quota;
         ``SessionExpired`` when the session went meanwhile)."""
 
-    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes) -> None: ...
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None: ...
 
     def read_chunk(self, file_id: int, seq: int) -> bytes | None: ...
 
@@ -567,7 +565,7 @@ class FileStore:
         sid, name = row.sid, row.filename
         limit = self.max_file_bytes
         quota = self.max_session_bytes
-        digest = hashlib.sha256()
+        digest = StreamDigest()  # hashed beside the writes
         size = 0
         checked = 0
         beat = time.monotonic()
@@ -919,17 +917,54 @@ def declared_size(data: Any) -> int | None:
     return None
 
 
-def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes]:
+def _defined_by(kind: type, name: str) -> type | None:
+    return next((klass for klass in kind.__mro__ if name in vars(klass)), None)
+
+
+_RAW_READ = _defined_by(io.RawIOBase, "read")
+"""io's own ``read`` of raw streams, made of their ``readinto``."""
+
+
+def _fills_in_place(data: object) -> bool:
+    """Whether *data*'s ``readinto`` gives what its ``read`` gives: both come from one
+    class (files, ``BytesIO``), or its ``read`` is io's own, made of its ``readinto``
+    (werkzeug's request stream). A stream that defines only ``read`` is read with it."""
+    kind = type(data)
+    filler = _defined_by(kind, "readinto")
+    reader = _defined_by(kind, "read")
+    return filler not in (None, _RAW_READ) and reader in (filler, _RAW_READ)
+
+
+def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes | bytearray]:
+    """*data* in pieces of :data:`CHUNK` bytes (the last one shorter). A stream that can
+    ``readinto`` fills each piece in place: one copy of the bytes, not three."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])
         return
+    readinto = getattr(data, "readinto", None) if _fills_in_place(data) else None
+    if readinto is None:
+        while True:
+            chunk = data.read(CHUNK)
+            if not chunk:
+                return
+            yield bytes(chunk)
     while True:
-        chunk = data.read(READ)
-        if not chunk:
-            return
-        yield bytes(chunk)
+        piece = bytearray(CHUNK)  # a new one each time: the last may still be hashed
+        filled = 0
+        view = memoryview(piece)
+        while filled < CHUNK:
+            got = readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+        if filled == CHUNK:
+            yield piece
+            continue
+        if filled:
+            yield bytes(view[:filled])  # the last piece
+        return
 
 
 def fsck(

@@ -200,11 +200,16 @@ class SQLFileRecords:
             exists = ex.run(b.st.has_session, {"sid": row.sid}).first() is not None
         return UploadInterrupted(row.filename) if exists else SessionExpired(row.sid)
 
-    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes) -> None:
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None:
         b = self._b
+        st = b.st
         try:
             with b.connector.executor() as ex:
-                ex.run(b.st.put_chunk, {"id": file_id, "seq": seq, "data": data})
+                alone = not ex.in_transaction  # else the request's own (locking mode)
+                with ex.transaction():
+                    if alone and st.chunk_commit_async is not None:
+                        ex.run(st.chunk_commit_async, {})
+                    ex.run(st.put_chunk, {"id": file_id, "seq": seq, "data": data})
         except StorageUnavailable:
             with b.connector.executor() as ex:  # the pending row gone (a foreign key failed)?
                 alive = ex.run(b.st.upload_alive, {"id": file_id}).first()

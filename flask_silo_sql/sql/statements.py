@@ -855,6 +855,13 @@ class Statements:
                 file_id=file_id, seq=seq, data=bindparam("data", type_=LargeBinary())
             ),
         )
+        # A chunk's commit need not wait for its WAL flush: the file's row, committed
+        # synchronously after every chunk, flushes the WAL up to itself, chunks included.
+        self.chunk_commit_async = (
+            prepare("chunk_commit_async", text("SET LOCAL synchronous_commit TO OFF"))
+            if postgresql
+            else None
+        )
         self.read_chunk = prepare(
             "read_chunk",
             select(file_chunks.c.data).where(

@@ -239,7 +239,7 @@ def test_worker_killed_while_upload_streams_in(
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Content-Length", str(len(new)))
             conn.endheaders()
-            conn.send(new[:500_000])
+            conn.send(new[:1_500_000])  # more than one piece (CHUNK) of it
 
             def partial_written() -> Path | None:
                 for temp in _temp_files(directory):

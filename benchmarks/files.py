@@ -1,0 +1,643 @@
+"""File store throughput: every backend against the raw floor of the place its bytes go.
+
+Each configuration uploads a file (``PUT``, the body streamed into
+``FileStore.save`` from ``request.stream``) and downloads it (``GET`` answered
+by ``silo.send_file``, the body read to its end), through Flask's test client,
+in-process, for 1 MB and 100 MB files:
+
+* ``local`` (rows in SQLite): the bytes on this disk;
+* ``database`` on SQLite and on PostgreSQL: the bytes in ``silo_file_chunks``;
+* ``file://`` (rows in SQLite): a directory of this disk through fsspec;
+* S3 (rows in SQLite): moto's server on loopback (``tests/s3server.py``), if
+  moto and s3fs are installed.
+
+Floors, measured in the same run on the same disk and databases, with the
+same 1 MiB pieces:
+
+* plain copy: ``shutil.copyfileobj`` of the source into a new file on the
+  same disk, then ``fsync`` (every backend syncs what it stores); its download
+  reads the file to its end; beside it, with no target, the same copy and read
+  hashing the bytes (SHA-256) as every backend does;
+* raw chunks, on each database: no Flask, no SQLAlchemy on the measured
+  path, one DBAPI connection of a :func:`~flask_silo_sql.sql.engine.make_engine`
+  engine (the same connection settings), a table shaped like
+  ``silo_file_chunks``: an upload is one ``INSERT`` per chunk and one
+  ``COMMIT``; a download one ``SELECT`` per chunk;
+* raw S3: the same bytes written to and read from an object with s3fs.
+
+A round uploads and downloads each size once per configuration (the 1 MB
+file ``SMALL_REPEAT`` times), interleaved across configurations; the median
+round's throughput is reported. Peak RSS per transfer: the process's high
+water mark is reset before it (``/proc/self/clear_refs``) and read after it;
+the table shows the highest of the rounds, and how far it rose above the
+resident set at the transfer's start (the benchmark's process holds every
+configuration, so the peak itself is mostly theirs).
+
+Targets: ``database`` ≥ 0.7 x its raw floor and ``local`` ≥ 0.8 x the plain
+copy, for uploads and downloads of each size. ``file://`` and S3 ratios are
+reported with no target. The exit status is 0 whatever the verdicts: this is
+a report.
+
+PostgreSQL is a private server started for the run with ``fsync=on`` and
+``synchronous_commit=on`` (``tests/pgserver.py``), or the server named by
+``SILO_TEST_PG_URL``.
+
+Run: ``python benchmarks/files.py [--rounds R] [--only local|sqlite|postgresql|file|s3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import platform
+import secrets
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Protocol
+
+from flask import Flask, Response, jsonify, request
+from sqlalchemy import Column, Engine, Integer, LargeBinary, MetaData, Table
+
+import flask_silo_sql
+from flask_silo_sql import schema
+from flask_silo_sql.files import CHUNK
+from flask_silo_sql.sql.engine import make_engine
+
+REPO = Path(__file__).resolve().parent.parent
+# Run as a script, this directory comes first on the path, and its requests.py would stand
+# in for the requests package that tests/s3server.py uses.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+HEADER = "X-Session-ID"
+MB = 1_000_000
+MIB = 1024 * 1024
+SIZES = (1 * MB, 100 * MB)
+SMALL_REPEAT = 10
+"""Transfers of the 1 MB file per round (one is too short to time)."""
+DIRECTIONS = ("upload", "download")
+DATABASE_TARGET = 0.7
+LOCAL_TARGET = 0.8
+CHOICES = ("local", "sqlite", "postgresql", "file", "s3")
+TITLES = {
+    "disk": "This disk",
+    "sqlite": "SQLite",
+    "postgresql": "PostgreSQL",
+    "s3": "S3 (moto, loopback)",
+}
+
+
+class BenchError(RuntimeError):
+    """A configuration answered wrongly: its numbers would mean nothing."""
+
+
+class PgServerLike(Protocol):
+    def create_database(self, name: str | None = None) -> str: ...
+
+    def destroy(self) -> None: ...
+
+
+Upload = Callable[[Path, str], None]
+"""Store the source file under a name."""
+Download = Callable[[str], int]
+"""Read the stored name to its end; how many bytes."""
+
+
+@dataclass
+class Config:
+    """One configuration: how it uploads and downloads, and what it is compared with."""
+
+    label: str
+    group: str
+    """``disk``, ``sqlite``, ``postgresql`` or ``s3``: where its bytes go."""
+    upload: Upload
+    download: Download
+    floor: str | None = None
+    """The label of the configuration it is compared with (None: it is a floor)."""
+    target: float | None = None
+    new_round: Callable[[], None] = lambda: None
+    """Called before each round, outside the timing (a new session, an emptied table)."""
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    rates: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+    """MB/s per round, by (size, direction)."""
+    peaks: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    """The highest peak RSS of a transfer, and the largest rise of a peak over the RSS
+    at its transfer's start, bytes."""
+
+    def rate(self, size: int, direction: str) -> float:
+        return statistics.median(self.rates[(size, direction)])
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            closer()
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+def _status(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"no {field_name} in /proc/self/status")
+
+
+def measured(op: Callable[[], Any]) -> tuple[float, int, int]:
+    """Seconds *op* took, the process's peak RSS while it ran, and how far that peak
+    rose above the RSS at its start."""
+    Path("/proc/self/clear_refs").write_text("5")  # the high water mark := the RSS now
+    start_rss = _status("VmRSS")
+    start = time.perf_counter()
+    op()
+    elapsed = time.perf_counter() - start
+    peak = _status("VmHWM")
+    return elapsed, peak, max(0, peak - start_rss)
+
+
+# -- silo configurations ------------------------------------------------------------------
+
+
+def silo_config(
+    label: str,
+    group: str,
+    url: str,
+    home: Path,
+    backend: str,
+    *,
+    floor: str,
+    target: float | None,
+    storage_options: dict[str, Any] | None = None,
+) -> Config:
+    """A Flask app with one file store on *backend*, its rows in *url*."""
+    storage = flask_silo_sql.SQLStorage(url)
+    schema.upgrade(storage.engine)
+    app = Flask(f"bench_files_{label}")
+    app.config.update(SILO_MAX_FILE_BYTES=None, SILO_MAX_SESSION_BYTES=None)
+    silo = flask_silo_sql.Silo(app, storage=storage, auto_cleanup=False)
+    files = silo.add_file_store(
+        "bench", str(home), backend=backend, storage_options=storage_options
+    )
+
+    @app.put("/api/files/<name>")
+    def put(name: str) -> tuple[Response, int]:
+        files.save(silo.sid, name, request.stream, content_type="application/octet-stream")
+        return jsonify(name=name), 201
+
+    @app.get("/api/files/<name>")
+    def get(name: str) -> Response:
+        return silo.send_file(files, name)
+
+    client = app.test_client()
+    sid = {"current": secrets.token_urlsafe(32)}
+
+    def upload(source: Path, name: str) -> None:
+        size = source.stat().st_size
+        with open(source, "rb") as body:
+            response = client.put(
+                f"/api/files/{name}",
+                headers={HEADER: sid["current"], "Content-Type": "application/octet-stream"},
+                input_stream=body,
+                content_length=size,
+            )
+        if response.status_code != 201:
+            raise BenchError(f"{label}: upload answered {response.status_code}: {response.text}")
+
+    def download(name: str) -> int:
+        response = client.get(f"/api/files/{name}", headers={HEADER: sid["current"]},
+                              buffered=False)
+        try:
+            if response.status_code != 200:
+                raise BenchError(f"{label}: download answered {response.status_code}")
+            return sum(len(piece) for piece in response.response)
+        finally:
+            response.close()
+
+    def new_round() -> None:
+        with app.app_context():
+            files.cleanup(sid["current"])
+        sid["current"] = secrets.token_urlsafe(32)
+
+    return Config(label, group, upload, download, floor=floor, target=target,
+                  new_round=new_round, closers=[silo.stop, storage.dispose])
+
+
+# -- floors ---------------------------------------------------------------------------------
+
+
+def copy_floor(home: Path) -> Config:
+    """A plain copy into a file of the same disk, synced; reading it back."""
+    home.mkdir(parents=True, exist_ok=True)
+
+    def upload(source: Path, name: str) -> None:
+        with open(source, "rb") as src, open(home / name, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def download(name: str) -> int:
+        total = 0
+        with open(home / name, "rb") as src:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                total += len(piece)
+        return total
+
+    def new_round() -> None:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+
+    return Config("plain copy (copyfileobj + fsync)", "disk", upload, download,
+                  new_round=new_round)
+
+
+def hashed_copy(home: Path, floor: str) -> Config:
+    """The plain copy, also hashing what it copies (SHA-256, inline): the work every
+    backend does besides moving the bytes (the row records the hash; a full read checks
+    it). Shown beside the plain copy, with no target."""
+    home.mkdir(parents=True, exist_ok=True)
+
+    def upload(source: Path, name: str) -> None:
+        digest = hashlib.sha256()
+        with open(source, "rb") as src, open(home / name, "wb") as out:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                digest.update(piece)
+                out.write(piece)
+            out.flush()
+            os.fsync(out.fileno())
+        digest.hexdigest()
+
+    def download(name: str) -> int:
+        digest = hashlib.sha256()
+        total = 0
+        with open(home / name, "rb") as src:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                digest.update(piece)
+                total += len(piece)
+        digest.hexdigest()
+        return total
+
+    def new_round() -> None:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+
+    return Config("plain copy + SHA-256 (no target)", "disk", upload, download, floor=floor,
+                  new_round=new_round)
+
+
+def chunk_floor(group: str, url: str) -> Config:
+    """Raw chunk INSERTs (one COMMIT per file) and SELECTs on the same database."""
+    engine: Engine = make_engine(url)
+    metadata = MetaData()
+    Table(
+        "bench_chunks",
+        metadata,
+        Column("file_id", Integer, primary_key=True),
+        Column("seq", Integer, primary_key=True),
+        Column("data", LargeBinary, nullable=False),
+    )
+    metadata.create_all(engine)
+    pooled = engine.raw_connection()
+    connection: Any = pooled.dbapi_connection
+    cursor = connection.cursor()
+    mark = "%s" if engine.dialect.name == "postgresql" else "?"
+    insert = f"INSERT INTO bench_chunks (file_id, seq, data) VALUES ({mark}, {mark}, {mark})"
+    select = f"SELECT data FROM bench_chunks WHERE file_id = {mark} AND seq = {mark}"
+    ids: dict[str, tuple[int, int]] = {}
+
+    def upload(source: Path, name: str) -> None:
+        file_id = len(ids) + 1
+        seq = 0
+        with open(source, "rb") as src:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                cursor.execute(insert, (file_id, seq, piece))
+                seq += 1
+        connection.commit()
+        ids[name] = (file_id, seq)
+
+    def download(name: str) -> int:
+        file_id, count = ids[name]
+        total = 0
+        for seq in range(count):
+            cursor.execute(select, (file_id, seq))
+            total += len(cursor.fetchone()[0])
+        connection.commit()  # PostgreSQL: end the read's transaction, as an autocommit would
+        return total
+
+    def new_round() -> None:
+        cursor.execute("DELETE FROM bench_chunks")
+        connection.commit()
+        ids.clear()
+
+    def close() -> None:
+        cursor.close()
+        pooled.close()
+        engine.dispose()
+
+    return Config(f"raw chunk INSERTs/SELECTs ({TITLES[group]})", group, upload, download,
+                  new_round=new_round, closers=[close])
+
+
+def s3_floor(fs: Any, bucket: str) -> Config:
+    """The same bytes written to an object and read back with s3fs (its block size)."""
+    from flask_silo_sql.file_backends import FsspecBytes
+
+    prefix = f"{bucket}/floor"
+
+    def upload(source: Path, name: str) -> None:
+        with open(source, "rb") as src, fs.open(f"{prefix}/{name}", "wb",
+                                                block_size=FsspecBytes.block_size) as out:
+            shutil.copyfileobj(src, out, CHUNK)
+
+    def download(name: str) -> int:
+        total = 0
+        with fs.open(f"{prefix}/{name}", "rb", block_size=CHUNK) as src:
+            for piece in iter(lambda: src.read(CHUNK), b""):
+                total += len(piece)
+        return total
+
+    def new_round() -> None:
+        if fs.exists(prefix):
+            fs.rm(prefix, recursive=True)
+        fs.invalidate_cache()
+
+    return Config("raw s3fs object write/read", "s3", upload, download, new_round=new_round)
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def tests_module(name: str) -> Any:
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module(name)
+
+
+def start_postgresql() -> PgServerLike:
+    """A private server with fsync on, or the one named by ``SILO_TEST_PG_URL``."""
+    pgserver = tests_module("pgserver")
+    external = os.environ.get("SILO_TEST_PG_URL")
+    server: PgServerLike = (
+        pgserver.ExternalPg(external) if external else pgserver.PgServer(fsync=True)
+    )
+    return server
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def sources(tmp: Path) -> dict[int, Path]:
+    """One file of random bytes per size (random: nothing compresses on the way)."""
+    made = {}
+    for size in SIZES:
+        path = tmp / f"source-{size}.bin"
+        with open(path, "wb") as out:
+            left = size
+            while left:
+                piece = os.urandom(min(CHUNK, left))
+                out.write(piece)
+                left -= len(piece)
+        made[size] = path
+    return made
+
+
+def check(config: Config, source: Path) -> None:
+    """Upload and download once, outside the timing: every byte comes back."""
+    size = source.stat().st_size
+    config.upload(source, "check.bin")
+    got = config.download("check.bin")
+    if got != size:
+        raise BenchError(f"{config.label}: downloaded {got} bytes of {size}")
+
+
+def one_round(config: Config, src: dict[int, Path], number: int) -> None:
+    config.new_round()
+    for size, source in src.items():
+        repeat = SMALL_REPEAT if size < 10 * MB else 1
+        names = [f"r{number}-{size}-{i}.bin" for i in range(repeat)]
+
+        def upload_all(names: list[str] = names, source: Path = source) -> None:
+            for name in names:
+                config.upload(source, name)
+
+        def download_all(names: list[str] = names, size: int = size) -> None:
+            for name in names:
+                if config.download(name) != size:
+                    raise BenchError(f"{config.label}: a download came back short")
+
+        for direction, op in (("upload", upload_all), ("download", download_all)):
+            seconds, peak, rise = measured(op)
+            config.rates.setdefault((size, direction), []).append(size * repeat / MB / seconds)
+            key = (size, direction)
+            before = config.peaks.get(key, (0, 0))
+            config.peaks[key] = (max(before[0], peak), max(before[1], rise))
+
+
+def run(configs: list[Config], src: dict[int, Path], rounds: int) -> None:
+    for config in configs:
+        check(config, src[SIZES[0]])
+        check(config, src[SIZES[-1]])
+    for number in range(rounds):  # interleaved, so drift hits every configuration alike
+        for config in configs:
+            one_round(config, src, number)
+    for config in configs:
+        config.new_round()
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    label: str
+    what: str
+    ratio: float
+    target: float
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio >= self.target
+
+    def line(self) -> str:
+        mark = "PASS" if self.ok else "FAIL"
+        return f"  {mark}  {self.label:<34} {self.what:<32} {self.ratio:5.2f}  " \
+               f"(target >= {self.target:g})"
+
+
+def size_title(size: int) -> str:
+    return f"{size // MB} MB"
+
+
+def report(configs: list[Config], skipped: dict[str, str], rounds: int, setup: list[str],
+           load_before: float) -> list[Verdict]:
+    by_label = {c.label: c for c in configs}
+    columns = ["configuration", "size", "up MB/s", "down MB/s", "up/floor", "down/floor",
+               "peak RSS up, MiB", "peak RSS down, MiB"]
+    rows: list[list[str] | str] = []
+    verdicts: list[Verdict] = []
+    for group in TITLES:
+        members = [c for c in configs if c.group == group]
+        if not members:
+            continue
+        rows.append(TITLES[group])
+        for config in sorted(members, key=lambda c: c.floor is not None):
+            for size in SIZES:
+                cells = [config.label, size_title(size),
+                         f"{config.rate(size, 'upload'):.1f}",
+                         f"{config.rate(size, 'download'):.1f}"]
+                floor = by_label.get(config.floor or "")
+                for direction in DIRECTIONS:
+                    if floor is None:
+                        cells.append("")
+                        continue
+                    ratio = config.rate(size, direction) / floor.rate(size, direction)
+                    cell = f"{ratio:.2f}"
+                    if config.target is not None:
+                        verdict = Verdict(config.label, f"{direction} {size_title(size)} / floor",
+                                          ratio, config.target)
+                        verdicts.append(verdict)
+                        cell += " PASS" if verdict.ok else " FAIL"
+                    cells.append(cell)
+                for direction in DIRECTIONS:
+                    peak, rise = config.peaks[(size, direction)]
+                    cells.append(f"{peak / MIB:.1f} (+{rise / MIB:.1f})")
+                rows.append(cells)
+    cell_rows = [columns, *[r for r in rows if isinstance(r, list)]]
+    widths = [max(len(row[i]) for row in cell_rows) for i in range(len(columns))]
+    rule = "-+-".join("-" * w for w in widths)
+
+    def fmt(row: list[str]) -> str:
+        first = [row[0].ljust(widths[0]), row[1].rjust(widths[1])]
+        rest = [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
+        return " | ".join([*first, *rest]).rstrip()
+
+    print()
+    print(f"File store throughput, median of {rounds} rounds (1 MB: {SMALL_REPEAT} files per "
+          "round; Flask test client, in-process; 1 MiB pieces)")
+    print(", ".join([*setup, f"{os.cpu_count()} CPUs, load average {load_before:.2f} before / "
+                     f"{os.getloadavg()[0]:.2f} after"]))
+    print()
+    print(fmt(columns))
+    print(rule)
+    for row in rows:
+        if isinstance(row, str):
+            print(f"-- {row} " + "-" * max(0, len(rule) - len(row) - 4))
+        else:
+            print(fmt(row))
+    print()
+    print("MB = 10^6 bytes. Floors: the plain copy syncs the file it writes; raw chunks are one "
+          "INSERT per 1 MiB chunk and one COMMIT per file, one SELECT per chunk. Peak RSS: the "
+          "process's high water mark during a transfer (reset before it; 1 MB: its "
+          f"{SMALL_REPEAT} files), the highest of the rounds, and in brackets the largest rise "
+          "above the resident set at a transfer's start.")
+    print("Verdicts:")
+    for verdict in verdicts:
+        print(verdict.line())
+    failed = sum(not v.ok for v in verdicts)
+    if failed:
+        print(f"RESULT: {failed} of {len(verdicts)} targets MISSED")
+    elif verdicts:
+        print(f"RESULT: all {len(verdicts)} targets met")
+    for what, reason in skipped.items():
+        print(f"NOTE: {what} was not measured ({reason}).")
+    return verdicts
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--only", choices=CHOICES, action="append",
+                        help="measure only these (repeatable); floors come with them")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = set(args.only or CHOICES)
+    load_before = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="silo-bench-files-"))
+    configs: list[Config] = []
+    skipped: dict[str, str] = {}
+    setup = [f"Python {platform.python_version()}", f"Flask {version('flask')}",
+             f"SQLAlchemy {version('sqlalchemy')}"]
+    pg: PgServerLike | None = None
+    s3: Any = None
+    count = iter(range(1_000))
+
+    def sqlite_url() -> str:
+        return f"sqlite:///{tmp / f'bench{next(count)}.db'}"
+
+    try:
+        src = sources(tmp)
+        copy = copy_floor(tmp / "copy")
+        if wanted & {"local", "file"}:
+            configs += [copy, hashed_copy(tmp / "hashed", copy.label)]
+        if "local" in wanted:
+            configs.append(silo_config("local", "disk", sqlite_url(), tmp / "local", "local",
+                                       floor=copy.label, target=LOCAL_TARGET))
+        if "file" in wanted:
+            shared = tmp / "shared"
+            shared.mkdir()
+            configs.append(silo_config("file:// (fsspec)", "disk", sqlite_url(),
+                                       tmp / "file-cache", f"file://{shared}",
+                                       floor=copy.label, target=None))
+        if "sqlite" in wanted:
+            floor = chunk_floor("sqlite", sqlite_url())
+            configs += [floor, silo_config("database (SQLite)", "sqlite", sqlite_url(),
+                                           tmp / "db-sqlite", "database",
+                                           floor=floor.label, target=DATABASE_TARGET)]
+            setup.append(f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=NORMAL)")
+        if "postgresql" in wanted:
+            try:
+                pg = start_postgresql()
+            except Exception as exc:
+                skipped["PostgreSQL"] = f"no PostgreSQL server: {exc}"
+            if pg is not None:
+                floor = chunk_floor("postgresql", pg.create_database())
+                configs += [floor, silo_config("database (PostgreSQL)", "postgresql",
+                                               pg.create_database(), tmp / "db-pg", "database",
+                                               floor=floor.label, target=DATABASE_TARGET)]
+                setup.append(f"PostgreSQL via psycopg {version('psycopg')} "
+                             "(fsync=on, synchronous_commit=on)")
+        if "s3" in wanted:
+            try:
+                import s3fs
+
+                s3 = tests_module("s3server").S3Server()
+            except Exception as exc:
+                skipped["S3"] = f"moto or s3fs unavailable: {exc}"
+            if s3 is not None:
+                options = s3.storage_options()
+                fs = s3fs.S3FileSystem(**options)
+                configs += [s3_floor(fs, s3.create_bucket()),
+                            silo_config("S3 (fsspec, s3fs)", "s3", sqlite_url(),
+                                        tmp / "s3-cache", f"s3://{s3.create_bucket()}/up",
+                                        floor="raw s3fs object write/read", target=None,
+                                        storage_options=options)]
+                setup.append(f"moto {version('moto')}, s3fs {version('s3fs')}")
+        print(f"measuring {len(configs)} configurations, {args.rounds} rounds ...", flush=True)
+        run(configs, src, args.rounds)
+        report(configs, skipped, args.rounds, setup, load_before)
+    finally:
+        for config in configs:
+            config.close()
+        if pg is not None:
+            pg.destroy()
+        if s3 is not None:
+            s3.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The SHA-256 of a file as it streams, computed beside the I/O that moves its bytes.
+
+Hashing costs about as much as writing the bytes to a local disk, or more.
+hashlib releases the GIL while it hashes a large buffer, and so do file writes
+and database drivers while they wait, so a piece handed to a helper thread is
+hashed while the caller writes (or fetches) the next: a stored file costs its
+I/O, not its I/O plus its hash. One piece is in flight per stream, so memory
+stays bounded by a piece. The first pieces, and small ones, are hashed at once:
+for a small file, handing a piece to a thread (and waiting for it to be
+scheduled on a busy machine) costs more than hashing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+BESIDE_BYTES = 64 * 1024
+"""Pieces from this size on are hashed in the helper threads..."""
+INLINE_BYTES = 4 * 1024 * 1024
+"""... once the stream has passed this many bytes."""
+HASHER_THREADS = 4
+"""Helper threads of a process (shared by its streams; created on first use)."""
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(HASHER_THREADS, thread_name_prefix="silo-hash")
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked process (a gunicorn worker) has none of its parent's threads."""
+    global _lock, _pool
+    _lock = threading.Lock()
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+class StreamDigest:
+    """SHA-256 of the pieces given to :meth:`update`, in order (a piece must not change
+    once given: bytes, or a view of bytes)."""
+
+    __slots__ = ("_digest", "_pending", "_seen")
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pending: Future[None] | None = None
+        self._seen = 0
+
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
+        self.wait()
+        self._seen += len(piece)
+        if len(piece) < BESIDE_BYTES or self._seen <= INLINE_BYTES:
+            self._digest.update(piece)
+        else:
+            self._pending = _hasher().submit(self._digest.update, piece)
+
+    def wait(self) -> None:
+        """Until every piece given so far is hashed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._digest.hexdigest()
