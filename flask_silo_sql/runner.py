@@ -57,6 +57,7 @@ class TaskRunner:
         self.listen = listen
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._hurry = threading.Event()
         self._active = 0
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -90,6 +91,7 @@ class TaskRunner:
         if self.running:
             return
         self._stop.clear()
+        self._hurry.clear()
         self._pid = os.getpid()
         self._listener = None  # a thread of another process, or of a stopped run
         with self._idle:
@@ -110,7 +112,7 @@ class TaskRunner:
             return 0  # nothing was ever claimed here
         deadline = time.monotonic() + grace
         with self._idle:
-            while self._active and time.monotonic() < deadline:
+            while self._active and time.monotonic() < deadline and not self._hurry.is_set():
                 self._idle.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         queue = self._queue()
         if queue is None:
@@ -122,6 +124,10 @@ class TaskRunner:
         except Exception as exc:  # the database is away: the leases lapse instead
             logger.warning("could not hand back this process's task runs: %s", exc)
         return handed
+
+    def hurry(self) -> None:
+        """End the grace period of a :meth:`stop` under way: hand back what still runs now."""
+        self._hurry.set()
 
     def wake(self) -> None:
         """Look for due runs now."""
