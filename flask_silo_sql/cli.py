@@ -264,7 +264,8 @@ def worker(concurrency: int | None, grace: float | None) -> None:
 
     Wakes up on LISTEN/NOTIFY on PostgreSQL and polls every SILO_TASK_POLL_INTERVAL
     seconds. SIGTERM (or Ctrl-C) stops claiming, lets running attempts finish within
-    the grace period, then hands the rest back so they run elsewhere.
+    the grace period, then hands the rest back so they run elsewhere; a second one
+    hands them back at once.
     """
     _migrated()
     state = _silo()
@@ -282,6 +283,8 @@ def worker(concurrency: int | None, grace: float | None) -> None:
     stopping = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
+        if stopping.is_set():  # a second signal: no more grace
+            runner.hurry()
         stopping.set()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -297,7 +300,11 @@ def worker(concurrency: int | None, grace: float | None) -> None:
                 raise click.ClickException("the task runner stopped unexpectedly")
         running = runner.active
         if running:
-            click.echo(f"stopping: {running} attempt(s) running, {grace_s:g} s to finish", err=True)
+            click.echo(
+                f"stopping: {running} attempt(s) running, {grace_s:g} s to finish"
+                " (stop again to hand them back now)",
+                err=True,
+            )
         handed = runner.stop(grace_s)
         click.echo(
             f"silo worker stopped ({runner.claimed} attempt(s) claimed, "

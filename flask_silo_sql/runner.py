@@ -6,7 +6,11 @@ run's next attempt. ``flask silo-db worker`` is one in the foreground; with
 ``SILO_TASK_RUNNER = "thread"`` every web process runs one in a daemon thread,
 so a run whose process died is picked up by any live process of the app. It
 wakes up when a run is queued (``LISTEN/NOTIFY`` on PostgreSQL) and polls
-every ``poll_interval`` seconds in any case. Stopping it stops the claims,
+about every ``poll_interval`` seconds in any case, each wait drawn within
+±:data:`POLL_JITTER` of it: processes started together (a deploy) would
+otherwise poll in step, so a run queued between two polls would wait for the
+next one of them all, not of the soonest (on SQLite, where nothing wakes them,
+that is every run's latency). Stopping it stops the claims,
 lets running attempts finish within a grace period, then hands the runs it
 still holds back to the queue, so they run elsewhere at once.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +31,9 @@ if TYPE_CHECKING:
     from .store import SessionStore
 
 logger = logging.getLogger("flask_silo_sql.tasks")
+
+POLL_JITTER = 0.25
+"""The spread of a runner's wait between two polls, as a fraction of the poll interval."""
 
 
 class TaskRunner:
@@ -49,6 +57,7 @@ class TaskRunner:
         self.listen = listen
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._hurry = threading.Event()
         self._active = 0
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -82,6 +91,7 @@ class TaskRunner:
         if self.running:
             return
         self._stop.clear()
+        self._hurry.clear()
         self._pid = os.getpid()
         self._listener = None  # a thread of another process, or of a stopped run
         with self._idle:
@@ -102,7 +112,7 @@ class TaskRunner:
             return 0  # nothing was ever claimed here
         deadline = time.monotonic() + grace
         with self._idle:
-            while self._active and time.monotonic() < deadline:
+            while self._active and time.monotonic() < deadline and not self._hurry.is_set():
                 self._idle.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         queue = self._queue()
         if queue is None:
@@ -114,6 +124,10 @@ class TaskRunner:
         except Exception as exc:  # the database is away: the leases lapse instead
             logger.warning("could not hand back this process's task runs: %s", exc)
         return handed
+
+    def hurry(self) -> None:
+        """End the grace period of a :meth:`stop` under way: hand back what still runs now."""
+        self._hurry.set()
 
     def wake(self) -> None:
         """Look for due runs now."""
@@ -156,8 +170,13 @@ class TaskRunner:
                 self._execute(run)
             if claimed and len(claimed) == free:
                 continue  # more may be due: claim again while there is room
-            self._wake.wait(timeout=self.poll_interval)
+            self._wake.wait(timeout=self._poll_wait())
             self._wake.clear()
+
+    def _poll_wait(self) -> float:
+        """Seconds until the next poll: the interval, give or take its jitter (mean kept)."""
+        spread = random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)  # noqa: S311 (not a secret)
+        return self.poll_interval * spread
 
     def _execute(self, run: Claimed) -> None:
         with self._idle:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, insert, select, update
-from support import at
+from support import StatementLog, at
 
 from flask_silo_sql import BackgroundTask, SessionStore, SQLStorage, TaskLeaseLost, TaskRunner
 from flask_silo_sql.sql.engine import make_engine
@@ -268,6 +268,47 @@ def test_a_lapsed_lease_with_no_attempt_left_is_failed_as_lost(
     assert state.error is not None
     assert "worker lost" in state.error
     assert row(other).status == "failed"
+
+
+def test_a_runner_fails_an_exhausted_lapsed_run_unread_and_drains_a_backlog_cheaply(
+    make_store: Make, other: Engine
+) -> None:
+    """No reader needed: the runner itself fails a run whose lease lapsed with no attempt
+    left. A runner of concurrency 1 drains a backlog one run per claim (a claim never takes
+    more than it asks for), and does not pay that failing statement for every claim."""
+    queued = make_store(task_runner="worker")
+
+    def quick(task: BackgroundTask, state: dict[str, Any]) -> None:
+        state["result"] = task.attempt
+
+    def resume(task: BackgroundTask, state: dict[str, Any]) -> None:
+        raise AssertionError("must not run again")
+
+    register(queued, quick)
+    sids = [f"{SID}-{i:03d}" for i in range(12)]
+    for sid in sids:
+        ns = namespace(queued, sid)
+        ns["task"].start(quick, ns)
+    worker_store = make_store()
+    register(worker_store, quick)
+    register(worker_store, resume)
+    insert_lapsed(other, worker_store, SID, "resume", max_attempts=1)
+    runner = TaskRunner(worker_store, concurrency=1, poll_interval=0.02)
+    storage = worker_store.storage
+    assert isinstance(storage, SQLStorage)
+    with StatementLog(storage) as log:
+        runner.start()
+        try:
+            poll(
+                "the backlog and the exhausted run",
+                lambda: all(row(other, sid).status == "complete" for sid in sids)
+                and row(other).status == "failed",
+            )
+        finally:
+            runner.stop()
+    assert "worker lost" in row(other).error
+    assert log.names.count("claim_runs") >= len(sids)  # one run per claim: its concurrency
+    assert log.names.count("fail_exhausted") < len(sids) / 2
 
 
 def test_two_claimers_never_take_one_run_twice(make_store: Make, other: Engine) -> None:

@@ -561,12 +561,20 @@ class Statements:
             .order_by(func.coalesce(tasks.c.run_after, tasks.c.lease_expires_at))
             .limit(bindparam("limit", type_=Integer()))
         )
+        chosen: ColumnElement[bool]
         if postgresql:
+            # ARRAY(subquery) is evaluated once. Under ``IN (subquery)`` PostgreSQL may
+            # rescan the subquery for each row it updates, and a rescan skips the rows this
+            # statement has already updated: ``LIMIT`` would then bound nothing, and one
+            # claim take every due run whatever the claimer's concurrency.
             candidates = candidates.with_for_update(skip_locked=True)
+            chosen = tasks.c.id == any_(func.array(candidates.scalar_subquery()))
+        else:
+            chosen = tasks.c.id.in_(candidates.scalar_subquery())
         self.claim_runs = prepare(
             "claim_runs",
             update(tasks)
-            .where(tasks.c.id.in_(candidates.scalar_subquery()), claimable)
+            .where(chosen, claimable)
             .values(
                 status="running",
                 progress=0.0,

@@ -5,7 +5,10 @@ its candidates are locked ``FOR UPDATE SKIP LOCKED``, so claimers never wait
 for each other nor claim one run twice; on SQLite the statement takes the
 database's write lock): queued runs, retrying runs whose delay is over, and
 running ones whose lease lapsed with attempts left, each as its next attempt.
-Runs whose lease lapsed with no attempt left are failed first. A claimed run
+Runs whose lease lapsed with no attempt left are failed first, by a claim at
+most every :data:`FAIL_EXHAUSTED_EVERY` of the heartbeat timeout (a backlog
+drained one claim per run would otherwise pay that statement for every run;
+a reader of such a run fails it at once anyway). A claimed run
 comes back ready to execute: its namespace loaded (the task object found in
 it, so what the run changes there is saved), its registered function looked
 up, its arguments decoded. ``LISTEN/NOTIFY`` on PostgreSQL wakes claimers as
@@ -42,11 +45,17 @@ LISTEN_RETRY_S = 2.0
 """Seconds between two attempts to (re)open the notification connection."""
 
 
+FAIL_EXHAUSTED_EVERY = 0.25
+"""How often (a fraction of the heartbeat timeout, by the database's clock) a claim also
+fails the runs whose lease lapsed with no attempt left."""
+
+
 class SQLTaskQueue:
     """The :class:`~flask_silo_sql.backends.base.TaskQueue` of the SQL backend."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self._failed_exhausted_at = float("-inf")
 
     # -- processes ---------------------------------------------------------------
 
@@ -84,10 +93,12 @@ class SQLTaskQueue:
         timeout = ctx.policy.heartbeat_timeout
         error = LOST_WORKER.format(timeout=timeout)
         with ctx.connector.executor() as ex:
-            ex.run(
-                st.fail_exhausted,
-                {"now": v.time(now), "error": error, "message": f"Failed: {error}"},
-            )
+            if now - self._failed_exhausted_at >= FAIL_EXHAUSTED_EVERY * timeout:
+                ex.run(
+                    st.fail_exhausted,
+                    {"now": v.time(now), "error": error, "message": f"Failed: {error}"},
+                )
+                self._failed_exhausted_at = now
             rows = ex.run(
                 st.claim_runs,
                 {

@@ -472,6 +472,31 @@ def test_sigterm_lets_running_attempts_finish_then_hands_the_rest_back(
     assert task_row_of(engine, long).max_attempts == 5
 
 
+def test_a_second_sigterm_hands_running_attempts_back_at_once(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """A worker told to stop twice (Ctrl-C pressed again) does not wait out its grace
+    period: the second signal hands the running attempt back now."""
+    env = app_env(db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=30, SILO_TASK_RUNNER="worker")
+    with (
+        gunicorn(env, tmp_path, app=APP, workers=1) as web,
+        task_workers(env, tmp_path, engine) as pool,
+    ):
+        first = pool.start(1, "--grace", "600")
+        sid = start(web, "seconds=600")
+        wait_for("the claim", lambda: True if task_row_of(engine, sid).attempt == 1 else None)
+        pool.procs[first].send_signal(signal.SIGTERM)
+        wait_for(
+            "the worker's grace period to begin",
+            lambda: True if "stop again" in pool.log(first) else None,
+        )
+        pool.procs[first].send_signal(signal.SIGTERM)
+        pool.procs[first].wait(timeout=60)  # not the 600 s of its grace
+        handed = task_row_of(engine, sid)
+    assert (handed.status, handed.attempt, handed.worker) == ("queued", 1, None)
+    assert "1 run(s) handed back" in pool.log(first)
+
+
 def task_row_of(engine: Engine, sid: str) -> Any:
     with engine.connect() as conn:
         return conn.execute(select(tasks).where(tasks.c.sid == sid)).one()
