@@ -28,8 +28,8 @@ from flask_silo_sql import (
     Silo,
     SQLStorage,
 )
-from flask_silo_sql.errors import IdempotencyKeyInvalid
-from flask_silo_sql.idempotency import parse_key
+from flask_silo_sql.errors import IdempotencyKeyInvalid, SessionExpired
+from flask_silo_sql.idempotency import Claim, KeyRequest, StoredResponse, parse_key
 from flask_silo_sql.sql.models import idempotency_keys, namespaces
 
 HEADER = "X-Session-ID"
@@ -581,6 +581,40 @@ def test_a_session_expired_during_the_view_keeps_nothing(keys_app: KeysApp) -> N
     assert out[0].status_code == 410
     assert keys_app.keys() == 0
     assert keys_app.counter() == 0
+
+
+def test_a_session_expired_during_a_view_that_changes_no_state_is_410(keys_app: KeysApp) -> None:
+    """The key went with its session: the commit finds no claim to store the response in,
+    and says why (410), rather than "another request holds the key" (409)."""
+    first_use(keys_app)
+    keys_app.gate = gate = threading.Event()
+    thread, out = _in_thread(keys_app, "/api/required")
+    assert keys_app.entered.wait(30)
+    keys_app.silo.store.destroy(ALICE)
+    gate.set()
+    thread.join(30)
+    assert out[0].status_code == 410, out[0].get_data(as_text=True)
+    assert out[0].get_json()["error"] == "session_expired"
+    assert keys_app.keys() == 0
+
+
+def test_a_response_stored_outside_a_request_into_a_gone_session_is_refused(
+    keys_app: KeysApp,
+) -> None:
+    """The records' own commit (no request unit) finds the session gone: SessionExpired."""
+    first_use(keys_app)
+    records = keys_app.silo.store.backend.idempotency_records()
+    assert records is not None
+    wanted = KeyRequest(
+        header=KEY, sid=ALICE, key_hash="a" * 64, key="k", method="POST",
+        route="/api/x", fingerprint="f" * 64, ttl=TTL, lease=LEASE,
+    )  # fmt: skip
+    claim = records.claim(wanted)
+    assert isinstance(claim, Claim)
+    keys_app.silo.store.destroy(ALICE)
+    with pytest.raises(SessionExpired):
+        records.complete(claim, StoredResponse(200, [], b"{}"))
+    assert keys_app.keys() == 0
 
 
 def test_one_of_many_concurrent_duplicates_runs_the_view(keys_app: KeysApp) -> None:

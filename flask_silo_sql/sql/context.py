@@ -61,6 +61,9 @@ class Staging(Protocol):
 
     def staged(self) -> list[Staged]: ...
 
+    def saw_session(self) -> None:
+        """The session's row was seen in this request (the commit must not recreate it)."""
+
 
 class Context:
     """The shared parts of one store's SQL backend (see the module docstring)."""

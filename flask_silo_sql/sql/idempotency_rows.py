@@ -147,6 +147,7 @@ class SQLIdempotencyRecords:
     def complete(self, claim: Claim, response: StoredResponse) -> None:
         unit = self._b.current_unit(claim.request.sid)
         if unit is not None:  # with the request's commit
+            unit.saw_session()  # the claim was made under it
             unit.stage(StagedResponse(self, claim, response))
             return
         with self._b.connector.transaction() as ex:

@@ -120,6 +120,13 @@ class SQLUnit:
         self._existed = False
         return expired_at is not None
 
+    def saw_session(self) -> None:
+        """The session's row was seen in this request (an idempotency key was claimed
+        under it): if it is gone at the commit, the session expired meanwhile, and the
+        commit says so rather than create it again."""
+        if self._existed is None:
+            self._existed = True
+
     def _know(self, head: ops.Head) -> None:
         self._existed = True
         self._created_at, self._last_active = head.created_at, head.last_active
