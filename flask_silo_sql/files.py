@@ -511,13 +511,14 @@ class FileStore:
         below the free-space floor or on a full disk; nothing is kept then.
         """
         name = safe_filename(filename)
-        directory = self.session_dir(sid)
+        self._dir(sid)  # a valid SID, or ValueError
         records = self._needs_records()
         declared = size if size is not None else declared_size(data)
         limit = self.max_file_bytes
         if declared is not None and limit is not None and declared > limit:
             raise FileTooLarge(name, declared, limit)
-        self._check_free_space(directory, records, sid)
+        self._check_free_space(self.base_dir, records, sid)  # a refusal creates no directory
+        directory = self.session_dir(sid)
         if records is None:
             return self._save_unrecorded(sid, name, directory, data)
         backend = self.blobs
