@@ -180,8 +180,8 @@ class SQLFileRecords:
         alive: Any = True
         with b.connector.transaction() as ex:
             lock = st.lock_session_row if quota is not None else None
-            if lock is not None and ex.run(lock, {"sid": row.sid}).first() is None:
-                raise SessionExpired(row.sid)
+            if lock is not None:  # one reservation at a time per session (PostgreSQL; a
+                ex.run(lock, {"sid": row.sid})  # gone session has no pending row: see below)
             got = ex.run(st.reserve_upload, values).first()
             if got is None:
                 alive = ex.run(st.upload_alive, {"id": upload.id}).first()

@@ -17,7 +17,7 @@ import logging
 import secrets
 from typing import Any, NoReturn
 
-from ..errors import IdempotencyKeyInFlight, SessionExpired, StateConflict, StorageUnavailable
+from ..errors import IdempotencyKeyInFlight, SessionExpired, StorageUnavailable
 from ..idempotency import Claim, Found, KeyRequest, StoredResponse
 from . import sessions as ops
 from .context import Context
@@ -194,14 +194,13 @@ class SQLIdempotencyRecords:
             "expected": write.expected,
             "now": st.values.time(now),
         }
-        ours, _changed, completed = ex.run(statement, values).first()
+        _ours, _changed, completed = ex.run(statement, values).first()
         if completed == 1:
             return write.expected + 1
-        if ex.run(st.has_session, {"sid": claim.request.sid}).first() is None:
-            raise SessionExpired(claim.request.sid)
-        if not ours:
-            self._lost(claim)
-        raise StateConflict(claim.request.sid, write.name)
+        # Nothing was written (a guard failed: the session went, the namespace changed or
+        # the claim was taken over): the commit's general path, with its own guards,
+        # finds out which and answers.
+        return None
 
     def _lost(self, claim: Claim) -> NoReturn:
         logger.warning(
