@@ -29,6 +29,7 @@ from .errors import (
     IdempotencyKeyReused,
     IdempotencyUnsupported,
     ResponseNotStorable,
+    SessionExpired,
 )
 from .idempotency import (
     CHUNK,
@@ -140,8 +141,9 @@ def _run(
     principal = None if options.scope is None else options.scope()
     route = request.url_rule.rule if request.url_rule is not None else request.path
     body, unread = _body()
+    raw_path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace")
     digest, spool = fingerprint(
-        request.method, request.path, request.query_string, request.content_type, body
+        request.method, raw_path, request.query_string, request.content_type, body
     )
     if spool is not None:
         state.spool = spool
@@ -160,7 +162,11 @@ def _run(
         ttl=options.ttl,
         lease=options.lease or app_state.idempotency_lease,
     )
-    outcome = _claim(records, wanted, options.wait)
+    try:
+        outcome = _claim(records, wanted, options.wait)
+    except SessionExpired:
+        state.gone = True  # the SID's session ended (or was rotated away): nothing to save
+        raise
     if isinstance(outcome, StoredResponse):
         state.replayed = True
         return _replay(outcome)

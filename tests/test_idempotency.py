@@ -140,6 +140,17 @@ class KeysApp:
             response.headers["Keep-Alive"] = "timeout=5"  # hop-by-hop: not stored
             return response
 
+        @app.post("/api/login")
+        @silo.idempotent()
+        def login() -> Response:
+            silo.state("counter")["n"] += 1
+            return jsonify(run=run(), sid=silo.rotate())
+
+        @app.post("/api/path/<name>")
+        @silo.idempotent()
+        def path(name: str) -> Response:
+            return jsonify(run=run())
+
         @app.post("/api/upload")
         @silo.idempotent()
         def upload() -> Response:
@@ -316,13 +327,18 @@ def test_stored_headers_leave_out_hop_by_hop_and_the_sid(keys_app: KeysApp) -> N
     again = keys_app.post("/api/headers")
     assert again.get_data() == first.get_data()
     assert again.headers["X-Custom"] == "kept"
-    assert again.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    assert first.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    # A cookie is a credential of its moment (a login, a CSRF token): a replay must not
+    # set it again (the client may have logged out, or another user in), nor may it rest
+    # in the table.
+    assert again.headers.getlist("Set-Cookie") == []
     assert "Keep-Alive" not in again.headers
     with keys_app.storage.engine.connect() as conn:
         stored = str(conn.execute(select(idempotency_keys.c.headers)).scalar_one())
     assert ALICE not in stored
     assert HEADER not in stored
     assert "Keep-Alive" not in stored
+    assert "cookie" not in stored.lower()
 
 
 def test_a_4xx_answer_is_stored_with_its_changes(keys_app: KeysApp) -> None:
@@ -698,6 +714,52 @@ def test_keys_go_with_their_session(keys_app: KeysApp) -> None:
     assert keys_app.keys() == 1  # Bob's
     keys_app.silo.store.destroy(BOB)
     assert keys_app.keys() == 0
+
+
+def test_a_retry_under_a_sid_rotated_away_or_expired_is_410_and_runs_nothing(
+    keys_app: KeysApp,
+) -> None:
+    first_use(keys_app)
+    first = keys_app.post("/api/login", key="login")  # its answer is lost on the way
+    assert first.status_code == 200
+    new = first.get_json()["sid"]
+    assert first.headers[HEADER] == new
+    # The client knows only the SID it sent: its retry must not log in (run) again.
+    retry = keys_app.post("/api/login", key="login")
+    assert retry.status_code == 410
+    assert retry.get_json()["error"] == "session_expired"
+    assert retry.get_json()["message"]
+    assert keys_app.runs == ["/api/login"]
+    assert keys_app.counter() == 0  # no session was started under the old SID
+    again = keys_app.post("/api/login", key="login", sid=new)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_data() == first.get_data()
+    assert again.headers[HEADER] == new
+
+    first_use(keys_app, BOB)
+    assert keys_app.post("/api/inc", sid=BOB, key="e").status_code == 200
+    keys_app.clock.advance(7200 + 3600)  # idle past its ttl
+    assert BOB in keys_app.silo.store.sweep().expired
+    late = keys_app.post("/api/inc", sid=BOB, key="e")
+    assert late.status_code == 410
+    assert late.get_json()["error"] == "session_expired"
+    assert keys_app.runs == ["/api/login", "/api/inc"]
+    assert keys_app.counter(BOB) == 0
+
+
+def test_paths_that_decode_alike_are_different_requests(keys_app: KeysApp) -> None:
+    """``/api/path/%FF`` and ``/api/path/%FE`` (as a WSGI server passes them, the raw
+    bytes: Flask's test client would decode them first) are both U+FFFD to Flask."""
+    first_use(keys_app)
+
+    def post(raw: str) -> Any:
+        return keys_app.post("/api/path/x", key="p", environ_overrides={"PATH_INFO": raw})
+
+    assert post("/api/path/\xff").status_code == 200
+    assert post("/api/path/\xff").headers["Idempotent-Replayed"] == "true"
+    other = post("/api/path/\xfe")
+    assert other.status_code == 422
+    assert other.get_json()["error"] == "idempotency_key_reused"
 
 
 def test_a_rotated_session_keeps_its_keys(keys_app: KeysApp) -> None:
