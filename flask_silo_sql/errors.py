@@ -209,6 +209,10 @@ class FileNotStored(SiloError, FileNotFoundError):
         self.filename = filename
         super().__init__(f"No file {filename[:100]!r} in this session.")
 
+    def __str__(self) -> str:
+        # OSError's own would be "[Errno None] None: 'name'" once ``filename`` is set.
+        return str(self.args[0])
+
 
 class FileElsewhere(SiloError):
     """A ``local`` file kept on another machine's disk (``409``): route the client there,

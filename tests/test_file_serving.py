@@ -160,6 +160,17 @@ def test_byte_range_never_raises_on_any_header() -> None:
     assert byte_range("bytes=0-", 0) is None
 
 
+@pytest.mark.parametrize("name", ["nothing.bin", "%E6%97%A5", "%2E%2E", "a%00b", "%0D%0A"])
+def test_a_missing_or_unsafe_name_is_a_clear_404(server: Server, name: str) -> None:
+    """Names ``secure_filename`` empties (``日``, ``..``) are no file either."""
+    missing = server.get(name)
+    assert missing.status_code == 404
+    body = missing.get_json()
+    assert body["error"] == "file_not_found"
+    assert body["message"].startswith("No file ")
+    assert "Errno" not in body["message"]
+
+
 # -- conditional requests ---------------------------------------------------------------
 
 
