@@ -143,7 +143,12 @@ def _run(
     body, unread = _body()
     raw_path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace")
     digest, spool = fingerprint(
-        request.method, raw_path, request.query_string, request.content_type, body
+        request.method,
+        raw_path,
+        request.query_string,
+        request.content_type,
+        body,
+        request.content_length if unread else None,
     )
     if spool is not None:
         state.spool = spool

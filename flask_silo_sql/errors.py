@@ -378,6 +378,23 @@ class IdempotencyKeyInvalid(SiloError, ValueError):
         return {"header": self.header}
 
 
+class RequestBodyIncomplete(SiloError):
+    """A request body shorter than its ``Content-Length``: the client went away mid-body
+    (``400``). An idempotent view does not run on it, nor is its key claimed."""
+
+    status = 400
+    slug = "request_body_incomplete"
+    logged = False
+
+    def __init__(self, expected: int, received: int) -> None:
+        self.expected = expected
+        self.received = received
+        super().__init__(
+            f"The request body ended after {received} of the {expected} bytes its "
+            "Content-Length announced."
+        )
+
+
 class IdempotencyKeyMissing(SiloError):
     """A view that requires an ``Idempotency-Key`` was called without one."""
 

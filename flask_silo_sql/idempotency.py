@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Protocol
 
-from .errors import IdempotencyKeyInvalid
+from .errors import IdempotencyKeyInvalid, RequestBodyIncomplete
 
 DEFAULT_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -91,7 +91,12 @@ def key_hash(method: str, route: str, principal: str | None, key: str) -> str:
 
 
 def fingerprint(
-    method: str, path: bytes, query: bytes, content_type: str | None, body: IO[bytes] | None
+    method: str,
+    path: bytes,
+    query: bytes,
+    content_type: str | None,
+    body: IO[bytes] | None,
+    length: int | None = None,
 ) -> tuple[str, IO[bytes] | None]:
     """Hex SHA-256 of the request, and its body spooled for the view to read.
 
@@ -102,7 +107,9 @@ def fingerprint(
     memory up to :data:`SPOOL_MEMORY_BYTES`, then on disk), so an upload is
     never held whole in memory; the spool is returned at its start. Each field
     is length-prefixed, so no two requests share a fingerprint by moving bytes
-    from one field to the next.
+    from one field to the next. A *body* that ends before its *length* (the
+    Content-Length; a WSGI server may end the stream of a client that went away
+    without an error) raises :class:`~flask_silo_sql.errors.RequestBodyIncomplete`.
     """
     digest = hashlib.sha256()
     for part in (method.encode(), path, query, (content_type or "").encode("latin-1")):
@@ -112,9 +119,13 @@ def fingerprint(
         return digest.hexdigest(), None
     spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
     try:
+        received = 0
         while chunk := body.read(CHUNK):
             digest.update(chunk)
             spool.write(chunk)
+            received += len(chunk)
+        if length is not None and received < length:
+            raise RequestBodyIncomplete(length, received)
         spool.seek(0)
     except BaseException:
         spool.close()

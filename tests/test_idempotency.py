@@ -637,6 +637,23 @@ def test_an_upload_is_fingerprinted_and_still_reaches_the_view(keys_app: KeysApp
     assert keys_app.runs == ["/api/upload", "/api/raw"]
 
 
+def test_a_body_cut_short_is_400_and_claims_nothing(keys_app: KeysApp) -> None:
+    """gunicorn (``wsgi.input_terminated``) ends the stream of a client that sent fewer
+    bytes than its Content-Length said without an error: what came must not be taken
+    for the request, run and stored under its key."""
+    first_use(keys_app)
+    cut = {"CONTENT_LENGTH": "100", "wsgi.input_terminated": True}
+    short = keys_app.post("/api/raw", key="cut", data=b"0123456789", environ_overrides=cut)
+    assert short.status_code == 400
+    assert short.get_json()["error"] == "request_body_incomplete"
+    assert short.get_json()["message"]
+    assert keys_app.runs == []
+    assert keys_app.keys() == 0
+    whole = keys_app.post("/api/raw", key="cut", data=b"0" * 100)
+    assert whole.status_code == 200
+    assert whole.get_json()["size"] == 100
+
+
 def test_a_form_read_before_the_view_is_still_fingerprinted(silo_url: str, executor: str) -> None:
     app = KeysApp(silo_url, executor)
     try:
