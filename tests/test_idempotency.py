@@ -397,6 +397,44 @@ def test_a_scope_callable_adds_the_principal(silo_url: str, executor: str) -> No
         app.close()
 
 
+def test_a_scope_without_a_stable_text_is_refused(silo_url: str, executor: str) -> None:
+    """A principal whose text is object's default (``<User object at 0x...>``) differs for
+    every request: each retry would get a new key and run the view again."""
+
+    class User:
+        def __init__(self, uid: int) -> None:
+            self.uid = uid
+
+    app = KeysApp(silo_url, executor)
+    try:
+        silo = app.silo
+
+        @app.app.post("/api/as-user")
+        @silo.idempotent(scope=lambda: User(1))
+        def as_user() -> Response:
+            app.runs.append("/api/as-user")
+            return jsonify(run=uuid.uuid4().hex)
+
+        @app.app.post("/api/as-id")
+        @silo.idempotent(scope=lambda: uuid.UUID(int=7))
+        def as_id() -> Response:
+            return jsonify(run=uuid.uuid4().hex)
+
+        first_use(app)
+        app.app.testing = False
+        refused = app.post("/api/as-user", key="u")
+        assert refused.status_code == 500
+        assert app.runs == []
+        assert app.keys() == 0
+        app.app.testing = True
+        with pytest.raises(TypeError, match="scope"):
+            app.post("/api/as-user", key="u")
+        first = app.post("/api/as-id", key="u")
+        assert app.post("/api/as-id", key="u").get_data() == first.get_data()
+    finally:
+        app.close()
+
+
 def test_a_client_without_a_session_is_not_protected(keys_app: KeysApp) -> None:
     """No SID sent: a retry would come without one too, so no record could serve it."""
     one = keys_app.client.post("/api/inc", headers={KEY: "k"})
