@@ -8,9 +8,12 @@ in ``test_file_backends.py``). What a client may send is taken from RFC 9110
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +285,40 @@ def test_a_long_download_name_keeps_its_extension(server: Server) -> None:
 
 
 # -- a file that changes while it is read -----------------------------------------------
+
+
+@pytest.mark.parametrize("lookup", [1, 2])
+def test_a_file_replaced_as_it_is_looked_up_is_served_as_one_version(
+    server: Server, lookup: int
+) -> None:
+    """A replacement committed between the reads of the file's row (its ``file_row``
+    statements, observed at the storage's hook): the headers and the bytes are of one
+    version, whichever."""
+    first, second = b"A" * 5000, b"B" * 3000
+    assert server.put("race.bin", first).status_code == 201
+    storage = sql_storage(server.silo.store)
+    seen: list[str] = []
+
+    def replace_at_lookup(name: str, sql: str, values: Any) -> None:
+        if name != "file_row" or not threading.current_thread().name.startswith("reader"):
+            return
+        seen.append(name)
+        if len(seen) == lookup:  # before this lookup runs, another request replaces the file
+            with ThreadPoolExecutor(1) as other:
+                assert other.submit(server.put, "race.bin", second).result().status_code == 201
+
+    storage.statement_hook = replace_at_lookup
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="reader") as pool:
+            got = pool.submit(server.get, "race.bin").result()
+    finally:
+        storage.statement_hook = None
+    assert seen, "the lookup was never observed"
+    body = got.get_data()
+    assert got.status_code == 200
+    assert body in (first, second)
+    assert got.headers["Content-Length"] == str(len(body))
+    assert got.headers["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
 
 
 def test_a_file_replaced_under_a_reused_id_is_never_served_mixed(server: Server) -> None:
