@@ -3,8 +3,8 @@
 The response streams from the backend's stream (a local file, the database's
 chunks, an fsspec object) and is conditional: ``ETag`` is the file's SHA-256
 (a strong validator: the same bytes on every machine), ``Last-Modified`` its
-row's time, so ``If-None-Match`` / ``If-Modified-Since`` get ``304`` (before any
-range) and ``If-Range`` is honoured on a strong match; a single ``Range`` gets
+row's time, so ``If-Match`` / ``If-Unmodified-Since`` that do not hold get ``412``
+(JSON), ``If-None-Match`` / ``If-Modified-Since`` get ``304`` (before any range) and ``If-Range`` is honoured on a strong match; a single ``Range`` gets
 ``206`` starting at its chunk, one that cannot be satisfied ``416`` with
 ``Content-Range: bytes */size`` (JSON, like every silo error); several ranges,
 another unit or a malformed header get the whole file (RFC 9110 section 14).
@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from flask import Response, jsonify, request
-from werkzeug.http import is_resource_modified, parse_date, unquote_etag
+from werkzeug.http import is_resource_modified, parse_date, parse_etags, unquote_etag
 from werkzeug.utils import secure_filename
 from werkzeug.wsgi import FileWrapper, wrap_file
 
@@ -113,15 +113,20 @@ def _respond(
     environ = request.environ
     etag = info.sha256 or None
     last_modified = info.created_at
-    # RFC 9110 section 13.2.2: a matching If-None-Match / If-Modified-Since (304) comes
-    # before Range, and If-Range decides whether Range counts at all; werkzeug is then
-    # given the one range to send, or none (it would answer 416 where the RFC ignores).
+    # RFC 9110 section 13.2.2, in its order: If-Match / If-Unmodified-Since (412), then a
+    # matching If-None-Match / If-Modified-Since (304), before Range, which If-Range
+    # decides to count or not; werkzeug is then given the one range to send, or none
+    # (it would answer 416 where the RFC ignores, and 412 with the file's bytes).
+    if not _preconditions_hold(environ, etag, last_modified):
+        stream.close()
+        return _failed_precondition()
     conditional = dict(environ)
-    conditional.pop("HTTP_IF_RANGE", None)
+    for checked in ("HTTP_IF_RANGE", "HTTP_IF_MATCH", "HTTP_IF_UNMODIFIED_SINCE"):
+        conditional.pop(checked, None)
     wanted: tuple[int, int] | Literal[False] | None = None
     if (
         "HTTP_RANGE" in environ
-        and is_resource_modified(environ, etag, last_modified=last_modified)
+        and is_resource_modified(conditional, etag, last_modified=last_modified)
         and _if_range_holds(environ.get("HTTP_IF_RANGE"), etag, last_modified)
     ):
         wanted = byte_range(environ["HTTP_RANGE"], size)
@@ -219,6 +224,31 @@ def _if_range_holds(value: str | None, etag: str | None, last_modified: Any) -> 
     if date is None or not isinstance(last_modified, dt.datetime):
         return False
     return date == last_modified.astimezone(dt.timezone.utc).replace(microsecond=0)
+
+
+def _preconditions_hold(environ: Any, etag: str | None, last_modified: Any) -> bool:
+    """``If-Match`` (``*`` or a strong match of the file's tag), else a valid
+    ``If-Unmodified-Since`` no earlier than ``Last-Modified``: both hold when absent."""
+    if_match = environ.get("HTTP_IF_MATCH")
+    if if_match is not None:
+        tags = parse_etags(if_match)
+        return tags.star_tag or (etag is not None and tags.contains(etag))
+    since = parse_date(environ.get("HTTP_IF_UNMODIFIED_SINCE"))
+    if since is None or not isinstance(last_modified, dt.datetime):
+        return True
+    return last_modified.astimezone(dt.timezone.utc).replace(microsecond=0) <= since
+
+
+def _failed_precondition() -> Response:
+    failed = jsonify(
+        error="precondition_failed",
+        message="The file is not the version the request's If-Match or "
+        "If-Unmodified-Since names.",
+    )
+    failed.status_code = 412
+    failed.cache_control.private = True
+    failed.cache_control.no_cache = True
+    return failed
 
 
 def _refused(size: int) -> Response:

@@ -218,6 +218,34 @@ def test_a_fresh_copy_is_304_before_any_range(server: Server) -> None:
         assert (got.status_code, got.get_data()) == (200, DATA), headers
 
 
+def test_if_match_and_if_unmodified_since_answer_412_without_the_file(server: Server) -> None:
+    whole = server.get()
+    etag, last_modified = whole.headers["ETag"], whole.headers["Last-Modified"]
+    for headers in (
+        {"If-Match": '"other"'},
+        {"If-Match": f"W/{etag}"},  # If-Match compares strongly
+        {"If-Match": '"other"', "Range": "bytes=0-4"},
+        {"If-Unmodified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"},
+    ):
+        got = server.get(**headers)
+        assert got.status_code == 412, headers
+        assert got.get_json()["error"] == "precondition_failed"
+        assert got.get_json()["message"]
+    for headers in (
+        {"If-Match": etag},
+        {"If-Match": f'"other", {etag}'},
+        {"If-Match": "*"},
+        {"If-Unmodified-Since": last_modified},
+        {"If-Unmodified-Since": "garbage"},  # not a date: ignored
+        # If-Match decides alone when it is there.
+        {"If-Match": etag, "If-Unmodified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"},
+    ):
+        got = server.get(**headers)
+        assert (got.status_code, got.get_data()) == (200, DATA), headers
+    part = server.get(Range="bytes=0-4", **{"If-Match": etag})
+    assert (part.status_code, part.get_data()) == (206, DATA[:5])
+
+
 def test_head_answers_the_headers_of_a_get(server: Server) -> None:
     head = server.client.head("/api/files/f.bin", headers={"X-Session-ID": SID})
     assert (head.status_code, head.get_data()) == (200, b"")
