@@ -4,8 +4,9 @@ The response streams from the backend's stream (a local file, the database's
 chunks, an fsspec object) and is conditional: ``ETag`` is the file's SHA-256
 (a strong validator: the same bytes on every machine), ``Last-Modified`` its
 row's time, so ``If-Match`` / ``If-Unmodified-Since`` that do not hold get ``412``
-(JSON), ``If-None-Match`` / ``If-Modified-Since`` get ``304`` (before any range) and ``If-Range`` is honoured on a strong match; a single ``Range`` gets
-``206`` starting at its chunk, one that cannot be satisfied ``416`` with
+(JSON), ``If-None-Match`` / ``If-Modified-Since`` get ``304`` (before any range)
+and ``If-Range`` is honoured on a strong match; a single ``Range`` gets ``206``
+starting at its chunk, one that cannot be satisfied ``416`` with
 ``Content-Range: bytes */size`` (JSON, like every silo error); several ranges,
 another unit or a malformed header get the whole file (RFC 9110 section 14).
 ``Content-Disposition`` carries the name cleaned of paths and control characters,
