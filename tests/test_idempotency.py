@@ -479,6 +479,27 @@ def test_a_view_that_raises_saves_nothing_and_its_retry_runs_it(keys_app: KeysAp
     assert keys_app.runs == ["/api/raises", "/api/raises"]
 
 
+def test_an_early_commit_in_an_idempotent_view_is_refused(keys_app: KeysApp) -> None:
+    """silo.commit() would save the change without the response: a failure after it
+    frees the key, and the retry would make the change a second time."""
+
+    @keys_app.app.post("/api/commits")
+    @keys_app.silo.idempotent()
+    def commits() -> Response:
+        keys_app.runs.append("/api/commits")
+        keys_app.silo.state("counter")["n"] += 1
+        keys_app.silo.commit()
+        return jsonify(n=keys_app.silo.state("counter")["n"])
+
+    keys_app.app.config["PROPAGATE_EXCEPTIONS"] = True  # the test client raises it
+    first_use(keys_app)
+    with pytest.raises(RuntimeError, match="silo.commit"):
+        keys_app.post("/api/commits", key="early")
+    assert keys_app.counter() == 1
+    assert keys_app.keys() == 0
+    assert keys_app.post("/api/plain", key=None).get_json()["n"] == 2  # commit() elsewhere
+
+
 def test_a_raise_that_propagates_releases_the_key_too(keys_app: KeysApp) -> None:
     keys_app.app.config["PROPAGATE_EXCEPTIONS"] = True  # the test client raises it
     first_use(keys_app)
