@@ -214,7 +214,10 @@ def _position(digits: str) -> int | None:
 
 def _if_range_holds(value: str | None, etag: str | None, last_modified: Any) -> bool:
     """Whether ``If-Range`` (absent: yes) lets the ``Range`` count: its entity tag is
-    the file's by strong comparison, or its date is exactly ``Last-Modified``."""
+    the file's by strong comparison, or, for a file without one, its date is exactly
+    ``Last-Modified``. A file with a tag ignores dates: ``Last-Modified`` has whole
+    seconds, and a version replaced within the second would continue the old one's
+    partial download with its own bytes (RFC 9110 section 13.1.5: a weak validator)."""
     if value is None:
         return True
     value = value.strip(" \t")
@@ -222,7 +225,7 @@ def _if_range_holds(value: str | None, etag: str | None, last_modified: Any) -> 
         tag, weak = unquote_etag(value)
         return not weak and etag is not None and value.endswith('"') and tag == etag
     date = parse_date(value)
-    if date is None or not isinstance(last_modified, dt.datetime):
+    if etag is not None or date is None or not isinstance(last_modified, dt.datetime):
         return False
     return date == last_modified.astimezone(dt.timezone.utc).replace(microsecond=0)
 

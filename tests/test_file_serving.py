@@ -182,7 +182,9 @@ def test_if_range_counts_only_a_strong_match(server: Server) -> None:
     etag, last_modified = whole.headers["ETag"], whole.headers["Last-Modified"]
     for if_range, status in [
         (etag, 206),
-        (last_modified, 206),
+        # A date is a weak validator (whole seconds) where there is a strong tag: a file
+        # replaced within the second would continue the old one's download with its bytes.
+        (last_modified, 200),
         (f"W/{etag}", 200),  # If-Range compares strongly (RFC 9110 13.1.5)
         ('"other"', 200),
         (etag[:-1], 200),
