@@ -246,8 +246,7 @@ def _preconditions_hold(environ: Any, etag: str | None, last_modified: Any) -> b
 def _failed_precondition() -> Response:
     failed = jsonify(
         error="precondition_failed",
-        message="The file is not the version the request's If-Match or "
-        "If-Unmodified-Since names.",
+        message="The file is not the version the request's If-Match or If-Unmodified-Since names.",
     )
     failed.status_code = 412
     failed.cache_control.private = True
