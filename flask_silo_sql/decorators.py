@@ -29,6 +29,7 @@ from .errors import (
     IdempotencyKeyReused,
     IdempotencyUnsupported,
     ResponseNotStorable,
+    SessionExpired,
 )
 from .idempotency import (
     CHUNK,
@@ -137,11 +138,17 @@ def _run(
         # The client sent no session: a retry would come without one too, so no
         # record could be found again; the view runs as it would without a key.
         return view(*args, **kwargs)
-    principal = None if options.scope is None else options.scope()
+    principal = None if options.scope is None else _principal(options.scope())
     route = request.url_rule.rule if request.url_rule is not None else request.path
     body, unread = _body()
+    raw_path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace")
     digest, spool = fingerprint(
-        request.method, request.path, request.query_string, request.content_type, body
+        request.method,
+        raw_path,
+        request.query_string,
+        request.content_type,
+        body,
+        request.content_length if unread else None,
     )
     if spool is not None:
         state.spool = spool
@@ -150,9 +157,7 @@ def _run(
     wanted = KeyRequest(
         header=header,
         sid=state.sid,
-        key_hash=key_hash(
-            request.method, route, None if principal is None else str(principal), key
-        ),
+        key_hash=key_hash(request.method, route, principal, key),
         key=key,
         method=request.method,
         route=route,
@@ -160,7 +165,11 @@ def _run(
         ttl=options.ttl,
         lease=options.lease or app_state.idempotency_lease,
     )
-    outcome = _claim(records, wanted, options.wait)
+    try:
+        outcome = _claim(records, wanted, options.wait)
+    except SessionExpired:
+        state.gone = True  # the SID's session ended (or was rotated away): nothing to save
+        raise
     if isinstance(outcome, StoredResponse):
         state.replayed = True
         return _replay(outcome)
@@ -180,6 +189,20 @@ def _run(
         response.get_data(),
     )
     return response
+
+
+def _principal(value: object) -> str | None:
+    """The scope's principal as text: one that has a stable text (the same for the same
+    principal in every request and process), or a retry would never find its key."""
+    if value is None or isinstance(value, str):
+        return value
+    kind = type(value)
+    if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+        raise TypeError(
+            f"@silo.idempotent: scope returned a {kind.__name__} whose text names the "
+            "object, not the principal (it differs in every request); return its ID"
+        )
+    return str(value)
 
 
 def _claim(records: IdempotencyRecords, wanted: KeyRequest, wait: float) -> Claim | StoredResponse:

@@ -209,6 +209,10 @@ class FileNotStored(SiloError, FileNotFoundError):
         self.filename = filename
         super().__init__(f"No file {filename[:100]!r} in this session.")
 
+    def __str__(self) -> str:
+        # OSError's own would be "[Errno None] None: 'name'" once ``filename`` is set.
+        return str(self.args[0])
+
 
 class FileElsewhere(SiloError):
     """A ``local`` file kept on another machine's disk (``409``): route the client there,
@@ -372,6 +376,23 @@ class IdempotencyKeyInvalid(SiloError, ValueError):
 
     def details(self) -> dict[str, Any]:
         return {"header": self.header}
+
+
+class RequestBodyIncomplete(SiloError):
+    """A request body shorter than its ``Content-Length``: the client went away mid-body
+    (``400``). An idempotent view does not run on it, nor is its key claimed."""
+
+    status = 400
+    slug = "request_body_incomplete"
+    logged = False
+
+    def __init__(self, expected: int, received: int) -> None:
+        self.expected = expected
+        self.received = received
+        super().__init__(
+            f"The request body ended after {received} of the {expected} bytes its "
+            "Content-Length announced."
+        )
 
 
 class IdempotencyKeyMissing(SiloError):

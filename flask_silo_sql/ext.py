@@ -749,8 +749,15 @@ class Silo:
         For a long streamed response (``stream_with_context``): what the
         generator changed so far is written, under the same version guard; a
         conflict raises (:class:`StateConflict`, ...), which ends the stream.
+        Refused (``RuntimeError``) in an ``@silo.idempotent`` view.
         """
         state = self._request_state()
+        if state.claim is not None:
+            raise RuntimeError(
+                "silo.commit() in an @silo.idempotent view would save its changes without "
+                "its response, and a retry after a failure would make them again: they are "
+                "saved with the response"
+            )
         if state.gone:
             raise SessionExpired(state.sid)
         state.unit.commit()

@@ -434,7 +434,7 @@ class ChunkReader(io.RawIOBase):
         return self._pos
 
     def _load(self, seq: int) -> None:
-        data = self.records.read_chunk(self.file_id, seq)
+        data = self.records.read_chunk(self.file_id, seq, self.row.sha256)
         if data is None:
             raise FileStorageError(
                 self.store.name, "read a file", "its bytes changed while they were read"

@@ -310,7 +310,8 @@ class FileRecords(Protocol):
 
     def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None: ...
 
-    def read_chunk(self, file_id: int, seq: int) -> bytes | None: ...
+    def read_chunk(self, file_id: int, seq: int, sha256: str) -> bytes | None:
+        """Chunk *seq* of file *file_id*, if that row still holds the bytes of *sha256*."""
 
     def chunk_sizes(self, file_id: int) -> list[tuple[int, int]]: ...
 

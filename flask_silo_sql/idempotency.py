@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Protocol
 
-from .errors import IdempotencyKeyInvalid
+from .errors import IdempotencyKeyInvalid, RequestBodyIncomplete
 
 DEFAULT_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -91,27 +91,41 @@ def key_hash(method: str, route: str, principal: str | None, key: str) -> str:
 
 
 def fingerprint(
-    method: str, path: str, query: bytes, content_type: str | None, body: IO[bytes] | None
+    method: str,
+    path: bytes,
+    query: bytes,
+    content_type: str | None,
+    body: IO[bytes] | None,
+    length: int | None = None,
 ) -> tuple[str, IO[bytes] | None]:
     """Hex SHA-256 of the request, and its body spooled for the view to read.
+
+    *path* is the raw path, as it came (two paths that decode alike, ``%FE`` and
+    ``%FF`` in ``request.path``, are different requests).
 
     *body* is read in chunks, each hashed and written to a spooled file (in
     memory up to :data:`SPOOL_MEMORY_BYTES`, then on disk), so an upload is
     never held whole in memory; the spool is returned at its start. Each field
     is length-prefixed, so no two requests share a fingerprint by moving bytes
-    from one field to the next.
+    from one field to the next. A *body* that ends before its *length* (the
+    Content-Length; a WSGI server may end the stream of a client that went away
+    without an error) raises :class:`~flask_silo_sql.errors.RequestBodyIncomplete`.
     """
     digest = hashlib.sha256()
-    for part in (method.encode(), path.encode(), query, (content_type or "").encode("latin-1")):
+    for part in (method.encode(), path, query, (content_type or "").encode("latin-1")):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     if body is None:
         return digest.hexdigest(), None
     spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
     try:
+        received = 0
         while chunk := body.read(CHUNK):
             digest.update(chunk)
             spool.write(chunk)
+            received += len(chunk)
+        if length is not None and received < length:
+            raise RequestBodyIncomplete(length, received)
         spool.seek(0)
     except BaseException:
         spool.close()
@@ -119,10 +133,16 @@ def fingerprint(
     return digest.hexdigest(), spool
 
 
+NOT_STORED = frozenset({"set-cookie"})
+"""Headers a replay must not repeat: a cookie is a credential of its moment (a login,
+a CSRF token) that a retry made later must not set again, nor may it rest in a table."""
+
+
 def storable_headers(headers: Iterable[tuple[str, str]], sid_header: str) -> list[tuple[str, str]]:
-    """The headers of a response to store: all but hop-by-hop ones and the SID header."""
+    """The headers of a response to store: all but hop-by-hop ones, ``Set-Cookie``
+    and the SID header."""
     pairs = list(headers)
-    dropped = set(HOP_BY_HOP) | {sid_header.lower()}
+    dropped = set(HOP_BY_HOP) | NOT_STORED | {sid_header.lower()}
     for name, value in pairs:
         if name.lower() == "connection":  # it names more headers of this connection
             dropped.update(v.strip().lower() for v in value.split(","))

@@ -140,6 +140,17 @@ class KeysApp:
             response.headers["Keep-Alive"] = "timeout=5"  # hop-by-hop: not stored
             return response
 
+        @app.post("/api/login")
+        @silo.idempotent()
+        def login() -> Response:
+            silo.state("counter")["n"] += 1
+            return jsonify(run=run(), sid=silo.rotate())
+
+        @app.post("/api/path/<name>")
+        @silo.idempotent()
+        def path(name: str) -> Response:
+            return jsonify(run=run())
+
         @app.post("/api/upload")
         @silo.idempotent()
         def upload() -> Response:
@@ -316,13 +327,18 @@ def test_stored_headers_leave_out_hop_by_hop_and_the_sid(keys_app: KeysApp) -> N
     again = keys_app.post("/api/headers")
     assert again.get_data() == first.get_data()
     assert again.headers["X-Custom"] == "kept"
-    assert again.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    assert first.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    # A cookie is a credential of its moment (a login, a CSRF token): a replay must not
+    # set it again (the client may have logged out, or another user in), nor may it rest
+    # in the table.
+    assert again.headers.getlist("Set-Cookie") == []
     assert "Keep-Alive" not in again.headers
     with keys_app.storage.engine.connect() as conn:
         stored = str(conn.execute(select(idempotency_keys.c.headers)).scalar_one())
     assert ALICE not in stored
     assert HEADER not in stored
     assert "Keep-Alive" not in stored
+    assert "cookie" not in stored.lower()
 
 
 def test_a_4xx_answer_is_stored_with_its_changes(keys_app: KeysApp) -> None:
@@ -381,6 +397,44 @@ def test_a_scope_callable_adds_the_principal(silo_url: str, executor: str) -> No
         app.close()
 
 
+def test_a_scope_without_a_stable_text_is_refused(silo_url: str, executor: str) -> None:
+    """A principal whose text is object's default (``<User object at 0x...>``) differs for
+    every request: each retry would get a new key and run the view again."""
+
+    class User:
+        def __init__(self, uid: int) -> None:
+            self.uid = uid
+
+    app = KeysApp(silo_url, executor)
+    try:
+        silo = app.silo
+
+        @app.app.post("/api/as-user")
+        @silo.idempotent(scope=lambda: User(1))
+        def as_user() -> Response:
+            app.runs.append("/api/as-user")
+            return jsonify(run=uuid.uuid4().hex)
+
+        @app.app.post("/api/as-id")
+        @silo.idempotent(scope=lambda: uuid.UUID(int=7))
+        def as_id() -> Response:
+            return jsonify(run=uuid.uuid4().hex)
+
+        first_use(app)
+        app.app.testing = False
+        refused = app.post("/api/as-user", key="u")
+        assert refused.status_code == 500
+        assert app.runs == []
+        assert app.keys() == 0
+        app.app.testing = True
+        with pytest.raises(TypeError, match="scope"):
+            app.post("/api/as-user", key="u")
+        first = app.post("/api/as-id", key="u")
+        assert app.post("/api/as-id", key="u").get_data() == first.get_data()
+    finally:
+        app.close()
+
+
 def test_a_client_without_a_session_is_not_protected(keys_app: KeysApp) -> None:
     """No SID sent: a retry would come without one too, so no record could serve it."""
     one = keys_app.client.post("/api/inc", headers={KEY: "k"})
@@ -423,6 +477,27 @@ def test_a_view_that_raises_saves_nothing_and_its_retry_runs_it(keys_app: KeysAp
     assert "Idempotent-Replayed" not in retry.headers
     assert keys_app.counter() == 2
     assert keys_app.runs == ["/api/raises", "/api/raises"]
+
+
+def test_an_early_commit_in_an_idempotent_view_is_refused(keys_app: KeysApp) -> None:
+    """silo.commit() would save the change without the response: a failure after it
+    frees the key, and the retry would make the change a second time."""
+
+    @keys_app.app.post("/api/commits")
+    @keys_app.silo.idempotent()
+    def commits() -> Response:
+        keys_app.runs.append("/api/commits")
+        keys_app.silo.state("counter")["n"] += 1
+        keys_app.silo.commit()
+        return jsonify(n=keys_app.silo.state("counter")["n"])
+
+    keys_app.app.config["PROPAGATE_EXCEPTIONS"] = True  # the test client raises it
+    first_use(keys_app)
+    with pytest.raises(RuntimeError, match=r"silo\.commit\(\)"):
+        keys_app.post("/api/commits", key="early")
+    assert keys_app.counter() == 1
+    assert keys_app.keys() == 0
+    assert keys_app.post("/api/plain", key=None).get_json()["n"] == 2  # commit() elsewhere
 
 
 def test_a_raise_that_propagates_releases_the_key_too(keys_app: KeysApp) -> None:
@@ -655,6 +730,23 @@ def test_an_upload_is_fingerprinted_and_still_reaches_the_view(keys_app: KeysApp
     assert keys_app.runs == ["/api/upload", "/api/raw"]
 
 
+def test_a_body_cut_short_is_400_and_claims_nothing(keys_app: KeysApp) -> None:
+    """gunicorn (``wsgi.input_terminated``) ends the stream of a client that sent fewer
+    bytes than its Content-Length said without an error: what came must not be taken
+    for the request, run and stored under its key."""
+    first_use(keys_app)
+    cut = {"CONTENT_LENGTH": "100", "wsgi.input_terminated": True}
+    short = keys_app.post("/api/raw", key="cut", data=b"0123456789", environ_overrides=cut)
+    assert short.status_code == 400
+    assert short.get_json()["error"] == "request_body_incomplete"
+    assert short.get_json()["message"]
+    assert keys_app.runs == []
+    assert keys_app.keys() == 0
+    whole = keys_app.post("/api/raw", key="cut", data=b"0" * 100)
+    assert whole.status_code == 200
+    assert whole.get_json()["size"] == 100
+
+
 def test_a_form_read_before_the_view_is_still_fingerprinted(silo_url: str, executor: str) -> None:
     app = KeysApp(silo_url, executor)
     try:
@@ -732,6 +824,52 @@ def test_keys_go_with_their_session(keys_app: KeysApp) -> None:
     assert keys_app.keys() == 1  # Bob's
     keys_app.silo.store.destroy(BOB)
     assert keys_app.keys() == 0
+
+
+def test_a_retry_under_a_sid_rotated_away_or_expired_is_410_and_runs_nothing(
+    keys_app: KeysApp,
+) -> None:
+    first_use(keys_app)
+    first = keys_app.post("/api/login", key="login")  # its answer is lost on the way
+    assert first.status_code == 200
+    new = first.get_json()["sid"]
+    assert first.headers[HEADER] == new
+    # The client knows only the SID it sent: its retry must not log in (run) again.
+    retry = keys_app.post("/api/login", key="login")
+    assert retry.status_code == 410
+    assert retry.get_json()["error"] == "session_expired"
+    assert retry.get_json()["message"]
+    assert keys_app.runs == ["/api/login"]
+    assert keys_app.counter() == 0  # no session was started under the old SID
+    again = keys_app.post("/api/login", key="login", sid=new)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_data() == first.get_data()
+    assert again.headers[HEADER] == new
+
+    first_use(keys_app, BOB)
+    assert keys_app.post("/api/inc", sid=BOB, key="e").status_code == 200
+    keys_app.clock.advance(7200 + 3600)  # idle past its ttl
+    assert BOB in keys_app.silo.store.sweep().expired
+    late = keys_app.post("/api/inc", sid=BOB, key="e")
+    assert late.status_code == 410
+    assert late.get_json()["error"] == "session_expired"
+    assert keys_app.runs == ["/api/login", "/api/inc"]
+    assert keys_app.counter(BOB) == 0
+
+
+def test_paths_that_decode_alike_are_different_requests(keys_app: KeysApp) -> None:
+    """``/api/path/%FF`` and ``/api/path/%FE`` (as a WSGI server passes them, the raw
+    bytes: Flask's test client would decode them first) are both U+FFFD to Flask."""
+    first_use(keys_app)
+
+    def post(raw: str) -> Any:
+        return keys_app.post("/api/path/x", key="p", environ_overrides={"PATH_INFO": raw})
+
+    assert post("/api/path/\xff").status_code == 200
+    assert post("/api/path/\xff").headers["Idempotent-Replayed"] == "true"
+    other = post("/api/path/\xfe")
+    assert other.status_code == 422
+    assert other.get_json()["error"] == "idempotency_key_reused"
 
 
 def test_a_rotated_session_keeps_its_keys(keys_app: KeysApp) -> None:

@@ -217,10 +217,11 @@ class SQLFileRecords:
                 raise self._gone(row) from None
             raise
 
-    def read_chunk(self, file_id: int, seq: int) -> bytes | None:
+    def read_chunk(self, file_id: int, seq: int, sha256: str) -> bytes | None:
         b = self._b
+        values = {"id": file_id, "seq": seq, "sha256": sha256}
         with b.connector.executor() as ex:
-            found = ex.run(b.st.read_chunk, {"id": file_id, "seq": seq}).first()
+            found = ex.run(b.st.read_chunk, values).first()
         return None if found is None else bytes(found[0])
 
     def chunk_sizes(self, file_id: int) -> list[tuple[int, int]]:

@@ -107,8 +107,14 @@ class SQLIdempotencyRecords:
                     record = ex.run(st.read_key, self._key(request)).first()
                 if record is not None:
                     return self._found(record, now)
-                if ex.run(st.has_session, {"sid": request.sid}).first() is not None:
+                head, expired_at = ops.probe(ex, st, request.sid)
+                if head is not None:
                     continue  # the record went meanwhile (released, expired): claim again
+                if expired_at is not None:
+                    # The SID's session expired or was rotated away, its keys with it: a
+                    # retry under it cannot be told from a new request, and running the
+                    # view again under a new session could do it twice.
+                    raise SessionExpired(request.sid)
             self._create_session(request.sid)
         raise IdempotencyKeyInFlight(request.header)  # the record keeps coming and going
 

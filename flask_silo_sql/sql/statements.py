@@ -870,10 +870,16 @@ class Statements:
             if postgresql
             else None
         )
+        # A chunk of the version read: SQLite may give a new row the id of a row just
+        # deleted, so the id alone could name another version of the file.
         self.read_chunk = prepare(
             "read_chunk",
-            select(file_chunks.c.data).where(
-                file_chunks.c.file_id == file_id, file_chunks.c.seq == seq
+            select(file_chunks.c.data)
+            .join(files, files.c.id == file_chunks.c.file_id)
+            .where(
+                file_chunks.c.file_id == file_id,
+                file_chunks.c.seq == seq,
+                files.c.sha256 == bindparam("sha256", type_=String(64)),
             ),
         )
         self.chunk_sizes = prepare(
