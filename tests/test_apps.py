@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify
 from support import sql_storage
 
 from flask_silo_sql import (
@@ -175,6 +175,43 @@ def test_an_apps_own_handler_takes_precedence_also_on_data_endpoints(silo_url: s
         assert answer.headers["X-Session-ID"] == SID
         conflict = client.get("/api/boom/conflict", headers=headers)
         assert conflict.get_json() == {"custom": "try again"}
+    finally:
+        sql_storage(silo.store).dispose()
+
+
+def test_an_apps_expiry_handler_cannot_bring_the_session_back(silo_url: str) -> None:
+    """A handler of the 410 that writes state and commits is refused: the SID stays ended."""
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = silo_url
+    silo = Silo(app, auto_cleanup=False)
+    silo.register("counter", lambda: {"n": 0})
+    silo.add_data_endpoints("/api/data")
+    refused: list[str] = []
+
+    @app.errorhandler(SessionExpired)
+    def expired(exc: SessionExpired) -> tuple[Response, int]:
+        silo.state("counter")["n"] = 99
+        try:
+            silo.commit()
+        except SessionExpired as again:
+            refused.append(again.slug)
+        return jsonify(custom="gone"), 410
+
+    @app.get("/api/data")
+    def data() -> dict[str, Any]:
+        return {"n": silo.state("counter")["n"]}
+
+    try:
+        client = app.test_client()
+        headers = {"X-Session-ID": SID}
+        client.get("/api/data", headers=headers)
+        silo.store.clock = lambda: 10.0**10
+        silo.store.sweep()
+        answer = client.get("/api/data", headers=headers)
+        assert (answer.status_code, answer.get_json()) == (410, {"custom": "gone"})
+        assert refused == ["session_expired"]
+        assert silo.store.is_expired(SID)
+        assert not silo.store.exists(SID)
     finally:
         sql_storage(silo.store).dispose()
 
