@@ -180,7 +180,8 @@ def test_an_apps_own_handler_takes_precedence_also_on_data_endpoints(silo_url: s
 
 
 def test_an_apps_expiry_handler_cannot_bring_the_session_back(silo_url: str) -> None:
-    """A handler of the 410 that writes state and commits is refused: the SID stays ended."""
+    """A handler of the 410 that writes state and commits (or rotates) is refused: the SID
+    stays ended."""
     app = Flask(__name__)
     app.config["SILO_DATABASE_URI"] = silo_url
     silo = Silo(app, auto_cleanup=False)
@@ -191,10 +192,11 @@ def test_an_apps_expiry_handler_cannot_bring_the_session_back(silo_url: str) -> 
     @app.errorhandler(SessionExpired)
     def expired(exc: SessionExpired) -> tuple[Response, int]:
         silo.state("counter")["n"] = 99
-        try:
-            silo.commit()
-        except SessionExpired as again:
-            refused.append(again.slug)
+        for attempt in (silo.commit, silo.rotate):
+            try:
+                attempt()
+            except SessionExpired as again:
+                refused.append(again.slug)
         return jsonify(custom="gone"), 410
 
     @app.get("/api/data")
@@ -209,7 +211,7 @@ def test_an_apps_expiry_handler_cannot_bring_the_session_back(silo_url: str) -> 
         silo.store.sweep()
         answer = client.get("/api/data", headers=headers)
         assert (answer.status_code, answer.get_json()) == (410, {"custom": "gone"})
-        assert refused == ["session_expired"]
+        assert refused == ["session_expired", "session_expired"]
         assert silo.store.is_expired(SID)
         assert not silo.store.exists(SID)
     finally:
