@@ -8,9 +8,13 @@ runs the unit tests only. The fixtures of ``tests/conftest.py`` (databases,
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pgserver import PgServer, find_bindir
+from support import UNDER_CI
 
 HERE = Path(__file__).parent
 
@@ -21,3 +25,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server of the using module alone: its tests stop, start or freeze it.
+
+    With ``fsync`` on: a crash (``immediate`` stop) must not lose acknowledged commits.
+    """
+    if find_bindir() is None:
+        message = "PostgreSQL server binaries not found: this module's tests cannot run"
+        if UNDER_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PgServer(fsync=True)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(OSError):  # a stopped server has no processes to go on
+            server.thaw()  # a frozen one cannot be stopped
+        server.destroy()

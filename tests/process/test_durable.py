@@ -28,9 +28,8 @@ from typing import Any
 import pytest
 import requests
 from liveserver import APPS_DIR, REPO_ROOT, Gunicorn, gunicorn, process_gone, wait_for
-from pgserver import PgServer, find_bindir
+from pgserver import PgServer
 from sqlalchemy import Engine, select, text
-from support import UNDER_CI
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -597,21 +596,6 @@ def test_a_coalesced_update_is_visible_within_the_flush_interval(
 
 
 # -- a short outage during the final write --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this module alone (its outage test stops and starts it)."""
-    if find_bindir() is None:
-        message = "PostgreSQL server binaries not found: the outage test cannot run"
-        if UNDER_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    server = PgServer()
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 OUTAGE_S = 3.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 from liveserver import gunicorn, wait_for, wait_ready
-from pgserver import PgServer, find_bindir
+from pgserver import PgServer
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -29,19 +28,6 @@ pytestmark = pytest.mark.slow
 TIMEOUT_S = 1.0  # SILO_DB_TIMEOUT of the app under test
 DEADLINE_S = 30.0  # a request answering later than this has hung
 HEADER = "X-Session-ID"
-
-
-@pytest.fixture(scope="module")
-def frozen_pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this module alone (its tests freeze it)."""
-    if find_bindir() is None:
-        pytest.fail("PostgreSQL server binaries not found")
-    server = PgServer()
-    try:
-        yield server
-    finally:
-        server.thaw()
-        server.destroy()
 
 
 def sid(n: int) -> str:
@@ -56,9 +42,9 @@ def inc(server: Any, n: int, **params: str) -> requests.Response:
 
 @pytest.mark.parametrize(("workers", "threads"), [(2, 1), (1, 4)], ids=["sync", "threaded"])
 def test_frozen_server_answers_503_within_the_bound_and_recovers(
-    frozen_pg: PgServer, tmp_path: Path, workers: int, threads: int
+    private_pg: PgServer, tmp_path: Path, workers: int, threads: int
 ) -> None:
-    url = frozen_pg.create_database()
+    url = private_pg.create_database()
     engine = make_engine(url)
     schema.upgrade(engine)
     engine.dispose()
@@ -89,7 +75,7 @@ def test_frozen_server_answers_503_within_the_bound_and_recovers(
         writer = threading.Thread(target=paused)
         writer.start()
         wait_ready(barriers / "frozen.ready")
-        frozen_pg.freeze()
+        private_pg.freeze()
         try:
             (barriers / "frozen.go").touch()
             answers: list[tuple[int, Any, float]] = []
@@ -106,7 +92,7 @@ def test_frozen_server_answers_503_within_the_bound_and_recovers(
                 client.join(DEADLINE_S + 5)
             writer.join(DEADLINE_S + 5)
         finally:
-            frozen_pg.thaw()
+            private_pg.thaw()
         assert len(answers) == 8, "a request hung on the frozen server"
         for status, body, _ in [
             *answers,

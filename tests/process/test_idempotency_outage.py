@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from liveserver import gunicorn, wait_for
-from pgserver import PgServer, find_bindir
+from pgserver import PgServer
 from sqlalchemy import select
-from support import UNDER_CI
 
 from flask_silo_sql.sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -29,21 +27,6 @@ pytestmark = pytest.mark.slow
 HEADER = "X-Session-ID"
 KEY = "Idempotency-Key"
 LEASE_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this module alone (its tests stop and start it)."""
-    if find_bindir() is None:
-        message = "PostgreSQL server binaries not found: the outage test cannot run"
-        if UNDER_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    server = PgServer(fsync=True)
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 def _json_503(response: requests.Response) -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from liveserver import gunicorn, wait_for, wait_ready
-from pgserver import PgServer, find_bindir
+from pgserver import PgServer
 from sqlalchemy import select
-from support import UNDER_CI
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -37,21 +35,6 @@ THREADS = 2
 # Right after the restart, a worker whose pool still holds connections from
 # before the outage may answer 503 once per stale connection it discovers.
 RECOVERY_REQUESTS = 2 * WORKERS * THREADS + 2
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this module alone (its tests stop and start it)."""
-    if find_bindir() is None:
-        message = "PostgreSQL server binaries not found: the outage test cannot run"
-        if UNDER_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    server = PgServer(fsync=True)  # "immediate" must not lose acknowledged commits
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 def _timed(method: str, url: str, sid: str) -> tuple[requests.Response, float]:
