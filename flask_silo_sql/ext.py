@@ -16,6 +16,7 @@ endpoints, callbacks), shared by every app it serves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
@@ -37,7 +38,7 @@ from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
-from .store import SessionStore
+from .store import SessionStore, undoable
 from .tasks import TaskSpec, mark_registered
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -611,20 +612,9 @@ class Silo:
         return response, status
 
     def _move_files(self, old: str, new: str) -> Callable[[], None]:
-        undos: list[Callable[[], None]] = []
-        try:
-            for files in self._file_stores.values():
-                undos.append(files.move_session(old, new))
-        except BaseException:
-            for undo in reversed(undos):
-                undo()
-            raise
-
-        def undo_all() -> None:
-            for undo in reversed(undos):
-                undo()
-
-        return undo_all
+        return undoable(
+            functools.partial(files.move_session, old, new) for files in self._file_stores.values()
+        )
 
     def _maintain_files(self) -> None:
         """After a sweep: what this machine keeps of sessions gone elsewhere goes too."""

@@ -12,9 +12,10 @@ writes only the namespaces whose JSON changed, each guarded by its version.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,6 +59,27 @@ class Registry:
                 "give this one another name, @silo.task(name=...)"
             )
         self.tasks[spec.name] = spec
+
+
+def undoable(actions: Iterable[Callable[[], Callable[[], None]]]) -> Callable[[], None]:
+    """Run each action, which returns its undo; when one fails, undo those done and raise.
+
+    Returns the undo of them all (last done, first undone).
+    """
+    undos: list[Callable[[], None]] = []
+    try:
+        for action in actions:
+            undos.append(action())
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
+
+    def undo_all() -> None:
+        for undo in reversed(undos):
+            undo()
+
+    return undo_all
 
 
 def _origin(fn: Callable[..., Any]) -> str:
@@ -338,20 +360,7 @@ class SessionStore:
         movers = list(self._registry.on_rotate)
 
         def before_commit() -> Callable[[], None]:
-            undos: list[Callable[[], None]] = []
-            try:
-                for mover in movers:
-                    undos.append(mover(old, new))
-            except BaseException:
-                for undo in reversed(undos):
-                    undo()
-                raise
-
-            def undo_all() -> None:
-                for undo in reversed(undos):
-                    undo()
-
-            return undo_all
+            return undoable(functools.partial(mover, old, new) for mover in movers)
 
         self._backend.rotate(old, new, before_commit)
         return new
