@@ -17,18 +17,25 @@ same 1 MiB pieces:
 * plain copy: ``shutil.copyfileobj`` of the source into a new file on the
   same disk, then ``fsync`` (every backend syncs what it stores); its download
   reads the file to its end; beside it, with no target, the same copy and read
-  hashing the bytes (SHA-256) as every backend does;
+  hashing the bytes (SHA-256) as every backend does; and a bare Flask app
+  doing the plain copy in a view (and ``send_file`` for the download), through
+  the same test client: the part of the cost that is the request's;
 * raw chunks, on each database: no Flask, no SQLAlchemy on the measured
   path, one DBAPI connection of a :func:`~flask_silo_sql.sql.engine.make_engine`
   engine (the same connection settings), a table shaped like
   ``silo_file_chunks``: an upload is one ``INSERT`` per chunk and one
-  ``COMMIT``; a download one ``SELECT`` per chunk;
+  ``COMMIT``; a download one ``SELECT`` per chunk (rows in PostgreSQL's
+  binary format, as the backend reads them);
 * raw S3: the same bytes written to and read from an object with s3fs.
 
-A round uploads and downloads each size once per configuration (the 1 MB
-file ``SMALL_REPEAT`` times), interleaved across configurations; the median
-round's throughput is reported. Peak RSS per transfer: the process's high
-water mark is reset before it (``/proc/self/clear_refs``) and read after it;
+A round uploads and downloads each size once per configuration (the 1 MB file
+``SMALL_REPEAT`` times), interleaved across configurations (a floor just
+before the configurations compared with it); the median round's throughput is
+reported, and each ratio is the median of the rounds' ratios (a configuration
+over its floor in the same round), so that the machine's drift between rounds
+cancels out. Peak RSS
+per transfer: the process's high water mark is reset before it
+(``/proc/self/clear_refs``) and read after it;
 the table shows the highest of the rounds, and how far it rose above the
 resident set at the transfer's start (the benchmark's process holds every
 configuration, so the peak itself is mostly theirs).
@@ -65,7 +72,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, send_file
 from sqlalchemy import Column, Engine, Integer, LargeBinary, MetaData, Table
 
 import flask_silo_sql
@@ -195,30 +202,8 @@ def silo_config(
     def get(name: str) -> Response:
         return silo.send_file(files, name)
 
-    client = app.test_client()
     sid = {"current": secrets.token_urlsafe(32)}
-
-    def upload(source: Path, name: str) -> None:
-        size = source.stat().st_size
-        with open(source, "rb") as body:
-            response = client.put(
-                f"/api/files/{name}",
-                headers={HEADER: sid["current"], "Content-Type": "application/octet-stream"},
-                input_stream=body,
-                content_length=size,
-            )
-        if response.status_code != 201:
-            raise BenchError(f"{label}: upload answered {response.status_code}: {response.text}")
-
-    def download(name: str) -> int:
-        response = client.get(f"/api/files/{name}", headers={HEADER: sid["current"]},
-                              buffered=False)
-        try:
-            if response.status_code != 200:
-                raise BenchError(f"{label}: download answered {response.status_code}")
-            return sum(len(piece) for piece in response.response)
-        finally:
-            response.close()
+    upload, download = client_transfers(app, label, lambda: {HEADER: sid["current"]})
 
     def new_round() -> None:
         with app.app_context():
@@ -227,6 +212,66 @@ def silo_config(
 
     return Config(label, group, upload, download, floor=floor, target=target,
                   new_round=new_round, closers=[silo.stop, storage.dispose])
+
+
+def client_transfers(
+    app: Flask, label: str, headers: Callable[[], dict[str, str]]
+) -> tuple[Upload, Download]:
+    """Uploads and downloads through *app*'s test client, the body streamed both ways."""
+    client = app.test_client()
+
+    def upload(source: Path, name: str) -> None:
+        size = source.stat().st_size
+        with open(source, "rb") as body:
+            response = client.put(
+                f"/api/files/{name}",
+                headers={**headers(), "Content-Type": "application/octet-stream"},
+                input_stream=body,
+                content_length=size,
+            )
+        if response.status_code != 201:
+            raise BenchError(f"{label}: upload answered {response.status_code}: {response.text}")
+
+    def download(name: str) -> int:
+        response = client.get(f"/api/files/{name}", headers=headers(), buffered=False)
+        try:
+            if response.status_code != 200:
+                raise BenchError(f"{label}: download answered {response.status_code}")
+            return sum(len(piece) for piece in response.response)
+        finally:
+            response.close()
+
+    return upload, download
+
+
+def flask_copy(home: Path, floor: str) -> Config:
+    """A bare Flask app doing the plain copy in its view (``copyfileobj`` of the request
+    body, ``fsync``) and answering a download with ``flask.send_file``: what a request
+    through Flask costs before any storage does anything. Beside the plain copy, with no
+    target."""
+    home.mkdir(parents=True, exist_ok=True)
+    app = Flask("bench_files_bare")
+
+    @app.put("/api/files/<name>")
+    def put(name: str) -> tuple[Response, int]:
+        with open(home / name, "wb") as out:
+            shutil.copyfileobj(request.stream, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        return jsonify(name=name), 201
+
+    @app.get("/api/files/<name>")
+    def get(name: str) -> Response:
+        return send_file(home / name, mimetype="application/octet-stream")
+
+    upload, download = client_transfers(app, "bare Flask", dict)
+
+    def new_round() -> None:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+
+    return Config("bare Flask + plain copy (no target)", "disk", upload, download,
+                  floor=floor, new_round=new_round)
 
 
 # -- floors ---------------------------------------------------------------------------------
@@ -310,6 +355,9 @@ def chunk_floor(group: str, url: str) -> Config:
     insert = f"INSERT INTO bench_chunks (file_id, seq, data) VALUES ({mark}, {mark}, {mark})"
     select = f"SELECT data FROM bench_chunks WHERE file_id = {mark} AND seq = {mark}"
     ids: dict[str, tuple[int, int]] = {}
+    # psycopg: rows in the binary format, as the backend reads its chunks (a bytea
+    # as hexadecimal text costs both ends five times as much).
+    binary = {"binary": True} if engine.dialect.driver == "psycopg" else {}
 
     def upload(source: Path, name: str) -> None:
         file_id = len(ids) + 1
@@ -325,7 +373,7 @@ def chunk_floor(group: str, url: str) -> Config:
         file_id, count = ids[name]
         total = 0
         for seq in range(count):
-            cursor.execute(select, (file_id, seq))
+            cursor.execute(select, (file_id, seq), **binary)
             total += len(cursor.fetchone()[0])
         connection.commit()  # PostgreSQL: end the read's transaction, as an autocommit would
         return total
@@ -454,6 +502,15 @@ def run(configs: list[Config], src: dict[int, Path], rounds: int) -> None:
 # -- report ---------------------------------------------------------------------------------
 
 
+def paired_ratio(config: Config, floor: Config, size: int, direction: str) -> float:
+    """The median over rounds of the configuration's rate over its floor's in the same
+    round: the two ran one after the other, so a drift of the machine (its disk's
+    write-back, its page cache) between rounds moves both alike."""
+    mine = config.rates[(size, direction)]
+    theirs = floor.rates[(size, direction)]
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+
+
 @dataclass
 class Verdict:
     label: str
@@ -497,7 +554,7 @@ def report(configs: list[Config], skipped: dict[str, str], rounds: int, setup: l
                     if floor is None:
                         cells.append("")
                         continue
-                    ratio = config.rate(size, direction) / floor.rate(size, direction)
+                    ratio = paired_ratio(config, floor, size, direction)
                     cell = f"{ratio:.2f}"
                     if config.target is not None:
                         verdict = Verdict(config.label, f"{direction} {size_title(size)} / floor",
@@ -581,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         src = sources(tmp)
         copy = copy_floor(tmp / "copy")
         if wanted & {"local", "file"}:
-            configs += [copy, hashed_copy(tmp / "hashed", copy.label)]
+            configs += [copy, hashed_copy(tmp / "hashed", copy.label),
+                        flask_copy(tmp / "bare", copy.label)]
         if "local" in wanted:
             configs.append(silo_config("local", "disk", sqlite_url(), tmp / "local", "local",
                                        floor=copy.label, target=LOCAL_TARGET))

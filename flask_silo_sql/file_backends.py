@@ -37,7 +37,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
 from .file_digest import StreamDigest
-from .files import CHUNK, FILE_MODE, TEMP_PREFIX, FileRow, _create_temp, storage_error
+from .files import CHUNK, FILE_MODE, TEMP_PREFIX, FileRow, Piece, _create_temp, storage_error
 from .logs import log_failure
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Sink(Protocol):
     tmp: str | None
     """A local temporary file holding them too (None: none was needed)."""
 
-    def write(self, chunk: bytes | bytearray) -> None: ...
+    def write(self, chunk: Piece) -> None: ...
 
     def finish(self) -> None:
         """Every byte is durable where it belongs."""
@@ -150,7 +150,7 @@ class LocalSink:
         self._out: IO[bytes] | None = os.fdopen(fd, "wb")
         self._final = final
 
-    def write(self, chunk: bytes | bytearray) -> None:
+    def write(self, chunk: Piece) -> None:
         assert self._out is not None
         self._out.write(chunk)
 
@@ -325,11 +325,11 @@ class CachedSink:
         self._local = LocalSink(directory, tmp_name, cache.path)
         self.tmp: str | None = self._local.tmp
 
-    def write(self, chunk: bytes | bytearray) -> None:
+    def write(self, chunk: Piece) -> None:
         self._local.write(chunk)
         self.send(chunk)
 
-    def send(self, chunk: bytes | bytearray) -> None:
+    def send(self, chunk: Piece) -> None:
         """Also write *chunk* to the remote place."""
 
     def finish(self) -> None:
@@ -367,7 +367,7 @@ class ChunkSink(CachedSink):
         self._buffer = bytearray()
         self._seq = 0
 
-    def send(self, chunk: bytes | bytearray) -> None:
+    def send(self, chunk: Piece) -> None:
         buffer = self._buffer
         if not buffer and len(chunk) == CHUNK:
             self._put(chunk)  # a whole chunk as it came: no copy
@@ -377,7 +377,7 @@ class ChunkSink(CachedSink):
             self._put(bytes(buffer[:CHUNK]))
             del buffer[:CHUNK]
 
-    def _put(self, data: bytes | bytearray) -> None:
+    def _put(self, data: Piece) -> None:
         assert self.row.id is not None
         self.records.put_chunk(self.row, self.row.id, self._seq, data)
         self._seq += 1
@@ -594,14 +594,17 @@ class RemoteSink(CachedSink):
             self.cache = backend.cache
             self.tmp = None
 
-    def write(self, chunk: bytes | bytearray) -> None:
+    def write(self, chunk: Piece) -> None:
         if self.cached:
             self._local.write(chunk)
         self.send(chunk)
 
-    def send(self, chunk: bytes | bytearray) -> None:
+    def send(self, chunk: Piece) -> None:
+        # The piece's buffer is filled again later: a filesystem that keeps what it is
+        # given (rather than copying it into its own buffer) must be given bytes.
+        data = chunk if isinstance(chunk, bytes) else bytes(chunk)
         with remote_errors(self.backend.store.name, self.row.sid, "store a file"):
-            self._remote.write(chunk)
+            self._remote.write(data)
 
     def finish(self) -> None:
         if self.cached:

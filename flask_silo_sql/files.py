@@ -80,6 +80,8 @@ FILE_MODE = 0o600
 """Mode of stored files: readable by the application's user only."""
 CHUNK = 1024 * 1024
 """Bytes read from a stream at a time, and the size of a ``database`` chunk."""
+Piece = bytes | bytearray | memoryview
+"""A piece of a file on its way: a view of a buffer that is filled again later."""
 FREE_SPACE_STEP = 8 * 1024 * 1024
 """Bytes an upload receives between two checks of the free-space floor."""
 HEARTBEAT_S = 60.0
@@ -308,7 +310,7 @@ class FileRecords(Protocol):
         """Reserve at least *needed* bytes, up to *target* (``FileTooLarge`` past the quota;
         ``SessionExpired`` when the session went meanwhile)."""
 
-    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None: ...
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: Piece) -> None: ...
 
     def read_chunk(self, file_id: int, seq: int, sha256: str) -> bytes | None:
         """Chunk *seq* of file *file_id*, if that row still holds the bytes of *sha256*."""
@@ -574,7 +576,7 @@ class FileStore:
         with file_errors(self.name, sid, "store a file"):
             sink = self.blobs.sink(row, directory, pending)
         try:
-            chunks = _chunks(data)
+            chunks = _chunks(data, declared_size(data))
             while True:
                 chunk = next(chunks, None)  # the client's own errors pass as they are
                 if chunk is None:
@@ -614,7 +616,7 @@ class FileStore:
         try:
             size = 0
             with os.fdopen(fd, "wb") as out:
-                chunks = _chunks(data)
+                chunks = _chunks(data, declared_size(data))
                 while True:
                     chunk = next(chunks, None)
                     if chunk is None:
@@ -937,13 +939,21 @@ def _fills_in_place(data: object) -> bool:
     return filler not in (None, _RAW_READ) and reader in (filler, _RAW_READ)
 
 
-def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes | bytearray]:
-    """*data* in pieces of :data:`CHUNK` bytes (the last one shorter). A stream that can
-    ``readinto`` fills each piece in place: one copy of the bytes, not three."""
+def _chunks(
+    data: Readable | bytes | bytearray | memoryview, expected: int | None = None
+) -> Iterator[Piece]:
+    """*data* in pieces of :data:`CHUNK` bytes (the last one shorter), none of them
+    copied twice. A piece stays as it is until the piece after the next one is asked
+    for (the hash of one may run while the next is read), then its buffer is filled
+    again: fresh memory costs a page fault every 4 KiB, the reuse none. A stream that
+    can ``readinto`` fills each piece in place; while
+    *expected* (the size *data* declared) is not reached, a fill asks for no more
+    than is left, so that a request body (werkzeug's ``LimitedStream``) fills the
+    piece itself instead of a buffer of its own copied over."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
-        for start in range(0, len(view), CHUNK):
-            yield bytes(view[start : start + CHUNK])
+        whole = memoryview(data)
+        for start in range(0, len(whole), CHUNK):
+            yield whole[start : start + CHUNK]
         return
     readinto = getattr(data, "readinto", None) if _fills_in_place(data) else None
     if readinto is None:
@@ -952,20 +962,26 @@ def _chunks(data: Readable | bytes | bytearray | memoryview) -> Iterator[bytes |
             if not chunk:
                 return
             yield bytes(chunk)
+    left = expected or 0
+    pair = (bytearray(CHUNK), bytearray(CHUNK))
+    turn = 0
     while True:
-        piece = bytearray(CHUNK)  # a new one each time: the last may still be hashed
+        piece = pair[turn]  # the other one may still be hashed
+        turn ^= 1
         filled = 0
         view = memoryview(piece)
         while filled < CHUNK:
-            got = readinto(view[filled:])
+            end = min(CHUNK, filled + left) if left > 0 else CHUNK
+            got = readinto(view[filled:end])
             if not got:
                 break
             filled += got
+            left -= got
         if filled == CHUNK:
             yield piece
             continue
         if filled:
-            yield bytes(view[:filled])  # the last piece
+            yield view[:filled]  # the last piece
         return
 
 

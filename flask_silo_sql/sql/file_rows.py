@@ -34,6 +34,7 @@ from ..files import (
     STALE_UPLOAD_S,
     UNLIMITED,
     FileRow,
+    Piece,
     Reservation,
     StagedUpload,
     directory_lock,
@@ -200,7 +201,7 @@ class SQLFileRecords:
             exists = ex.run(b.st.has_session, {"sid": row.sid}).first() is not None
         return UploadInterrupted(row.filename) if exists else SessionExpired(row.sid)
 
-    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: bytes | bytearray) -> None:
+    def put_chunk(self, row: FileRow, file_id: int, seq: int, data: Piece) -> None:
         b = self._b
         st = b.st
         try:

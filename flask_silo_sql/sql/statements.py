@@ -144,8 +144,8 @@ class Statements:
         self.values = Values(postgresql)
         insert = pg.insert if postgresql else sqlite.insert
 
-        def prepare(name: str, statement: Any) -> Prepared:
-            return Prepared(name, statement, engine)
+        def prepare(name: str, statement: Any, *, binary: bool = False) -> Prepared:
+            return Prepared(name, statement, engine, binary=binary)
 
         def in_list(column: Any, name: str) -> ColumnElement[bool]:
             """``column`` is one of the strings of the list parameter *name*."""
@@ -881,6 +881,7 @@ class Statements:
                 file_chunks.c.seq == seq,
                 files.c.sha256 == bindparam("sha256", type_=String(64)),
             ),
+            binary=True,
         )
         self.chunk_sizes = prepare(
             "chunk_sizes",

@@ -1,0 +1,123 @@
+"""An upload's bytes arrive whole, whatever its size against the 1 MiB piece.
+
+Uploads are read in pieces whose buffers are filled again two pieces later
+(the hash of one runs while the next is read), and a request body is asked
+for no more than its ``Content-Length`` leaves. Sizes around the piece's, on
+both databases and on the ``local`` and ``database`` backends, must come back
+byte for byte, with the row's SHA-256 that of the bytes sent; a stream whose
+declared size is wrong is still read to its end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify, request
+
+from flask_silo_sql import Silo
+from flask_silo_sql.files import CHUNK
+
+SID = "upload-pieces-session-0001"
+SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]
+
+
+def make_app(silo_url: str, tmp_path: Path, backend: str) -> tuple[Flask, Silo, Any]:
+    app = Flask("upload-pieces")
+    app.config.update(
+        TESTING=True, SILO_DATABASE_URI=silo_url, SILO_FILE_BACKEND=backend, SILO_MIN_FREE_BYTES=0
+    )
+    silo = Silo(app, auto_cleanup=False, ttl=60)
+    uploads = silo.add_file_store("uploads", str(tmp_path / "files"))
+
+    @app.put("/api/upload/<name>")
+    def put(name: str) -> Any:
+        uploads.save(silo.sid, name, request.stream)
+        return jsonify(ok=True), 201
+
+    @app.get("/api/files/<name>")
+    def get(name: str) -> Any:
+        return silo.send_file(uploads, name)
+
+    return app, silo, uploads
+
+
+@pytest.mark.parametrize("backend", ["local", "database"])
+def test_every_size_around_the_piece_comes_back_whole(
+    silo_url: str, tmp_path: Path, backend: str
+) -> None:
+    app, silo, uploads = make_app(silo_url, tmp_path, backend)
+    client = app.test_client()
+    sent = {f"f{size}.bin": os.urandom(size) for size in SIZES}
+    try:
+        for name, data in sent.items():
+            source = tmp_path / name
+            source.write_bytes(data)
+            with open(source, "rb") as body:  # a real file: its readinto fills the pieces
+                response = client.put(
+                    f"/api/upload/{name}",
+                    input_stream=body,
+                    content_length=len(data),
+                    headers={"X-Session-ID": SID, "Content-Type": "application/octet-stream"},
+                )
+            assert response.status_code == 201, response.get_data(as_text=True)
+        with app.app_context():
+            stored = {info.name: info for info in uploads.list_files(SID, details=True)}
+        for name, data in sent.items():
+            assert stored[name].size_bytes == len(data)
+            assert stored[name].sha256 == hashlib.sha256(data).hexdigest()
+            got = client.get(f"/api/files/{name}", headers={"X-Session-ID": SID})
+            assert got.status_code == 200
+            assert got.get_data() == data
+    finally:
+        silo.stop()
+
+
+class SaysItsSize(io.RawIOBase):
+    """A body with werkzeug's ``limit`` (its ``Content-Length``), which may be wrong."""
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self._data = io.BytesIO(data)
+        self.limit = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._data.readinto(buffer)
+
+
+@pytest.mark.parametrize("said", [0, 1, CHUNK - 1, CHUNK + 3, 5 * CHUNK])
+def test_a_body_that_says_a_wrong_size_is_read_to_its_end(
+    sqlite_silo_url: str, tmp_path: Path, said: int
+) -> None:
+    app, silo, uploads = make_app(sqlite_silo_url, tmp_path, "database")
+    data = os.urandom(2 * CHUNK + 5)
+    try:
+        with app.app_context():
+            uploads.save(SID, "said.bin", SaysItsSize(data, said))
+            with uploads.open(SID, "said.bin") as stream:
+                assert stream.read() == data
+    finally:
+        silo.stop()
+
+
+@pytest.mark.parametrize("kind", ["bytes", "stream"])
+def test_save_outside_a_request_keeps_every_piece(
+    sqlite_silo_url: str, tmp_path: Path, kind: str
+) -> None:
+    app, silo, uploads = make_app(sqlite_silo_url, tmp_path, "database")
+    data = os.urandom(4 * CHUNK + 11)
+    try:
+        with app.app_context():
+            uploads.save(SID, "direct.bin", data if kind == "bytes" else io.BytesIO(data))
+            (info,) = uploads.list_files(SID, details=True)
+            assert info.sha256 == hashlib.sha256(data).hexdigest()
+            with uploads.open(SID, "direct.bin") as stream:
+                assert stream.read() == data
+    finally:
+        silo.stop()
