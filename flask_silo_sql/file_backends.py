@@ -20,11 +20,20 @@ copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``), which ``get_path`` and
 ``save`` answer with, so code that opens a path keeps working on any machine.
 Uploads stream through a local temporary file as well, which becomes the
 cached copy on the machine that received them.
+
+Cached copies are not synced to the disk (where the machine says when it
+started): the copy is not the file, and a copy that a process wrote is in the
+page cache for every process until the machine stops. Only a power cut or a
+crash of the machine can lose it, and after one the machine's boot time is
+later than the copy's time, so a copy from before the last start is checked
+against its row's SHA-256 once before it is used again (and fetched anew if it
+does not match).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -33,7 +42,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
 from .file_digest import StreamDigest
@@ -89,7 +98,9 @@ class Bytes(Protocol):
 
     def local_copy(self, row: FileRow) -> str | None: ...
 
-    def open(self, row: FileRow) -> IO[bytes]: ...
+    def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
+        """A stream of *row*'s bytes; unbuffered, one read in whole pieces (a response
+        body), so that a backend may hand over what it fetched without a copy."""
 
     def remove(self, rows: list[FileRow]) -> None:
         """The bytes of rows that were deleted."""
@@ -140,15 +151,39 @@ def check_backend(backend: str) -> None:
 # -- local temporary files ---------------------------------------------------------------
 
 
-class LocalSink:
-    """An upload into a local temporary file (synced at the end)."""
+def boot_time() -> float | None:
+    """When this machine started (Unix time), where it says (Linux), else None."""
+    global _boot_time
+    if _boot_time is None:
+        try:
+            with open("/proc/stat", encoding="ascii") as stat:
+                found = next((line for line in stat if line.startswith("btime ")), None)
+            _boot_time = float(found.split()[1]) if found else -1.0
+        except (OSError, ValueError, IndexError):
+            _boot_time = -1.0
+    return _boot_time if _boot_time >= 0 else None
 
-    def __init__(self, directory: str, tmp_name: str, final: Callable[[FileRow], str]) -> None:
+
+_boot_time: float | None = None
+
+
+class LocalSink:
+    """An upload into a local temporary file (synced at the end, unless *sync* is False)."""
+
+    def __init__(
+        self,
+        directory: str,
+        tmp_name: str,
+        final: Callable[[FileRow], str],
+        *,
+        sync: bool = True,
+    ) -> None:
         fd, path = _create_temp(directory, tmp_name)
         self.tmp: str | None = path
         self.tmp_path = path
         self._out: IO[bytes] | None = os.fdopen(fd, "wb")
         self._final = final
+        self._sync = sync
 
     def write(self, chunk: Piece) -> None:
         assert self._out is not None
@@ -160,7 +195,8 @@ class LocalSink:
             return
         with out:
             out.flush()
-            os.fsync(out.fileno())
+            if self._sync:
+                os.fsync(out.fileno())
 
     def abort(self) -> None:
         out, self._out = self._out, None
@@ -207,7 +243,7 @@ class LocalBytes:
         path = self._path(row)
         return path if os.path.isfile(path) else None
 
-    def open(self, row: FileRow) -> IO[bytes]:
+    def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
         try:
             return open(self._path(row), "rb")
         except FileNotFoundError:
@@ -239,9 +275,40 @@ class Cache:
 
     def __init__(self, store: FileStore) -> None:
         self.store = store
+        self.started = boot_time()
+        """When this machine started: copies written since need no sync (None: sync them)."""
 
     def path(self, row: FileRow) -> str:
         return os.path.join(self.store.base_dir, row.sid, row.sha256[:SHA_DIR_LENGTH], row.filename)
+
+    def sink(self, directory: str, tmp_name: str) -> LocalSink:
+        """A temporary file that becomes a cached copy."""
+        return LocalSink(directory, tmp_name, self.path, sync=self.started is None)
+
+    def _usable(self, path: str, row: FileRow) -> bool:
+        """Whether the copy at *path* is *row*'s bytes: its size, and written since this
+        machine started (else its hash is checked, and it counts as written now)."""
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if info.st_size != row.size_bytes:
+            return False
+        if self.started is None or info.st_mtime >= self.started:
+            return True
+        digest = hashlib.sha256()
+        with open(path, "rb") as copy:
+            for piece in iter(lambda: copy.read(COPY_BUFFER), b""):
+                digest.update(piece)
+        if digest.hexdigest() != row.sha256:
+            logger.warning(
+                "file store %r: a cached copy from before this machine started does not match "
+                "its row; fetched again",
+                self.store.name,
+            )
+            return False
+        os.utime(path)
+        return True
 
     def install(self, tmp: str, path: str) -> None:
         for attempt in range(3):  # another thread may remove an empty version directory
@@ -282,11 +349,8 @@ class Cache:
         """The cached copy of *row*, fetched through *opener* when absent (or of another
         size), checked against the row's size and SHA-256 before it is used."""
         path = self.path(row)
-        try:
-            if os.path.getsize(path) == row.size_bytes:
-                return path
-        except FileNotFoundError:
-            pass
+        if self._usable(path, row):
+            return path
         directory = os.path.join(self.store.base_dir, row.sid)
         fd, tmp = _create_temp(directory, TEMP_PREFIX + "fetch-" + secrets.token_hex(8))
         try:
@@ -298,7 +362,8 @@ class Cache:
                     size += len(chunk)
                     out.write(chunk)
                 out.flush()
-                os.fsync(out.fileno())
+                if self.started is None:
+                    os.fsync(out.fileno())
             if size != row.size_bytes or digest.hexdigest() != row.sha256:
                 logger.error(
                     "file store %r: the bytes of a file do not match its row (%d bytes, "
@@ -322,7 +387,7 @@ class CachedSink:
 
     def __init__(self, cache: Cache, directory: str, tmp_name: str) -> None:
         self.cache = cache
-        self._local = LocalSink(directory, tmp_name, cache.path)
+        self._local = cache.sink(directory, tmp_name)
         self.tmp: str | None = self._local.tmp
 
     def write(self, chunk: Piece) -> None:
@@ -525,14 +590,14 @@ class DatabaseBytes:
     def here(self, row: FileRow) -> bool:
         return True
 
-    def open(self, row: FileRow) -> IO[bytes]:
-        return io.BufferedReader(ChunkReader(self.store, self._records(), row), CHUNK)
-
-    def _reader(self, row: FileRow) -> IO[bytes]:
-        return io.BufferedReader(ChunkReader(self.store, self._records(), row), CHUNK)
+    def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
+        reader = ChunkReader(self.store, self._records(), row)
+        if not buffered:  # a whole chunk read is the driver's bytes themselves
+            return cast(IO[bytes], reader)
+        return io.BufferedReader(reader, CHUNK)
 
     def local_copy(self, row: FileRow) -> str | None:
-        return self.cache.get(row, lambda: self._reader(row))
+        return self.cache.get(row, lambda: self.open(row, buffered=False))
 
     def remove(self, rows: list[FileRow]) -> None:
         for row in rows:  # the chunks went with their rows; the cached copies go now
@@ -688,7 +753,7 @@ class FsspecBytes:
     def here(self, row: FileRow) -> bool:
         return True
 
-    def open(self, row: FileRow) -> IO[bytes]:
+    def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
         with remote_errors(self.store.name, row.sid, "read a file"):
             try:
                 handle: IO[bytes] = self.fs.open(self.key(row), "rb", block_size=CHUNK)

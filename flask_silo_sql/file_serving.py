@@ -94,7 +94,7 @@ def opened(files: FileStore, sid: str, filename: str) -> tuple[StoredFile, IO[by
             raise FileElsewhere(name, row.host)
         info = files._describe(row)
         with file_errors(files.name, sid, "read a file"):
-            stream = files.blobs.open(row)
+            stream = files.blobs.open(row, buffered=False)
         if row.backend != "local":
             return info, stream  # opened from the row itself (its id, its location)
         again = files.stat(sid, filename)

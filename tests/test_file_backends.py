@@ -26,6 +26,7 @@ from support import Clock, sql_storage
 from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
+from flask_silo_sql.file_backends import boot_time
 from flask_silo_sql.files import CHUNK, TEMP_PREFIX, fsck
 from flask_silo_sql.sql.models import file_chunks, files
 
@@ -231,6 +232,34 @@ def test_a_file_saved_on_one_machine_is_read_on_another(machines: Any, backend: 
         with b.uploads.open(SID, "data.bin") as stream:
             assert stream.read() == DATA
         assert b.get("data.bin").get_data() == DATA
+
+
+@pytest.mark.parametrize("backend", ["database", "s3"], indirect=True)
+def test_a_cached_copy_from_before_the_machine_started_is_checked_before_use(
+    machines: Any, backend: Backend
+) -> None:
+    """Cached copies are not synced: one older than the machine's start may have lost
+    its bytes in the crash, so it is hashed once, and fetched again if it is wrong."""
+    started = boot_time()
+    if started is None:
+        pytest.skip("this system does not say when it started: cached copies are synced")
+    a: Machine = machines("host-a")
+    saved = a.put("data.bin", DATA)
+    assert saved.status_code == 201, saved.get_data(as_text=True)
+    path = Path(saved.get_json()["path"])
+    before = started - 120
+
+    os.utime(path, (before, before))  # an intact copy from before the start
+    assert a.uploads.get_path(SID, "data.bin") == str(path)
+    assert path.read_bytes() == DATA
+    assert path.stat().st_mtime >= started  # checked: not hashed again
+
+    path.write_bytes(bytes(len(DATA)))  # the crash left zeros of the right length
+    os.utime(path, (before, before))
+    again = a.uploads.get_path(SID, "data.bin")
+    assert again is not None
+    assert Path(again).read_bytes() == DATA
+    assert a.get("data.bin").get_data() == DATA
 
 
 def test_a_replacement_wins_whole_and_a_failed_request_keeps_nothing(
