@@ -19,8 +19,9 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from .app_state import SiloApp
 from .errors import SchemaError, SiloError
-from .ext import EXTENSION_KEY, SiloApp
+from .ext import EXTENSION_KEY, Silo
 from .files import fsck as check_files
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
@@ -187,7 +188,7 @@ def fsck(fix: bool, grace: float, no_verify: bool) -> None:
     Safe while the application runs: uploads in progress are left alone.
     """
     _migrated()
-    stores = _silo().silo.file_stores
+    stores = cast(Silo, _silo().silo).file_stores
     if not stores:
         click.echo("no file stores registered")
         return

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 from tempfile import SpooledTemporaryFile
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from flask import Response, current_app, request
 
+from .app_state import SiloApp, current_request
 from .backends import MemoryBackend
 from .errors import (
     IdempotencyKeyInFlight,
@@ -46,8 +47,14 @@ from .idempotency import (
     storable_headers,
 )
 
-if TYPE_CHECKING:
-    from .ext import Silo
+
+class Extension(Protocol):
+    """What a view decorator needs of its :class:`~flask_silo_sql.Silo`."""
+
+    _apps: list[SiloApp]
+    _header: str
+
+    def _app_state(self) -> SiloApp: ...
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -85,7 +92,7 @@ class IdempotentOptions:
         self.lease = lease
 
 
-def idempotent_view(silo: Silo, view: View, options: IdempotentOptions) -> View:
+def idempotent_view(silo: Extension, view: View, options: IdempotentOptions) -> View:
     """*view*, run at most once per Idempotency-Key (see the module docstring)."""
     if silo._apps and all(isinstance(a.store.backend, MemoryBackend) for a in silo._apps):
         raise IdempotencyUnsupported()
@@ -97,12 +104,12 @@ def idempotent_view(silo: Silo, view: View, options: IdempotentOptions) -> View:
     return wrapper  # type: ignore[return-value]
 
 
-def locked_view(silo: Silo, view: View) -> View:
+def locked_view(silo: Extension, view: View) -> View:
     """*view* with its session locked from its start to the response (``lock=True``)."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        unit = silo._request_state().unit
+        unit = current_request().unit
         if not unit.locked:
             if unit.loaded:
                 raise RuntimeError(
@@ -115,13 +122,13 @@ def locked_view(silo: Silo, view: View) -> View:
 
 
 def _run(
-    silo: Silo,
+    silo: Extension,
     view: Callable[..., Any],
     options: IdempotentOptions,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    state = silo._request_state()
+    state = current_request()
     app_state = silo._app_state()
     records = app_state.store.backend.idempotency_records()
     if records is None:

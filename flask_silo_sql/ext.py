@@ -21,21 +21,20 @@ import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
-from typing import IO, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import click
 from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
 
-from .backends import Unit
-from .cleanup import CleanupDaemon
+from .app_state import REQUEST_KEY, RequestState, SiloApp, current_request
 from .decorators import IdempotentOptions, idempotent_view, locked_view
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .file_backends import check_backend
 from .files import Backend, FileStore
-from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_TTL_S, Claim, IdempotencyRecords
+from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_TTL_S
 from .logs import log_failure
 from .runner import TaskRunner
-from .sids import is_signed_sid, is_valid_sid, new_signed_sid, set_tag_key, tag
+from .sids import set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore, undoable
@@ -79,89 +78,6 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
 View = TypeVar("View", bound=Callable[..., Any])
-
-NO_REQUEST = (
-    "No active session: silo.state() and silo.sid work inside an API request. "
-    "A task thread should use the state its view handed it (the namespace dict "
-    "captured when the task started); other code uses `with silo.session(sid) as state:`."
-)
-
-
-class SiloApp:
-    """What one app's Silo keeps: its store, its settings, its cleanup thread."""
-
-    def __init__(self, silo: Silo, app: Flask, store: SessionStore) -> None:
-        self.silo = silo
-        self.store = store
-        self.config = config = app.config
-        self.locking = bool(config["SILO_LOCKING"])
-        self.sid_keys: list[bytes] = []
-        """Strict SIDs: the signing key first, then the ones that still verify."""
-        if config["SILO_STRICT_SIDS"]:
-            keys = [app.secret_key, *(config.get("SECRET_KEY_FALLBACKS") or ())]
-            if not keys[0]:
-                raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
-            self.sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
-        max_age = config["SILO_SID_MAX_AGE"]
-        self.sid_max_age: float | None = None if max_age is None else float(max_age)
-        """Strict SIDs: how long after its issue a SID is accepted (then a new one is given)."""
-        self.idempotency_header = str(config["SILO_IDEMPOTENCY_HEADER"])
-        self.idempotency_lease = float(config["SILO_IDEMPOTENCY_LEASE"])
-        """Seconds an idempotent request holds its key while its view runs."""
-        self.schema_ok = True
-        self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
-        self.runner: TaskRunner | None = None
-        """With ``SILO_TASK_RUNNER = "thread"`` on SQL storage: this process's claimer of
-        runs whose process died (web processes run durable tasks too)."""
-
-    def acceptable(self, sid: str, min_length: int) -> bool:
-        if not is_valid_sid(sid, min_length):
-            return False
-        if not self.sid_keys:
-            return True
-        if self.sid_max_age is None:
-            return is_signed_sid(sid, self.sid_keys)
-        return is_signed_sid(sid, self.sid_keys, now=self.store.now(), max_age=self.sid_max_age)
-
-    def new_sid(self) -> str:
-        if self.sid_keys:
-            return new_signed_sid(self.sid_keys[0], self.store.now())
-        return self.store.generate_sid()
-
-
-class _RequestState:
-    """What the extension knows about the current request."""
-
-    __slots__ = (
-        "claim",
-        "gone",
-        "issued",
-        "records",
-        "replayed",
-        "sid",
-        "spool",
-        "streamed",
-        "unit",
-        "view_failed",
-    )
-
-    def __init__(self, sid: str, unit: Unit, *, issued: bool = False) -> None:
-        self.sid = sid
-        self.unit = unit
-        self.issued = issued
-        """The SID was made for this request (the client sent none usable)."""
-        self.gone = False
-        self.streamed = False
-        """The response streams: what its generator changes is saved when it ends."""
-        self.claim: Claim | None = None
-        """The Idempotency-Key this request holds (an idempotent view runs)."""
-        self.records: IdempotencyRecords | None = None
-        self.replayed = False
-        """Answered with a stored response: nothing is saved."""
-        self.view_failed = False
-        """The idempotent view raised: its changes are discarded, its key released."""
-        self.spool: IO[bytes] | None = None
-
 
 class LazySession(MutableMapping[str, Any]):
     """``g.silo``: the whole session, loaded from storage on first use."""
@@ -524,8 +440,8 @@ class Silo:
             self._verify_schema(state)
         sid, issued = self._extract_sid(state)
         unit = state.store.request(sid, locking=state.locking, issued=issued)
-        request_state = _RequestState(sid, unit, issued=issued)
-        g._silo_request = request_state
+        request_state = RequestState(sid, unit, issued=issued)
+        setattr(g, REQUEST_KEY, request_state)
         g.silo_sid = sid
         g.silo = LazySession(self)
         if not issued and request.path in self._data_endpoints and unit.expired():
@@ -533,7 +449,7 @@ class Silo:
             raise SessionExpired(sid)
 
     def _after_request(self, response: Response) -> Response:
-        state: _RequestState | None = g.get("_silo_request")
+        state: RequestState | None = g.get(REQUEST_KEY)
         if state is None:
             return response
         status = response.status_code
@@ -574,7 +490,7 @@ class Silo:
         return response
 
     def _teardown_request(self, exc: BaseException | None) -> None:
-        state: _RequestState | None = g.get("_silo_request")
+        state: RequestState | None = g.get(REQUEST_KEY)
         if state is None:
             return
         try:
@@ -590,7 +506,7 @@ class Silo:
                 state.spool.close()
 
     @staticmethod
-    def _commit_after_stream(state: _RequestState, *, failed: bool) -> None:
+    def _commit_after_stream(state: RequestState, *, failed: bool) -> None:
         """The stream has ended (``stream_with_context`` keeps the request until then):
         save what its generator changed. The headers are sent, so a failure is logged."""
         try:
@@ -702,11 +618,8 @@ class Silo:
 
     # -- request accessors ------------------------------------------------------
 
-    def _request_state(self) -> _RequestState:
-        state: _RequestState | None = g.get("_silo_request") if g else None
-        if state is None:
-            raise RuntimeError(NO_REQUEST)
-        return state
+    def _request_state(self) -> RequestState:
+        return current_request()
 
     def state(self, namespace: str | None = None, *, lock: bool | None = None) -> dict[str, Any]:
         """The current request's session, or one namespace of it.

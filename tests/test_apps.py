@@ -25,7 +25,7 @@ from flask_silo_sql import (
     StorageUnavailable,
     schema,
 )
-from flask_silo_sql.ext import SiloApp
+from flask_silo_sql.app_state import SiloApp
 from flask_silo_sql.sql.engine import make_engine
 
 SID = "several-apps-session-0001"

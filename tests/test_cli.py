@@ -19,7 +19,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import pytest
@@ -31,8 +31,8 @@ from sqlalchemy import Engine, func, insert, inspect, select, update
 from support import sql_storage
 
 from flask_silo_sql import InMemoryStorage, SchemaError, Silo, schema
+from flask_silo_sql.app_state import SiloApp
 from flask_silo_sql.cli import silo_db
-from flask_silo_sql.ext import SiloApp
 from flask_silo_sql.sql.models import SILO_TABLES, expired_sids, files, namespaces, sessions, tasks
 
 UTC = dt.timezone.utc
@@ -88,7 +88,7 @@ class AppModule:
         for app in self.apps:
             state = app.extensions["silo"]
             assert isinstance(state, SiloApp)
-            state.silo.stop()
+            cast(Silo, state.silo).stop()
             sql_storage(state.store).dispose()
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 from ..codec import (
     UNSERIALISABLE,
@@ -452,9 +452,12 @@ def _written_together(
 ) -> int | None:
     """One namespace and one staged write in one statement, where the item can (see
     :class:`WritesWithNamespace`): the namespace's new version, or None."""
-    if len(writes) != 1 or len(staged) != 1 or not isinstance(staged[0], WritesWithNamespace):
+    if len(writes) != 1 or len(staged) != 1:
         return None
-    return staged[0].write_with(ex, writes[0], sid, now)
+    item: Staged | WritesWithNamespace = staged[0]
+    # getattr, not isinstance: a runtime protocol check costs more than the statement saved
+    write_with = getattr(item, "write_with", None)
+    return None if write_with is None else cast(int | None, write_with(ex, writes[0], sid, now))
 
 
 def _discard(staged: list[Staged]) -> None:
