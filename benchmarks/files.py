@@ -77,7 +77,7 @@ from sqlalchemy import Column, Engine, Integer, LargeBinary, MetaData, Table
 
 import flask_silo_sql
 from flask_silo_sql import schema
-from flask_silo_sql.files import CHUNK
+from flask_silo_sql.file_parts import CHUNK
 from flask_silo_sql.sql.engine import make_engine
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,8 @@ from .errors import (
     TaskLeaseLost,
 )
 from .ext import Silo
-from .files import FileStore, StoredFile
+from .file_parts import StoredFile
+from .files import FileStore
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object

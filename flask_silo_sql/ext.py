@@ -30,7 +30,8 @@ from .app_state import REQUEST_KEY, RequestState, SiloApp, current_request
 from .decorators import IdempotentOptions, idempotent_view, locked_view
 from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .file_backends import check_backend
-from .files import Backend, FileStore
+from .file_parts import Backend
+from .files import FileStore
 from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_TTL_S
 from .logs import log_failure
 from .runner import TaskRunner

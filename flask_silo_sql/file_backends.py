@@ -42,15 +42,24 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+from typing import IO, Any, cast
 
 from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
 from .file_digest import StreamDigest
-from .files import CHUNK, FILE_MODE, TEMP_PREFIX, FileRow, Piece, _create_temp, storage_error
+from .file_parts import (
+    CHUNK,
+    FILE_MODE,
+    TEMP_PREFIX,
+    Bytes,
+    FileRecords,
+    FileRow,
+    Piece,
+    Sink,
+    StoreView,
+    _create_temp,
+    storage_error,
+)
 from .logs import log_failure
-
-if TYPE_CHECKING:
-    from .files import FileRecords, FileStore
 
 logger = logging.getLogger("flask_silo_sql.files")
 
@@ -59,60 +68,7 @@ SHA_DIR_LENGTH = 32
 """Hex characters of the SHA-256 that name a cached version's directory."""
 
 
-class Sink(Protocol):
-    """Where an upload's bytes go while they arrive."""
-
-    tmp: str | None
-    """A local temporary file holding them too (None: none was needed)."""
-
-    def write(self, chunk: Piece) -> None: ...
-
-    def finish(self) -> None:
-        """Every byte is durable where it belongs."""
-
-    def abort(self) -> None:
-        """Nothing of it stays (an upload that failed)."""
-
-    def path(self, row: FileRow) -> str:
-        """The local path ``save`` returns for the complete *row*."""
-
-
-class Bytes(Protocol):
-    """One store's bytes (see the module docstring)."""
-
-    kind: str
-    """``local``, ``database`` or ``fsspec`` (``silo_files.backend``)."""
-
-    def new_location(self, name: str) -> str | None: ...
-
-    def sink(self, row: FileRow, directory: str, tmp_name: str) -> Sink: ...
-
-    def install(self, tmp: str, path: str) -> None:
-        """Before the commit: the local temporary file becomes the cached copy at *path*."""
-
-    def drop_upload(self, row: FileRow, path: str) -> None:
-        """An upload that is not kept: its cached copy and its object go."""
-
-    def here(self, row: FileRow) -> bool:
-        """Whether this machine can read *row*'s bytes."""
-
-    def local_copy(self, row: FileRow) -> str | None: ...
-
-    def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
-        """A stream of *row*'s bytes; unbuffered, one read in whole pieces (a response
-        body), so that a backend may hand over what it fetched without a copy."""
-
-    def remove(self, rows: list[FileRow]) -> None:
-        """The bytes of rows that were deleted."""
-
-    def remove_session(self, sid: str) -> None: ...
-
-    def remove_all(self) -> None: ...
-
-    def move_session(self, old: str, new: str) -> Callable[[], None]: ...
-
-
-def make_bytes(store: FileStore) -> Bytes:
+def make_bytes(store: StoreView) -> Bytes:
     """The backend object of *store*, from its ``backend`` setting."""
     backend = store.backend
     if backend == "local":
@@ -217,7 +173,7 @@ class LocalBytes:
 
     kind = "local"
 
-    def __init__(self, store: FileStore) -> None:
+    def __init__(self, store: StoreView) -> None:
         self.store = store
 
     def _path(self, row: FileRow) -> str:
@@ -273,7 +229,7 @@ class LocalBytes:
 class Cache:
     """Verified local copies: ``<base_dir>/<sid>/<sha256[:32]>/<name>``."""
 
-    def __init__(self, store: FileStore) -> None:
+    def __init__(self, store: StoreView) -> None:
         self.store = store
         self.started = boot_time()
         """When this machine started: copies written since need no sync (None: sync them)."""
@@ -464,7 +420,7 @@ class ChunkReader(io.RawIOBase):
     at the end). A file replaced while it is read ends the read with an error.
     """
 
-    def __init__(self, store: FileStore, records: FileRecords, row: FileRow) -> None:
+    def __init__(self, store: StoreView, records: FileRecords, row: FileRow) -> None:
         super().__init__()
         assert row.id is not None
         self.store = store
@@ -565,7 +521,7 @@ class DatabaseBytes:
 
     kind = "database"
 
-    def __init__(self, store: FileStore) -> None:
+    def __init__(self, store: StoreView) -> None:
         self.store = store
         self.cache = Cache(store)
 
@@ -710,7 +666,7 @@ class FsspecBytes:
     kind = "fsspec"
     block_size = 8 * 1024 * 1024
 
-    def __init__(self, store: FileStore, url: str) -> None:
+    def __init__(self, store: StoreView, url: str) -> None:
         check_backend(url)
         import fsspec.core
 

@@ -29,15 +29,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .errors import SiloError
 from .file_backends import ChunkReader, FsspecBytes
-from .files import TEMP_PREFIX, FileRow, directory_lock
+from .file_parts import TEMP_PREFIX, FileRecords, FileRow, StoreView, directory_lock
 from .sids import is_valid_sid
-
-if TYPE_CHECKING:
-    from .files import FileRecords, FileStore
 
 CLOCK_MARGIN_S = 0.02
 """A file's time lags the clock by up to a tick: bytes this close to the start are recent."""
@@ -68,7 +64,7 @@ class FsckReport:
 
 
 def fsck(
-    files: FileStore, *, fix: bool = False, grace: float = 600.0, verify: bool = True
+    files: StoreView, *, fix: bool = False, grace: float = 600.0, verify: bool = True
 ) -> FsckReport:
     """Compare *files*' bytes with its rows (see the module docstring).
 
@@ -102,7 +98,7 @@ def _sha256(stream_path: str) -> str:
 
 class _Check:
     def __init__(
-        self, files: FileStore, records: FileRecords, *, grace: float, verify: bool, fix: bool
+        self, files: StoreView, records: FileRecords, *, grace: float, verify: bool, fix: bool
     ) -> None:
         self.files = files
         self.records = records

@@ -19,14 +19,10 @@ import logging
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING
 
 from .file_backends import SHA_DIR_LENGTH, FsspecBytes
-from .files import STALE_UPLOAD_S, TEMP_PREFIX
+from .file_parts import STALE_UPLOAD_S, TEMP_PREFIX, FileRecords, StoreView
 from .sids import is_valid_sid
-
-if TYPE_CHECKING:
-    from .files import FileRecords, FileStore
 
 logger = logging.getLogger("flask_silo_sql.files")
 
@@ -35,7 +31,7 @@ REMOTE_EVERY_S = 3600.0
 _remote_checked: dict[int, float] = {}
 
 
-def maintain(files: FileStore, *, grace: float = 300.0) -> int:
+def maintain(files: StoreView, *, grace: float = 300.0) -> int:
     """See :meth:`FileStore.maintain`; returns how many session directories went."""
     records = files.records
     if records is None:
@@ -110,7 +106,7 @@ def _tidy_live(directory: str, now: float) -> None:
 
 
 def _prune_cache(
-    files: FileStore, records: FileRecords, sids: list[str], now: float, grace: float
+    files: StoreView, records: FileRecords, sids: list[str], now: float, grace: float
 ) -> None:
     """Cached copies that no row names any more (a reset, a replacement elsewhere)."""
     if not sids:
@@ -138,7 +134,7 @@ def _prune_cache(
 
 
 def _maintain_remote(
-    files: FileStore, backend: FsspecBytes, records: FileRecords, now: float, grace: float
+    files: StoreView, backend: FsspecBytes, records: FileRecords, now: float, grace: float
 ) -> None:
     """Objects of sessions that no longer exist, in the store itself (rarely: it lists)."""
     key = id(backend)

@@ -25,7 +25,7 @@ import mimetypes
 import os
 import re
 import unicodedata
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import quote
 
 from flask import Response, jsonify, request
@@ -33,11 +33,7 @@ from werkzeug.http import is_resource_modified, parse_date, parse_etags, unquote
 from werkzeug.utils import secure_filename
 from werkzeug.wsgi import FileWrapper, wrap_file
 
-from .errors import FileElsewhere, FileNotStored, FileStorageError
-from .files import CHUNK, file_errors
-
-if TYPE_CHECKING:
-    from .files import FileStore, StoredFile
+from .file_parts import CHUNK, StoredFile
 
 INLINE_POLICY = "default-src 'none'; img-src 'self'; media-src 'self'; sandbox"
 """A file shown inline runs no script and loads nothing else (an uploaded HTML page)."""
@@ -52,56 +48,19 @@ _UNSAFE_IN_NAMES = re.compile(r'[<>:"/\\|?*]')
 
 
 def send(
-    files: FileStore,
-    sid: str,
-    filename: str,
+    info: StoredFile,
+    stream: IO[bytes],
     *,
     as_attachment: bool = False,
     download_name: str | None = None,
 ) -> Response:
-    """See :meth:`FileStore.send`."""
-    info, stream = opened(files, sid, filename)
+    """The response for the file *info* describes, its bytes read from *stream* (closed
+    with the response, or here when the answer sends none)."""
     try:
         return _respond(info, stream, as_attachment, download_name)
     except BaseException:
         stream.close()
         raise
-
-
-OPEN_ATTEMPTS = 3
-
-
-def opened(files: FileStore, sid: str, filename: str) -> tuple[StoredFile, IO[bytes]]:
-    """The file's description and a stream of the same version's bytes.
-
-    One lookup of its row gives both (a lookup for each could find a version each,
-    and send one's bytes under the other's ``ETag`` and length). A ``local`` file is
-    opened by its name, so its row is read again after: a replacement in between is
-    opened anew. Raises :class:`FileNotStored` when there is no such file.
-    """
-    for _ in range(OPEN_ATTEMPTS):
-        try:
-            records, name, row = files._lookup(sid, filename)
-        except ValueError:
-            raise FileNotStored(filename) from None
-        if records is None or row is None or files._staged(records, sid, name) is not None:
-            # No rows (a FileStore of its own), none for it, or this request's own upload.
-            info = files.stat(sid, filename)
-            if info is None:
-                raise FileNotStored(filename)
-            return info, files.open(sid, info.name)
-        if not files.blobs.here(row):
-            raise FileElsewhere(name, row.host)
-        info = files._describe(row)
-        with file_errors(files.name, sid, "read a file"):
-            stream = files.blobs.open(row, buffered=False)
-        if row.backend != "local":
-            return info, stream  # opened from the row itself (its id, its location)
-        again = files.stat(sid, filename)
-        if again is not None and again.sha256 == info.sha256:
-            return info, stream
-        stream.close()
-    raise FileStorageError(files.name, "read a file", "it was replaced each time it was opened")
 
 
 def _respond(

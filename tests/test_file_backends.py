@@ -27,7 +27,8 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
 from flask_silo_sql.file_backends import boot_time
-from flask_silo_sql.files import CHUNK, TEMP_PREFIX, fsck
+from flask_silo_sql.file_parts import CHUNK, TEMP_PREFIX
+from flask_silo_sql.files import fsck
 from flask_silo_sql.sql.models import file_chunks, files
 
 SID = "backend-test-session-0001"

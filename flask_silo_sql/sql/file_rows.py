@@ -30,7 +30,7 @@ from ..errors import (
     StorageUnavailable,
     UploadInterrupted,
 )
-from ..files import (
+from ..file_parts import (
     STALE_UPLOAD_S,
     UNLIMITED,
     FileRow,

@@ -37,7 +37,7 @@ from ..codec import (
     unchanged,
 )
 from ..errors import NamespaceError, SessionBusy
-from ..files import directory_lock
+from ..file_parts import directory_lock
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import sessions as ops
 from . import task_rows

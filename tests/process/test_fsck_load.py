@@ -25,7 +25,8 @@ from liveserver import gunicorn
 from sqlalchemy import delete, select
 
 from flask_silo_sql import FileStore, SessionStore, SQLStorage, schema
-from flask_silo_sql.files import FileRecords, fsck
+from flask_silo_sql.file_parts import FileRecords
+from flask_silo_sql.files import fsck
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks
 from flask_silo_sql.sql.models import files as files_table
