@@ -95,14 +95,10 @@ class SQLIdempotencyRecords:
             }
             with b.connector.executor() as ex:
                 rows = ex.run(st.claim_key, values).rows
-                if v.postgresql:  # (claimed, record...): the claim's row or the existing one
-                    if rows and rows[0][0]:
-                        return Claim(request, token)
-                    record = rows[0][1:] if rows else None
-                elif rows:
+                # (claimed, record...): the claim's row, or the record that was there
+                if rows and rows[0][0]:
                     return Claim(request, token)
-                else:
-                    record = None
+                record = rows[0][1:] if rows else None
                 if record is None:
                     record = ex.run(st.read_key, self._key(request)).first()
                 if record is not None:

@@ -1014,7 +1014,18 @@ class Statements:
                 ),
             )
         else:
-            self.claim_key = prepare("claim_key", claim_key)
+            # SQLite has no DML in a WITH: a no-op update of the key's row makes the
+            # statement return the record that was there (the INSERT takes the write
+            # lock either way), so a replay is one statement, as on PostgreSQL.
+            self.claim_key = prepare(
+                "claim_key",
+                insert(keys)
+                .from_select(list(claimed_key), select(*claimed_key.values()).where(in_session))
+                .on_conflict_do_update(
+                    index_elements=[keys.c.sid, keys.c.key_hash], set_={"sid": keys.c.sid}
+                )
+                .returning((keys.c.token == token).label("claimed"), *key_record),
+            )
         self.take_over_key = prepare(
             "take_over_key",
             update(keys)
