@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
 
+from flask import has_request_context, request
 from werkzeug.utils import secure_filename
 
 from .errors import FileStorageError, InsufficientStorage, InvalidFilename, SiloError
@@ -436,6 +437,19 @@ def _create_temp(directory: str, name: str) -> tuple[int, str]:
     except FileNotFoundError:
         os.makedirs(directory, exist_ok=True)
         return os.open(path, flags, FILE_MODE), path
+
+
+def announced_length(data: object) -> int | None:
+    """The current request's ``Content-Length`` when *data* is its body. A WSGI server may
+    end a body early without an error (gunicorn does when the client goes away), so an
+    upload must count what it got against what was announced."""
+    if not has_request_context():
+        return None
+    if data is not request.environ.get("wsgi.input") and data is not request.__dict__.get(
+        "stream"
+    ):
+        return None
+    return request.content_length
 
 
 def declared_size(data: Any) -> int | None:

@@ -50,6 +50,7 @@ from .errors import (
     FileStorageError,
     FileTooLarge,
     InsufficientStorage,
+    RequestBodyIncomplete,
     SiloError,
 )
 from .file_backends import make_bytes
@@ -70,6 +71,7 @@ from .file_parts import (
     StoredFile,
     _chunks,
     _create_temp,
+    announced_length,
     declared_size,
     file_errors,
     safe_filename,
@@ -208,14 +210,17 @@ class FileStore:
         name = safe_filename(filename)
         self._dir(sid)  # a valid SID, or ValueError
         records = self._needs_records()
+        announced = announced_length(data)
         declared = size if size is not None else declared_size(data)
+        if declared is None:
+            declared = announced
         limit = self.max_file_bytes
         if declared is not None and limit is not None and declared > limit:
             raise FileTooLarge(name, declared, limit)
         self._check_free_space(self.base_dir, records, sid)  # a refusal creates no directory
         directory = self.session_dir(sid)
         if records is None:
-            return self._save_unrecorded(sid, name, directory, data)
+            return self._save_unrecorded(sid, name, directory, data, announced)
         backend = self.blobs
         row = FileRow(
             sid,
@@ -235,7 +240,7 @@ class FileStore:
             self._forgotten(reservation.stale)
         row.id = reservation.id
         try:
-            upload = self._receive(records, row, reservation, directory, pending, data)
+            upload = self._receive(records, row, reservation, directory, pending, data, announced)
         except BaseException:
             with contextlib.suppress(Exception):
                 records.release(row, reservation.id)
@@ -252,11 +257,13 @@ class FileStore:
         directory: str,
         pending: str,
         data: Readable | bytes,
+        announced: int | None,
     ) -> StagedUpload:
         """Stream *data* to the backend (and a local temporary file), reserving as it comes.
 
         Past what was reserved, each chunk reserves what it adds (with a quota),
-        so concurrent uploads of unknown size never take more than is left.
+        so concurrent uploads of unknown size never take more than is left. A
+        request body that ends before the *announced* length keeps nothing.
         """
         sid, name = row.sid, row.filename
         limit = self.max_file_bytes
@@ -287,6 +294,8 @@ class FileStore:
                 digest.update(chunk)
                 with file_errors(self.name, sid, "store a file"):
                     sink.write(chunk)
+            if announced is not None and size < announced:
+                raise RequestBodyIncomplete(announced, size)
             with file_errors(self.name, sid, "store a file"):
                 sink.finish()
         except BaseException:
@@ -299,8 +308,11 @@ class FileStore:
         row.sha256 = digest.hexdigest()
         return StagedUpload(self.blobs, row, reservation, sink.tmp, sink.path(row))
 
-    def _save_unrecorded(self, sid: str, name: str, directory: str, data: Readable | bytes) -> str:
-        """flask-silo's behaviour, for a store without rows: the file on disk, nothing else."""
+    def _save_unrecorded(
+        self, sid: str, name: str, directory: str, data: Readable | bytes, announced: int | None
+    ) -> str:
+        """flask-silo's behaviour, for a store without rows: the file on disk, nothing else
+        (and nothing of a request body that ended before its announced length)."""
         limit = self.max_file_bytes
         path = os.path.join(directory, name)
         with file_errors(self.name, sid, "store a file"):
@@ -318,6 +330,8 @@ class FileStore:
                         raise FileTooLarge(name, size, limit)
                     with file_errors(self.name, sid, "store a file"):
                         out.write(chunk)
+                if announced is not None and size < announced:
+                    raise RequestBodyIncomplete(announced, size)
                 with file_errors(self.name, sid, "store a file"):
                     out.flush()
                     os.fsync(out.fileno())

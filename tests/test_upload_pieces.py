@@ -121,3 +121,30 @@ def test_save_outside_a_request_keeps_every_piece(
                 assert stream.read() == data
     finally:
         silo.stop()
+
+
+@pytest.mark.parametrize("backend", ["local", "database"])
+def test_a_body_that_ends_before_its_content_length_keeps_nothing(
+    sqlite_silo_url: str, tmp_path: Path, backend: str
+) -> None:
+    """A WSGI server that marks its input terminated (gunicorn) ends a body early without
+    an error when the client goes away: the upload counts what it got."""
+    app, silo, uploads = make_app(sqlite_silo_url, tmp_path, backend)
+    data = os.urandom(CHUNK + 100)
+    try:
+        response = app.test_client().put(
+            "/api/upload/cut.bin",
+            input_stream=io.BytesIO(data),
+            headers={"X-Session-ID": SID, "Content-Type": "application/octet-stream"},
+            environ_overrides={
+                "wsgi.input_terminated": True,
+                "CONTENT_LENGTH": str(len(data) + 5000),
+            },
+        )
+        assert response.status_code == 400, response.get_data(as_text=True)
+        assert response.get_json()["error"] == "request_body_incomplete"
+        with app.app_context():
+            assert uploads.list_files(SID) == []
+        assert not [p for p in (tmp_path / "files").rglob("*") if p.is_file()]
+    finally:
+        silo.stop()
