@@ -202,16 +202,23 @@ class FileStore:
         backends, this machine's cached copy). *size*, when known (else taken
         from the stream where it says, like a request body's
         ``Content-Length``), is reserved against the session's quota before a
-        byte is read. Raises :class:`InvalidFilename` (a ValueError, ``400``)
-        for a name with nothing safe left or too long, :class:`FileTooLarge`
-        (``413``) past a byte limit, :class:`InsufficientStorage` (``507``)
-        below the free-space floor or on a full disk; nothing is kept then.
+        byte is read. The request's own body, read whole, must hold its
+        ``Content-Length``: a body that ends before (a client that went away,
+        which some servers end without an error) raises
+        :class:`RequestBodyIncomplete` (``400``); a view that read part of the
+        body first passes what is left as *size*. Raises
+        :class:`InvalidFilename` (a ValueError, ``400``) for a name with nothing
+        safe left or too long, :class:`FileTooLarge` (``413``) past a byte
+        limit, :class:`InsufficientStorage` (``507``) below the free-space floor
+        or on a full disk; nothing is kept then.
         """
         name = safe_filename(filename)
         self._dir(sid)  # a valid SID, or ValueError
         records = self._needs_records()
-        announced = announced_length(data)
         declared = size if size is not None else declared_size(data)
+        # A body that says nothing of its size (a server's own stream) is held to the
+        # request's Content-Length: read whole, or refused.
+        announced = announced_length(data) if declared is None else None
         if declared is None:
             declared = announced
         limit = self.max_file_bytes
