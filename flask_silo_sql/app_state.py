@@ -51,6 +51,9 @@ class SiloApp:
         self.idempotency_header = str(config["SILO_IDEMPOTENCY_HEADER"])
         self.idempotency_lease = float(config["SILO_IDEMPOTENCY_LEASE"])
         """Seconds an idempotent request holds its key while its view runs."""
+        max_keys = config["SILO_IDEMPOTENCY_MAX_KEYS"]
+        self.idempotency_max_keys: int | None = None if max_keys is None else int(max_keys)
+        """Keys a session may hold at once (None: any number)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
         self.runner: TaskRunner | None = None

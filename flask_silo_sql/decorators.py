@@ -171,6 +171,7 @@ def _run(
         fingerprint=digest,
         ttl=options.ttl,
         lease=options.lease or app_state.idempotency_lease,
+        max_keys=app_state.idempotency_max_keys,
     )
     try:
         outcome = _claim(records, wanted, options.wait)

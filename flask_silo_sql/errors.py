@@ -395,6 +395,25 @@ class RequestBodyIncomplete(SiloError):
         )
 
 
+class IdempotencyKeysExhausted(SiloError):
+    """The session holds ``SILO_IDEMPOTENCY_MAX_KEYS`` keys already (``429``): a new key
+    is refused until the oldest expire; replays of the keys it holds still answer."""
+
+    status = 429
+    slug = "idempotency_keys_exhausted"
+    logged = False
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"This session holds {limit} idempotency keys, the most it may: a new key is "
+            "accepted once the oldest expire."
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+
 class IdempotencyKeyMissing(SiloError):
     """A view that requires an ``Idempotency-Key`` was called without one."""
 

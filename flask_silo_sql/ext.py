@@ -32,7 +32,7 @@ from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .file_backends import check_backend
 from .file_parts import Backend
 from .files import FileStore
-from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_TTL_S
+from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_MAX_KEYS, DEFAULT_TTL_S
 from .logs import log_failure
 from .runner import TaskRunner
 from .sids import set_tag_key, tag
@@ -75,6 +75,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_SID_MAX_AGE": 30 * 24 * 3600,
     "SILO_IDEMPOTENCY_HEADER": DEFAULT_HEADER,
     "SILO_IDEMPOTENCY_LEASE": DEFAULT_LEASE_S,
+    "SILO_IDEMPOTENCY_MAX_KEYS": DEFAULT_MAX_KEYS,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 

@@ -29,6 +29,9 @@ MAX_KEY_LENGTH = 255
 DEFAULT_TTL_S = 86400.0
 DEFAULT_LEASE_S = 60.0
 """How long a claim holds its key while the view runs; a retry after it runs the view again."""
+DEFAULT_MAX_KEYS = 1000
+"""Keys a session may hold at once: each stores a response for its TTL, so a client that
+sends a new key with every request could otherwise grow the table without bound."""
 SPOOL_MEMORY_BYTES = 1024 * 1024
 """A request body up to this size is kept in memory while it is hashed; a larger one on disk."""
 CHUNK = 64 * 1024
@@ -179,6 +182,8 @@ class KeyRequest:
     fingerprint: str
     ttl: float
     lease: float
+    max_keys: int | None = None
+    """How many keys the session may hold (``SILO_IDEMPOTENCY_MAX_KEYS``; None: any)."""
 
 
 @dataclass(slots=True)

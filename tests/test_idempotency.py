@@ -797,6 +797,48 @@ def test_statements_of_a_first_request_and_of_a_replay(keys_app: KeysApp) -> Non
 # -- expiry --------------------------------------------------------------------------------------
 
 
+def test_a_session_holds_at_most_its_number_of_keys(silo_url: str, executor: str) -> None:
+    """A client that sends a new key with every request cannot grow the table without
+    bound: past SILO_IDEMPOTENCY_MAX_KEYS a new key is refused (429, the view does not
+    run), the keys held still replay, another session is not affected, and once the
+    oldest expire through the sweep new keys are taken again."""
+    app = KeysApp(silo_url, executor, SILO_IDEMPOTENCY_MAX_KEYS=3)
+    try:
+        first_use(app)
+        first_use(app, BOB)
+        for key in ("a", "b", "c"):
+            assert app.post("/api/inc", key=key).status_code == 200
+        refused = app.post("/api/inc", key="d")
+        assert refused.status_code == 429
+        assert refused.get_json()["error"] == "idempotency_keys_exhausted"
+        assert refused.get_json()["limit"] == 3
+        assert app.counter() == 4  # first_use, then a, b, c: the refused view did not run
+        assert app.post("/api/inc", key="a").headers["Idempotent-Replayed"] == "true"
+        assert app.post("/api/inc", sid=BOB, key="d").status_code == 200
+        assert app.post("/api/plain").status_code == 200  # no key: runs as usual
+        app.clock.advance(TTL + 1)
+        app.post("/api/plain")  # the session stays alive
+        assert app.silo.store.sweep().keys_expired == 4
+        assert app.post("/api/inc", key="d").status_code == 200
+        assert app.keys() == 1
+    finally:
+        app.close()
+
+
+def test_without_a_cap_keys_are_claimed_and_replayed_alike(silo_url: str, executor: str) -> None:
+    app = KeysApp(silo_url, executor, SILO_IDEMPOTENCY_MAX_KEYS=None)
+    try:
+        first_use(app)
+        with StatementLog(app.storage) as log:
+            assert app.post("/api/inc", key="a").status_code == 200
+        assert log.names[0] == "claim_key"
+        assert app.post("/api/inc", key="b").status_code == 200
+        assert app.post("/api/inc", key="a").headers["Idempotent-Replayed"] == "true"
+        assert (app.counter(), app.keys()) == (3, 2)
+    finally:
+        app.close()
+
+
 def test_keys_expire_after_their_ttl_through_the_sweep(keys_app: KeysApp) -> None:
     first_use(keys_app)
     keys_app.post("/api/inc", key="old")

@@ -17,7 +17,12 @@ import logging
 import secrets
 from typing import Any, NoReturn
 
-from ..errors import IdempotencyKeyInFlight, SessionExpired, StorageUnavailable
+from ..errors import (
+    IdempotencyKeyInFlight,
+    IdempotencyKeysExhausted,
+    SessionExpired,
+    StorageUnavailable,
+)
 from ..idempotency import Claim, Found, KeyRequest, StoredResponse
 from . import sessions as ops
 from .context import Context
@@ -92,9 +97,11 @@ class SQLIdempotencyRecords:
                 "now": v.time(now),
                 "lease_until": v.time(now + request.lease),
                 "expires": v.time(now + request.ttl),
+                "max_keys": request.max_keys,
             }
+            claiming = st.claim_key if request.max_keys is not None else st.claim_key_uncapped
             with b.connector.executor() as ex:
-                rows = ex.run(st.claim_key, values).rows
+                rows = ex.run(claiming, values).rows
                 # (claimed, record...): the claim's row, or the record that was there
                 if rows and rows[0][0]:
                     return Claim(request, token)
@@ -105,6 +112,11 @@ class SQLIdempotencyRecords:
                     return self._found(record, now)
                 head, expired_at = ops.probe(ex, st, request.sid)
                 if head is not None:
+                    limit = request.max_keys
+                    if limit is not None:  # or refused: the session holds all it may
+                        held = ex.run(st.count_keys, {"sid": request.sid}).scalar()
+                        if held >= limit:
+                            raise IdempotencyKeysExhausted(limit)
                     continue  # the record went meanwhile (released, expired): claim again
                 if expired_at is not None:
                     # The SID's session expired or was rotated away, its keys with it: a

@@ -989,43 +989,54 @@ class Statements:
             "locked_until": _ts("lease_until"),
             "expires_at": expires,
         }
-        in_session: ColumnElement[bool] = exists().where(sessions.c.sid == sid)
-        if postgresql:
-            # The claim commits without waiting for its WAL flush: the request's own
-            # commit, later, flushes it too, and a claim lost with a crash had a
-            # request that could not finish anyway (its retry runs the view).
-            no_flush = func.set_config("synchronous_commit", "off", True) == "off"
-            in_session = and_(in_session, no_flush)
-        claim_key = (
-            insert(keys)
-            .from_select(list(claimed_key), select(*claimed_key.values()).where(in_session))
-            .on_conflict_do_nothing(index_elements=[keys.c.sid, keys.c.key_hash])
-            .returning(*key_record)
-        )
+        held = select(func.count()).select_from(keys).where(keys.c.sid == sid)
         self.read_key = prepare("read_key", select(*key_record).where(this_key))
-        if postgresql:
-            # One round trip for both answers: the claim's row, or the record that
-            # was there (a row committed during the statement is in neither: read again).
-            mine = claim_key.cte("claimed")
-            self.claim_key = prepare(
-                "claim_key",
-                select(literal(True).label("claimed"), *mine.c).union_all(
-                    select(literal(False), *key_record).where(this_key)
-                ),
+        self.count_keys = prepare("count_keys", held)
+
+        def claiming(name: str, capped: bool) -> Prepared:
+            """The claim: the key's row if the session exists (and, *capped*, holds fewer
+            than ``max_keys`` keys), returning (claimed, record...): its own row, or
+            the record that was there."""
+            wanted: ColumnElement[bool] = exists().where(sessions.c.sid == sid)
+            if capped:
+                below = held.scalar_subquery() < bindparam("max_keys", type_=BigInteger())
+                wanted = and_(wanted, below)
+            if postgresql:
+                # The claim commits without waiting for its WAL flush: the request's own
+                # commit, later, flushes it too, and a claim lost with a crash had a
+                # request that could not finish anyway (its retry runs the view).
+                no_flush = func.set_config("synchronous_commit", "off", True) == "off"
+                wanted = and_(wanted, no_flush)
+            rows = insert(keys).from_select(
+                list(claimed_key), select(*claimed_key.values()).where(wanted)
             )
-        else:
+            if postgresql:
+                # One round trip for both answers (a row committed during the statement
+                # is in neither: read again).
+                mine = (
+                    rows.on_conflict_do_nothing(index_elements=[keys.c.sid, keys.c.key_hash])
+                    .returning(*key_record)
+                    .cte("claimed")
+                )
+                return prepare(
+                    name,
+                    select(literal(True).label("claimed"), *mine.c).union_all(
+                        select(literal(False), *key_record).where(this_key)
+                    ),
+                )
             # SQLite has no DML in a WITH: a no-op update of the key's row makes the
             # statement return the record that was there (the INSERT takes the write
             # lock either way), so a replay is one statement, as on PostgreSQL.
-            self.claim_key = prepare(
-                "claim_key",
-                insert(keys)
-                .from_select(list(claimed_key), select(*claimed_key.values()).where(in_session))
-                .on_conflict_do_update(
+            return prepare(
+                name,
+                rows.on_conflict_do_update(
                     index_elements=[keys.c.sid, keys.c.key_hash], set_={"sid": keys.c.sid}
-                )
-                .returning((keys.c.token == token).label("claimed"), *key_record),
+                ).returning((keys.c.token == token).label("claimed"), *key_record),
             )
+
+        self.claim_key = claiming("claim_key", capped=True)
+        self.claim_key_uncapped = claiming("claim_key", capped=False)
+        """``SILO_IDEMPOTENCY_MAX_KEYS = None``: no count of the session's keys."""
         self.take_over_key = prepare(
             "take_over_key",
             update(keys)
