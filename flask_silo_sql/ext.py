@@ -620,9 +620,6 @@ class Silo:
 
     # -- request accessors ------------------------------------------------------
 
-    def _request_state(self) -> RequestState:
-        return current_request()
-
     def state(self, namespace: str | None = None, *, lock: bool | None = None) -> dict[str, Any]:
         """The current request's session, or one namespace of it.
 
@@ -632,7 +629,7 @@ class Silo:
         one after another (exact, never a 409). It must be the request's first
         access to state.
         """
-        unit = self._request_state().unit
+        unit = current_request().unit
         if lock and not unit.locked:
             if unit.loaded:
                 raise RuntimeError(
@@ -646,7 +643,7 @@ class Silo:
     @property
     def sid(self) -> str:
         """The current request's SID."""
-        return self._request_state().sid
+        return current_request().sid
 
     def commit(self) -> None:
         """Save the current request's changes now (they are saved at its end anyway).
@@ -656,7 +653,7 @@ class Silo:
         conflict raises (:class:`StateConflict`, ...), which ends the stream.
         Refused (``RuntimeError``) in an ``@silo.idempotent`` view.
         """
-        state = self._request_state()
+        state = current_request()
         if state.claim is not None:
             raise RuntimeError(
                 "silo.commit() in an @silo.idempotent view would save its changes without "
@@ -676,7 +673,7 @@ class Silo:
         request still using it is answered as an expired session (``410`` on
         a data endpoint, a fresh session elsewhere). Returns the new SID.
         """
-        state = self._request_state()
+        state = current_request()
         app_state = self._app_state()
         if state.gone:
             raise SessionExpired(state.sid)
@@ -692,7 +689,7 @@ class Silo:
 
     def reset_current(self) -> None:
         """Fresh state for the current session, and its files removed."""
-        state = self._request_state()
+        state = current_request()
         state.unit.reset()
         for files in self._file_stores.values():
             files.cleanup(state.sid)

@@ -33,7 +33,7 @@ does not match).
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import io
 import logging
 import os
@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from typing import IO, Any, cast
 
 from .errors import FileCorrupt, FileNotStored, FileStorageError, SiloError
-from .file_digest import StreamDigest
+from .file_digest import StreamDigest, sha256_of
 from .file_parts import (
     CHUNK,
     FILE_MODE,
@@ -107,20 +107,15 @@ def check_backend(backend: str) -> None:
 # -- local temporary files ---------------------------------------------------------------
 
 
+@functools.cache
 def boot_time() -> float | None:
     """When this machine started (Unix time), where it says (Linux), else None."""
-    global _boot_time
-    if _boot_time is None:
-        try:
-            with open("/proc/stat", encoding="ascii") as stat:
-                found = next((line for line in stat if line.startswith("btime ")), None)
-            _boot_time = float(found.split()[1]) if found else -1.0
-        except (OSError, ValueError, IndexError):
-            _boot_time = -1.0
-    return _boot_time if _boot_time >= 0 else None
-
-
-_boot_time: float | None = None
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            found = next((line for line in stat if line.startswith("btime ")), None)
+        return float(found.split()[1]) if found else None
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class LocalSink:
@@ -252,11 +247,9 @@ class Cache:
             return False
         if self.started is None or info.st_mtime >= self.started:
             return True
-        digest = hashlib.sha256()
         with open(path, "rb") as copy:
-            for piece in iter(lambda: copy.read(COPY_BUFFER), b""):
-                digest.update(piece)
-        if digest.hexdigest() != row.sha256:
+            found = sha256_of(copy, COPY_BUFFER)
+        if found != row.sha256:
             logger.warning(
                 "file store %r: a cached copy from before this machine started does not match "
                 "its row; fetched again",

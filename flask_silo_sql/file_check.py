@@ -24,14 +24,15 @@ their chunks; fsspec stores list the objects under their URL.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO, cast
 
 from .errors import SiloError
 from .file_backends import ChunkReader, FsspecBytes
+from .file_digest import sha256_of
 from .file_parts import TEMP_PREFIX, FileRecords, FileRow, StoreView, directory_lock
 from .sids import is_valid_sid
 
@@ -89,11 +90,8 @@ def fsck(
 
 
 def _sha256(stream_path: str) -> str:
-    digest = hashlib.sha256()
     with open(stream_path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_of(handle)
 
 
 class _Check:
@@ -272,15 +270,13 @@ class _Check:
     def _chunks_differ(self, row: FileRow) -> bool:
         if not self.verify:
             return False
-        digest = hashlib.sha256()
         try:
             reader = ChunkReader(self.files, self.records, row)
             reader._digest = None  # checked here, not raised
-            for chunk in iter(lambda: reader.read(1024 * 1024), b""):
-                digest.update(chunk)
+            found = sha256_of(cast(IO[bytes], reader))
         except SiloError:
             return self.records.row_by_id(row.id or 0) is not None
-        return digest.hexdigest() != row.sha256
+        return found != row.sha256
 
     # -- fsspec ------------------------------------------------------------------------------
 
@@ -338,11 +334,9 @@ class _Check:
     def _object_differs(self, row: FileRow) -> bool:
         if not self.verify:
             return False
-        digest = hashlib.sha256()
         try:
             with self.files.blobs.open(row) as handle:
-                for chunk in iter(lambda: handle.read(1024 * 1024), b""):
-                    digest.update(chunk)
+                found = sha256_of(handle)
         except (SiloError, OSError):
             return True
-        return digest.hexdigest() != row.sha256
+        return found != row.sha256

@@ -17,6 +17,7 @@ import hashlib
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO
 
 BESIDE_BYTES = 64 * 1024
 """Pieces from this size on are hashed in the helper threads."""
@@ -71,3 +72,12 @@ class StreamDigest:
     def hexdigest(self) -> str:
         self.wait()
         return self._digest.hexdigest()
+
+
+def sha256_of(stream: IO[bytes], piece: int = 1024 * 1024) -> str:
+    """The SHA-256 of what is left of *stream*, read a *piece* at a time (a check of
+    bytes at rest: nothing to do beside it)."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(piece), b""):
+        digest.update(chunk)
+    return digest.hexdigest()

@@ -26,7 +26,13 @@ from typing import IO, Any, Literal, Protocol
 from flask import has_request_context, request
 from werkzeug.utils import secure_filename
 
-from .errors import FileStorageError, InsufficientStorage, InvalidFilename, SiloError
+from .errors import (
+    FileStorageError,
+    InsufficientStorage,
+    InvalidFilename,
+    RequestBodyIncomplete,
+    SiloError,
+)
 from .logs import log_failure
 
 logger = logging.getLogger("flask_silo_sql.files")
@@ -490,7 +496,23 @@ def _fills_in_place(data: object) -> bool:
 
 
 def _chunks(
-    data: Readable | bytes | bytearray | memoryview, expected: int | None = None
+    data: Readable | bytes | bytearray | memoryview,
+    expected: int | None = None,
+    announced: int | None = None,
+) -> Iterator[Piece]:
+    """:func:`_pieces` of *data*, counted: a request body that ends before the
+    *announced* length (its ``Content-Length``, which some servers end without an
+    error when the client goes away) raises :class:`RequestBodyIncomplete`."""
+    received = 0
+    for piece in _pieces(data, expected):
+        received += len(piece)
+        yield piece
+    if announced is not None and received < announced:
+        raise RequestBodyIncomplete(announced, received)
+
+
+def _pieces(
+    data: Readable | bytes | bytearray | memoryview, expected: int | None
 ) -> Iterator[Piece]:
     """*data* in pieces of :data:`CHUNK` bytes (the last one shorter), none of them
     copied twice. A piece stays as it is until the piece after the next one is asked

@@ -40,7 +40,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
 from . import file_check, file_maintenance, file_serving
@@ -50,7 +50,6 @@ from .errors import (
     FileStorageError,
     FileTooLarge,
     InsufficientStorage,
-    RequestBodyIncomplete,
     SiloError,
 )
 from .file_backends import make_bytes
@@ -64,6 +63,7 @@ from .file_parts import (
     Bytes,
     FileRecords,
     FileRow,
+    Piece,
     Readable,
     RecordsProvider,
     Reservation,
@@ -227,7 +227,7 @@ class FileStore:
         self._check_free_space(self.base_dir, records, sid)  # a refusal creates no directory
         directory = self.session_dir(sid)
         if records is None:
-            return self._save_unrecorded(sid, name, directory, data, announced)
+            return self._save_unrecorded(sid, name, directory, _chunks(data, declared, announced))
         backend = self.blobs
         row = FileRow(
             sid,
@@ -247,7 +247,8 @@ class FileStore:
             self._forgotten(reservation.stale)
         row.id = reservation.id
         try:
-            upload = self._receive(records, row, reservation, directory, pending, data, announced)
+            chunks = _chunks(data, declared, announced)
+            upload = self._receive(records, row, reservation, directory, pending, chunks)
         except BaseException:
             with contextlib.suppress(Exception):
                 records.release(row, reservation.id)
@@ -263,14 +264,13 @@ class FileStore:
         reservation: Reservation,
         directory: str,
         pending: str,
-        data: Readable | bytes,
-        announced: int | None,
+        chunks: Iterator[Piece],
     ) -> StagedUpload:
-        """Stream *data* to the backend (and a local temporary file), reserving as it comes.
+        """Stream *chunks* to the backend (and a local temporary file), reserving as they
+        come.
 
         Past what was reserved, each chunk reserves what it adds (with a quota),
-        so concurrent uploads of unknown size never take more than is left. A
-        request body that ends before the *announced* length keeps nothing.
+        so concurrent uploads of unknown size never take more than is left.
         """
         sid, name = row.sid, row.filename
         limit = self.max_file_bytes
@@ -282,7 +282,6 @@ class FileStore:
         with file_errors(self.name, sid, "store a file"):
             sink = self.blobs.sink(row, directory, pending)
         try:
-            chunks = _chunks(data, declared_size(data))
             while True:
                 chunk = next(chunks, None)  # the client's own errors pass as they are
                 if chunk is None:
@@ -301,8 +300,6 @@ class FileStore:
                 digest.update(chunk)
                 with file_errors(self.name, sid, "store a file"):
                     sink.write(chunk)
-            if announced is not None and size < announced:
-                raise RequestBodyIncomplete(announced, size)
             with file_errors(self.name, sid, "store a file"):
                 sink.finish()
         except BaseException:
@@ -315,11 +312,8 @@ class FileStore:
         row.sha256 = digest.hexdigest()
         return StagedUpload(self.blobs, row, reservation, sink.tmp, sink.path(row))
 
-    def _save_unrecorded(
-        self, sid: str, name: str, directory: str, data: Readable | bytes, announced: int | None
-    ) -> str:
-        """flask-silo's behaviour, for a store without rows: the file on disk, nothing else
-        (and nothing of a request body that ended before its announced length)."""
+    def _save_unrecorded(self, sid: str, name: str, directory: str, chunks: Iterator[Piece]) -> str:
+        """flask-silo's behaviour, for a store without rows: the file on disk, nothing else."""
         limit = self.max_file_bytes
         path = os.path.join(directory, name)
         with file_errors(self.name, sid, "store a file"):
@@ -327,7 +321,6 @@ class FileStore:
         try:
             size = 0
             with os.fdopen(fd, "wb") as out:
-                chunks = _chunks(data, declared_size(data))
                 while True:
                     chunk = next(chunks, None)
                     if chunk is None:
@@ -337,8 +330,6 @@ class FileStore:
                         raise FileTooLarge(name, size, limit)
                     with file_errors(self.name, sid, "store a file"):
                         out.write(chunk)
-                if announced is not None and size < announced:
-                    raise RequestBodyIncomplete(announced, size)
                 with file_errors(self.name, sid, "store a file"):
                     out.flush()
                     os.fsync(out.fileno())

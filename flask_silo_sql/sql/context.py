@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from ..backends.base import Policy
 from . import sessions as ops
@@ -38,7 +38,6 @@ class Staged(Protocol):
         """The request failed: undo what was done ahead of the commit."""
 
 
-@runtime_checkable
 class WritesWithNamespace(Protocol):
     """A staged write that can go out with the commit's one namespace write as one statement."""
 

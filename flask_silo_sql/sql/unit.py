@@ -41,7 +41,7 @@ from ..file_parts import directory_lock
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import sessions as ops
 from . import task_rows
-from .context import Context, Staged, WritesWithNamespace
+from .context import Context, Staged
 from .executor import Executor
 from .file_rows import StagedFile
 from .slots import Slot
@@ -454,9 +454,8 @@ def _written_together(
     :class:`WritesWithNamespace`): the namespace's new version, or None."""
     if len(writes) != 1 or len(staged) != 1:
         return None
-    item: Staged | WritesWithNamespace = staged[0]
     # getattr, not isinstance: a runtime protocol check costs more than the statement saved
-    write_with = getattr(item, "write_with", None)
+    write_with = getattr(staged[0], "write_with", None)
     return None if write_with is None else cast(int | None, write_with(ex, writes[0], sid, now))
 
 
