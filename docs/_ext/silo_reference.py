@@ -1,0 +1,236 @@
+"""Reference tables generated from the code, so the documentation cannot drift from it.
+
+``silo-settings``
+    Every ``SILO_*`` key: :data:`flask_silo_sql.settings_table.SETTINGS` and the defaults the
+    extension applies (:data:`flask_silo_sql.ext.CONFIG_DEFAULTS`).
+``silo-table NAME``
+    One table of :data:`flask_silo_sql.sql.models.metadata`: its columns with their type on
+    SQLite and PostgreSQL, nullability, default and comment (the ``COMMENT`` PostgreSQL
+    carries); then its keys and indexes. Lines ``column: text`` in the directive's content say
+    more about a column than its comment; naming a column the table does not have is an error.
+    Every table must be shown once somewhere: a table left out fails the build.
+``silo-errors``
+    Every error class of :mod:`flask_silo_sql.errors`: status, slug, class, what it means.
+``silo-api``
+    (reStructuredText) autodoc of every name in ``flask_silo_sql.__all__``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.application import Sphinx
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+from sqlalchemy import Column, Table
+from sqlalchemy.dialects import postgresql, sqlite
+
+logger = logging.getLogger(__name__)
+
+
+def cell(text: str) -> str:
+    """Text for one cell of a Markdown table."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def literal(value: Any) -> str:
+    """A Python value as code, with its size in words when it is a round number of bytes."""
+    shown = f"`{value!r}`".replace("'", '"')
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1024 * 1024:
+        for unit, size in (("GiB", 1024**3), ("MiB", 1024**2)):
+            if value % size == 0:
+                return f"{shown} ({value // size} {unit})"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 86400:
+        if value % 86400 == 0:
+            return f"{shown} ({value // 86400} days)"
+    return shown
+
+
+class MarkdownDirective(SphinxDirective):
+    """A directive whose output is Markdown, parsed where it stands."""
+
+    def markdown(self) -> list[str]:
+        raise NotImplementedError
+
+    def run(self) -> list[nodes.Node]:
+        container = nodes.container()
+        lines = StringList(self.markdown(), source=self.get_source_info()[0])
+        self.state.nested_parse(lines, self.content_offset, container)
+        return container.children
+
+
+class SettingsDirective(MarkdownDirective):
+    """The configuration reference."""
+
+    def markdown(self) -> list[str]:
+        from flask_silo_sql.settings_table import SETTINGS
+
+        out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for setting in SETTINGS:
+            doc = setting.doc
+            if setting.env:
+                doc += " Also read from the environment variable of the same name."
+            out.append(
+                f"| `{setting.key}` | {cell(setting.type)} "
+                f"| {cell(literal(setting.default))} | {cell(doc)} |"
+            )
+        return out
+
+
+def type_name(column: Column[Any], dialect: Any) -> str:
+    """The column's type as the dialect's DDL spells it."""
+    if dialect.name == "postgresql" and column.primary_key and column.autoincrement is True:
+        return "BIGSERIAL"
+    return str(column.type.compile(dialect=dialect))
+
+
+def default_of(column: Column[Any]) -> str:
+    if column.server_default is None:
+        return ""
+    return str(getattr(column.server_default, "arg", column.server_default))
+
+
+class TableDirective(MarkdownDirective):
+    """One table of the schema, from the models."""
+
+    required_arguments = 1
+    has_content = True
+
+    def markdown(self) -> list[str]:
+        from flask_silo_sql.sql.models import metadata
+
+        name = self.arguments[0]
+        table: Table | None = metadata.tables.get(name)
+        if table is None:
+            raise self.error(f"silo-table: no table {name!r} in the models")
+        shown: set[str] = self.env.app.silo_tables_shown  # type: ignore[attr-defined]
+        shown.add(name)
+        notes: dict[str, str] = {}
+        for line in self.content:
+            if not line.strip():
+                continue
+            column, _, text = line.partition(":")
+            if column.strip() not in table.c:
+                raise self.error(f"silo-table {name}: no column {column.strip()!r}")
+            notes[column.strip()] = text.strip()
+        out = [
+            f"*{cell(table.comment or '')}*",
+            "",
+            "| column | SQLite | PostgreSQL | null | default | meaning |",
+            "|---|---|---|---|---|---|",
+        ]
+        for column in table.columns:
+            meaning = column.comment or ""
+            if column.name in notes:
+                meaning = notes[column.name]
+            for fk in column.foreign_keys:
+                meaning += f" Foreign key to `{fk.target_fullname}`"
+                meaning += f", `ON DELETE {fk.ondelete}`." if fk.ondelete else "."
+            out.append(
+                f"| `{column.name}` | `{type_name(column, sqlite.dialect())}` "
+                f"| `{type_name(column, postgresql.dialect())}` "
+                f"| {'yes' if column.nullable else 'no'} "
+                f"| {cell(f'`{default_of(column)}`') if default_of(column) else ''} "
+                f"| {cell(meaning)} |"
+            )
+        keys = [f"primary key `{table.primary_key.name}` ({self.columns(table.primary_key)})"]
+        for constraint in sorted(table.constraints, key=lambda c: str(c.name)):
+            if constraint.__class__.__name__ == "UniqueConstraint":
+                keys.append(f"unique `{constraint.name}` ({self.columns(constraint)})")
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            keys.append(f"index `{index.name}` ({self.columns(index)})")
+        out += ["", "Keys and indexes: " + "; ".join(keys) + "."]
+        return out
+
+    @staticmethod
+    def columns(thing: Any) -> str:
+        return ", ".join(f"`{c.name}`" for c in thing.columns)
+
+
+class ErrorsDirective(MarkdownDirective):
+    """Every error class: status, slug, class and meaning."""
+
+    def markdown(self) -> list[str]:
+        import flask_silo_sql
+        from flask_silo_sql import errors
+
+        public = set(flask_silo_sql.__all__)
+        classes = [
+            obj
+            for _, obj in inspect.getmembers(errors, inspect.isclass)
+            if issubclass(obj, errors.SiloError) and obj.__module__ == errors.__name__
+        ]
+        classes.sort(key=lambda cls: (cls.status, cls.slug, cls.__name__))
+        out = ["| status | `error` (slug) | class | raised when |", "|---|---|---|---|"]
+        for cls in classes:
+            name = (
+                f"{{py:class}}`~flask_silo_sql.{cls.__name__}`"
+                if cls.__name__ in public
+                else f"`flask_silo_sql.errors.{cls.__name__}`"
+            )
+            bases = [b.__name__ for b in cls.__bases__ if not issubclass(b, errors.SiloError)]
+            if bases:
+                name += f" (a `{bases[0]}`)"
+            status = f"`{cls.status}`"
+            if "http_status" in vars(cls):
+                doc = inspect.getdoc(vars(cls)["http_status"]) or ""
+                status += f", {doc.splitlines()[0].rstrip('.')}" if doc else " or another"
+            doc = (inspect.getdoc(cls) or "").split("\n\n")[0]
+            out.append(f"| {status} | `{cls.slug}` | {name} | {cell(rst_to_md(doc))} |")
+        return out
+
+
+def rst_to_md(text: str) -> str:
+    """The little reStructuredText a docstring's first paragraph uses, as Markdown."""
+    import re
+
+    text = text.replace("``", "`")
+    return re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: f"`{m.group(1).split('.')[-1]}`", text)
+
+
+class ApiDirective(SphinxDirective):
+    """Autodoc of every public name, in the order of ``__all__`` (reStructuredText pages)."""
+
+    def run(self) -> list[nodes.Node]:
+        import flask_silo_sql
+
+        lines: list[str] = []
+        for name in flask_silo_sql.__all__:
+            obj = getattr(flask_silo_sql, name)
+            if name == "__version__":
+                lines += [f".. py:data:: __version__", f"   :value: {obj!r}", "",
+                          "   The version of the installed package.", ""]
+            elif inspect.ismodule(obj):
+                lines += [f".. automodule:: {obj.__name__}", "   :members:", ""]
+            elif inspect.isclass(obj):
+                lines += [f".. autoclass:: {name}", "   :members:", "   :show-inheritance:", ""]
+            else:
+                lines += [f".. autofunction:: {name}", ""]
+        container = nodes.container()
+        self.state.nested_parse(StringList(lines), self.content_offset, container)
+        return container.children
+
+
+def check_tables_shown(app: Sphinx, env: Any) -> None:
+    from flask_silo_sql.sql.models import metadata
+
+    missing = sorted(set(metadata.tables) - app.silo_tables_shown)  # type: ignore[attr-defined]
+    if missing:
+        logger.warning("tables missing from the table reference (silo-table): %s", missing)
+
+
+def reset(app: Sphinx, env: Any, docnames: Any) -> None:
+    app.silo_tables_shown = set()  # type: ignore[attr-defined]
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+    app.silo_tables_shown = set()  # type: ignore[attr-defined]
+    app.add_directive("silo-settings", SettingsDirective)
+    app.add_directive("silo-table", TableDirective)
+    app.add_directive("silo-errors", ErrorsDirective)
+    app.add_directive("silo-api", ApiDirective)
+    app.connect("env-updated", check_tables_shown)
+    return {"version": "1", "parallel_read_safe": False, "parallel_write_safe": True}
