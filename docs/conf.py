@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import sys
 from pathlib import Path
 
@@ -55,10 +56,35 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
-doctest_global_setup = """
-import os, tempfile
+doctest_global_setup = f"""
+import os, runpy, tempfile
+from pathlib import Path
+from sqlalchemy import create_engine
+from flask_silo_sql import schema
+
+REPO = Path({str(HERE.parent)!r})
 os.environ.pop("SILO_DATABASE_URI", None)
+
+
+def temporary_database(migrated):
+    \"\"\"The URL of a new SQLite database, with silo's tables when *migrated*.\"\"\"
+    url = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "silo.db")
+    if migrated:
+        engine = create_engine(url)
+        schema.upgrade(engine)
+        engine.dispose()
+    return url
+
+
+def load_example(name):
+    \"\"\"The ``app`` of ``examples/<name>``, on a temporary migrated database.\"\"\"
+    os.environ["SILO_DATABASE_URI"] = temporary_database(migrated=True)
+    try:
+        return runpy.run_path(str(REPO / "examples" / name))["app"]
+    finally:
+        del os.environ["SILO_DATABASE_URI"]
 """
+doctest_default_flags = doctest.ELLIPSIS | doctest.DONT_ACCEPT_TRUE_FOR_1
 
 html_theme = "flask"
 html_theme_options = {"index_sidebar_logo": False}
