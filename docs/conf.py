@@ -49,7 +49,8 @@ nitpick_ignore_regex = [
     (r"py:(class|func)", r"(FsckReport|SQLBackend|SchemaError|new_sid|fsck)"),
 ]
 
-myst_enable_extensions = ["attrs_block", "attrs_inline", "colon_fence", "deflist"]
+myst_enable_extensions = ["attrs_block", "attrs_inline", "colon_fence", "deflist", "substitution"]
+myst_substitutions = {"silo_head": f"`{flask_silo_sql.schema.head()}`"}
 myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
