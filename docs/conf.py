@@ -105,3 +105,5 @@ html_sidebars = {
 }
 html_title = f"flask-silo-sql Documentation ({version})"
 html_show_sourcelink = False
+html_static_path = ["_static"]
+html_css_files = ["silo.css"]

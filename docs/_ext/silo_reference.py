@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from docutils import nodes
@@ -164,29 +165,42 @@ class ErrorsDirective(MarkdownDirective):
             if issubclass(obj, errors.SiloError) and obj.__module__ == errors.__name__
         ]
         classes.sort(key=lambda cls: (cls.status, cls.slug, cls.__name__))
-        out = ["| status | `error` (slug) | class | raised when |", "|---|---|---|---|"]
+        out = ["| status | class and `error` | raised when |", "|---|---|---|"]
         for cls in classes:
             name = (
                 f"{{py:class}}`~flask_silo_sql.{cls.__name__}`"
                 if cls.__name__ in public
-                else f"`flask_silo_sql.errors.{cls.__name__}`"
+                else f"`errors.{cls.__name__}`"
             )
-            bases = [b.__name__ for b in cls.__bases__ if not issubclass(b, errors.SiloError)]
-            if bases:
-                name += f" (a `{bases[0]}`)"
             status = f"`{cls.status}`"
-            if "http_status" in vars(cls):
-                doc = inspect.getdoc(vars(cls)["http_status"]) or ""
-                status += f", {doc.splitlines()[0].rstrip('.')}" if doc else " or another"
-            doc = (inspect.getdoc(cls) or "").split("\n\n")[0]
-            out.append(f"| {status} | `{cls.slug}` | {name} | {cell(rst_to_md(doc))} |")
+            if "http_status" in vars(cls):  # decided per instance: the statuses it returns
+                source = inspect.getsource(vars(cls)["http_status"].fget)
+                codes = sorted(set(re.findall(r"\b[1-5][0-9][0-9]\b", source)))
+                status = " or ".join(f"`{code}`" for code in codes)
+            doc = rst_to_md((inspect.getdoc(cls) or "").split("\n\n")[0])
+            bases = [b.__name__ for b in cls.__bases__ if not issubclass(b, errors.SiloError)]
+            if bases and bases[0] not in doc:
+                doc += f" A `{bases[0]}`."
+            if extras(cls):
+                doc += f" The body adds {', '.join(extras(cls))}."
+            out.append(f"| {status} | {name}<br>`{cls.slug}` | {cell(doc)} |")
         return out
+
+
+def extras(cls: type) -> list[str]:
+    """The body fields ``details()`` adds and the headers ``headers()`` sets, from the source."""
+    found = []
+    for method in ("details", "headers"):
+        for klass in cls.__mro__:
+            if method in vars(klass):
+                source = inspect.getsource(vars(klass)[method])
+                found += [f"`{k}`" for k in re.findall(r'"([A-Za-z_-]+)":', source)]
+                break
+    return found
 
 
 def rst_to_md(text: str) -> str:
     """The little reStructuredText a docstring's first paragraph uses, as Markdown."""
-    import re
-
     text = text.replace("``", "`")
     return re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: f"`{m.group(1).split('.')[-1]}`", text)
 
