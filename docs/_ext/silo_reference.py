@@ -205,6 +205,42 @@ def rst_to_md(text: str) -> str:
     return re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: f"`{m.group(1).split('.')[-1]}`", text)
 
 
+FLASK_SILO_NAMES = (
+    "Silo", "SessionStore", "CleanupDaemon", "BackgroundTask", "TaskState", "FileStore",
+    "SiloStorage", "InMemoryStorage", "SiloError", "SessionExpired", "SessionBusy",
+    "NamespaceError",
+)
+"""What flask-silo 0.1.6 exports (checked against it when it is installed)."""
+
+
+class NewNamesDirective(MarkdownDirective):
+    """The public names flask-silo does not have, each linked to its reference."""
+
+    def markdown(self) -> list[str]:
+        import flask_silo_sql
+
+        try:
+            import flask_silo
+        except ImportError:
+            pass
+        else:
+            theirs = {n for n in getattr(flask_silo, "__all__", ()) if n[0] != "_"}
+            if theirs != set(FLASK_SILO_NAMES):
+                raise self.error(f"flask-silo exports {sorted(theirs)}")
+        missing = set(FLASK_SILO_NAMES) - set(flask_silo_sql.__all__)
+        if missing:
+            raise self.error(f"flask-silo names not exported: {sorted(missing)}")
+        new = [n for n in flask_silo_sql.__all__ if n not in FLASK_SILO_NAMES]
+        links = []
+        for n in new:
+            obj = getattr(flask_silo_sql, n)
+            if inspect.ismodule(obj):
+                links.append(f"{{py:mod}}`{n} <{obj.__name__}>`")
+            elif n[0] != "_":
+                links.append(f"{{py:obj}}`~flask_silo_sql.{n}`")
+        return [", ".join(links) + "."]
+
+
 class ApiDirective(SphinxDirective):
     """Autodoc of every public name, in the order of ``__all__`` (reStructuredText pages)."""
 
@@ -246,5 +282,6 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("silo-table", TableDirective)
     app.add_directive("silo-errors", ErrorsDirective)
     app.add_directive("silo-api", ApiDirective)
+    app.add_directive("silo-new-names", NewNamesDirective)
     app.connect("env-updated", check_tables_shown)
     return {"version": "1", "parallel_read_safe": False, "parallel_write_safe": True}
