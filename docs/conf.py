@@ -15,7 +15,7 @@ sys.path.insert(0, str(HERE.parent))
 import flask_silo_sql  # noqa: E402
 
 project = "flask-silo-sql"
-copyright = "2026 the flask-silo-sql authors"  # noqa: A001
+copyright = "2026 the flask-silo-sql authors"
 author = "the flask-silo-sql authors"
 release = version = flask_silo_sql.__version__
 

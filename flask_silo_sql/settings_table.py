@@ -53,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SILO_ENGINE_OPTIONS",
         "dict",
-        "Keyword arguments for `create_engine` of the default storage (`{\"pool_size\": 20}`). "
+        'Keyword arguments for `create_engine` of the default storage (`{"pool_size": 20}`). '
         "A `connect_args` dict is merged over silo's own. Silo's engines already get, on "
         "SQLite, `check_same_thread=False` (one shared connection for `:memory:`); on "
         "PostgreSQL, `connect_timeout=5`, `pool_size=10`, `pool_timeout=10`.",
@@ -96,8 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SILO_TASK_RUNNER",
         '"thread" | "worker"',
-        "Where durable runs (registered tasks) run: `\"thread\"`, in the process that started "
-        "them, and runs whose process died in any live process of the app; `\"worker\"`, only "
+        'Where durable runs (registered tasks) run: `"thread"`, in the process that started '
+        'them, and runs whose process died in any live process of the app; `"worker"`, only '
         "in `flask silo-db worker` processes (`start()` only queues). See "
         "[Where durable runs run](tasks.md#where-durable-runs-run).",
     ),
@@ -154,7 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SILO_FILE_BACKEND",
         "str",
-        "Default `backend` of `add_file_store`: `\"local\"`, `\"database\"` or an fsspec URL. "
+        'Default `backend` of `add_file_store`: `"local"`, `"database"` or an fsspec URL. '
         "See [Choosing a backend](files.md#where-the-bytes-live-choosing-a-backend).",
     ),
     Setting(

@@ -43,7 +43,7 @@ def test_each_default_matches_its_declared_type() -> None:
         elif isinstance(default, str) and allowed[0].startswith('"'):
             assert f'"{default}"' in allowed, setting.key
         else:
-            assert any(
-                type(default) is names[a] for a in allowed if a in names
-            ), f"{setting.key}: {default!r} is not {setting.type}"
+            assert any(type(default) is names[a] for a in allowed if a in names), (
+                f"{setting.key}: {default!r} is not {setting.type}"
+            )
         assert setting.doc.strip(), setting.key

@@ -44,9 +44,8 @@ def literal(value: Any) -> str:
         for unit, size in (("GiB", 1024**3), ("MiB", 1024**2)):
             if value % size == 0:
                 return f"{shown} ({value // size} {unit})"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 86400:
-        if value % 86400 == 0:
-            return f"{shown} ({value // 86400} days)"
+    if isinstance(value, int) and not isinstance(value, bool) and value % 86400 == 0 < value:
+        return f"{shown} ({value // 86400} days)"
     return shown
 
 
@@ -206,8 +205,17 @@ def rst_to_md(text: str) -> str:
 
 
 FLASK_SILO_NAMES = (
-    "Silo", "SessionStore", "CleanupDaemon", "BackgroundTask", "TaskState", "FileStore",
-    "SiloStorage", "InMemoryStorage", "SiloError", "SessionExpired", "SessionBusy",
+    "Silo",
+    "SessionStore",
+    "CleanupDaemon",
+    "BackgroundTask",
+    "TaskState",
+    "FileStore",
+    "SiloStorage",
+    "InMemoryStorage",
+    "SiloError",
+    "SessionExpired",
+    "SessionBusy",
     "NamespaceError",
 )
 """What flask-silo 0.1.6 exports (checked against it when it is installed)."""
@@ -251,8 +259,13 @@ class ApiDirective(SphinxDirective):
         for name in flask_silo_sql.__all__:
             obj = getattr(flask_silo_sql, name)
             if name == "__version__":
-                lines += [f".. py:data:: __version__", f"   :value: {obj!r}", "",
-                          "   The version of the installed package.", ""]
+                lines += [
+                    ".. py:data:: __version__",
+                    f"   :value: {obj!r}",
+                    "",
+                    "   The version of the installed package.",
+                    "",
+                ]
             elif inspect.ismodule(obj):
                 lines += [f".. automodule:: {obj.__name__}", "   :members:", ""]
             elif inspect.isclass(obj):
