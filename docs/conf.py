@@ -54,6 +54,7 @@ myst_substitutions = {"silo_head": f"`{flask_silo_sql.schema.head()}`"}
 myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
+toc_object_entries_show_parents = "hide"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
