@@ -41,3 +41,10 @@ def test_the_quickstart_program_answers_as_shown(
         assert sid is not None
         response = client.post("/api/count", headers={"X-Session-ID": sid.group(1)})
         assert response.get_data(as_text=True).strip() == answer
+
+
+def test_every_relative_link_names_a_file() -> None:
+    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text())
+    assert "docs/quickstart.md" in targets
+    missing = [t for t in targets if not (README.parent / t).exists()]
+    assert missing == []

@@ -106,8 +106,8 @@ class TableDirective(MarkdownDirective):
         table: Table | None = metadata.tables.get(name)
         if table is None:
             raise self.error(f"silo-table: no table {name!r} in the models")
-        shown: set[str] = self.env.app.silo_tables_shown  # type: ignore[attr-defined]
-        shown.add(name)
+        shown = shown_tables(self.env)
+        shown.setdefault(self.env.docname, set()).add(name)
         notes: dict[str, str] = {}
         for line in self.content:
             if not line.strip():
@@ -277,24 +277,68 @@ class ApiDirective(SphinxDirective):
         return container.children
 
 
+class SignatureDirective(MarkdownDirective):
+    """A callable's parameters with their defaults from its signature, and what each does.
+
+    The content has one ``name: text`` line per parameter; a parameter left out, or one the
+    callable does not have, is an error, so the table follows the code.
+    """
+
+    required_arguments = 1
+    has_content = True
+
+    def markdown(self) -> list[str]:
+        import importlib
+
+        module, _, name = self.arguments[0].rpartition(".")
+        target = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(target).parameters
+        notes = {}
+        for line in self.content:
+            if line.strip():
+                key, _, text = line.partition(":")
+                notes[key.strip()] = text.strip()
+        documented = [p for p in parameters if p not in ("self", "args", "kwargs")]
+        if set(notes) != set(documented):
+            raise self.error(
+                f"{self.arguments[0]}: parameters {sorted(documented)}, described {sorted(notes)}"
+            )
+        out = ["| parameter | default | meaning |", "|---|---|---|"]
+        for key in documented:
+            default = parameters[key].default
+            shown = "" if default is inspect.Parameter.empty else literal(default)
+            out.append(f"| `{key}` | {cell(shown)} | {cell(notes[key])} |")
+        return out
+
+
+def shown_tables(env: Any) -> dict[str, set[str]]:
+    """The tables each page shows, kept in the environment (so incremental builds know)."""
+    if not hasattr(env, "silo_tables"):
+        env.silo_tables = {}
+    tables: dict[str, set[str]] = env.silo_tables
+    return tables
+
+
+def forget_page(app: Sphinx, env: Any, docname: str) -> None:
+    shown_tables(env).pop(docname, None)
+
+
 def check_tables_shown(app: Sphinx, env: Any) -> None:
     from flask_silo_sql.sql.models import metadata
 
-    missing = sorted(set(metadata.tables) - app.silo_tables_shown)  # type: ignore[attr-defined]
+    shown = set().union(*shown_tables(env).values())
+    missing = sorted(set(metadata.tables) - shown)
     if missing:
         logger.warning("tables missing from the table reference (silo-table): %s", missing)
 
 
-def reset(app: Sphinx, env: Any, docnames: Any) -> None:
-    app.silo_tables_shown = set()  # type: ignore[attr-defined]
-
-
 def setup(app: Sphinx) -> dict[str, Any]:
-    app.silo_tables_shown = set()  # type: ignore[attr-defined]
     app.add_directive("silo-settings", SettingsDirective)
     app.add_directive("silo-table", TableDirective)
     app.add_directive("silo-errors", ErrorsDirective)
     app.add_directive("silo-api", ApiDirective)
     app.add_directive("silo-new-names", NewNamesDirective)
+    app.add_directive("silo-signature", SignatureDirective)
+    app.connect("env-purge-doc", forget_page)
     app.connect("env-updated", check_tables_shown)
     return {"version": "1", "parallel_read_safe": False, "parallel_write_safe": True}
