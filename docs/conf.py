@@ -13,6 +13,7 @@ sys.path.insert(0, str(HERE / "_ext"))
 sys.path.insert(0, str(HERE.parent))
 
 import flask_silo_sql  # noqa: E402
+import flask_silo_sql.sql.models  # noqa: E402
 
 project = "flask-silo-sql"
 copyright = "2026 the flask-silo-sql authors"
@@ -50,7 +51,12 @@ nitpick_ignore_regex = [
 ]
 
 myst_enable_extensions = ["attrs_block", "attrs_inline", "colon_fence", "deflist", "substitution"]
-myst_substitutions = {"silo_head": f"`{flask_silo_sql.schema.head()}`"}
+NUMBERS = ("No", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten")
+TABLES = len(flask_silo_sql.sql.models.metadata.tables)
+myst_substitutions = {
+    "silo_head": f"`{flask_silo_sql.schema.head()}`",
+    "silo_tables": NUMBERS[TABLES] if len(NUMBERS) > TABLES else str(TABLES),
+}
 myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"

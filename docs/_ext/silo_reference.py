@@ -124,6 +124,8 @@ class TableDirective(MarkdownDirective):
         ]
         for column in table.columns:
             meaning = column.comment or ""
+            if meaning and meaning[-1] not in ".)":
+                meaning += "."
             if column.name in notes:
                 meaning = notes[column.name]
             for fk in column.foreign_keys:
