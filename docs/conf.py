@@ -65,7 +65,7 @@ autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
 doctest_global_setup = f"""
-import os, runpy, tempfile
+import atexit, os, runpy, shutil, tempfile
 from pathlib import Path
 from sqlalchemy import create_engine
 from flask_silo_sql import schema
@@ -76,7 +76,9 @@ os.environ.pop("SILO_DATABASE_URI", None)
 
 def temporary_database(migrated):
     \"\"\"The URL of a new SQLite database, with silo's tables when *migrated*.\"\"\"
-    url = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "silo.db")
+    directory = tempfile.mkdtemp(prefix="silo-docs-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    url = "sqlite:///" + os.path.join(directory, "silo.db")
     if migrated:
         engine = create_engine(url)
         schema.upgrade(engine)
