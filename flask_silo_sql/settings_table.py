@@ -1,0 +1,213 @@
+"""Every ``SILO_*`` configuration key: its type and what it does, in one table.
+
+The defaults live in :data:`flask_silo_sql.ext.CONFIG_DEFAULTS` (what the code applies); this
+table adds what a reader needs beside them. The documentation's configuration reference is
+generated from both, and a test holds the table to every ``SILO_*`` key the package reads, so
+the reference cannot leave a key out nor describe one that is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its name, the values it takes and what it does (MyST Markdown)."""
+
+    key: str
+    type: str
+    doc: str
+    env: bool = False
+    """Also read from the environment variable of the same name."""
+
+    @property
+    def default(self) -> Any:
+        """The value the extension applies when the app does not set the key."""
+        from .ext import CONFIG_DEFAULTS
+
+        return CONFIG_DEFAULTS[self.key]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "SILO_DATABASE_URI",
+        "str | None",
+        "Database of the default storage (when `storage=` is not given). Unset: the "
+        "`SILO_DATABASE_URI` environment variable, else `sqlite:///<instance_path>/silo.db`, "
+        "the embedded default, migrated at start-up. `postgresql://` and `postgres://` URLs use "
+        "psycopg 3. See [The default database](databases.md#the-default-database).",
+        env=True,
+    ),
+    Setting(
+        "SILO_DB_TIMEOUT",
+        "float (seconds)",
+        "How long any wait on the database may last: connecting and pool checkouts (half "
+        "each), an SQLite lock, a PostgreSQL statement (a watchdog cuts off a connection whose "
+        "server does not answer, even a frozen one). A request then answers `503` within about "
+        "this long (at most `max(SILO_DB_TIMEOUT, 2)` s: libpq waits at least 2 s for a "
+        "connection). While the database does not answer, a process tries one new connection "
+        "at a time and answers other requests `503` at once.",
+    ),
+    Setting(
+        "SILO_ENGINE_OPTIONS",
+        "dict",
+        'Keyword arguments for `create_engine` of the default storage (`{"pool_size": 20}`). '
+        "A `connect_args` dict is merged over silo's own. Silo's engines already get, on "
+        "SQLite, `check_same_thread=False` (one shared connection for `:memory:`); on "
+        "PostgreSQL, `connect_timeout=5`, `pool_size=10`, `pool_timeout=10`.",
+    ),
+    Setting(
+        "SILO_TOUCH_INTERVAL",
+        "float (seconds) | None",
+        "Seconds between two `last_active` writes of one session. `None`: `min(60, ttl / 20)` "
+        "on SQL storage, `0` in memory. See [Expiry](expiry.md).",
+    ),
+    Setting(
+        "SILO_MAX_STATE_BYTES",
+        "int (bytes) | None",
+        "Largest JSON size of one namespace (UTF-8). Larger state is refused with `413` and "
+        "not stored, whichever way it is written (a request, a task's thread, "
+        "`silo.session()`, a reset). `None`: no limit. Checked on SQL storage.",
+    ),
+    Setting(
+        "SILO_SWEEP_BATCH_SIZE",
+        "int",
+        "Sessions expired per batch (one short transaction each) by a cleanup sweep.",
+    ),
+    Setting(
+        "SILO_TASK_HEARTBEAT_TIMEOUT",
+        "float (seconds)",
+        "A running plain task whose heartbeat is older than this is reported and recorded as "
+        "failed (worker lost); one with a newer heartbeat keeps its session from expiry. A "
+        "durable run's lease lasts this long (renewed every quarter of it); a lapsed one is run "
+        "again by a live process.",
+    ),
+    Setting(
+        "SILO_TASK_FLUSH_INTERVAL",
+        "float (seconds)",
+        "Seconds between two writes of a running task's progress and logs (coalescing). An "
+        "update not written at once is written at the latest this long after it, so other "
+        "workers see every update within about this long. Completion and failure are written "
+        "at once.",
+    ),
+    Setting("SILO_TASK_MAX_LOGS", "int", "Log lines a task in a session keeps (the newest)."),
+    Setting(
+        "SILO_TASK_RUNNER",
+        '"thread" | "worker"',
+        'Where durable runs (registered tasks) run: `"thread"`, in the process that started '
+        'them, and runs whose process died in any live process of the app; `"worker"`, only '
+        "in `flask silo-db worker` processes (`start()` only queues). See "
+        "[Where durable runs run](tasks.md#where-durable-runs-run).",
+    ),
+    Setting(
+        "SILO_TASK_CONCURRENCY",
+        "int",
+        "Durable runs a process claims at once: a web process's claimer (thread runner), and "
+        "`flask silo-db worker` without `--concurrency`.",
+    ),
+    Setting(
+        "SILO_TASK_POLL_INTERVAL",
+        "float (seconds)",
+        "Average time between two looks for due runs (queued, retrying, lapsed) by a claimer "
+        "(each wait within ±25%). On PostgreSQL a worker also wakes up on `NOTIFY`.",
+    ),
+    Setting(
+        "SILO_TASK_RETRIES",
+        "int",
+        "Retries of a registered task that does not name its own (`@silo.task(retries=...)`): "
+        "attempts = retries + 1.",
+    ),
+    Setting(
+        "SILO_TASK_RETRY_DELAY",
+        "float (seconds)",
+        "Seconds before the first retry of a registered task that does not name its own; it "
+        "doubles with each attempt (at most 300 s).",
+    ),
+    Setting(
+        "SILO_WORKER_GRACE",
+        "float (seconds)",
+        "Seconds a stopping `flask silo-db worker` (`SIGTERM`) lets its running attempts "
+        "finish before it hands them back.",
+    ),
+    Setting(
+        "SILO_MAX_FILE_BYTES",
+        "int (bytes) | None",
+        "Default `max_file_bytes` of `add_file_store`: the largest single file (`413` past "
+        "it). `None`: no limit.",
+    ),
+    Setting(
+        "SILO_MAX_SESSION_BYTES",
+        "int (bytes) | None",
+        "Default `max_session_bytes` of `add_file_store`: the largest total of one session's "
+        "files in one store (`413` past it; reserved as an upload streams, so parallel uploads "
+        "cannot overshoot it). `None`: no limit.",
+    ),
+    Setting(
+        "SILO_MIN_FREE_BYTES",
+        "int (bytes) | None",
+        "Default `min_free_bytes`: uploads answer `507` while the disk of `base_dir` (and of "
+        "an SQLite database receiving `database` chunks) has less free space. `None` or `0`: "
+        "no floor.",
+    ),
+    Setting(
+        "SILO_FILE_BACKEND",
+        "str",
+        'Default `backend` of `add_file_store`: `"local"`, `"database"` or an fsspec URL. '
+        "See [Choosing a backend](files.md#where-the-bytes-live-choosing-a-backend).",
+    ),
+    Setting(
+        "SILO_FILE_STORAGE_OPTIONS",
+        "dict",
+        "Default `storage_options`: keyword arguments of the fsspec filesystem (S3 "
+        "credentials, endpoint).",
+    ),
+    Setting(
+        "SILO_FILE_HOST",
+        "str | None",
+        "The name `local` rows record for this machine. `None`: its host name.",
+    ),
+    Setting(
+        "SILO_LOCKING",
+        "bool",
+        "Locking mode for every request: `silo.state()` locks the session until the response "
+        "is sent, so concurrent requests of one session apply one after another instead of "
+        "answering `409`. Per view: `silo.state(ns, lock=True)` or `@silo.locked`.",
+    ),
+    Setting(
+        "SILO_STRICT_SIDS",
+        "bool",
+        "Accept only SIDs this server issued: new SIDs carry their issue time and an HMAC made "
+        "with `app.secret_key` (61 characters); `SECRET_KEY_FALLBACKS` still verify. Needs "
+        "`app.secret_key` (`RuntimeError` at `init_app` otherwise). See "
+        "[Security](security.md).",
+    ),
+    Setting(
+        "SILO_SID_MAX_AGE",
+        "int (seconds) | None",
+        "With strict SIDs: how long after its issue a SID is accepted; an older one is answered "
+        "with a new SID (and a fresh session), however active its session was. `None`: no end.",
+    ),
+    Setting(
+        "SILO_IDEMPOTENCY_HEADER",
+        "str",
+        "The request header `@silo.idempotent` reads its key from.",
+    ),
+    Setting(
+        "SILO_IDEMPOTENCY_LEASE",
+        "float (seconds)",
+        "How long an idempotent request holds its key while its view runs (by the database's "
+        "clock); a request whose worker died frees it after that. Per view: "
+        "`@silo.idempotent(lease=...)`. Make it longer than the view's slowest run.",
+    ),
+    Setting(
+        "SILO_IDEMPOTENCY_MAX_KEYS",
+        "int | None",
+        "Idempotency keys a session may hold at once (`None`: any number); past it a new key "
+        "answers `429 idempotency_keys_exhausted`.",
+    ),
+)
+"""Every configuration key, in the order the reference lists them."""
+
+BY_KEY: dict[str, Setting] = {setting.key: setting for setting in SETTINGS}
