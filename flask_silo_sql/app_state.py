@@ -87,7 +87,7 @@ def atomic_rollback(setting: object) -> Callable[[Response], bool]:
     """``SILO_ATOMIC_ROLLBACK``: a status (responses at or above it roll back), or a
     callable given the response that says whether it does."""
     if callable(setting):
-        return setting  # type: ignore[no-any-return]
+        return setting
     if isinstance(setting, int) and not isinstance(setting, bool) and 100 <= setting <= 600:
         threshold = setting
         return lambda response: response.status_code >= threshold

@@ -414,6 +414,8 @@ class Bytes(Protocol):
     def move_session(self, old: str, new: str) -> Callable[[], None]: ...
 
 
+
+
 class StoreView(Protocol):
     """What the file modules below :class:`~flask_silo_sql.files.FileStore` use of it."""
 
@@ -449,7 +451,9 @@ def announced_length(data: object) -> int | None:
     upload must count what it got against what was announced."""
     if not has_request_context():
         return None
-    if data is not request.environ.get("wsgi.input") and data is not request.__dict__.get("stream"):
+    if data is not request.environ.get("wsgi.input") and data is not request.__dict__.get(
+        "stream"
+    ):
         return None
     return request.content_length
 
@@ -551,3 +555,5 @@ def _pieces(
         if filled:
             yield view[:filled]  # the last piece
         return
+
+

@@ -135,7 +135,7 @@ class Shop:
     def orders(self) -> int:
         with self.engine.connect() as conn:
             table = self.Order.__table__
-            return int(conn.execute(select(func.count()).select_from(table)).scalar())
+            return int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
 
     def charges(self, sid: str = ALICE) -> list[int]:
         with self.app.app_context(), self.silo.session(sid) as state:
@@ -143,7 +143,7 @@ class Shop:
 
     def count(self, table: Any) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(table)).scalar())
+            return int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
 
 
 @pytest.fixture
@@ -418,4 +418,4 @@ def test_atomic_needs_a_session_to_share(silo_url: str) -> None:
     with pytest.raises(TypeError, match="Flask-SQLAlchemy"):
         SQLStorage(silo_url, atomic=True)
     with pytest.raises(TypeError, match="scoped_session"):
-        SQLStorage(silo_url, atomic=sessionmaker())  # type: ignore[arg-type]
+        SQLStorage(silo_url, atomic=sessionmaker())
