@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from flask import Flask, Response, jsonify, request
 from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
@@ -24,7 +26,7 @@ from sqlalchemy import Engine, String, event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 
-from flask_silo_sql import BackgroundTask, Silo, SQLStorage
+from flask_silo_sql import BackgroundTask, Silo, SQLStorage, alembic_include_name
 from flask_silo_sql.sql.models import idempotency_keys, tasks
 
 HEADER = "X-Session-ID"
@@ -409,6 +411,30 @@ def test_a_block_outside_a_request_is_one_transaction_with_a_named_session(shop:
         assert shop.orders() == 1
         assert shop.charges() == [-2]
     Session.remove()
+
+
+# -- what the host keeps ------------------------------------------------------------------------
+
+
+def test_the_hosts_create_all_and_autogenerate_are_unaffected(shop: Shop) -> None:
+    """The shop's fixture ran db.create_all() on silo's database; after atomic requests,
+    the host's autogenerate (with silo's filter) sees its own tables and nothing else."""
+    assert post(shop.client(), "/api/pay", "k").status_code == 201
+    with shop.engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "include_name": alembic_include_name}
+        )
+        diffs = compare_metadata(context, shop.db.metadata)
+    assert diffs == []
+
+
+def test_outside_requests_the_hosts_session_is_its_own(shop: Shop) -> None:
+    """Atomic mode takes the host's session only in API requests (and blocks that name
+    it): elsewhere its commit commits."""
+    with shop.app.app_context():
+        shop.db.session.add(shop.Order(item="admin"))
+        shop.db.session.commit()
+    assert shop.orders() == 1
 
 
 # -- what is refused, clearly ------------------------------------------------------------------
