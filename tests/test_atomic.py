@@ -22,7 +22,19 @@ from alembic.runtime.migration import MigrationContext
 from flask import Flask, Response, jsonify, request
 from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Engine, String, event, func, select, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 
@@ -411,6 +423,42 @@ def test_a_block_outside_a_request_is_one_transaction_with_a_named_session(shop:
         assert shop.orders() == 1
         assert shop.charges() == [-2]
     Session.remove()
+
+
+# -- plain SQLAlchemy ---------------------------------------------------------------------------
+
+
+def test_a_plain_scoped_session_shares_the_requests_transaction(silo_url: str) -> None:
+    """Without Flask-SQLAlchemy: SQLStorage(engine, atomic=a scoped_session)."""
+    engine = create_engine(silo_url)
+    Session = scoped_session(sessionmaker(bind=engine))
+    notes = MetaData()
+    Table("notes", notes, Column("id", Integer, primary_key=True), Column("body", String(20)))
+    notes.drop_all(engine)
+    notes.create_all(engine)
+    app = Flask(__name__)
+    app.teardown_appcontext(lambda exc: Session.remove())
+    silo = Silo(app, storage=SQLStorage(engine, atomic=Session), auto_cleanup=False)
+    silo.register("notes", lambda: {"count": 0})
+
+    @app.post("/api/note")
+    def note() -> Response:
+        Session.execute(text("INSERT INTO notes (body) VALUES ('x')"))
+        silo.state("notes")["count"] += 1
+        if request.args.get("fail"):
+            raise RuntimeError("failed after the insert")
+        return jsonify(ok=True)
+
+    client = app.test_client()
+    assert post(client, "/api/note").status_code == 200
+    assert post(client, "/api/note?fail=1").status_code == 500
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM notes")).scalar() == 1
+    with app.app_context(), silo.session(ALICE) as state:
+        assert state["notes"]["count"] == 1
+    silo.stop()
+    notes.drop_all(engine)  # (the module's PostgreSQL database is shared)
+    engine.dispose()
 
 
 # -- what the host keeps ------------------------------------------------------------------------
