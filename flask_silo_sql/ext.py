@@ -44,6 +44,8 @@ from .tasks import TaskSpec, mark_registered
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session as SASession
 
+    from .sql.host import HostTransaction
+
 F = TypeVar("F", bound=Callable[..., Any])
 RUNNERS = ("thread", "worker")
 
@@ -546,9 +548,18 @@ class Silo:
         In atomic mode the request's transaction committed before the body; what the
         generator changed is one more transaction with the host session."""
         storage = self._app_state().store.storage
-        again = None
-        if state.host is not None and isinstance(storage, SQLStorage):
+        if state.host is None or not isinstance(storage, SQLStorage):
+            self._save_streamed(state, failed=failed, again=None)
+            return
+        token = storage.connector.hold()  # (the request's hold may be released already)
+        try:
             again = state.host = storage.join(state.host.session)
+            self._save_streamed(state, failed=failed, again=again)
+        finally:
+            storage.connector.release(token)
+
+    @staticmethod
+    def _save_streamed(state: RequestState, *, failed: bool, again: HostTransaction | None) -> None:
         try:
             state.unit.commit(state=not failed)
             if again is not None:
@@ -564,6 +575,9 @@ class Silo:
                 tag(state.sid),
                 error,
             )
+        finally:
+            if again is not None and not again.done:
+                again.rollback()
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, stream_with_context
 from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
@@ -138,6 +138,17 @@ class Shop:
             job["task"].start(ship, job, number)
             downstream()
             return jsonify(order=number), 201
+
+        @app.get("/api/stream")
+        def stream() -> Response:
+            number = add_order()
+
+            def body() -> Iterator[bytes]:
+                yield b"order "
+                silo.state("charges")["ids"].append(-number)  # changed while streaming
+                yield str(number).encode()
+
+            return Response(stream_with_context(body()))
 
         @app.errorhandler(IntegrityError)
         def duplicate(exc: IntegrityError) -> tuple[Response, int]:
@@ -423,6 +434,14 @@ def test_a_block_outside_a_request_is_one_transaction_with_a_named_session(shop:
         assert shop.orders() == 1
         assert shop.charges() == [-2]
     Session.remove()
+
+
+def test_a_streamed_response_commits_before_its_body_and_again_after_it(shop: Shop) -> None:
+    client = shop.client()
+    answer = client.get("/api/stream", headers={HEADER: ALICE})
+    number = int(answer.data.split()[1])
+    assert shop.orders() == 1
+    assert shop.charges() == [number, -number]
 
 
 # -- plain SQLAlchemy ---------------------------------------------------------------------------
