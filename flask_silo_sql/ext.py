@@ -742,6 +742,9 @@ class Silo:
         app_state.store.rotate(old, new)
         state.unit.close()
         state.unit = app_state.store.request(new, locking=app_state.locking)
+        storage = app_state.store.storage
+        if state.host is not None and isinstance(storage, SQLStorage):
+            storage.connector.adopt(state.host.executor)  # still the host's transaction
         state.sid = new
         g.silo_sid = new
         return new

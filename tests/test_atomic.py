@@ -139,6 +139,14 @@ class Shop:
             downstream()
             return jsonify(order=number), 201
 
+        @app.post("/api/login")
+        def login() -> Response:
+            number = add_order()
+            new = silo.rotate()
+            silo.state("charges")["ids"].append(-number)  # under the new SID
+            downstream()
+            return jsonify(sid=new)
+
         @app.get("/api/stream")
         def stream() -> Response:
             number = add_order()
@@ -434,6 +442,25 @@ def test_a_block_outside_a_request_is_one_transaction_with_a_named_session(shop:
         assert shop.orders() == 1
         assert shop.charges() == [-2]
     Session.remove()
+
+
+def test_a_rotation_is_part_of_the_requests_transaction(shop: Shop) -> None:
+    client = shop.client()
+    post(client, "/api/order")
+    shop.fail = True
+    assert post(client, "/api/login").status_code == 500
+    assert (shop.orders(), len(shop.charges())) == (1, 1)  # the old SID keeps its session
+    shop.fail = False
+    watch = PoolWatch(shop.engine)
+    try:
+        answer = post(client, "/api/login")
+    finally:
+        watch.close()
+    assert answer.status_code == 200
+    assert (watch.checkouts, watch.commits) == (1, 1)
+    new = answer.json["sid"]
+    assert shop.orders() == 2
+    assert len(shop.charges(new)) == 3
 
 
 def test_a_streamed_response_commits_before_its_body_and_again_after_it(shop: Shop) -> None:
