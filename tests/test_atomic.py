@@ -49,7 +49,9 @@ ALICE = "alice-0000000000000000"
 class Shop:
     """A Flask-SQLAlchemy app whose views add orders and change silo state."""
 
-    def __init__(self, url: str, *, runner: str = "thread", atomic: bool = True) -> None:
+    def __init__(
+        self, url: str, *, runner: str = "thread", atomic: bool = True, executor: str = "auto"
+    ) -> None:
         class Base(DeclarativeBase):
             pass
 
@@ -72,7 +74,7 @@ class Shop:
             db.drop_all()
             db.create_all()  # the host's usual fixture: only its own tables
             self.engine: Engine = db.engine
-        self.storage = SQLStorage(db, atomic=atomic)
+        self.storage = SQLStorage(db, atomic=atomic, executor=executor)  # type: ignore[arg-type]
         self.silo = silo = Silo(app, storage=self.storage, auto_cleanup=False)
         silo.register("charges", lambda: {"ids": []})
         silo.register("job", lambda: {"task": BackgroundTask("ship"), "seen": None})
@@ -228,6 +230,33 @@ def test_a_payment_that_failed_after_its_order_is_retried_into_exactly_one_order
     assert again.data == first.data
     assert shop.orders() == 1
     assert shop.charges() == [first.json["order"]]
+
+
+def test_with_the_core_executor_observers_see_silos_statements_in_the_transaction(
+    make_shop: Callable[..., Shop],
+) -> None:
+    shop = make_shop(executor="core")
+    seen: list[tuple[int, str]] = []
+    here = threading.get_ident()  # the request's (the task runner polls beside it)
+
+    def observe(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.get_ident() == here:
+            seen.append((id(conn.connection.dbapi_connection), statement.split()[0].upper()))
+
+    event.listen(shop.engine, "before_cursor_execute", observe)
+    try:
+        shop.fail = True
+        assert post(shop.client(), "/api/pay", "core").status_code == 500
+        assert (shop.orders(), shop.count(idempotency_keys)) == (0, 0)
+        shop.fail = False
+        seen.clear()
+        assert post(shop.client(), "/api/pay", "core").status_code == 201
+    finally:
+        event.remove(shop.engine, "before_cursor_execute", observe)
+    assert shop.orders() == 1
+    assert len({conn for conn, _ in seen}) == 1  # the host's INSERT and silo's: one connection
+    assert len(seen) >= 4  # the host's INSERT, silo's claim, read and stored response
+    assert "INSERT" in {verb for _, verb in seen}
 
 
 def test_the_stored_response_names_an_order_that_was_committed(shop: Shop) -> None:
