@@ -149,6 +149,14 @@ class Shop:
             downstream()
             return jsonify(sid=new)
 
+        @app.post("/api/order-connection-lost")
+        def order_connection_lost() -> tuple[Response, int]:
+            number = add_order()
+            pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar()
+            with engine.connect() as other:  # the database drops the request's connection
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            return jsonify(order=number), 201
+
         @app.get("/api/stream")
         def stream() -> Response:
             number = add_order()
@@ -354,6 +362,19 @@ def test_without_atomic_mode_the_same_request_takes_two_connections(
     finally:
         watch.close()
     assert watch.checkouts == 2
+
+
+def test_a_connection_lost_before_the_commit_is_silos_503_and_keeps_nothing(shop: Shop) -> None:
+    if shop.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL: a server that drops the request's connection")
+    client = shop.client()
+    post(client, "/api/order")
+    answer = post(client, "/api/order-connection-lost")
+    assert answer.status_code == 503
+    assert answer.json["error"] == "storage_unavailable"
+    assert (shop.orders(), len(shop.charges())) == (1, 1)
+    assert post(client, "/api/order").status_code == 201  # the pool recovered
+    assert shop.orders() == 2
 
 
 # -- the view's own commit and rollback --------------------------------------------------------
