@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 
 from flask_silo_sql import BackgroundTask, Silo, SQLStorage, alembic_include_name
+from flask_silo_sql.runner import TaskRunner
 from flask_silo_sql.sql.models import idempotency_keys, tasks
 
 HEADER = "X-Session-ID"
@@ -464,6 +465,19 @@ def test_a_queued_task_row_commits_with_its_order_or_not_at_all(
     status = post(shop.client(), "/api/order-and-ship").status_code
     assert status == (500 if fail else 201)
     assert (shop.orders(), shop.count(tasks)) == ((0, 0) if fail else (1, 1))
+    if fail:
+        return
+    runner = TaskRunner(shop.silo.store, poll_interval=0.05)  # a worker process's runner
+    runner.start()
+    try:
+
+        def seen() -> Any:
+            with shop.app.app_context(), shop.silo.session(ALICE) as state:
+                return state["job"]["seen"]
+
+        assert wait_for(seen) == 1  # the worker's run saw the order
+    finally:
+        runner.stop()
 
 
 # -- outside a request -------------------------------------------------------------------------
