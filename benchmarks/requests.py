@@ -61,9 +61,20 @@ key answered already). Targets: a first request costs at most 1.15 x the same
 POST without the decorator and sends at most one statement more (counted at
 the storage's statement hook), a replay at most 1.1 x a read request.
 
+A Flask-SQLAlchemy host (``SQLStorage(db)``, its own table in silo's
+database): its write request inserts one host row through ``db.session``
+(``db.session.commit()`` in the view) and changes one namespace, its read
+returns the counter. Three configurations, same rounds: today's two commits
+(non-atomic: the host's commit, then silo's on its own connection), atomic
+mode (``SQLStorage(db, atomic=True)``: one connection, one COMMIT; the view's
+commit flushes), and atomic mode with ``@silo.idempotent()`` on the write view
+(a new key each time). Targets: atomic <= 1.0 x two commits; idempotent atomic
+<= 1.15 x atomic on PostgreSQL, <= 1.3 x on SQLite.
+
 The exit status is 0 whatever the verdicts: this is a report.
 
-Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]``.
+Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]
+[--host-only]`` (``--host-only``: the Flask-SQLAlchemy host configurations alone).
 """
 
 from __future__ import annotations
@@ -126,6 +137,11 @@ DBAPI_FLOOR_TARGET = 1.15
 CORE_FLOOR_TARGET = 1.25
 """silo / (bare Flask + Core floor), for writes and reads."""
 PEER_TARGET = 3.0
+ATOMIC_TARGET = 1.0
+"""Atomic mode's host write / the same write with two commits (non-atomic)."""
+ATOMIC_IDEMPOTENT_TARGETS = {"sqlite": 1.3, "postgresql": 1.15}
+"""An atomic idempotent POST (new key) / the same atomic POST without the decorator."""
+HOST_ROLES = ("host_two_commits", "host_atomic", "host_atomic_idempotent")
 
 Op = Callable[[], None]
 State = Callable[[], MutableMapping[str, Any]]
@@ -361,6 +377,119 @@ def silo_sql_idempotent_bench(db: str, url: str, sid: str) -> Bench:
     return bench
 
 
+def host_bench(db: str, url: str, sid: str, role: str) -> Bench:
+    """A Flask-SQLAlchemy host whose write inserts a row of its own and changes one
+    namespace (see the module docstring); *role* is one of :data:`HOST_ROLES`."""
+    from flask_sqlalchemy import SQLAlchemy
+    from sqlalchemy.orm import DeclarativeBase, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    app = Flask(f"bench_{role}_{db}")
+    app.config.update(SQLALCHEMY_DATABASE_URI=url, SILO_IDEMPOTENCY_MAX_KEYS=None)
+    sa = SQLAlchemy(app, model_class=Base)
+
+    class Order(sa.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "bench_orders"
+        id = mapped_column(Integer, primary_key=True)
+        n = mapped_column(Integer, nullable=False)
+
+    with app.app_context():
+        engine = sa.engine
+        if db == "sqlite":  # the same settings as flask_silo_sql's engines
+            event.listen(engine, "connect", sqlite_pragmas)
+        schema.upgrade(engine)
+        sa.create_all()
+    storage = flask_silo_sql.SQLStorage(sa, atomic=role != "host_two_commits")
+    silo = flask_silo_sql.Silo(app, storage=storage, auto_cleanup=False)
+    silo.register("counter", lambda: {"n": 0})
+
+    def count() -> Response:
+        sa.session.add(Order(n=1))
+        sa.session.commit()  # the host's commit (atomic mode: a flush; one COMMIT at the end)
+        data = silo.state("counter")
+        data["n"] += 1
+        return jsonify(n=data["n"])
+
+    idempotent = role == "host_atomic_idempotent"
+    app.post(WRITE_PATH)(silo.idempotent()(count) if idempotent else count)
+
+    @app.get(READ_PATH)
+    def read() -> Response:
+        return jsonify(n=silo.state("counter")["n"])
+
+    client = app.test_client()
+    keys = iter(range(10**9))
+
+    def write() -> None:
+        headers = {HEADER: sid}
+        if idempotent:
+            headers["Idempotency-Key"] = f"k{next(keys)}"
+        response = client.post(WRITE_PATH, headers=headers)
+        if response.status_code != 200 or "Idempotent-Replayed" in response.headers:
+            raise BenchError(f"{role}: write answered {response.status_code}")
+
+    def read_op() -> None:
+        response = client.get(READ_PATH, headers={HEADER: sid})
+        if response.status_code != 200:
+            raise BenchError(f"{role}: read answered {response.status_code}")
+
+    def value() -> int:
+        with engine.connect() as conn:
+            rows = int(conn.exec_driver_sql("SELECT count(*) FROM bench_orders").scalar() or 0)
+        counted = int(client.get(READ_PATH, headers={HEADER: sid}).get_json()["n"])
+        if rows != counted:
+            raise BenchError(f"{role}: {rows} host rows but the counter says {counted}")
+        return counted
+
+    labels = {
+        "host_two_commits": "Flask-SQLAlchemy host, two commits",
+        "host_atomic": "Flask-SQLAlchemy host, atomic",
+        "host_atomic_idempotent": "Flask-SQLAlchemy host, atomic, @silo.idempotent",
+    }
+    client.post(WRITE_PATH, headers={HEADER: sid, "Idempotency-Key": "first"})  # the rows
+    bench = Bench(labels[role], role, db, write, read_op, value,
+                  closers=[silo.stop, engine.dispose])
+    bench.writes_done = 1
+    bench.statements = {"write": count_statements(storage, write)}
+    bench.writes_done = 2
+    return bench
+
+
+def host_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Bench]:
+    """The Flask-SQLAlchemy host configurations on *db*, each in its own database."""
+    return [host_bench(db, new_url(), sid, role) for role in HOST_ROLES]
+
+
+def host_verdicts(db: str, benches: list[Bench]) -> list[Verdict]:
+    by_role = {b.role: b for b in benches if b.db == db}
+    if not all(role in by_role for role in HOST_ROLES):
+        return []
+    two, atomic, idem = (by_role[role] for role in HOST_ROLES)
+    return [
+        Verdict(db, "host write, atomic / two commits", atomic.write_us / two.write_us,
+                ATOMIC_TARGET, True),
+        Verdict(db, "host write, atomic idempotent (new key) / atomic",
+                idem.write_us / atomic.write_us, ATOMIC_IDEMPOTENT_TARGETS[db], True),
+    ]
+
+
+def host_report(benches: list[Bench], dbs: list[str]) -> list[Verdict]:
+    """The host configurations' lines (printed) and verdicts."""
+    print("Flask-SQLAlchemy host (write: one host row + one namespace; statements = silo's, "
+          "at its statement hook):")
+    verdicts: list[Verdict] = []
+    for db in dbs:
+        for bench in benches:
+            if bench.db == db and bench.role in HOST_ROLES:
+                print(f"  {DB_TITLES[db]:<10}  {bench.label:<50} write {bench.write_us:7.1f} µs "
+                      f"({bench.statements.get('write', 0)} statements), read "
+                      f"{bench.read_us:7.1f} µs")
+        verdicts += host_verdicts(db, benches)
+    return verdicts
+
+
 def engine_spans(engine: Engine) -> Any:
     """``tests/otel.py``'s ``EngineSpans`` on *engine* (not attached yet)."""
     tests = str(REPO / "tests")
@@ -536,6 +665,7 @@ def database_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Benc
         silo_sql_bench(db, new_url(), sid),
         silo_sql_bench(db, new_url(), sid, traced=True),
         silo_sql_idempotent_bench(db, new_url(), sid),
+        *host_benches(db, new_url, sid),
     ]
 
 
@@ -657,6 +787,7 @@ def verdicts_for(db: str, benches: list[Bench], bare: Bench) -> list[Verdict]:
         Verdict(db, "Flask-Session read / flask_silo_sql read",
                 peer.read_us / silo.read_us, PEER_TARGET, False),
         *idempotent_verdicts(db, benches),
+        *host_verdicts(db, benches),
     ]
 
 
@@ -760,6 +891,7 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
               f"{idem.statements['write']}; read {silo.statements['read']}, replay "
               f"{idem.statements['read']}; idempotent POST {idem.write_us:.1f} µs vs "
               f"{silo.write_us:.1f} µs, replay {idem.read_us:.1f} µs vs read {silo.read_us:.1f} µs")
+    host_report(benches, dbs)
     print("Verdicts:")
     for verdict in all_verdicts:
         print(verdict.line())
@@ -787,6 +919,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=9,
                         help="rounds, interleaved; the median is reported (default 9)")
     parser.add_argument("--verbose", action="store_true", help="also print every round")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the Flask-SQLAlchemy host configurations (atomic mode)")
     parser.add_argument("--only", choices=DATABASES,
                         help="measure one database only (bare Flask and flask-silo always run)")
     args = parser.parse_args(argv)
@@ -801,7 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [args.only] if args.only else list(DATABASES)
     sid = secrets.token_urlsafe(32)
     tmp = Path(tempfile.mkdtemp(prefix="silo-bench-"))
-    benches: list[Bench] = [bare_bench(sid), flask_silo_bench(sid)]
+    benches: list[Bench] = [] if args.host_only else [bare_bench(sid), flask_silo_bench(sid)]
+    per_db = host_benches if args.host_only else database_benches
     skipped: dict[str, str] = {}
     dbs: list[str] = []
     pg: PgServerLike | None = None
@@ -809,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "sqlite" in wanted:
             count = iter(range(1_000))
-            benches += database_benches(
+            benches += per_db(
                 "sqlite", lambda: f"sqlite:///{tmp / f'bench{next(count)}.db'}", sid
             )
             dbs.append("sqlite")
@@ -819,16 +954,25 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 skipped["postgresql"] = f"no PostgreSQL server: {exc}"
             if pg is not None:
-                benches += database_benches("postgresql", pg.create_database, sid)
+                benches += per_db("postgresql", pg.create_database, sid)
                 dbs.append("postgresql")
-                floor = next(b for b in benches if b.role == "dbapi_floor"
-                             and b.db == "postgresql")
-                pg_version = floor.server_version
+                floor = next((b for b in benches if b.role == "dbapi_floor"
+                              and b.db == "postgresql"), None)
+                pg_version = floor.server_version if floor is not None else None
         print(f"measuring {len(benches)} configurations, {args.rounds} rounds x "
               f"{args.iterations} requests each ...", flush=True)
         run(benches, args.iterations, args.rounds)
-        report(benches, dbs, skipped, args.iterations, args.rounds, pg_version, load_before,
-               args.verbose)
+        if args.host_only:
+            print(f"\nPer-request cost, median of {args.rounds} rounds x {args.iterations} "
+                  f"requests (Flask test client, in-process); load average {load_before:.2f} "
+                  f"before / {os.getloadavg()[0]:.2f} after")
+            host_only = host_report(benches, dbs)
+            print("Verdicts:")
+            for verdict in host_only:
+                print(verdict.line())
+        else:
+            report(benches, dbs, skipped, args.iterations, args.rounds, pg_version,
+                   load_before, args.verbose)
     finally:
         for bench in benches:
             bench.close()

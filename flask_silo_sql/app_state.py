@@ -9,9 +9,10 @@ without depending on the :class:`~flask_silo_sql.Silo` object.
 
 from __future__ import annotations
 
-from typing import IO
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
 
-from flask import Flask, g
+from flask import Flask, Response, g
 
 from .backends import Unit
 from .cleanup import CleanupDaemon
@@ -19,6 +20,9 @@ from .idempotency import Claim, IdempotencyRecords
 from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid
 from .store import SessionStore
+
+if TYPE_CHECKING:
+    from .sql.host import HostTransaction
 
 REQUEST_KEY = "_silo_request"
 """The current request's :class:`RequestState` in ``flask.g``."""
@@ -54,6 +58,10 @@ class SiloApp:
         max_keys = config["SILO_IDEMPOTENCY_MAX_KEYS"]
         self.idempotency_max_keys: int | None = None if max_keys is None else int(max_keys)
         """Keys a session may hold at once (None: any number)."""
+        self.rolls_back: Callable[[Response], bool] = atomic_rollback(
+            config.get("SILO_ATOMIC_ROLLBACK", 500)
+        )
+        """Atomic mode: whether a response rolls its request's transaction back."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
         self.runner: TaskRunner | None = None
@@ -75,12 +83,27 @@ class SiloApp:
         return self.store.generate_sid()
 
 
+def atomic_rollback(setting: object) -> Callable[[Response], bool]:
+    """``SILO_ATOMIC_ROLLBACK``: a status (responses at or above it roll back), or a
+    callable given the response that says whether it does."""
+    if callable(setting):
+        return setting
+    if isinstance(setting, int) and not isinstance(setting, bool) and 100 <= setting <= 600:
+        threshold = setting
+        return lambda response: response.status_code >= threshold
+    raise ValueError(
+        "SILO_ATOMIC_ROLLBACK must be a status (responses at or above it roll the request's "
+        f"transaction back; default 500) or a callable(response) -> bool, not {setting!r}"
+    )
+
+
 class RequestState:
     """What the extension knows about the current request."""
 
     __slots__ = (
         "claim",
         "gone",
+        "host",
         "issued",
         "records",
         "replayed",
@@ -107,8 +130,8 @@ class RequestState:
         self.view_failed = False
         """The idempotent view raised: its changes are discarded, its key released."""
         self.spool: IO[bytes] | None = None
-
-
+        self.host: HostTransaction | None = None
+        """Atomic mode: the hold on the host session's transaction, ended after the view."""
 
 
 def current_request() -> RequestState:

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import click
 from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
@@ -40,6 +40,11 @@ from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore, undoable
 from .tasks import TaskSpec, mark_registered
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session as SASession
+
+    from .sql.host import HostTransaction
 
 F = TypeVar("F", bound=Callable[..., Any])
 RUNNERS = ("thread", "worker")
@@ -76,10 +81,12 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_IDEMPOTENCY_HEADER": DEFAULT_HEADER,
     "SILO_IDEMPOTENCY_LEASE": DEFAULT_LEASE_S,
     "SILO_IDEMPOTENCY_MAX_KEYS": DEFAULT_MAX_KEYS,
+    "SILO_ATOMIC_ROLLBACK": 500,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
 View = TypeVar("View", bound=Callable[..., Any])
+
 
 class LazySession(MutableMapping[str, Any]):
     """``g.silo``: the whole session, loaded from storage on first use."""
@@ -443,6 +450,10 @@ class Silo:
         sid, issued = self._extract_sid(state)
         unit = state.store.request(sid, locking=state.locking, issued=issued)
         request_state = RequestState(sid, unit, issued=issued)
+        storage = state.store.storage
+        if isinstance(storage, SQLStorage) and storage.host_sessions is not None:
+            # Atomic mode: the request's statements go into the host session's transaction.
+            request_state.host = storage.join(storage.host_sessions())
         setattr(g, REQUEST_KEY, request_state)
         g.silo_sid = sid
         g.silo = LazySession(self)
@@ -459,6 +470,15 @@ class Silo:
         state.streamed = response.is_streamed and status < 400
         keep = status < 500 and not state.view_failed
         claim = state.claim
+        host = state.host
+        if host is not None and not host.done:
+            # Atomic mode: one outcome for the host's changes and silo's; an idempotent
+            # view's commit only with its stored response (5xx is never stored).
+            keep = not self._app_state().rolls_back(response) and not state.view_failed
+            if claim is not None:
+                keep = keep and status < 500 and not host.rolled_back
+            if host.failed and not host.rolled_back:
+                keep = False  # a flush failed (the app answered its error): nothing commits
         try:
             if state.replayed:
                 pass  # a stored response: the request changes nothing
@@ -470,14 +490,24 @@ class Silo:
             elif passive and not state.unit.loaded:
                 pass  # nothing asked of the session: nothing stored, nothing touched
             elif not state.gone:
-                state.unit.commit(state=keep, files=status < 400 and keep)
+                saved = keep and not (host is not None and host.rolled_back)
+                state.unit.commit(state=saved, files=status < 400 and saved)
+            if host is not None and not host.done:
+                if keep:
+                    host.commit()  # the one COMMIT; the host's own errors surface as they are
+                else:
+                    host.rollback()
         except SessionExpired as exc:
+            if host is not None and not host.done:
+                host.rollback()
             logger.info(
                 "session %s expired during the request; its changes were dropped", tag(state.sid)
             )
             if status < 400:
                 response = current_app.make_response(current_app.handle_user_exception(exc))
         except SiloError as exc:
+            if host is not None and not host.done:
+                host.rollback()
             response = current_app.make_response(current_app.handle_user_exception(exc))
         headers = response.headers
         headers[self._header] = state.sid
@@ -499,26 +529,55 @@ class Silo:
             if state.streamed and not state.gone:
                 self._commit_after_stream(state, failed=exc is not None)
         finally:
+            host = state.host
+            if host is not None and not host.done:  # the response never got to after_request
+                host.rollback()
             state.unit.close()
             claim = state.claim
-            if claim is not None and not claim.completed and state.records is not None:
+            if host is not None:
+                pass  # atomic: the claim was committed or rolled back with the request
+            elif claim is not None and not claim.completed and state.records is not None:
                 claim.request.sid = state.sid
                 state.records.release(claim)  # the view failed: a retry runs it again
             if state.spool is not None:
                 state.spool.close()
 
-    @staticmethod
-    def _commit_after_stream(state: RequestState, *, failed: bool) -> None:
+    def _commit_after_stream(self, state: RequestState, *, failed: bool) -> None:
         """The stream has ended (``stream_with_context`` keeps the request until then):
-        save what its generator changed. The headers are sent, so a failure is logged."""
+        save what its generator changed. The headers are sent, so a failure is logged.
+        In atomic mode the request's transaction committed before the body; what the
+        generator changed is one more transaction with the host session."""
+        storage = self._app_state().store.storage
+        if state.host is None or not isinstance(storage, SQLStorage):
+            self._save_streamed(state, failed=failed, again=None)
+            return
+        token = storage.connector.hold()  # (the request's hold may be released already)
+        try:
+            again = state.host = storage.join(state.host.session)
+            self._save_streamed(state, failed=failed, again=again)
+        finally:
+            storage.connector.release(token)
+
+    @staticmethod
+    def _save_streamed(state: RequestState, *, failed: bool, again: HostTransaction | None) -> None:
         try:
             state.unit.commit(state=not failed)
+            if again is not None:
+                if failed:
+                    again.rollback()
+                else:
+                    again.commit()
         except SiloError as error:
+            if again is not None and not again.done:
+                again.rollback()
             logger.error(
                 "state changed while streaming the response of session %s was NOT saved: %s",
                 tag(state.sid),
                 error,
             )
+        finally:
+            if again is not None and not again.done:
+                again.rollback()
 
     def error_response(self, exc: SiloError) -> tuple[Response, int]:
         """The JSON answer to a silo error (replaceable with ``app.errorhandler``)."""
@@ -683,6 +742,9 @@ class Silo:
         app_state.store.rotate(old, new)
         state.unit.close()
         state.unit = app_state.store.request(new, locking=app_state.locking)
+        storage = app_state.store.storage
+        if state.host is not None and isinstance(storage, SQLStorage):
+            storage.connector.adopt(state.host.executor)  # still the host's transaction
         state.sid = new
         g.silo_sid = new
         return new
@@ -694,15 +756,21 @@ class Silo:
         for files in self._file_stores.values():
             files.cleanup(state.sid)
 
-    def session(self, sid: str) -> AbstractContextManager[dict[str, Any]]:
+    def session(
+        self, sid: str, *, host: SASession | None = None
+    ) -> AbstractContextManager[dict[str, Any]]:
         """Load, change and save session *sid* in one locked transaction.
 
         For threads, scripts and CLI commands::
 
             with silo.session(sid) as state:
                 state["processing"]["results"] = results
+
+        With *host* (a SQLAlchemy session of the host's, on silo's database) the
+        block and that session are one transaction: committed together at the
+        end, or both rolled back (see ``docs/atomic.md``).
         """
-        return self.store.transaction(sid)
+        return self.store.transaction(sid, host=host)
 
     def stop(self) -> None:
         """Stop the cleanup threads and the task runners (their runs are handed back)."""

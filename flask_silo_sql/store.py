@@ -17,14 +17,19 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, SweepResult, Unit, backend_for
-from .errors import NamespaceError
+from .errors import NamespaceError, SiloError
 from .logs import log_failure
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
 from .tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .sql.host import HostTransaction
 
 logger = logging.getLogger("flask_silo_sql")
 
@@ -310,7 +315,7 @@ class SessionStore:
         return self._backend.request(sid, locking=locking, issued=issued)
 
     @contextmanager
-    def transaction(self, sid: str) -> Iterator[dict[str, Any]]:
+    def transaction(self, sid: str, *, host: Session | None = None) -> Iterator[dict[str, Any]]:
         """Load, change and save session *sid* in one transaction, with it locked.
 
         For code outside a request (threads, scripts, the CLI)::
@@ -320,13 +325,56 @@ class SessionStore:
 
         The session is created if missing. Other writers of the same session
         wait for the block; an exception inside it discards every change.
+
+        With *host* (a SQLAlchemy ``Session`` of the host's, on silo's database),
+        the block is one transaction with that session: what it adds and what the
+        block changes in *sid* are committed together by one COMMIT at the end
+        (``host.commit()`` inside the block only flushes), or both rolled back.
         """
-        unit = self.unit(sid, locking=True)
+        if host is None:
+            unit = self.unit(sid, locking=True)
+            try:
+                yield unit.session()
+                unit.commit()
+            finally:
+                unit.close()
+            return
+        with self._joined(host) as hold:
+            unit = self.unit(sid, locking=True)
+            try:
+                yield unit.session()
+                unit.commit()
+            except BaseException:
+                hold.rollback()
+                raise
+            finally:
+                unit.close()
+            hold.commit()
+
+    @contextmanager
+    def _joined(self, host: Session) -> Iterator[HostTransaction]:
+        """This context's silo statements in *host*'s transaction, for the block."""
+        storage = self.storage
+        join = getattr(storage, "join", None)
+        connector = getattr(storage, "connector", None)
+        if join is None or connector is None:
+            raise SiloError("transaction(sid, host=...) needs SQL storage (SQLStorage)")
+        if connector.holding:
+            raise RuntimeError(
+                "transaction(sid, host=...) inside a request: the request has its own "
+                "connection (in atomic mode its work is in the host's transaction already); "
+                "use it outside requests (threads, scripts, the CLI)"
+            )
+        token = connector.hold()
         try:
-            yield unit.session()
-            unit.commit()
+            hold: HostTransaction = join(host)
+            try:
+                yield hold
+            finally:
+                if not hold.done:  # the block was left early (a generator closed)
+                    hold.rollback()
         finally:
-            unit.close()
+            connector.release(token)
 
     # -- writing -------------------------------------------------------------
 

@@ -245,6 +245,11 @@ class Executor:
         finally:
             self._done_waiting()
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run *callback* once what was written is committed: here at once (a transaction
+        of the host's defers it to its COMMIT, see :mod:`.host`)."""
+        callback()
+
     # -- implementations ---------------------------------------------------------
 
     def _send(self, sql: str, params: Any, binary: bool = False) -> Result:
@@ -601,6 +606,23 @@ class Connector:
         if held.executor is not None:
             executor, held.executor = held.executor, None
             executor.close()
+
+    def adopt(self, executor: Executor) -> None:
+        """This context's held connection is *executor*'s (the host's, in atomic mode)."""
+        held = self._held.get()
+        if held is None:
+            raise RuntimeError("adopt() needs a held connection (a request or a unit)")
+        held.executor = executor
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """*callback* once this context's writes are committed (at once, unless the held
+        connection's transaction is the host's)."""
+        held = self._held.get()
+        executor = held.executor if held is not None else None
+        if executor is None:
+            callback()
+        else:
+            executor.after_commit(callback)
 
     @property
     def holding(self) -> bool:

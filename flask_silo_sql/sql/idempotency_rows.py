@@ -9,6 +9,11 @@ transaction as its namespace writes, and only while the token is still the
 row's: a request whose lease ran out and was taken over stores nothing, and
 its changes are rolled back with it. A request that fails deletes its claim
 (and if it died, the lease lets a retry take the row over).
+
+In atomic mode (see :mod:`.host`) the claim is a statement of the request's
+transaction, the host's: a duplicate's claim waits for that transaction and
+then finds the stored response (or, if it rolled back, claims the key); a
+failed or killed request's claim goes with its rollback, and nothing releases it.
 """
 
 from __future__ import annotations

@@ -24,10 +24,13 @@ from .clock import DatabaseClock
 from .context import Context
 from .engine import DEFAULT_TIMEOUT_S, make_engine, normalise_url
 from .executor import Connector, ExecutorMode, StatementHook
+from .host import HostExecutor, HostSessions, HostTransaction, host_sessions
 from .statements import Statements
 from .sweep import prune
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from ..backends.base import Policy
 
 DEFAULT_LIFETIME_S = 3600.0 + 60.0
@@ -58,8 +61,12 @@ class SQLStorage(SiloStorage):
     """Session storage in SQL tables (SQLite or PostgreSQL).
 
     *bind* is a database URL, an SQLAlchemy :class:`~sqlalchemy.Engine`, or a
-    Flask-SQLAlchemy ``SQLAlchemy`` object whose engine is shared (its
-    ``db.session`` is never used). *engine_options* go to ``create_engine``
+    Flask-SQLAlchemy ``SQLAlchemy`` object whose engine is shared. *atomic*
+    (see ``docs/atomic.md``): ``True`` with a Flask-SQLAlchemy *bind*, or a
+    ``scoped_session`` of the host's, makes each request's silo work and the
+    host session's changes one transaction on one connection, committed once
+    after the view; False (the default) keeps silo's own connection and
+    commit, and the host's ``db.session`` is never used. *engine_options* go to ``create_engine``
     when *bind* is a URL. *executor* picks how statements reach the database:
     ``auto`` (the DBAPI cursor, or SQLAlchemy Core while anything observes the
     engine), ``dbapi`` or ``core``. *timeout* (seconds) bounds every wait on the
@@ -73,8 +80,11 @@ class SQLStorage(SiloStorage):
         *,
         executor: ExecutorMode = "auto",
         timeout: float = DEFAULT_TIMEOUT_S,
+        atomic: bool | HostSessions = False,
         **engine_options: Any,
     ) -> None:
+        self.host_sessions: HostSessions | None = host_sessions(bind, atomic)
+        """The host's sessions, in atomic mode (else None)."""
         self._engine: Engine | None = None
         self._source: EngineSource | None = None
         self.timeout = float(timeout)
@@ -176,6 +186,22 @@ class SQLStorage(SiloStorage):
             self._hook = hook
             if self._parts is not None:
                 self._parts.connector.hook = hook
+
+    @property
+    def atomic(self) -> bool:
+        """Whether requests share the host session's transaction (atomic mode)."""
+        return self.host_sessions is not None
+
+    def join(self, session: Session) -> HostTransaction:
+        """From now on, this context's silo statements run in *session*'s transaction,
+        which the returned hold commits (once) or rolls back. The context must hold its
+        connection (a request's unit, or ``connector.hold()``)."""
+        connector = self.connector
+        mode = connector.mode
+        core = mode == "core" or (mode == "auto" and connector.observed())
+        executor = HostExecutor(session, self.engine, connector.hook, core=core)
+        connector.adopt(executor)
+        return HostTransaction(executor)
 
     def dispose(self) -> None:
         """Close pooled connections, when this storage created its engine."""

@@ -350,10 +350,11 @@ class SQLUnit:
         for write, version in zip(writes, versions, strict=True):
             slot = self._slots[write.name]
             slot.text, slot.version = write.text, version
+        after = b.connector.after_commit  # (atomic mode: once the host's COMMIT is done)
         if created:
-            b.policy.created(self.sid)
+            after(lambda: b.policy.created(self.sid))
         for item in staged:
-            item.committed()
+            after(item.committed)
 
     def _needs_lock(self, now: float, staged: list[Staged]) -> bool:
         """Whether the commit locks (touches or creates) the session row first.

@@ -3,7 +3,8 @@
 The host project is written into tmp_path: models ``User`` and ``Order``,
 ``Migrate(app, db, include_name=alembic_include_name,
 include_object=alembic_include_object)`` and ``Silo(app,
-storage=SQLStorage(db))`` on the host's own engine. The host's real ``flask db
+storage=SQLStorage(db, atomic=True))`` (the documented setup: one transaction
+with db.session in requests) on the host's own engine. The host's real ``flask db
 init / migrate / upgrade / downgrade`` and ``flask silo-db upgrade /
 downgrade`` run as subprocesses against the same database, on SQLite and on
 PostgreSQL:
@@ -59,7 +60,7 @@ from flask_silo_sql import Silo, SQLStorage, alembic_include_name, alembic_inclu
 
 db = SQLAlchemy()
 migrate = Migrate()
-silo = Silo(storage=SQLStorage(db), auto_cleanup=False)
+silo = Silo(storage=SQLStorage(db, atomic=True), auto_cleanup=False)
 
 
 class User(db.Model):
