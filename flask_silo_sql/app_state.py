@@ -54,6 +54,11 @@ class SiloApp:
         max_keys = config["SILO_IDEMPOTENCY_MAX_KEYS"]
         self.idempotency_max_keys: int | None = None if max_keys is None else int(max_keys)
         """Keys a session may hold at once (None: any number)."""
+        max_response = config["SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES"]
+        self.idempotency_max_response: int | None = (
+            None if max_response is None else int(max_response)
+        )
+        """Largest response body an idempotent view's key keeps (None: any size)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
         self.runner: TaskRunner | None = None

@@ -311,8 +311,14 @@ class SQLUnit:
         except BaseException:
             self._discard(lambda item: True)
             raise
-        staged, self._staged = self._staged, []
         b = self._ctx
+        if writes and b.disk is not None:
+            try:
+                b.check_disk(sum(len(w.text) - self._stored_length(w.name) for w in writes))
+            except BaseException:
+                self._discard(lambda item: True)
+                raise
+        staged, self._staged = self._staged, []
         now = b.now()
         times = b.times(now, since=self._since)
         if not (writes or staged or self._locked):
@@ -354,6 +360,11 @@ class SQLUnit:
             b.policy.created(self.sid)
         for item in staged:
             item.committed()
+
+    def _stored_length(self, name: str) -> int:
+        """The length of *name*'s JSON as read (0 for a namespace not stored yet)."""
+        slot = self._slots.get(name)
+        return 0 if slot is None or slot.version is None else len(slot.text)
 
     def _needs_lock(self, now: float, staged: list[Staged]) -> bool:
         """Whether the commit locks (touches or creates) the session row first.
