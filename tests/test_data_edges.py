@@ -1,0 +1,183 @@
+"""What the databases themselves do to state: numbers keep their type on both databases.
+
+Through Flask's test client on SQLite and PostgreSQL, both executors. A
+namespace holds what the client sent; it is read back in a later request (a
+new unit: from the database, not from memory) and compared value by value,
+type by type. The size a namespace is checked at is the size its row holds,
+so state near its limit can still be changed a little.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask, Response, jsonify, request
+from sqlalchemy import text
+
+from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql.sql.engine import make_engine
+
+HEADER = "X-Session-ID"
+SID = "numbers-0000000000000000"
+
+
+class ValueApp:
+    """An app that keeps the JSON a client posts in the ``data`` namespace."""
+
+    def __init__(self, url: str, executor: str, **config: Any) -> None:
+        self.storage = SQLStorage(url, executor=executor)  # type: ignore[arg-type]
+        self.app = app = Flask(__name__)
+        app.config.update(config)
+        self.silo = silo = Silo(app, storage=self.storage, auto_cleanup=False)
+        silo.register("data", lambda: {"value": None})
+
+        @app.post("/api/value")
+        def write() -> Response:
+            silo.state("data")["value"] = request.get_json()
+            return jsonify(ok=True)
+
+        @app.get("/api/value")
+        def read() -> Response:
+            value = silo.state("data")["value"]
+            return jsonify(value=value, types=types_of(value))
+
+        self.client = app.test_client()
+
+    def write(self, value: Any) -> Any:
+        return self.client.post(
+            "/api/value", data=json.dumps(value), content_type="application/json",
+            headers={HEADER: SID},
+        )
+
+    def read(self) -> Any:
+        response = self.client.get("/api/value", headers={HEADER: SID})
+        assert response.status_code == 200, response.get_data(as_text=True)[:300]
+        return response.get_json()
+
+    def close(self) -> None:
+        self.silo.stop()
+        self.storage.dispose()
+
+
+def types_of(value: Any) -> Any:
+    """The Python type of every number in *value* (what the app saw after its read)."""
+    if isinstance(value, list):
+        return [types_of(item) for item in value]
+    if isinstance(value, dict):
+        return {key: types_of(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+@pytest.fixture
+def value_app(silo_url: str, executor: str) -> Iterator[ValueApp]:
+    app = ValueApp(silo_url, executor, SILO_MAX_STATE_BYTES=64 * 1024)
+    yield app
+    app.close()
+
+
+NUMBERS = {
+    "big_float": 1e20,
+    "whole_float": 2.0,
+    "tiny": 1.5e-7,
+    "huge": 1e300,
+    "negative_zero": -0.0,
+    "tenth": 0.1,
+    "big_int": 12345678901234567890123,
+    "int": 7,
+    "nested": [1e16, {"x": 3.0}],
+}
+
+
+def test_numbers_come_back_as_the_client_sent_them(value_app: ValueApp) -> None:
+    """A float stays a float of the same value, an integer an integer, on both databases
+    (``jsonb`` gave 1e20 back as the integer 100000000000000000000 and 2.0 as 2)."""
+    assert value_app.write(NUMBERS).status_code == 200
+    got = value_app.read()
+    assert got["types"] == types_of(NUMBERS)
+    assert got["types"]["big_float"] == "float"  # the app's own read, in Python
+    same = json.dumps(got["value"], sort_keys=True) == json.dumps(NUMBERS, sort_keys=True)
+    assert same  # the same values, written the same way
+    assert math.copysign(1.0, got["value"]["negative_zero"]) == -1.0
+
+
+def test_state_is_checked_at_the_size_its_row_holds(value_app: ValueApp) -> None:
+    """State near its limit is stored at the size it was checked at, and a small change
+    to it is still accepted (``jsonb`` stored [1e300, ...] 38 times larger, and the next
+    change to that namespace was refused 413 against its own limit)."""
+    near = [1e300] * 9000  # 6 bytes each: about 55 kB of the 64 KiB limit
+    assert value_app.write(near).status_code == 200
+    with value_app.storage.engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT length(CAST(data AS TEXT)) FROM silo_namespaces WHERE sid = :sid"),
+            {"sid": SID},
+        ).scalar_one()
+    assert stored < 64 * 1024
+    assert stored == len(json.dumps({"value": near}, separators=(",", ":")))
+    changed = [*near, 1.0]
+    assert value_app.write(changed).status_code == 200
+    assert value_app.read()["value"][-2:] == [1e300, 1.0]
+
+
+def test_operators_still_query_keys_of_state_on_postgresql(pg_silo_url: str) -> None:
+    """``data->'key'`` and ``data->>'key'`` (the operators' queries) answer on ``json``."""
+    app = ValueApp(pg_silo_url, "dbapi")
+    try:
+        assert app.write({"plan": "pro", "n": 1e20}).status_code == 200
+        with app.storage.engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT data->'value'->>'plan', data->'value'->'n' "
+                    "FROM silo_namespaces WHERE sid = :sid"
+                ),
+                {"sid": SID},
+            ).one()
+        assert row[0] == "pro"
+        assert row[1] == 1e20
+        assert isinstance(row[1], float)
+    finally:
+        app.close()
+
+
+def test_migration_0006_converts_state_both_ways_on_postgresql(pg_url: str) -> None:
+    """Upgrading to 0006 turns existing ``jsonb`` state into ``json`` with its values, and
+    a downgrade turns it back."""
+    engine = make_engine(pg_url)
+    try:
+        schema.upgrade(engine, "0005")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO silo_sessions (sid, created_at, last_active, expires_at) "
+                    "VALUES (:sid, now(), now(), now() + interval '1 hour')"
+                ),
+                {"sid": SID},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO silo_namespaces (sid, name, data, version, updated_at) "
+                    "VALUES (:sid, 'data', CAST(:data AS jsonb), 1, now())"
+                ),
+                {"sid": SID, "data": '{"value": {"n": 1.5, "s": "kept"}}'},
+            )
+
+        def column() -> tuple[str, Any]:
+            with engine.connect() as conn:
+                kind = conn.execute(
+                    text(
+                        "SELECT data_type FROM information_schema.columns "
+                        "WHERE table_name = 'silo_namespaces' AND column_name = 'data'"
+                    )
+                ).scalar_one()
+                data = conn.execute(text("SELECT data FROM silo_namespaces")).scalar_one()
+            return kind, data
+
+        schema.upgrade(engine)
+        assert column() == ("json", {"value": {"n": 1.5, "s": "kept"}})
+        schema.downgrade(engine, "0005")
+        assert column() == ("jsonb", {"value": {"n": 1.5, "s": "kept"}})
+    finally:
+        engine.dispose()
