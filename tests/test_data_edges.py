@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask, Response, jsonify, request
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from flask_silo_sql import Silo, SQLStorage, schema
 from flask_silo_sql.sql.engine import make_engine
@@ -179,5 +184,71 @@ def test_migration_0006_converts_state_both_ways_on_postgresql(pg_url: str) -> N
         assert column() == ("json", {"value": {"n": 1.5, "s": "kept"}})
         schema.downgrade(engine, "0005")
         assert column() == ("jsonb", {"value": {"n": 1.5, "s": "kept"}})
+    finally:
+        engine.dispose()
+
+
+# -- an interrupted upgrade ----------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+@event.listens_for(Engine, "before_cursor_execute")
+def die_at_the_data_step(conn, cursor, statement, parameters, context, executemany):
+    # Migration 0002's data step, after its ADD COLUMN: the process is killed there.
+    if statement.lstrip().startswith("UPDATE silo_sessions SET expires_at"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+from flask.cli import main
+sys.argv[0] = "flask"
+main()
+"""
+
+UPGRADE_APP = """
+from flask import Flask
+from flask_silo_sql import Silo
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = {url!r}
+    Silo(app, auto_cleanup=False)
+    return app
+"""
+
+
+def test_an_upgrade_killed_mid_migration_leaves_the_previous_revision(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A real ``flask silo-db upgrade`` SIGKILLed at a migration's data step changes
+    nothing: the schema is still at the revision before, and upgrading again succeeds
+    (on SQLite the ADD COLUMN before the step was committed on its own, and every later
+    upgrade failed with "duplicate column name")."""
+    (tmp_path / "app.py").write_text(UPGRADE_APP.format(url=db_url))
+    engine = make_engine(db_url)
+    try:
+        schema.upgrade(engine, "0001")
+        env = {k: v for k, v in os.environ.items() if k not in ("SILO_DATABASE_URI", "FLASK_APP")}
+
+        def upgrade(*pre: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, *pre, "--app", "app", "silo-db", "upgrade"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        killed = upgrade("-c", KILLER)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert schema.current(engine) == "0001"
+        columns = {c["name"] for c in inspect(engine).get_columns("silo_sessions")}
+        assert "expires_at" not in columns  # the migration's DDL went with it
+        again = upgrade("-m", "flask")
+        assert again.returncode == 0, again.stderr
+        assert schema.is_current(engine)
     finally:
         engine.dispose()
