@@ -9,9 +9,11 @@ so state near its limit can still be changed a little.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +24,10 @@ from typing import Any
 import pytest
 from flask import Flask, Response, jsonify, request
 from sqlalchemy import inspect, text
+from support import Clock
 
 from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql.cli import silo_db
 from flask_silo_sql.sql.engine import make_engine
 
 HEADER = "X-Session-ID"
@@ -52,10 +56,12 @@ class ValueApp:
 
         self.client = app.test_client()
 
-    def write(self, value: Any) -> Any:
+    def write(self, value: Any, sid: str = SID) -> Any:
         return self.client.post(
-            "/api/value", data=json.dumps(value), content_type="application/json",
-            headers={HEADER: SID},
+            "/api/value",
+            data=json.dumps(value),
+            content_type="application/json",
+            headers={HEADER: sid},
         )
 
     def read(self) -> Any:
@@ -252,3 +258,91 @@ def test_an_upgrade_killed_mid_migration_leaves_the_previous_revision(
         assert schema.is_current(engine)
     finally:
         engine.dispose()
+
+
+# -- a full disk on SQLite -----------------------------------------------------------
+
+MIB = 1024 * 1024
+DISK_MIB = 40
+FLOOR = 6 * MIB
+STATE = 900_000
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of DISK_MIB MiB (mounting needs root, or CAP_SYS_ADMIN)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"FULL-DISK TEST NOT RUN: cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write *path* until the disk is full (something else filling the disk)."""
+    with open(path, "wb", buffering=0) as handle:
+        for size in (256 * 1024, 4096, 512):
+            with contextlib.suppress(OSError):
+                while handle.write(b"\0" * size):
+                    pass
+
+
+def test_state_stops_at_the_disk_floor_and_the_sweep_frees_a_full_disk(
+    small_disk: Path,
+) -> None:
+    """On a small disk, state writes stop at SILO_DB_MIN_FREE_BYTES with a 507 JSON
+    answer; the disk then filled to the last byte by something else, a restarted app's
+    ``flask silo-db cleanup`` still expires every session (it failed with "database or
+    disk is full"), and state is written again once the disk has room."""
+    url = f"sqlite:///{small_disk / 'silo.db'}"
+    engine = make_engine(url)
+    schema.upgrade(engine)
+    engine.dispose()
+    clock = Clock()
+    config = {"SILO_DB_MIN_FREE_BYTES": FLOOR, "SILO_MAX_STATE_BYTES": 2 * MIB}
+
+    def start() -> ValueApp:
+        app = ValueApp(url, "dbapi", **config)
+        app.silo.store.clock = clock
+        return app
+
+    app = start()
+    written = 0
+    try:
+        for i in range(DISK_MIB * MIB // STATE):
+            response = app.write(["x" * STATE], sid=f"filler-{i:04d}-000000000000")
+            if response.status_code != 200:
+                break
+            written += 1
+        assert response.status_code == 507, response.get_data(as_text=True)[:300]
+        error = response.get_json()
+        assert error["error"] == "insufficient_storage"
+        assert "SILO_DB_MIN_FREE_BYTES" not in error["message"]  # the client's wording
+        assert written >= 20
+        assert app.write([1], sid="filler-0000-000000000000").status_code == 200  # shrinks
+    finally:
+        app.close()
+
+    fill(small_disk / "something-else")
+    assert shutil.disk_usage(small_disk).free < 64 * 1024
+    clock.advance(7 * 86400)
+    app = start()  # a restart: the WAL the full disk left behind is still there
+    try:
+        result = app.app.test_cli_runner().invoke(silo_db, ["cleanup"])
+        assert result.exit_code == 0, result.output
+        assert f"expired {written} session(s)" in result.output
+        with app.storage.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM silo_sessions")).scalar_one() == 0
+        os.unlink(small_disk / "something-else")
+        assert app.write(["x" * STATE], sid="after-0000-0000000000000").status_code == 200
+    finally:
+        app.close()

@@ -156,7 +156,7 @@ class SQLBackend:
             result = self._sweep(batch_size=batch_size, dry_run=dry_run, progress=progress)
         if released:
             disk.checkpoint("TRUNCATE")  # the WAL's space back, for the reserve
-            disk.lay_reserve()
+        disk.lay_reserve()  # (again) once the disk has room for it
         return result
 
     def _sweep(

@@ -12,7 +12,8 @@ the pages SQLite has free inside the file as room, since a write reuses them.
 And a reserve file beside the database (:data:`RESERVE_BYTES`) holds space that
 only the sweep gives up: when a sweep meets a full disk, it deletes the
 reserve, checkpoints the WAL into the room that makes, and sweeps again; the
-reserve is laid down again once the disk has room for it.
+reserve is laid down again once the disk has room for it. A connection that
+opens on a full disk releases it too: in WAL mode even a read needs room.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ RESERVE_WATERMARK = 1024 * 1024 * 1024
 """The reserve is laid once the disk has less than this free (at start, or by a state write
 that grows state): a disk with more room needs none, and a test suite's many databases
 do not each hold one."""
+OPEN_ROOM_BYTES = 1024 * 1024
+"""Below this much free space the reserve is released as a connection opens: in WAL mode
+even a read must create the WAL index (``-shm``) and the WAL, so on a full disk the
+database could not be opened at all ("disk I/O error"), not even to sweep it."""
 RESERVE_SUFFIX = ".silo-reserve"
 SQLITE_FULL = 13
 
@@ -46,6 +51,20 @@ def database_file(engine: Engine) -> str | None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return os.path.abspath(database)
+
+
+def make_room_to_open(database: str) -> None:
+    """Before a connection to *database* is used: on a full disk, release its reserve."""
+    try:
+        if shutil.disk_usage(os.path.dirname(database)).free >= OPEN_ROOM_BYTES:
+            return
+        os.unlink(database + RESERVE_SUFFIX)
+    except OSError:
+        return
+    logger.warning(
+        "silo database disk is full: released the %d-byte reserve to open the database",
+        RESERVE_BYTES,
+    )
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -97,12 +116,12 @@ class SQLiteDisk:
         return free + int(pages) * int(size) >= floor
 
     def lay_reserve(self, floor: int = 0) -> bool:
-        """Create the reserve file when it is missing and the disk has room for it and
-        *floor* besides; whether it is there."""
+        """Create the reserve file when it is missing and the disk has room for it twice
+        over and *floor* besides (it never takes the last room); whether it is there."""
         if os.path.exists(self.reserve):
             return True
         free = self.free()
-        if free >= RESERVE_WATERMARK or free < RESERVE_BYTES + floor:
+        if free >= RESERVE_WATERMARK or free < 2 * RESERVE_BYTES + floor:
             return False
         try:
             fd = os.open(self.reserve + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
