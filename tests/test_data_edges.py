@@ -17,7 +17,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +348,64 @@ def test_state_stops_at_the_disk_floor_and_the_sweep_frees_a_full_disk(
         assert app.write(["x" * STATE], sid="after-0000-0000000000000").status_code == 200
     finally:
         app.close()
+
+
+# -- locking mode ----------------------------------------------------------------------
+
+ALICE = "alice-locking-0000000000"
+BOB = "bob-locking-000000000000"
+
+
+def test_locking_mode_holds_one_session_not_the_database(silo_url: str) -> None:
+    """With SILO_LOCKING, a slow request holds its own session only: another client's
+    reads and writes answer at once meanwhile (on SQLite they waited for the database's
+    write lock, then answered 503), while a second request of the same session waits
+    its turn and then sees the first one's change."""
+    app = Flask(__name__)
+    app.config.update(SILO_LOCKING=True)
+    storage = SQLStorage(silo_url)
+    silo = Silo(app, storage=storage, auto_cleanup=False)
+    silo.register("counter", lambda: {"n": 0})
+    gate = threading.Event()
+    holding = threading.Event()
+
+    @app.post("/api/slow")
+    def slow() -> Response:
+        state = silo.state("counter")  # the session is locked from here
+        holding.set()
+        assert gate.wait(30)  # a slow upload, say
+        state["n"] += 1
+        return jsonify(n=state["n"])
+
+    @app.post("/api/inc")
+    def inc() -> Response:
+        state = silo.state("counter")
+        state["n"] += 1
+        return jsonify(n=state["n"])
+
+    @app.get("/api/read")
+    def read() -> Response:
+        return jsonify(n=silo.state("counter")["n"])
+
+    def post(path: str, sid: str) -> Any:
+        return app.test_client().post(path, headers={HEADER: sid})
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            first = pool.submit(post, "/api/slow", ALICE)
+            assert holding.wait(30)
+            second = pool.submit(post, "/api/inc", ALICE)  # waits for the first
+            try:
+                other = app.test_client().get("/api/read", headers={HEADER: BOB})
+                assert other.status_code == 200, other.get_data(as_text=True)
+                assert post("/api/inc", BOB).status_code == 200
+                assert post("/api/inc", BOB).get_json() == {"n": 2}
+                assert not second.done()  # Alice's second request is still waiting
+            finally:
+                gate.set()
+            assert first.result().get_json() == {"n": 1}
+            assert second.result().status_code == 200
+            assert second.result().get_json() == {"n": 2}  # in turn, nothing lost
+    finally:
+        silo.stop()
+        storage.dispose()

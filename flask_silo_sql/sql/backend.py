@@ -57,7 +57,7 @@ class SQLBackend:
         return SQLUnit(self.ctx, sid, locking=locking)
 
     def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> SQLUnit:
-        unit = SQLUnit(self.ctx, sid, locking=locking, issued=issued)
+        unit = SQLUnit(self.ctx, sid, locking=locking, issued=issued, session_lock=True)
         self.ctx.bind(unit)
         return unit
 

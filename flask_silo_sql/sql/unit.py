@@ -39,8 +39,8 @@ from ..codec import (
 from ..errors import NamespaceError, SessionBusy
 from ..file_parts import directory_lock
 from ..tasks import TASK_MARKER, BackgroundTask
+from . import session_locks, task_rows
 from . import sessions as ops
-from . import task_rows
 from .context import Context, Staged
 from .executor import Executor
 from .file_rows import StagedFile
@@ -65,7 +65,13 @@ class SQLUnit:
     """A unit of work on session *sid* (see the module docstring)."""
 
     def __init__(
-        self, ctx: Context, sid: str, *, locking: bool = False, issued: bool = False
+        self,
+        ctx: Context,
+        sid: str,
+        *,
+        locking: bool = False,
+        issued: bool = False,
+        session_lock: bool = False,
     ) -> None:
         self.sid = sid
         self.issued = issued
@@ -85,6 +91,9 @@ class SQLUnit:
         self._locked = False
         self._joined = False  # locked inside a transaction its context had open
         self._created = False  # created by lock(), reported at commit
+        # SQLite: lock() holds the session's own lock instead of the database's (a request)
+        self._session_lock = session_lock and ctx.disk is not None
+        self._held: session_locks.SessionLock | None = None
         self._token: Any = None  # a connection this unit holds for its context
         self._staged: list[Staged] = []
         self._closed = False
@@ -243,6 +252,9 @@ class SQLUnit:
         times = b.times(b.now(), since=self._since)
         with b.connector.executor() as ex:
             self._joined = ex.in_transaction
+            if self._session_lock and not self._joined and b.disk is not None:
+                self._lock_session(ex, b.disk.database, times)
+                return
             if not self._joined:
                 ex.begin()
             try:
@@ -255,6 +267,29 @@ class SQLUnit:
         self._created = created
         self._existed = True
         self._created_at, self._last_active = created_at, times.now
+
+    def _lock_session(self, ex: Executor, database: str, times: ops.Times) -> None:
+        """SQLite: hold the session's own lock (see :mod:`.session_locks`), then touch or
+        create its row in a short transaction; the database stays free for others."""
+        b = self._ctx
+        self._held = session_locks.acquire(database, self.sid, b.connector.timeout or 5.0)
+        try:
+            with ex.transaction():
+                created, created_at = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
+        except BaseException:
+            self._release_session()
+            raise
+        self._locked = True
+        self._existed = True
+        self._created_at, self._last_active = created_at, times.now
+        if created:
+            b.policy.created(self.sid)  # committed already
+
+    def _release_session(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._locked = False
+            held.release()
 
     # -- staging ---------------------------------------------------------------
 
@@ -321,20 +356,33 @@ class SQLUnit:
         staged, self._staged = self._staged, []
         now = b.now()
         times = b.times(now, since=self._since)
+        if self._held is not None:  # touched at lock(): only writes are left to make
+            try:
+                if writes or staged:
+                    self._commit_writes(writes, staged, now, times)
+            finally:
+                self._release_session()
+            return
         if not (writes or staged or self._locked):
             self._touch(times)
             return
+        self._commit_writes(writes, staged, now, times)
+
+    def _commit_writes(
+        self, writes: list[ops.Write], staged: list[Staged], now: float, times: ops.Times
+    ) -> None:
+        b = self._ctx
         created = False
         touched = True
         try:
             with b.connector.executor() as ex, _locked_directories(staged):
-                if self._locked:
+                if self._locked and self._held is None:
                     created, self._created = self._created, False
                     versions = self._write(ex, writes, staged, now)
                     self._locked = False
                     if not self._joined:
                         ex.commit()
-                elif self._needs_lock(now, staged):
+                elif self._held is not None or self._needs_lock(now, staged):
                     with ex.transaction():
                         created, _ = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
                         versions = self._write(ex, writes, staged, now)
@@ -429,6 +477,7 @@ class SQLUnit:
 
     def rollback(self) -> None:
         self._discard(lambda item: True)
+        self._release_session()
         if self._locked:
             self._locked = False
             if not self._joined:
