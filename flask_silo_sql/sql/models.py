@@ -80,9 +80,10 @@ JSONDocument = JSON().with_variant(JSONB(), "postgresql")
 ClientDocument = JSON()
 """JSON on both databases (PostgreSQL's ``json``): for what clients write, kept as sent.
 
-``jsonb`` stores numbers as decimals and gives back its own text: ``1e20``
-returns as the integer ``100000000000000000000``, ``2.0`` as ``2``, and
-``1e300`` as 301 digits (state grows 38-fold). ``json`` keeps the text
+``jsonb`` stores numbers as decimals and gives back its own text: a float
+written with an exponent returns as an integer (``1e20`` as
+``100000000000000000000``), and ``1e300`` as 301 digits (state grows about
+40-fold). ``json`` keeps the text
 verbatim, so a float stays a float, the size checked is the size stored,
 and ``data->'key'`` / ``data->>'key'`` still work (see docs/data-edges.md).
 """

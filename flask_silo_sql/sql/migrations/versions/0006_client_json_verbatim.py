@@ -1,9 +1,9 @@
 """Clients' JSON kept as sent on PostgreSQL: ``json`` instead of ``jsonb``.
 
 ``jsonb`` keeps numbers as decimals and gives back its own text, so a float
-came back as an integer (``1e20`` as ``100000000000000000000``, ``2.0`` as
-``2``) and ``[1e300, ...]`` grew 38-fold, past the namespace's own size limit.
-``json`` keeps the text verbatim, as SQLite always did. The state of
+written with an exponent came back as an integer (``1e20`` as
+``100000000000000000000``) and ``[1e300, ...]`` grew about 40-fold, past the
+namespace's own size limit. ``json`` keeps the text verbatim, as SQLite always did. The state of
 namespaces (``silo_namespaces.data``) and the arguments and checkpoints of
 tasks (``silo_tasks.args``, ``silo_tasks.checkpoint``) change type; task logs,
 written by the library, stay ``jsonb``. The change rewrites those two tables
