@@ -73,7 +73,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_MAX_FILE_BYTES": 100 * 1024 * 1024,
     "SILO_MAX_SESSION_BYTES": 1024 * 1024 * 1024,
     "SILO_MIN_FREE_BYTES": 100 * 1024 * 1024,
-    "SILO_DB_MIN_FREE_BYTES": 64 * 1024 * 1024,
+    "SILO_DB_MIN_FREE_BYTES": None,  # half of SILO_MIN_FREE_BYTES: uploads stop first
     "SILO_FILE_BACKEND": "local",
     "SILO_FILE_STORAGE_OPTIONS": {},
     "SILO_FILE_HOST": None,
@@ -244,7 +244,9 @@ class Silo:
         if config["SILO_MAX_STATE_BYTES"] is not None:
             store.max_state_bytes = int(config["SILO_MAX_STATE_BYTES"])
         floor = config["SILO_DB_MIN_FREE_BYTES"]
-        store.db_min_free_bytes = None if floor is None else int(floor)
+        if floor is None:  # below the uploads' floor: state goes on once uploads stop
+            floor = int(config["SILO_MIN_FREE_BYTES"] or 0) // 2
+        store.db_min_free_bytes = int(floor) or None
         store.sweep_batch_size = int(config["SILO_SWEEP_BATCH_SIZE"])
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
         store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
