@@ -14,7 +14,9 @@ row is written with the commit; a task's row is written with the commit and
 its thread starts after it. A request that fails keeps neither: the upload's
 previous version comes back, the thread never starts. In locking mode the
 transaction is opened, with the session row locked, at the first read and
-held until the commit.
+held until the commit; on SQLite, whose one write lock would hold every
+other session too, a request holds its session's own lock instead (see
+:mod:`.session_locks`) and writes in a short transaction at the commit.
 """
 
 from __future__ import annotations
