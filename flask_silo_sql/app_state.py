@@ -62,6 +62,11 @@ class SiloApp:
             config.get("SILO_ATOMIC_ROLLBACK", 500)
         )
         """Atomic mode: whether a response rolls its request's transaction back."""
+        max_response = config["SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES"]
+        self.idempotency_max_response: int | None = (
+            None if max_response is None else int(max_response)
+        )
+        """Largest response body an idempotent view's key keeps (None: any size)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
         self.runner: TaskRunner | None = None

@@ -29,6 +29,7 @@ from .errors import (
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     IdempotencyUnsupported,
+    IdempotentResponseNotKept,
     ResponseNotStorable,
     SessionExpired,
 )
@@ -172,6 +173,7 @@ def _run(
         ttl=options.ttl,
         lease=options.lease or app_state.idempotency_lease,
         max_keys=app_state.idempotency_max_keys,
+        max_response_bytes=app_state.idempotency_max_response,
     )
     try:
         outcome = _claim(records, wanted, options.wait)
@@ -180,6 +182,8 @@ def _run(
         raise
     if isinstance(outcome, StoredResponse):
         state.replayed = True
+        if not outcome.kept:
+            raise IdempotentResponseNotKept(header, outcome.status, wanted.max_response_bytes)
         return _replay(outcome)
     state.claim = outcome
     state.records = records
@@ -191,11 +195,16 @@ def _run(
     if response.is_streamed or response.direct_passthrough:
         state.view_failed = True
         raise ResponseNotStorable(getattr(view, "__name__", repr(view)))
-    outcome.response = StoredResponse(
-        response.status_code,
-        storable_headers(response.headers.items(), silo._header),
-        response.get_data(),
-    )
+    sent = response.get_data()
+    limit = wanted.max_response_bytes
+    if limit is not None and len(sent) > limit:  # sent, saved, but not kept for a replay
+        outcome.response = StoredResponse(response.status_code, [], None)
+    else:
+        outcome.response = StoredResponse(
+            response.status_code,
+            storable_headers(response.headers.items(), silo._header),
+            sent,
+        )
     return response
 
 

@@ -173,6 +173,27 @@ class InsufficientStorage(SiloError):
         return "There is not enough storage space for this file."
 
 
+class StateInsufficientStorage(SiloError):
+    """No room for more state: the SQLite database's disk is below its free-space floor
+    (``SILO_DB_MIN_FREE_BYTES``). Answered ``507``; nothing of the request is written, the
+    state it read is kept, and writes that do not grow state (or free it) still work."""
+
+    status = 507
+    slug = "insufficient_storage"
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        super().__init__(
+            "The silo database's disk has less free space than SILO_DB_MIN_FREE_BYTES "
+            f"({floor} bytes): state that grows is refused until expired sessions are swept "
+            "or the disk is given room."
+        )
+
+    @property
+    def public_message(self) -> str:
+        return "There is not enough storage space to save this state."
+
+
 class FileStorageError(SiloError):
     """A file operation failed (a disk error, a remote store that does not answer).
 
@@ -470,6 +491,30 @@ class IdempotencyKeyReused(SiloError):
 
     def details(self) -> dict[str, Any]:
         return {"header": self.header}
+
+
+class IdempotentResponseNotKept(SiloError):
+    """A retry of a request whose response was too large to keep (``409``): the first
+    request ran and its changes were saved; its response cannot be replayed."""
+
+    status = 409
+    slug = "idempotent_response_not_kept"
+    logged = False
+
+    def __init__(self, header: str, first_status: int, limit: int | None) -> None:
+        self.header = header
+        self.first_status = first_status
+        self.limit = limit
+        most = f"the {limit} bytes" if limit is not None else "what"
+        super().__init__(
+            f"The first request with this {header} was answered {first_status} and its "
+            f"changes were saved, but its response was larger than {most} a key keeps "
+            "(SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES), so it cannot be replayed: read the "
+            "result another way, or send a new key to run the request again."
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"header": self.header, "first_status": self.first_status, "limit": self.limit}
 
 
 class IdempotencyUnsupported(SiloError):

@@ -32,7 +32,13 @@ from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
 from .file_backends import check_backend
 from .file_parts import Backend
 from .files import FileStore
-from .idempotency import DEFAULT_HEADER, DEFAULT_LEASE_S, DEFAULT_MAX_KEYS, DEFAULT_TTL_S
+from .idempotency import (
+    DEFAULT_HEADER,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_TTL_S,
+)
 from .logs import log_failure
 from .runner import TaskRunner
 from .sids import set_tag_key, tag
@@ -72,6 +78,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_MAX_FILE_BYTES": 100 * 1024 * 1024,
     "SILO_MAX_SESSION_BYTES": 1024 * 1024 * 1024,
     "SILO_MIN_FREE_BYTES": 100 * 1024 * 1024,
+    "SILO_DB_MIN_FREE_BYTES": None,  # half of SILO_MIN_FREE_BYTES: uploads stop first
     "SILO_FILE_BACKEND": "local",
     "SILO_FILE_STORAGE_OPTIONS": {},
     "SILO_FILE_HOST": None,
@@ -82,6 +89,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_IDEMPOTENCY_LEASE": DEFAULT_LEASE_S,
     "SILO_IDEMPOTENCY_MAX_KEYS": DEFAULT_MAX_KEYS,
     "SILO_ATOMIC_ROLLBACK": 500,
+    "SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES": DEFAULT_MAX_RESPONSE_BYTES,
 }
 """Every ``SILO_*`` configuration key and its default (see the README)."""
 
@@ -242,6 +250,10 @@ class Silo:
             store.touch_interval = float(config["SILO_TOUCH_INTERVAL"])
         if config["SILO_MAX_STATE_BYTES"] is not None:
             store.max_state_bytes = int(config["SILO_MAX_STATE_BYTES"])
+        floor = config["SILO_DB_MIN_FREE_BYTES"]
+        if floor is None:  # below the uploads' floor: state goes on once uploads stop
+            floor = int(config["SILO_MIN_FREE_BYTES"] or 0) // 2
+        store.db_min_free_bytes = int(floor) or None
         store.sweep_batch_size = int(config["SILO_SWEEP_BATCH_SIZE"])
         store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
         store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])

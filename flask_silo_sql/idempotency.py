@@ -32,6 +32,12 @@ DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_KEYS = 1000
 """Keys a session may hold at once: each stores a response for its TTL, so a client that
 sends a new key with every request could otherwise grow the table without bound."""
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+"""Largest response body kept for replays (``SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES``): each key
+keeps its response for its TTL, so a view that answers megabytes would otherwise keep
+gigabytes per session. A larger response is sent, its changes saved, and the key completed
+without it: a retry is answered ``409``
+(:class:`~flask_silo_sql.errors.IdempotentResponseNotKept`)."""
 SPOOL_MEMORY_BYTES = 1024 * 1024
 """A request body up to this size is kept in memory while it is hashed; a larger one on disk."""
 CHUNK = 64 * 1024
@@ -154,11 +160,18 @@ def storable_headers(headers: Iterable[tuple[str, str]], sid_header: str) -> lis
 
 @dataclass(slots=True)
 class StoredResponse:
-    """What a replay answers: the first response's status, headers and body."""
+    """What a replay answers: the first response's status, headers and body.
+
+    A *body* of None: the response was too large to keep (only its status was stored).
+    """
 
     status: int
     headers: list[tuple[str, str]]
-    body: bytes
+    body: bytes | None
+
+    @property
+    def kept(self) -> bool:
+        return self.body is not None
 
     def headers_json(self) -> str:
         return json.dumps([[name, value] for name, value in self.headers])
@@ -184,6 +197,8 @@ class KeyRequest:
     lease: float
     max_keys: int | None = None
     """How many keys the session may hold (``SILO_IDEMPOTENCY_MAX_KEYS``; None: any)."""
+    max_response_bytes: int | None = None
+    """Largest response body kept (``SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES``; None: any)."""
 
 
 @dataclass(slots=True)

@@ -152,6 +152,14 @@ SETTINGS: tuple[Setting, ...] = (
         "no floor.",
     ),
     Setting(
+        "SILO_DB_MIN_FREE_BYTES",
+        "int (bytes) | None",
+        "SQLite: state writes that grow a session answer `507 insufficient_storage` while the "
+        "database's disk has less free space (pages free inside the file count as room). "
+        "`None`: half of `SILO_MIN_FREE_BYTES`, so uploads stop first; `0`: no floor. See "
+        "[Data edges](data-edges.md).",
+    ),
+    Setting(
         "SILO_FILE_BACKEND",
         "str",
         'Default `backend` of `add_file_store`: `"local"`, `"database"` or an fsspec URL. '
@@ -206,6 +214,20 @@ SETTINGS: tuple[Setting, ...] = (
         "int | None",
         "Idempotency keys a session may hold at once (`None`: any number); past it a new key "
         "answers `429 idempotency_keys_exhausted`.",
+    ),
+    Setting(
+        "SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES",
+        "int (bytes) | None",
+        "Largest response body an idempotency key keeps (`None`: any size). A larger response "
+        "is sent and its changes saved, but the key keeps only its status: a retry answers "
+        "`409 idempotent_response_not_kept`. See [Data edges](data-edges.md).",
+    ),
+    Setting(
+        "SILO_ATOMIC_ROLLBACK",
+        "int | Callable[[Response], bool]",
+        "Atomic mode: responses with this status or above (or for which the callable returns "
+        "true) roll the request's transaction back, the host's changes with silo's. See "
+        "[Atomic mode](atomic.md).",
     ),
 )
 """Every configuration key, in the order the reference lists them."""

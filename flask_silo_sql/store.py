@@ -121,6 +121,9 @@ class SessionStore:
         self.cleanup_interval = cleanup_interval
         self.expired_retain = expired_retain
         self.max_state_bytes = max_state_bytes
+        self.db_min_free_bytes: int | None = None
+        """SQLite: state writes that grow a session are refused (``507``) while the
+        database's disk has less free space than this (``SILO_DB_MIN_FREE_BYTES``)."""
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_batch_size = sweep_batch_size
         self.task_flush_interval = 0.5

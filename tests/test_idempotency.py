@@ -158,6 +158,14 @@ class KeysApp:
             silo.state("counter")["n"] += 1
             return jsonify(size=len(data), run=run(), head=data[:4].hex())
 
+        @app.post("/api/big/<int:size>")
+        @silo.idempotent()
+        def big(size: int) -> Response:
+            silo.state("counter")["n"] += 1
+            response = Response(b"x" * size, mimetype="application/octet-stream")
+            response.headers["X-Run"] = run()
+            return response
+
         @app.post("/api/raw")
         @silo.idempotent()
         def raw() -> Response:
@@ -821,6 +829,44 @@ def test_a_session_holds_at_most_its_number_of_keys(silo_url: str, executor: str
         assert app.silo.store.sweep().keys_expired == 4
         assert app.post("/api/inc", key="d").status_code == 200
         assert app.keys() == 1
+    finally:
+        app.close()
+
+
+def test_a_response_too_large_to_keep_is_sent_once_and_its_retry_is_409(
+    silo_url: str, executor: str
+) -> None:
+    """A response above SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES is sent and its changes saved,
+    but the key keeps only its status: a retry is answered 409 saying so, and the view
+    does not run twice. A response at the limit is kept and replayed as usual."""
+    limit = 1000
+    app = KeysApp(silo_url, executor, SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES=limit)
+    try:
+        first_use(app)
+        first = app.post("/api/big/5000", key="big")
+        assert first.status_code == 200
+        assert first.get_data() == b"x" * 5000
+        runs, counter = len(app.runs), app.counter()
+        retry = app.post("/api/big/5000", key="big")
+        assert retry.status_code == 409
+        error = retry.get_json()
+        assert error["error"] == "idempotent_response_not_kept"
+        assert (error["first_status"], error["limit"]) == (200, limit)
+        assert "new key" in error["message"]
+        assert (len(app.runs), app.counter()) == (runs, counter)  # nothing ran again
+        with app.storage.engine.connect() as conn:
+            status, body = conn.execute(
+                select(idempotency_keys.c.status, idempotency_keys.c.body).where(
+                    idempotency_keys.c.idempotency_key == "big"
+                )
+            ).one()
+        assert (status, body) == (200, None)  # the 5,000 bytes were not kept
+
+        fits = app.post("/api/big/1000", key="fits")
+        again = app.post("/api/big/1000", key="fits")
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_data() == fits.get_data() == b"x" * limit
+        assert again.headers["X-Run"] == fits.headers["X-Run"]
     finally:
         app.close()
 

@@ -35,6 +35,8 @@ class Policy(Protocol):
     expired_retain: int
     heartbeat_timeout: float
     max_state_bytes: int | None
+    db_min_free_bytes: int | None
+    """SQLite: state writes that grow a session stop (``507``) below this much free disk."""
     sweep_batch_size: int
     task_flush_interval: float
     task_max_logs: int

@@ -15,9 +15,11 @@ from typing import Any
 
 from ..backends.base import SweepResult
 from ..codec import serialise
+from ..errors import StorageUnavailable
 from . import sessions as ops
 from . import sweep as sweeping
 from .context import Context
+from .disk import RESERVE_BYTES, is_disk_full
 from .file_rows import SQLFileRecords
 from .idempotency_rows import SQLIdempotencyRecords
 from .task_queue import SQLTaskQueue
@@ -55,7 +57,7 @@ class SQLBackend:
         return SQLUnit(self.ctx, sid, locking=locking)
 
     def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> SQLUnit:
-        unit = SQLUnit(self.ctx, sid, locking=locking, issued=issued)
+        unit = SQLUnit(self.ctx, sid, locking=locking, issued=issued, session_lock=True)
         self.ctx.bind(unit)
         return unit
 
@@ -137,6 +139,27 @@ class SQLBackend:
     # -- expiry ------------------------------------------------------------------
 
     def sweep(
+        self, *, batch_size: int, dry_run: bool, progress: Callable[[int], None] | None
+    ) -> SweepResult:
+        """Expire due sessions; on a full SQLite disk, with the reserve's room (see
+        :mod:`.disk`): the sweep is what frees the disk, so it must always run."""
+        disk = self.ctx.disk
+        if disk is None or dry_run:
+            return self._sweep(batch_size=batch_size, dry_run=dry_run, progress=progress)
+        released = disk.free() < RESERVE_BYTES and disk.release_reserve()
+        try:
+            result = self._sweep(batch_size=batch_size, dry_run=dry_run, progress=progress)
+        except StorageUnavailable as exc:
+            if released or not is_disk_full(exc) or not disk.release_reserve():
+                raise
+            released = True
+            result = self._sweep(batch_size=batch_size, dry_run=dry_run, progress=progress)
+        if released:
+            disk.checkpoint("TRUNCATE")  # the WAL's space back, for the reserve
+        disk.lay_reserve()  # (again) once the disk has room for it
+        return result
+
+    def _sweep(
         self, *, batch_size: int, dry_run: bool, progress: Callable[[int], None] | None
     ) -> SweepResult:
         ctx = self.ctx

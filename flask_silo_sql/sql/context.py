@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..backends.base import Policy
+from ..errors import StateInsufficientStorage
 from . import sessions as ops
+from .disk import SQLiteDisk
 from .executor import Connector, Executor
 from .statements import Statements
 
@@ -73,7 +75,10 @@ class Context:
         statements: Statements,
         clock: Callable[[], float],
         policy: Policy,
+        disk: SQLiteDisk | None = None,
     ) -> None:
+        self.disk = disk
+        """An SQLite database file's disk: its floor for state writes, its reserve."""
         self.connector = connector
         self.st = statements
         self.policy = policy
@@ -83,6 +88,16 @@ class Context:
         )
 
     # -- time ------------------------------------------------------------------
+
+    def check_disk(self, growth: int) -> None:
+        """``507`` (:class:`StateInsufficientStorage`) for a write that grows state by
+        *growth* bytes while an SQLite database's disk is below its floor."""
+        floor = self.policy.db_min_free_bytes
+        disk = self.disk
+        if disk is None or not floor or growth <= 0:
+            return
+        if not disk.room(floor + growth):
+            raise StateInsufficientStorage(floor)
 
     def now(self) -> float:
         """Unix seconds: the policy's injected clock, else the database's."""

@@ -80,7 +80,9 @@ class SQLIdempotencyRecords:
         response = None
         if status is not None:
             response = StoredResponse(
-                int(status), StoredResponse.parse_headers(headers or "[]"), bytes(body or b"")
+                int(status),
+                StoredResponse.parse_headers(headers or "[]"),
+                None if body is None else bytes(body),  # None: too large, not kept
             )
         left = 0.0 if locked_until is None else v.unix(locked_until) - now
         return Found(fingerprint, token, response, left)

@@ -75,7 +75,18 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 JSONDocument = JSON().with_variant(JSONB(), "postgresql")
-"""JSON on SQLite, JSONB on PostgreSQL."""
+"""JSON on SQLite, JSONB on PostgreSQL: for what the library itself writes (task logs)."""
+
+ClientDocument = JSON()
+"""JSON on both databases (PostgreSQL's ``json``): for what clients write, kept as sent.
+
+``jsonb`` stores numbers as decimals and gives back its own text: a float
+written with an exponent returns as an integer (``1e20`` as
+``100000000000000000000``), and ``1e300`` as 301 digits (state grows about
+40-fold). ``json`` keeps the text
+verbatim, so a float stays a float, the size checked is the size stored,
+and ``data->'key'`` / ``data->>'key'`` still work (see docs/data-edges.md).
+"""
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -121,7 +132,7 @@ namespaces = Table(
     metadata,
     owner_sid(primary_key=True),
     Column("name", String(255), primary_key=True, comment="Namespace name given to register()"),
-    Column("data", JSONDocument, nullable=False, comment="The namespace's state as JSON"),
+    Column("data", ClientDocument, nullable=False, comment="The namespace's state as JSON"),
     Column(
         "version",
         Integer,
@@ -237,7 +248,7 @@ tasks = Table(
     ),
     Column(
         "args",
-        JSONDocument,
+        ClientDocument,
         nullable=True,
         comment="The registered function's arguments, as JSON",
     ),
@@ -275,7 +286,7 @@ tasks = Table(
         comment="End of the running attempt's lease (renewed by its heartbeat)",
     ),
     Column("worker", String(64), nullable=True, comment="Process holding the lease"),
-    Column("checkpoint", JSONDocument, nullable=True, comment="The run's last checkpoint (JSON)"),
+    Column("checkpoint", ClientDocument, nullable=True, comment="The run's last checkpoint (JSON)"),
     Index("ix_silo_tasks_sid", "sid"),
     Index("ix_silo_tasks_status_heartbeat_at", "status", "heartbeat_at"),
     Index("ix_silo_tasks_status_run_after", "status", "run_after"),
@@ -343,7 +354,13 @@ idempotency_keys = Table(
         comment="Headers of the stored response: a JSON list of [name, value] pairs "
         "(no hop-by-hop headers, no SID header)",
     ),
-    Column("body", LargeBinary, nullable=True, comment="Body of the stored response, as sent"),
+    Column(
+        "body",
+        LargeBinary,
+        nullable=True,
+        comment="Body of the stored response, as sent; NULL with a status: the response was "
+        "larger than SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES and not kept (a retry is answered 409)",
+    ),
     Column("created_at", UTCDateTime(), nullable=False, comment="When the key was first claimed"),
     Column(
         "locked_until",

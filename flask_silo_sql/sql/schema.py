@@ -104,17 +104,45 @@ def migration_lock(engine: Engine) -> Iterator[Connection]:
             with open(lock_path, "a+b") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 try:
-                    with engine.begin() as conn:
+                    with sqlite_transaction(engine) as conn:
                         yield conn
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
             return
-        with engine.begin() as conn:
+        with sqlite_transaction(engine) as conn:
             yield conn
         return
     with engine.begin() as conn:
         conn.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
         yield conn
+
+
+@contextmanager
+def sqlite_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection in one real SQLite transaction, DDL included.
+
+    pysqlite (before Python 3.12's ``autocommit``) opens a transaction only
+    before a data statement, so the DDL an upgrade runs before its first
+    ``INSERT``/``UPDATE`` is committed at once: an upgrade killed at a data step
+    left a column added and the revision unchanged, and every later upgrade
+    failed ("duplicate column name"). Here pysqlite's own transaction handling
+    is off (``isolation_level = None``) and the transaction is opened by an
+    explicit ``BEGIN IMMEDIATE``, so the whole upgrade commits or none of it
+    does. SQLAlchemy's documented recipe, applied to this connection only (the
+    pool gets it back as it was).
+    """
+    with engine.connect() as conn:
+        dbapi: Any = conn.connection.dbapi_connection
+        saved = dbapi.isolation_level
+        dbapi.isolation_level = None
+        try:
+            with conn.begin():
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                yield conn
+        finally:
+            if dbapi.in_transaction:  # a failure SQLAlchemy did not see: leave nothing open
+                dbapi.rollback()
+            dbapi.isolation_level = saved
 
 
 def _offline_url(engine: Engine) -> str:

@@ -160,11 +160,15 @@ class Statements:
         def jsonb(param: Any) -> Any:
             return cast(param, pg.JSONB()) if postgresql else param
 
+        def json_text(param: Any) -> Any:
+            """A client's JSON, kept as its text (``json``, not ``jsonb``: see models)."""
+            return cast(param, pg.JSON()) if postgresql else param
+
         sid = bindparam("sid", type_=String(SID_LENGTH))
         name = bindparam("name", type_=String(255))
         now = _ts("now")
         expires = _ts("expires")
-        data = jsonb(bindparam("data", type_=Text()))
+        data = json_text(bindparam("data", type_=Text()))
 
         # -- sessions and namespaces ---------------------------------------------
         key = select(cast(sid, String(SID_LENGTH)).label("sid")).subquery("k")
@@ -447,12 +451,12 @@ class Statements:
             "heartbeat_at": now,
             "lease_expires_at": _ts("lease"),
             "run_after": _ts("run_after"),
-            "checkpoint": jsonb(bindparam("checkpoint", type_=Text())),
+            "checkpoint": json_text(bindparam("checkpoint", type_=Text())),
         }
         run: dict[str, Any] = {
             "namespace": bindparam("namespace", type_=String(255)),
             "target": bindparam("target", type_=String(255)),
-            "args": jsonb(bindparam("args", type_=Text())),
+            "args": json_text(bindparam("args", type_=Text())),
             "attempt": attempt,
             "max_attempts": bindparam("max_attempts", type_=Integer()),
             "retry_delay": bindparam("retry_delay", type_=Float()),

@@ -22,6 +22,7 @@ from . import sessions as ops
 from .backend import SQLBackend
 from .clock import DatabaseClock
 from .context import Context
+from .disk import SQLiteDisk, database_file
 from .engine import DEFAULT_TIMEOUT_S, make_engine, normalise_url
 from .executor import Connector, ExecutorMode, StatementHook
 from .host import HostExecutor, HostSessions, HostTransaction, host_sessions
@@ -44,6 +45,8 @@ class _Parts:
     connector: Connector
     statements: Statements
     clock: DatabaseClock
+    disk: SQLiteDisk | None
+    """An SQLite database file's disk (its floor and reserve); None on PostgreSQL."""
 
 
 class EngineSource(Protocol):
@@ -157,7 +160,12 @@ class SQLStorage(SiloStorage):
                     connector = Connector(engine, self._mode, timeout=self.timeout)
                     connector.hook = self._hook
                     statements = Statements(engine)
-                    parts = _Parts(connector, statements, DatabaseClock(connector, statements))
+                    database = database_file(engine)
+                    disk = SQLiteDisk(engine, database) if database is not None else None
+                    if disk is not None:
+                        disk.lay_reserve()
+                    clock = DatabaseClock(connector, statements)
+                    parts = _Parts(connector, statements, clock, disk)
                     self._parts = parts
         return parts
 
@@ -215,7 +223,7 @@ class SQLStorage(SiloStorage):
 
         def context() -> Context:
             parts = self._prepared()
-            return Context(parts.connector, parts.statements, parts.clock, policy)
+            return Context(parts.connector, parts.statements, parts.clock, policy, parts.disk)
 
         return SQLBackend(context)
 

@@ -14,7 +14,9 @@ row is written with the commit; a task's row is written with the commit and
 its thread starts after it. A request that fails keeps neither: the upload's
 previous version comes back, the thread never starts. In locking mode the
 transaction is opened, with the session row locked, at the first read and
-held until the commit.
+held until the commit; on SQLite, whose one write lock would hold every
+other session too, a request holds its session's own lock instead (see
+:mod:`.session_locks`) and writes in a short transaction at the commit.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from ..codec import (
 from ..errors import NamespaceError, SessionBusy
 from ..file_parts import directory_lock
 from ..tasks import TASK_MARKER, BackgroundTask
+from . import session_locks, task_rows
 from . import sessions as ops
-from . import task_rows
 from .context import Context, Staged
 from .executor import Executor
 from .file_rows import StagedFile
@@ -65,7 +67,13 @@ class SQLUnit:
     """A unit of work on session *sid* (see the module docstring)."""
 
     def __init__(
-        self, ctx: Context, sid: str, *, locking: bool = False, issued: bool = False
+        self,
+        ctx: Context,
+        sid: str,
+        *,
+        locking: bool = False,
+        issued: bool = False,
+        session_lock: bool = False,
     ) -> None:
         self.sid = sid
         self.issued = issued
@@ -85,6 +93,9 @@ class SQLUnit:
         self._locked = False
         self._joined = False  # locked inside a transaction its context had open
         self._created = False  # created by lock(), reported at commit
+        # SQLite: lock() holds the session's own lock instead of the database's (a request)
+        self._session_lock = session_lock and ctx.disk is not None
+        self._held: session_locks.SessionLock | None = None
         self._token: Any = None  # a connection this unit holds for its context
         self._staged: list[Staged] = []
         self._closed = False
@@ -243,6 +254,9 @@ class SQLUnit:
         times = b.times(b.now(), since=self._since)
         with b.connector.executor() as ex:
             self._joined = ex.in_transaction
+            if self._session_lock and not self._joined and b.disk is not None:
+                self._lock_session(ex, b.disk.database, times)
+                return
             if not self._joined:
                 ex.begin()
             try:
@@ -255,6 +269,29 @@ class SQLUnit:
         self._created = created
         self._existed = True
         self._created_at, self._last_active = created_at, times.now
+
+    def _lock_session(self, ex: Executor, database: str, times: ops.Times) -> None:
+        """SQLite: hold the session's own lock (see :mod:`.session_locks`), then touch or
+        create its row in a short transaction; the database stays free for others."""
+        b = self._ctx
+        self._held = session_locks.acquire(database, self.sid, b.connector.timeout or 5.0)
+        try:
+            with ex.transaction():
+                created, created_at = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
+        except BaseException:
+            self._release_session()
+            raise
+        self._locked = True
+        self._existed = True
+        self._created_at, self._last_active = created_at, times.now
+        if created:
+            b.policy.created(self.sid)  # committed already
+
+    def _release_session(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._locked = False
+            held.release()
 
     # -- staging ---------------------------------------------------------------
 
@@ -311,24 +348,43 @@ class SQLUnit:
         except BaseException:
             self._discard(lambda item: True)
             raise
-        staged, self._staged = self._staged, []
         b = self._ctx
+        if writes and b.disk is not None:
+            try:
+                b.check_disk(sum(len(w.text) - self._stored_length(w.name) for w in writes))
+            except BaseException:
+                self._discard(lambda item: True)
+                raise
+        staged, self._staged = self._staged, []
         now = b.now()
         times = b.times(now, since=self._since)
+        if self._held is not None:  # touched at lock(): only writes are left to make
+            try:
+                if writes or staged:
+                    self._commit_writes(writes, staged, now, times)
+            finally:
+                self._release_session()
+            return
         if not (writes or staged or self._locked):
             self._touch(times)
             return
+        self._commit_writes(writes, staged, now, times)
+
+    def _commit_writes(
+        self, writes: list[ops.Write], staged: list[Staged], now: float, times: ops.Times
+    ) -> None:
+        b = self._ctx
         created = False
         touched = True
         try:
             with b.connector.executor() as ex, _locked_directories(staged):
-                if self._locked:
+                if self._locked and self._held is None:
                     created, self._created = self._created, False
                     versions = self._write(ex, writes, staged, now)
                     self._locked = False
                     if not self._joined:
                         ex.commit()
-                elif self._needs_lock(now, staged):
+                elif self._held is not None or self._needs_lock(now, staged):
                     with ex.transaction():
                         created, _ = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
                         versions = self._write(ex, writes, staged, now)
@@ -355,6 +411,11 @@ class SQLUnit:
             after(lambda: b.policy.created(self.sid))
         for item in staged:
             after(item.committed)
+
+    def _stored_length(self, name: str) -> int:
+        """The length of *name*'s JSON as read (0 for a namespace not stored yet)."""
+        slot = self._slots.get(name)
+        return 0 if slot is None or slot.version is None else len(slot.text)
 
     def _needs_lock(self, now: float, staged: list[Staged]) -> bool:
         """Whether the commit locks (touches or creates) the session row first.
@@ -419,6 +480,7 @@ class SQLUnit:
 
     def rollback(self) -> None:
         self._discard(lambda item: True)
+        self._release_session()
         if self._locked:
             self._locked = False
             if not self._joined:
