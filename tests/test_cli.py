@@ -167,16 +167,23 @@ def age_sessions(engine: Engine, sids: list[str], seconds: float) -> None:
     back = dt.timedelta(seconds=seconds)
     with engine.begin() as conn:
         rows = conn.execute(
-            select(sessions.c.sid, sessions.c.last_active, sessions.c.expires_at).where(
-                sessions.c.sid.in_(sids)
-            )
+            select(
+                sessions.c.sid,
+                sessions.c.last_active,
+                sessions.c.expires_at,
+                sessions.c.sweep_after,
+            ).where(sessions.c.sid.in_(sids))
         ).all()
         assert len(rows) == len(sids)
-        for sid, last_active, expires_at in rows:
+        for sid, last_active, expires_at, sweep_after in rows:
             conn.execute(
                 update(sessions)
                 .where(sessions.c.sid == sid)
-                .values(last_active=last_active - back, expires_at=expires_at - back)
+                .values(
+                    last_active=last_active - back,
+                    expires_at=expires_at - back,
+                    sweep_after=sweep_after - back,
+                )
             )
 
 
