@@ -993,6 +993,24 @@ class Statements:
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
             for table in (sessions, namespaces, expired_sids, files, file_chunks, tasks, workers)
         }
+        # PostgreSQL: each silo table's size on disk and its dead rows, for operators
+        # watching bloat (``flask silo-db stats``). Sizes include TOAST; indexes apart.
+        self.table_health = (
+            prepare(
+                "table_health",
+                text(
+                    "SELECT s.relname, pg_table_size(s.relid), pg_indexes_size(s.relid),"
+                    " s.n_live_tup, s.n_dead_tup, s.n_tup_upd, s.n_tup_hot_upd,"
+                    " greatest(s.last_vacuum, s.last_autovacuum)"
+                    " FROM pg_stat_user_tables s"
+                    " WHERE s.relid IN (SELECT c.oid FROM pg_class c"
+                    " WHERE c.relname = ANY(:names) AND pg_table_is_visible(c.oid))"
+                    " ORDER BY s.relname"
+                ).bindparams(bindparam("names", type_=pg.ARRAY(String()))),
+            )
+            if postgresql
+            else None
+        )
 
         # -- idempotency keys -----------------------------------------------------
         keys = idempotency_keys
