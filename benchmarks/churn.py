@@ -7,7 +7,7 @@ client, the store's clock moved forward by the simulation) on a private PostgreS
 server:
 
 * clients arrive evenly over the day; each stays active for 30 to 240 minutes, sends a
-  request every 2 to 10 minutes (a namespace write; every fifth an idempotent ``POST``
+  request every 1 to 5 minutes (a namespace write; every fifth an idempotent ``POST``
   with a new key; every twentieth starts a short background task), then leaves, so its
   session expires one TTL (1 h) later;
 * the sweep runs every simulated minute, as the cleanup daemon would;
@@ -15,7 +15,9 @@ server:
   thousandfold); its thresholds are the defaults, or the tables' own storage settings.
 
 At the end it reports, for each silo table: heap and index sizes against the size of the
-live rows (``sum(pg_column_size(row))``), live and dead tuples, updates and the share of
+live rows (``sum(pg_column_size(row))``) and against the same table packed afresh
+(``VACUUM FULL``, the floor any table of those rows has: at a few hundred sessions, pages
+and index roots weigh more than the rows), live and dead tuples, updates and the share of
 them that were HOT. The run is made twice: as is, and with another connection holding a
 transaction (with a snapshot) open for the whole run, as a forgotten ``BEGIN`` in a
 ``psql`` window would; that one is reported as it is.
@@ -148,7 +150,7 @@ def simulate(url: str, clients: int, hours: float, seed: int) -> int:
             if answer.status_code != 200:
                 raise SystemExit(f"{path}: {answer.status_code} {answer.get_data(as_text=True)}")
             client.sid = answer.headers["X-Session-ID"]
-            client.next_at = now + rng.uniform(2, 10) * MINUTE
+            client.next_at = now + rng.uniform(1, 5) * MINUTE
             sent += 1
         silo.store.sweep()
         now += MINUTE
@@ -168,7 +170,21 @@ def held_transaction(url: str, hold: bool) -> Iterator[None]:
         conn.rollback()
 
 
-def report(url: str) -> list[dict[str, Any]]:
+def compact_sizes(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Each table's heap plus indexes once rewritten packed (``VACUUM FULL``): its floor."""
+    sizes = {}
+    for table in TABLES:
+        conn.execute(f"VACUUM FULL {table}")
+        row = conn.execute(
+            "SELECT pg_relation_size(%s::regclass) + pg_indexes_size(%s::regclass)",
+            (table, table),
+        ).fetchone()
+        assert row is not None
+        sizes[table] = int(row[0])
+    return sizes
+
+
+def report(url: str, hold: bool) -> list[dict[str, Any]]:
     time.sleep(1.5)  # PostgreSQL publishes a backend's table statistics at most once a second
     rows = []
     with psycopg.connect(url, autocommit=True) as conn:
@@ -199,6 +215,9 @@ def report(url: str) -> list[dict[str, Any]]:
                     "autovacuums": autovacuums,
                 }
             )
+        if not hold:  # VACUUM FULL would wait for the held transaction
+            for row, floor in zip(rows, compact_sizes(conn).values(), strict=True):
+                row["compact"] = floor
     return rows
 
 
@@ -209,16 +228,19 @@ def kib(n: int) -> str:
 def print_table(title: str, rows: list[dict[str, Any]], sent: int, seconds: float) -> None:
     print(f"\n### {title}: {sent:,} requests in {seconds:.0f} s\n")
     print(
-        "| table | rows | live data KiB | heap KiB | indexes KiB | (heap+idx)/live | dead "
-        "| updates | HOT | autovacuums |"
+        "| table | rows | live data KiB | heap KiB | indexes KiB | (heap+idx)/live "
+        "| (heap+idx)/packed | dead | updates | HOT | autovacuums |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = (r["heap"] + r["index"]) / r["live_bytes"] if r["live_bytes"] else float("nan")
+        total = r["heap"] + r["index"]
+        ratio = total / r["live_bytes"] if r["live_bytes"] else float("nan")
+        packed = f"{total / r['compact']:.1f}" if r.get("compact") else "-"
         hot = f"{100 * r['hot'] / r['updates']:.0f} %" if r["updates"] else "-"
         print(
             f"| {r['table']} | {r['rows']:,} | {kib(r['live_bytes'])} | {kib(r['heap'])} "
-            f"| {kib(r['index'])} | {ratio:.1f} | {r['dead']:,} | {r['updates']:,} | {hot} "
+            f"| {kib(r['index'])} | {ratio:.1f} | {packed} | {r['dead']:,} | {r['updates']:,} "
+            f"| {hot} "
             f"| {r['autovacuums']} |"
         )
 
@@ -254,7 +276,7 @@ def main() -> None:
             with held_transaction(raw, hold):
                 sent = simulate(url, args.clients, args.hours, args.seed)
                 seconds = time.perf_counter() - began
-                rows = report(raw)
+                rows = report(raw, hold)
             title = "with a transaction held open" if hold else "no transaction held"
             print_table(title, rows, sent, seconds)
     finally:
