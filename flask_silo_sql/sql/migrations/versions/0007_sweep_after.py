@@ -14,8 +14,8 @@ settings: ``fillfactor`` (room for in-place updates) and autovacuum thresholds t
 follow the tables' churn rather than their size. A plain ``ADD COLUMN``, ``UPDATE``
 and ``CREATE INDEX``: no table is rebuilt, and ``--sql`` needs no live database.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-07
 """
 
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
