@@ -222,7 +222,10 @@ def fsck(fix: bool, grace: float, no_verify: bool) -> None:
 @with_appcontext
 @_reported
 def stats(as_json: bool) -> None:
-    """Counts of sessions, namespaces, expired SIDs, files, tasks and live task workers."""
+    """Counts of sessions, namespaces, expired SIDs, files, tasks and live task workers.
+
+    On PostgreSQL also each table's size, its indexes' size, and its live and dead rows.
+    """
     numbers = _migrated().stats(heartbeat_timeout=_silo().store.heartbeat_timeout)
     if as_json:
         click.echo(json.dumps(numbers, sort_keys=True))
@@ -240,6 +243,24 @@ def stats(as_json: bool) -> None:
             f"  {worker['id']}  {worker['kind']}  running {worker['running']}"
             f"/{worker['concurrency']}  last seen {worker['heartbeat_age']:.1f} s ago"
         )
+    tables = numbers["tables"]
+    if tables:  # PostgreSQL: what the tables hold on disk, for watching bloat
+        click.echo("tables        size      indexes   live rows   dead rows   HOT updates")
+        for name, t in sorted(tables.items()):
+            hot = f"{100 * t['hot_updates'] / t['updates']:.0f} %" if t["updates"] else "-"
+            click.echo(
+                f"  {name:<22}{_size(t['table_bytes']):>8}  {_size(t['index_bytes']):>8}"
+                f"  {t['live_rows']:>10}  {t['dead_rows']:>10}   {hot:>6}"
+            )
+
+
+def _size(n: int) -> str:
+    """*n* bytes, short (``8.0 kB``, ``1.2 MB``)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} TB"
 
 
 TASK_STATUSES = ("queued", "running", "retrying", "failed", "complete")

@@ -167,16 +167,23 @@ def age_sessions(engine: Engine, sids: list[str], seconds: float) -> None:
     back = dt.timedelta(seconds=seconds)
     with engine.begin() as conn:
         rows = conn.execute(
-            select(sessions.c.sid, sessions.c.last_active, sessions.c.expires_at).where(
-                sessions.c.sid.in_(sids)
-            )
+            select(
+                sessions.c.sid,
+                sessions.c.last_active,
+                sessions.c.expires_at,
+                sessions.c.sweep_after,
+            ).where(sessions.c.sid.in_(sids))
         ).all()
         assert len(rows) == len(sids)
-        for sid, last_active, expires_at in rows:
+        for sid, last_active, expires_at, sweep_after in rows:
             conn.execute(
                 update(sessions)
                 .where(sessions.c.sid == sid)
-                .values(last_active=last_active - back, expires_at=expires_at - back)
+                .values(
+                    last_active=last_active - back,
+                    expires_at=expires_at - back,
+                    sweep_after=sweep_after - back,
+                )
             )
 
 
@@ -439,7 +446,18 @@ def test_stats_on_an_empty_schema(app_module: AppModule, migrated: Engine) -> No
     app = app_module.create_app()
     result = invoke(app, "stats", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {
+    numbers = json.loads(result.stdout)
+    tables = numbers.pop("tables")
+    # PostgreSQL: each silo table's size and rows, for watching bloat; SQLite: none.
+    assert set(tables) == (set(SILO_TABLES) if migrated.dialect.name == "postgresql" else set())
+    for health in tables.values():
+        assert health["table_bytes"] >= 0
+        assert health["index_bytes"] > 0  # every silo table has its primary key
+        assert set(health) == {
+            "table_bytes", "index_bytes", "live_rows", "dead_rows", "updates",
+            "hot_updates", "last_vacuum",
+        }
+    assert numbers == {
         "sessions": 0,
         "namespaces": 0,
         "expired_sids": 0,
@@ -480,7 +498,12 @@ def test_stats_reports_counts(app_module: AppModule, migrated: Engine) -> None:
 
     result = invoke(app, "stats", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {
+    numbers = json.loads(result.stdout)
+    tables = numbers.pop("tables")
+    if migrated.dialect.name == "postgresql":
+        assert tables["silo_sessions"]["table_bytes"] > 0
+        assert tables["silo_files"]["table_bytes"] > 0
+    assert numbers == {
         "sessions": 2,
         "namespaces": 2,
         "expired_sids": 1,
@@ -491,7 +514,13 @@ def test_stats_reports_counts(app_module: AppModule, migrated: Engine) -> None:
     }
 
     text = invoke(app, "stats").stdout.splitlines()
-    table = {line.split()[0]: line.split(None, 1)[1] for line in text}
+    sizes = text[text.index(next(t for t in text if t.startswith("tables"))) :] if tables else []
+    counts = text[: len(text) - len(sizes)]
+    table = {line.split()[0]: line.split(None, 1)[1] for line in counts}
+    if tables:
+        assert sizes[0].split() == ["tables", "size", "indexes", "live", "rows", "dead", "rows",
+                                    "HOT", "updates"]
+        assert sorted(line.split()[0] for line in sizes[1:]) == sorted(SILO_TABLES)
     assert table == {
         "sessions": "2",
         "namespaces": "2",

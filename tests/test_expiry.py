@@ -148,7 +148,16 @@ def seed(
     with engine.begin() as conn:
         conn.execute(
             insert(sessions),
-            [{"sid": s, "created_at": when, "last_active": when, "expires_at": due} for s in sids],
+            [
+                {
+                    "sid": s,
+                    "created_at": when,
+                    "last_active": when,
+                    "expires_at": due,
+                    "sweep_after": due,
+                }
+                for s in sids
+            ],
         )
         rows = [
             {"sid": s, "name": n, "data": {"owner": s}, "version": 1, "updated_at": when}
@@ -312,6 +321,37 @@ def test_sweep_cost_follows_the_idle_sessions_not_the_live_ones(
     assert len(result.expired) == 12
     assert result.batches == math.ceil(12 / 5)
     assert storage.session_count() == 300
+
+
+def test_a_touch_leaves_the_sweeps_index_alone_until_its_bound_has_passed(
+    storage: SQLStorage, store: SessionStore, clock: Clock, observer: Engine
+) -> None:
+    """Touches write no indexed column (HOT on PostgreSQL); the sweep still expires on time.
+
+    The sweep's bound (``sweep_after``) moves only once it has passed: a touch
+    then, or the sweep finding the session still alive. ``expires_at`` always
+    says when the session expires, and only it decides.
+    """
+    sid = store.generate_sid()
+    clock.now = T0
+    write_state(store, sid, "a")
+    first = column(observer, sessions.c.sweep_after, sid=sid)
+    assert first == column(observer, sessions.c.expires_at, sid=sid)
+
+    clock.now = T0 + 3 * store.touch_interval
+    store.touch(sid)
+    assert column(observer, sessions.c.sweep_after, sid=sid) == first  # not rewritten
+    expires = column(observer, sessions.c.expires_at, sid=sid)
+    assert expires > first
+
+    clock.now = T0 + expire_after(store) + 1  # past the bound, not the expiry
+    assert store.sweep().expired == []
+    assert column(observer, sessions.c.sweep_after, sid=sid) == expires  # moved up by the sweep
+    assert storage.has_session(sid)
+
+    clock.now = T0 + 3 * store.touch_interval + expire_after(store) + 1
+    assert store.sweep().expired == [sid]
+    assert store.is_expired(sid)
 
 
 # -- busy sessions --------------------------------------------------------------------------
@@ -488,8 +528,13 @@ def test_busy_check_vetoes_only_candidates_and_may_read_the_store(
         conn.execute(
             insert(namespaces),
             [
-                {"sid": s, "name": "job", "data": {"busy": True}, "version": 1,
-                 "updated_at": at(T0)}
+                {
+                    "sid": s,
+                    "name": "job",
+                    "data": {"busy": True},
+                    "version": 1,
+                    "updated_at": at(T0),
+                }
                 for s in vetoed
             ],
         )
@@ -817,4 +862,3 @@ def test_cli_cleanup_and_stats(url: str, tmp_path: Path, clock: Clock) -> None:
         assert re.match(r"expired 0 session\(s\)", again.stdout.strip()), again.stdout
     finally:
         h.close()
-

@@ -406,7 +406,11 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         """Columns that lead an index (so the index serves range scans on them)."""
         return {ix["column_names"][0] for ix in inspector.get_indexes(table)}
 
-    assert "expires_at" in leading_index_columns("silo_sessions")
+    # The session's own expiry, and the sweep's index on a lower bound of it.
+    assert {"expires_at", "sweep_after"} <= {
+        c["name"] for c in inspector.get_columns("silo_sessions")
+    }
+    assert "sweep_after" in leading_index_columns("silo_sessions")
     assert "expired_at" in leading_index_columns("silo_expired_sids")
     assert "heartbeat_at" in leading_index_columns("silo_workers")
 

@@ -169,6 +169,12 @@ class Statements:
         now = _ts("now")
         expires = _ts("expires")
         data = json_text(bindparam("data", type_=Text()))
+        # A touch moves the sweep's bound only once it has passed (or to keep it at most
+        # expires_at): most touches change no indexed column, a HOT update on PostgreSQL.
+        sweep_after = case(
+            (or_(sessions.c.sweep_after < now, expires < sessions.c.sweep_after), expires),
+            else_=sessions.c.sweep_after,
+        )
 
         # -- sessions and namespaces ---------------------------------------------
         key = select(cast(sid, String(SID_LENGTH)).label("sid")).subquery("k")
@@ -219,14 +225,14 @@ class Statements:
             "touch",
             update(sessions)
             .where(sessions.c.sid == sid)
-            .values(last_active=now, expires_at=expires)
+            .values(last_active=now, expires_at=expires, sweep_after=sweep_after)
             .returning(sessions.c.created_at),
         )
         self.touch_stale = prepare(
             "touch_stale",
             update(sessions)
             .where(sessions.c.sid == sid, sessions.c.last_active <= _ts("stale_before"))
-            .values(last_active=now, expires_at=expires),
+            .values(last_active=now, expires_at=expires, sweep_after=sweep_after),
         )
         # A new session, unless its SID was expired after :since (while the
         # request that would create it ran: that request must not bring it back).
@@ -234,8 +240,8 @@ class Statements:
             "create",
             insert(sessions)
             .from_select(
-                ["sid", "created_at", "last_active", "expires_at"],
-                select(sid, now, now, expires).where(
+                ["sid", "created_at", "last_active", "expires_at", "sweep_after"],
+                select(sid, now, now, expires, expires).where(
                     ~exists().where(
                         expired_sids.c.sid == sid,
                         expired_sids.c.expired_at > _ts("since"),
@@ -300,6 +306,7 @@ class Statements:
             created_at=_ts("created_at"),
             last_active=_ts("last_active"),
             expires_at=expires,
+            sweep_after=expires,
         )
         self.upsert_session = prepare(
             "upsert_session",
@@ -308,6 +315,13 @@ class Statements:
                 set_={
                     "last_active": session_upsert.excluded.last_active,
                     "expires_at": session_upsert.excluded.expires_at,
+                    "sweep_after": case(
+                        (
+                            session_upsert.excluded.expires_at < sessions.c.sweep_after,
+                            session_upsert.excluded.expires_at,
+                        ),
+                        else_=sessions.c.sweep_after,
+                    ),
                 },
             ),
         )
@@ -315,9 +329,13 @@ class Statements:
         self.copy_session = prepare(
             "copy_session",
             insert(sessions).from_select(
-                ["sid", "created_at", "last_active", "expires_at"],
+                ["sid", "created_at", "last_active", "expires_at", "sweep_after"],
                 select(
-                    new_sid, sessions.c.created_at, sessions.c.last_active, sessions.c.expires_at
+                    new_sid,
+                    sessions.c.created_at,
+                    sessions.c.last_active,
+                    sessions.c.expires_at,
+                    sessions.c.sweep_after,
                 ).where(sessions.c.sid == sid),
             ),
         )
@@ -366,17 +384,29 @@ class Statements:
         running_task = exists().where(
             tasks.c.sid == sessions.c.sid, live_task(now, _ts("heartbeat_cutoff"))
         )
-        after = tuple_(sessions.c.expires_at, sessions.c.sid) > tuple_(
+        # Candidates come by the sweep's bound; each one's expires_at decides. Those
+        # still alive get their bound moved up to their expiry, once per lifetime.
+        after = tuple_(sessions.c.sweep_after, sessions.c.sid) > tuple_(
             _ts("after_ts"), bindparam("after_sid", type_=String())
         )
         due = (
-            select(sessions.c.sid, sessions.c.expires_at)
-            .where(sessions.c.expires_at < now, ~running_task)
-            .order_by(sessions.c.expires_at, sessions.c.sid)
+            select(sessions.c.sid, sessions.c.sweep_after, sessions.c.expires_at < now)
+            .where(sessions.c.sweep_after < now, ~running_task)
+            .order_by(sessions.c.sweep_after, sessions.c.sid)
             .limit(bindparam("batch_size", type_=Integer()))
         )
         self.sweep_first = prepare("sweep_first", due)
         self.sweep_candidates = prepare("sweep_candidates", due.where(after))
+        self.sweep_defer = prepare(
+            "sweep_defer",
+            update(sessions)
+            .where(
+                in_list(sessions.c.sid, "sids"),
+                sessions.c.sweep_after < now,
+                sessions.c.expires_at >= now,
+            )
+            .values(sweep_after=sessions.c.expires_at),
+        )
         self.sweep_expire: Prepared | None = None
         self.sweep_delete: Prepared | None = None
         self.mark_expired_many: Prepared | None = None
@@ -967,6 +997,24 @@ class Statements:
             table.name: prepare(f"count_{table.name}", select(func.count()).select_from(table))
             for table in (sessions, namespaces, expired_sids, files, file_chunks, tasks, workers)
         }
+        # PostgreSQL: each silo table's size on disk and its dead rows, for operators
+        # watching bloat (``flask silo-db stats``). Sizes include TOAST; indexes apart.
+        self.table_health = (
+            prepare(
+                "table_health",
+                text(
+                    "SELECT s.relname, pg_table_size(s.relid), pg_indexes_size(s.relid),"
+                    " s.n_live_tup, s.n_dead_tup, s.n_tup_upd, s.n_tup_hot_upd,"
+                    " greatest(s.last_vacuum, s.last_autovacuum)"
+                    " FROM pg_stat_user_tables s"
+                    " WHERE s.relid IN (SELECT c.oid FROM pg_class c"
+                    " WHERE c.relname = ANY(:names) AND pg_table_is_visible(c.oid))"
+                    " ORDER BY s.relname"
+                ).bindparams(bindparam("names", type_=pg.ARRAY(String()))),
+            )
+            if postgresql
+            else None
+        )
 
         # -- idempotency keys -----------------------------------------------------
         keys = idempotency_keys

@@ -26,6 +26,7 @@ from .disk import SQLiteDisk, database_file
 from .engine import DEFAULT_TIMEOUT_S, make_engine, normalise_url
 from .executor import Connector, ExecutorMode, StatementHook
 from .host import HostExecutor, HostSessions, HostTransaction, host_sessions
+from .models import SILO_TABLES
 from .statements import Statements
 from .sweep import prune
 
@@ -339,6 +340,11 @@ class SQLStorage(SiloStorage):
             file_bytes = int(ex.run(st.all_file_bytes, {}).scalar() or 0)
             stale_before = {"stale_before": v.time(now - heartbeat_timeout)}
             live = ex.run(st.live_workers, stale_before).rows
+            health = (
+                ex.run(st.table_health, {"names": sorted(SILO_TABLES)}).rows
+                if st.table_health is not None
+                else []
+            )
         workers = [
             {
                 "id": wid,
@@ -360,4 +366,17 @@ class SQLStorage(SiloStorage):
             "file_bytes": file_bytes,
             "tasks": by_status,
             "workers": workers,
+            "tables": {
+                name: {
+                    "table_bytes": int(table_bytes),
+                    "index_bytes": int(index_bytes),
+                    "live_rows": int(live_rows),
+                    "dead_rows": int(dead_rows),
+                    "updates": int(updates),
+                    "hot_updates": int(hot),
+                    "last_vacuum": None if vacuumed is None else v.unix(vacuumed),
+                }
+                for name, table_bytes, index_bytes, live_rows, dead_rows, updates, hot, vacuumed
+                in health
+            },
         }

@@ -1,11 +1,14 @@
 """The expiry sweep: due sessions deleted in batches, each batch one short transaction.
 
-Candidates come through the ``(expires_at, sid)`` index in keyset order, so a
+Candidates come through the ``(sweep_after, sid)`` index in keyset order, so a
 sweep's cost follows the number of due sessions, not of live ones, and each
 batch holds its locks briefly. Each session's own ``expires_at`` (written by
 the app that touched it) decides, so apps with different TTLs share a
-database. A session with a running task whose heartbeat is fresh is not a
-candidate; the busy check may veto more (it is called outside any
+database. ``sweep_after`` is a lower bound of ``expires_at`` that a touch moves
+only once it has passed (so most touches change no indexed column and are
+updated in place on PostgreSQL): a candidate still alive has its bound moved up
+to its ``expires_at``, once per lifetime. A session with a running task whose
+heartbeat is fresh is not a candidate; the busy check may veto more (it is called outside any
 transaction). The delete re-checks ``expires_at`` (a request may have touched
 the session since it was listed) and, on PostgreSQL, skips rows a request
 holds locked. Deleted SIDs are recorded as expired in the same transaction, and
@@ -53,8 +56,12 @@ def sweep(
         if not rows:
             break
         after = (rows[-1][1], rows[-1][0])
-        candidates = [row[0] for row in rows]
-        busy = is_busy(candidates) if is_busy is not None else set()
+        candidates = [row[0] for row in rows if row[2]]
+        alive = [row[0] for row in rows if not row[2]]
+        if alive and not dry_run:
+            with connector.executor() as ex:
+                ex.run(st.sweep_defer, {"sids": st.values.sids(alive), "now": params["now"]})
+        busy = is_busy(candidates) if is_busy is not None and candidates else set()
         result.skipped_busy += len(busy)
         chosen = [sid for sid in candidates if sid not in busy]
         result.batches += 1
