@@ -21,6 +21,9 @@ from .errors import (
     InsufficientStorage,
     InvalidFilename,
     NamespaceError,
+    NamespaceTaken,
+    OutsideApiPrefix,
+    RegisteredTooLate,
     RequestBodyIncomplete,
     ResponseNotStorable,
     SchemaError,
@@ -33,6 +36,7 @@ from .errors import (
     StorageUnavailable,
     TaskAlreadyRunning,
     TaskLeaseLost,
+    ViewDecoratorOrder,
 )
 from .ext import Silo
 from .file_parts import StoredFile
@@ -65,6 +69,9 @@ __all__ = [
     "InsufficientStorage",
     "InvalidFilename",
     "NamespaceError",
+    "NamespaceTaken",
+    "OutsideApiPrefix",
+    "RegisteredTooLate",
     "RequestBodyIncomplete",
     "ResponseNotStorable",
     "SQLStorage",
@@ -84,6 +91,7 @@ __all__ = [
     "TaskLeaseLost",
     "TaskRunner",
     "TaskState",
+    "ViewDecoratorOrder",
     "__version__",
     "alembic_include_name",
     "alembic_include_object",
