@@ -63,7 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
         "str",
         "The `message` of the `410` answer to an expired client on a data endpoint (the "
         '`error` stays `"session_expired"`): your words, in your users\' language. The default '
-        "is flask-silo's. See [Expiry](expiry.md).",
+        "is flask-silo's. See [Expiry](expiry.md) and [Errors](errors.md).",
     ),
     Setting(
         "SILO_TOUCH_INTERVAL",
