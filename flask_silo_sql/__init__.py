@@ -22,6 +22,9 @@ from .errors import (
     InsufficientStorage,
     InvalidFilename,
     NamespaceError,
+    NamespaceTaken,
+    OutsideApiPrefix,
+    RegisteredTooLate,
     RequestBodyIncomplete,
     ResponseNotStorable,
     SchemaError,
@@ -35,6 +38,7 @@ from .errors import (
     StorageUnavailable,
     TaskAlreadyRunning,
     TaskLeaseLost,
+    ViewDecoratorOrder,
 )
 from .ext import Silo
 from .file_parts import StoredFile
@@ -68,6 +72,9 @@ __all__ = [
     "InsufficientStorage",
     "InvalidFilename",
     "NamespaceError",
+    "NamespaceTaken",
+    "OutsideApiPrefix",
+    "RegisteredTooLate",
     "RequestBodyIncomplete",
     "ResponseNotStorable",
     "SQLStorage",
@@ -88,6 +95,7 @@ __all__ = [
     "TaskLeaseLost",
     "TaskRunner",
     "TaskState",
+    "ViewDecoratorOrder",
     "__version__",
     "alembic_include_name",
     "alembic_include_object",

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, g, has_request_context, request
 
 from .backends import Unit
 from .cleanup import CleanupDaemon
+from .errors import OutsideApiPrefix
 from .idempotency import Claim, IdempotencyRecords
 from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid
@@ -40,6 +41,11 @@ class SiloApp:
     def __init__(self, silo: object, app: Flask, store: SessionStore) -> None:
         self.silo = silo
         self.store = store
+        self.api_prefix: str = getattr(silo, "_api_prefix", "/")
+        self.view_functions = app.view_functions
+        """The app's views (for the check of decorators put above a route's)."""
+        self.served = False
+        """The app has begun serving requests (namespaces can no longer be registered)."""
         self.config = config = app.config
         self.locking = bool(config["SILO_LOCKING"])
         self.sid_keys: list[bytes] = []
@@ -140,8 +146,15 @@ class RequestState:
 
 
 def current_request() -> RequestState:
-    """The current API request's state (a RuntimeError outside one)."""
+    """The current API request's state (a RuntimeError outside one; in a request
+    outside ``api_prefix``, an :class:`OutsideApiPrefix` naming the path and the prefix)."""
     state: RequestState | None = g.get(REQUEST_KEY) if g else None
     if state is None:
+        if has_request_context():
+            app_state = current_app.extensions.get("silo")
+            if isinstance(app_state, SiloApp) and not request.path.startswith(
+                app_state.api_prefix
+            ):
+                raise OutsideApiPrefix(request.path, app_state.api_prefix)
         raise RuntimeError(NO_REQUEST)
     return state

@@ -20,6 +20,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from .app_state import SiloApp
+from .cli_errors import COMMAND_ERRORS, one_line
 from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, Silo
 from .files import fsck as check_files
@@ -52,8 +53,6 @@ def _migrated() -> SQLStorage:
             f"the silo database has {rev}, this version needs {exc.head}: "
             "run `flask silo-db upgrade`"
         ) from None
-    except SiloError as exc:
-        raise click.ClickException(str(exc)) from None
     return storage
 
 
@@ -61,14 +60,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _reported(command: F) -> F:
-    """A silo error (the database unreachable, say) ends the command with one line, exit 1."""
+    """A silo error, a database error (unreachable, a wrong password) or a migration
+    error ends the command with one ``Error:`` line, exit status 1."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except SiloError as exc:
-            raise click.ClickException(str(exc)) from None
+        except (SiloError, *COMMAND_ERRORS) as exc:
+            cause = getattr(exc, "original", None) or exc  # StorageUnavailable keeps it
+            if not isinstance(cause, COMMAND_ERRORS):
+                raise click.ClickException(str(exc)) from None
+            storage = _silo().store.storage
+            url = storage.engine.url if isinstance(storage, SQLStorage) else None
+            raise click.ClickException(one_line(cause, url)) from None
 
     return cast(F, run)
 
@@ -96,7 +101,15 @@ def upgrade(revision: str, sql: bool) -> None:
 @with_appcontext
 @_reported
 def downgrade(revision: str, sql: bool) -> None:
-    """Migrate the silo tables down to REVISION (`base` drops them all)."""
+    """Migrate the silo tables down to REVISION (`base` drops them all).
+
+    With --sql, REVISION is a range FROM:TO (the SQL from one revision down to another).
+    """
+    if sql and ":" not in revision:
+        raise click.ClickException(
+            "downgrade --sql prints the SQL between two revisions, so it needs them as "
+            f"<from>:<to>, e.g. `flask silo-db downgrade {schema.head()}:{revision} --sql`"
+        )
     schema.downgrade(_storage().engine, revision, sql=sql)
 
 

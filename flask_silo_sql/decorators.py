@@ -47,6 +47,7 @@ from .idempotency import (
     parse_key,
     storable_headers,
 )
+from .setup_checks import wrapping
 
 
 class Extension(Protocol):
@@ -97,6 +98,7 @@ def idempotent_view(silo: Extension, view: View, options: IdempotentOptions) -> 
     """*view*, run at most once per Idempotency-Key (see the module docstring)."""
     if silo._apps and all(isinstance(a.store.backend, MemoryBackend) for a in silo._apps):
         raise IdempotencyUnsupported()
+    wrapping(silo._apps, view, "idempotent")  # not above @app.route
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -107,6 +109,7 @@ def idempotent_view(silo: Extension, view: View, options: IdempotentOptions) -> 
 
 def locked_view(silo: Extension, view: View) -> View:
     """*view* with its session locked from its start to the response (``lock=True``)."""
+    wrapping(silo._apps, view, "locked")  # not above @app.route
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -541,3 +541,87 @@ class ResponseNotStorable(SiloError, TypeError):
             "send_file, ...), which cannot be stored for a replay: return the body whole, or "
             "remove @silo.idempotent. Its changes were not saved."
         )
+
+
+class OutsideApiPrefix(SiloError, RuntimeError):
+    """Session state was asked for in a request whose path is not under ``api_prefix``.
+
+    Only API requests have a session: the route must move under the prefix, or the
+    prefix must cover the route (``Silo(api_prefix=...)``). A ``RuntimeError``.
+    """
+
+    slug = "outside_api_prefix"
+
+    def __init__(self, path: str, api_prefix: str) -> None:
+        self.path = path
+        self.api_prefix = api_prefix
+        shown = path if len(path) <= 200 else path[:200] + "…"
+        super().__init__(
+            f"No session in this request: its path {shown!r} is not under api_prefix "
+            f"{api_prefix!r}, and only requests under it take part (silo.state(), silo.sid). "
+            f"Move the route under {api_prefix!r}, or give Silo(api_prefix=...) a prefix "
+            "that covers it (api_prefix='/' includes every path)."
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"path": self.path, "api_prefix": self.api_prefix}
+
+
+class NamespaceTaken(NamespaceError):
+    """``silo.register()`` of a namespace that is registered already.
+
+    Two factories for one name would leave it to the order of imports which one a
+    session gets; ``register(name, factory, replace=True)`` replaces it on purpose.
+    """
+
+    slug = "namespace_taken"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        SiloError.__init__(
+            self,
+            f"Namespace '{namespace}' is already registered: use another name, or "
+            f"register('{namespace}', factory, replace=True) to replace its factory.",
+        )
+
+
+class RegisteredTooLate(NamespaceError):
+    """``silo.register()`` after an app of the Silo served its first request.
+
+    Every process of the app must know every namespace before it serves: one
+    registered later exists in the processes that ran that code and in no other.
+    """
+
+    slug = "namespace_registered_too_late"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        SiloError.__init__(
+            self,
+            f"Namespace '{namespace}' is registered after the app served its first request: "
+            "register every namespace while the app is set up (where the routes are "
+            "defined), so that every worker process knows it before it serves.",
+        )
+
+
+class ViewDecoratorOrder(SiloError, TypeError):
+    """``@silo.idempotent`` (or ``@silo.locked``) written above the route decorator.
+
+    Flask registered the undecorated function, so the silo decorator would never
+    run; it must sit below ``@app.route`` / ``@app.post`` (it is raised at once, or
+    when the app starts serving). A ``TypeError``.
+    """
+
+    slug = "view_decorator_order"
+
+    def __init__(self, decorator: str, view: str) -> None:
+        self.decorator = decorator
+        self.view = view
+        super().__init__(
+            f"@silo.{decorator} is above the route decorator of view {view!r}: Flask "
+            f"registered the function without it, so @silo.{decorator} would never run. "
+            "Put it below the route decorator:\n\n"
+            '    @app.post("/api/...")\n'
+            f"    @silo.{decorator}{'()' if decorator == 'idempotent' else ''}\n"
+            f"    def {view}(): ..."
+        )

@@ -28,7 +28,15 @@ from flask import Config, Flask, Response, current_app, g, has_app_context, json
 
 from .app_state import REQUEST_KEY, RequestState, SiloApp, current_request
 from .decorators import IdempotentOptions, idempotent_view, locked_view
-from .errors import SchemaError, SessionExpired, SiloError, StorageUnavailable
+from .errors import (
+    EXPIRED_MESSAGE,
+    NamespaceTaken,
+    RegisteredTooLate,
+    SchemaError,
+    SessionExpired,
+    SiloError,
+    StorageUnavailable,
+)
 from .file_backends import check_backend
 from .file_parts import Backend
 from .files import FileStore
@@ -41,6 +49,7 @@ from .idempotency import (
 )
 from .logs import log_failure
 from .runner import TaskRunner
+from .setup_checks import check_views, first_request
 from .sids import set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
@@ -90,8 +99,10 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_IDEMPOTENCY_MAX_KEYS": DEFAULT_MAX_KEYS,
     "SILO_ATOMIC_ROLLBACK": 500,
     "SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES": DEFAULT_MAX_RESPONSE_BYTES,
+    "SILO_EXPIRED_MESSAGE": EXPIRED_MESSAGE,
 }
-"""Every ``SILO_*`` configuration key and its default (see the README)."""
+"""Every ``SILO_*`` configuration key and its default (described, each, in
+:mod:`flask_silo_sql.settings_table`: the documentation's configuration reference)."""
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -216,6 +227,8 @@ class Silo:
         if secret:
             set_tag_key(secret.encode() if isinstance(secret, str) else bytes(secret))
 
+        check_views(state)  # a silo decorator above a route decorator: refused now
+        app.before_request(functools.partial(first_request, state))
         app.before_request(self._before_request)
         app.after_request(self._after_request)
         app.teardown_request(self._teardown_request)
@@ -327,8 +340,19 @@ class Silo:
 
     # -- registration -----------------------------------------------------------
 
-    def register(self, namespace: str, factory: Callable[[], dict[str, Any]]) -> None:
-        """Register a namespace and the factory of its default state."""
+    def register(
+        self, namespace: str, factory: Callable[[], dict[str, Any]], *, replace: bool = False
+    ) -> None:
+        """Register a namespace and the factory of its default state.
+
+        A name registered already raises :class:`NamespaceTaken` unless *replace*
+        (flask-silo replaced it silently), and so does any registration once an app
+        of this Silo has served a request (:class:`RegisteredTooLate`).
+        """
+        if any(state.served for state in self._apps):
+            raise RegisteredTooLate(namespace)
+        if not replace and namespace in self._first.registry.factories:
+            raise NamespaceTaken(namespace)
         self._first.register_namespace(namespace, factory)
 
     def add_file_store(
@@ -596,7 +620,10 @@ class Silo:
         status = exc.http_status
         if exc.logged or status >= 500:
             logger.error("%s", exc)
-        response = jsonify(exc.body())
+        body = exc.body()
+        if isinstance(exc, SessionExpired):  # the app's words (SILO_EXPIRED_MESSAGE)
+            body["message"] = current_app.config.get("SILO_EXPIRED_MESSAGE") or EXPIRED_MESSAGE
+        response = jsonify(body)
         response.headers.update(exc.headers())
         return response, status
 

@@ -59,6 +59,13 @@ SETTINGS: tuple[Setting, ...] = (
         "PostgreSQL, `connect_timeout=5`, `pool_size=10`, `pool_timeout=10`.",
     ),
     Setting(
+        "SILO_EXPIRED_MESSAGE",
+        "str",
+        "The `message` of the `410` answer to an expired client on a data endpoint (the "
+        '`error` stays `"session_expired"`): your words, in your users\' language. The default '
+        "is flask-silo's. See [Expiry](expiry.md) and [Errors](errors.md).",
+    ),
+    Setting(
         "SILO_TOUCH_INTERVAL",
         "float (seconds) | None",
         "Seconds between two `last_active` writes of one session. `None`: `min(60, ttl / 20)` "

@@ -157,11 +157,16 @@ class TaskState:
     """A durable run waiting to be claimed: ``"queued"`` or ``"retrying"``."""
     retry_at: float | None = None
     """When a retrying run may start again (Unix seconds, the storage's clock)."""
+    queued_for: float | None = None
+    """A queued durable run, as read from its row: seconds since it was queued."""
+    workers: int | None = None
+    """With ``queued_for``: the processes alive to run it (0: none, it waits)."""
 
     def to_dict(self, *, max_logs: int = 50) -> dict[str, Any]:
         """JSON-ready dict with the newest *max_logs* log lines.
 
-        A durable run adds ``attempt`` and ``last_error`` to flask-silo's keys.
+        A durable run adds ``attempt`` and ``last_error`` to flask-silo's keys;
+        a queued one read from its row, ``queued_for`` and ``workers`` too.
         """
         body: dict[str, Any] = {
             "running": self.running,
@@ -176,6 +181,9 @@ class TaskState:
         if self.durable:
             body["attempt"] = self.attempt
             body["last_error"] = self.last_error
+            if self.waiting == "queued" and self.queued_for is not None:
+                body["queued_for"] = round(self.queued_for, 1)
+                body["workers"] = self.workers
         return body
 
     @property

@@ -156,7 +156,15 @@ def make_engine(url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, **options
         kwargs["pool_timeout"] = timeout / 2
     connect_args.update(options.pop("connect_args", {}))
     kwargs.update(options)
-    engine = create_engine(parsed, connect_args=connect_args, **kwargs)
+    try:
+        engine = create_engine(parsed, connect_args=connect_args, **kwargs)
+    except ModuleNotFoundError as exc:
+        if sqlite or exc.name != "psycopg":  # the driver the `postgres` extra brings
+            raise
+        raise SiloError(
+            f"{parsed.drivername} needs the {exc.name} package, which is not installed: "
+            'pip install "flask-silo-sql[postgres]" (the PostgreSQL driver, psycopg 3).'
+        ) from None
     if sqlite:
         busy_ms = int(timeout * 1000)
         database = parsed.database or ""

@@ -542,6 +542,7 @@ class Statements:
                 tasks.c.max_attempts,
                 tasks.c.lease_expires_at,
                 tasks.c.checkpoint,
+                tasks.c.run_after,
             ).where(tasks.c.id == task_id, tasks.c.sid == sid),
         )
         lost = {
@@ -718,6 +719,10 @@ class Statements:
             )
             .where(workers.c.heartbeat_at >= stale_before)
             .order_by(workers.c.started_at),
+        )
+        self.count_live_workers = prepare(
+            "count_live_workers",
+            select(func.count()).where(workers.c.heartbeat_at >= stale_before),
         )
 
         # -- file rows ------------------------------------------------------------

@@ -36,6 +36,7 @@ from ..tasks import (
 )
 from .context import Context
 from .executor import Executor
+from .queue_watch import watch_queue
 from .slots import MERGE_ATTEMPTS, Slot, merge_write, pending_text
 from .statements import WAITING, Statements
 
@@ -100,6 +101,8 @@ def claim(
         raise TaskAlreadyRunning(name)
     if durable is not None and durable.queued and st.notify_tasks is not None:
         ex.run(st.notify_tasks, {})  # delivered with the commit: a worker wakes up
+    if durable is not None and durable.queued:
+        watch_queue(home.ctx, ex, now, 0.0)
 
 
 def running_in_session(ex: Executor, st: Statements, sid: str, now: float, policy: Policy) -> bool:
@@ -323,6 +326,7 @@ class SQLTaskHome:
                 max_attempts,
                 lease,
                 _checkpoint,
+                run_after,
             ) = row
             if isinstance(logs, str):
                 logs = v.json(logs)[0]
@@ -344,6 +348,9 @@ class SQLTaskHome:
             )
             now = b.now()
             timeout = self.heartbeat_timeout
+            if durable and status == "queued" and run_after is not None:
+                state.queued_for = max(0.0, now - v.unix(run_after))
+                state.workers = watch_queue(b, ex, now, state.queued_for)
             values = {
                 "id": self.task_id,
                 "sid": self.sid,
