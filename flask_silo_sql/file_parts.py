@@ -14,7 +14,6 @@ import datetime as dt
 import errno
 import fcntl
 import io
-import logging
 import os
 import secrets
 import socket
@@ -33,9 +32,9 @@ from .errors import (
     RequestBodyIncomplete,
     SiloError,
 )
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 TEMP_PREFIX = ".silo-upload-"
 """Names of uploads in progress (files and pending rows); no stored name starts so."""

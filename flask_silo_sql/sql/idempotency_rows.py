@@ -13,7 +13,6 @@ its changes are rolled back with it. A request that fails deletes its claim
 
 from __future__ import annotations
 
-import logging
 import secrets
 from typing import Any, NoReturn
 
@@ -24,11 +23,12 @@ from ..errors import (
     StorageUnavailable,
 )
 from ..idempotency import Claim, Found, KeyRequest, StoredResponse
+from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
 
-logger = logging.getLogger("flask_silo_sql")
+logger = silo_logger("flask_silo_sql")
 
 
 class StagedResponse:
