@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import os
 import secrets
 import shutil
@@ -58,6 +57,7 @@ from .file_parts import (
     CHUNK,
     FREE_SPACE_STEP,
     HEARTBEAT_S,
+    OLD_PREFIX,
     TEMP_PREFIX,
     Backend,
     Bytes,
@@ -78,7 +78,7 @@ from .file_parts import (
     storage_error,
     this_host,
 )
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 from .sids import is_valid_sid
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ if TYPE_CHECKING:
 
     from .file_check import FsckReport
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 OPEN_ATTEMPTS = 3
 """Times a download opens a ``local`` file replaced while it was opened, before a 503."""
@@ -588,18 +588,36 @@ class FileStore:
 
     def cleanup(self, sid: str, *, rows: bool = True) -> None:
         """Remove the session's files: rows first (unless *rows* is False: they went with
-        their session), then its bytes (fsspec objects) and its directory here."""
+        their session), then its bytes (fsspec objects) and its directory here.
+
+        With *rows* (a reset: the session lives on) an upload under way keeps its
+        bytes (its temporary file, its object): its pending row went with the
+        others, so it finds itself interrupted at its commit (``409``) and removes
+        them itself.
+        """
         try:
             directory = self._dir(sid)
         except ValueError:
             return
         records = self.records
-        if records is not None and rows:
-            self._forgotten(records.forget(sid))
-        if self.blobs.kind != "local":
-            self.blobs.remove_session(sid)
-        if os.path.isdir(directory):
-            shutil.rmtree(directory, ignore_errors=True)
+        if records is None or not rows:
+            if self.blobs.kind != "local":
+                self.blobs.remove_session(sid)
+            if os.path.isdir(directory):
+                shutil.rmtree(directory, ignore_errors=True)
+            return
+        self._forgotten([row for row in records.forget(sid) if not row.pending])
+        if not os.path.isdir(directory):
+            return
+        with os.scandir(directory) as entries:
+            for entry in list(entries):
+                if entry.name.startswith(TEMP_PREFIX) and not entry.name.startswith(OLD_PREFIX):
+                    continue  # an upload's own, under way
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
     def cleanup_all(self) -> None:
         """Remove every session's files (rows, bytes, directories here)."""

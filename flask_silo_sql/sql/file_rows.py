@@ -19,7 +19,6 @@ row describing other bytes.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -39,11 +38,12 @@ from ..file_parts import (
     StagedUpload,
     directory_lock,
 )
+from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 
 class StagedFile:
@@ -280,8 +280,12 @@ class SQLFileRecords:
         file_id = upload.reservation.id
         if not upload.still_mine():
             ex.run(st.delete_file_chunks, {"id": file_id})
-            ex.run(st.delete_file_id, {"id": file_id})
-            return
+            if ex.run(st.delete_file_id, {"id": file_id}).first() is not None:
+                return  # a later upload's bytes hold the name: its row wins
+            # Its pending row went before (a reset removed the session's files): interrupted.
+            if ex.run(st.has_session, {"sid": row.sid}).first() is None:
+                raise SessionExpired(row.sid)
+            raise UploadInterrupted(row.filename)
         key = {**self._key(row.sid, row.filename), "id": file_id}
         ex.run(st.delete_replaced_chunks, key)
         replaced = ex.run(st.delete_replaced, key).rows
@@ -437,8 +441,8 @@ class SQLFileRecords:
             ex.run(chunks, values)
             gone = ex.run(rows, values).rows
         return [
-            FileRow(gone_sid, "", 0, "", backend=backend, location=location)
-            for gone_sid, backend, location in gone
+            FileRow(gone_sid, name, 0, "", backend=backend, location=location)
+            for gone_sid, name, backend, location in gone
         ]
 
     def forget_id(self, file_id: int, *, seen: Any = None) -> FileRow | None:

@@ -951,7 +951,7 @@ class Statements:
                     name,
                     delete(files)
                     .where(*where)
-                    .returning(files.c.sid, files.c.backend, files.c.location),
+                    .returning(files.c.sid, files.c.filename, files.c.backend, files.c.location),
                 ),
             )
 
