@@ -12,6 +12,7 @@ import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -120,7 +121,7 @@ def test_a_client_chosen_name_in_an_error_cannot_forge_a_log_line(
     silo.register("cart", lambda: {"items": []})
 
     @app.get("/api/ns")
-    def namespace() -> object:
+    def namespace() -> Any:
         return jsonify(silo.state(request.args["name"]))
 
     forged = "x\nERROR:flask_silo_sql:forged line\r\u2028\x1b[2J"
