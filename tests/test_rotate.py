@@ -67,8 +67,19 @@ def app(silo_url: str, tmp_path: Path) -> Iterator[tuple[Flask, Silo]]:
             holder["pages"] = 12  # the run's result, saved with its state
             task.complete("report ready")
 
-        holder["task"].start(write_report)
+        if request.args.get("durable"):
+            holder["task"].start(durable_report, holder)
+        else:
+            holder["task"].start(write_report)
         return jsonify(ok=True)
+
+    @silo.task(name="durable_report", retries=0)
+    def durable_report(task: BackgroundTask, holder: dict[str, Any]) -> None:
+        task.update(10, "drafting")
+        go.wait(30)
+        task.update(60, "written")
+        holder["pages"] = 12
+        task.complete("report ready")
 
     @app.get("/api/report")
     def report_state() -> Any:
@@ -167,14 +178,17 @@ def test_rotating_a_sid_without_a_session_moves_nothing(app: tuple[Flask, Silo])
     assert not silo.store.exists("never-used-sid-000000000")
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 def test_a_running_task_follows_its_session_through_a_rotation(
-    app: tuple[Flask, Silo],
+    app: tuple[Flask, Silo], durable: bool
 ) -> None:
-    """Its progress, its end and its result land under the new SID (nothing is refused)."""
+    """Its progress, its end and its result land under the new SID (nothing is refused;
+    a durable run keeps its attempt)."""
     flask_app, silo = app
     client = flask_app.test_client()
     old = {HEADER: PLANTED}
-    assert client.post("/api/report", headers=old).status_code == 200
+    query = {"durable": "1"} if durable else {}
+    assert client.post("/api/report", headers=old, query_string=query).status_code == 200
     new = client.post("/api/login", headers=old).headers[HEADER]
     fresh = {HEADER: new}
     flask_app.config["go"].set()  # the run goes on writing, after the rotation
@@ -187,6 +201,8 @@ def test_a_running_task_follows_its_session_through_a_rotation(
     assert body["pages"] == 12
     assert body["task"]["progress"] == 100
     assert body["task"]["message"] == "report ready"
+    if durable:
+        assert body["task"]["attempt"] == 1
     engine = sql_storage(silo.store).engine
     with engine.connect() as conn:
         rows = conn.execute(select(tasks.c.sid, tasks.c.name, tasks.c.status)).all()
