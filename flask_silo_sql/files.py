@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import secrets
 import shutil
@@ -253,9 +254,26 @@ class FileStore:
             with contextlib.suppress(Exception):
                 records.release(row, reservation.id)
             raise
-        with file_errors(self.name, sid, "store a file"):
+        with self._upload_errors(records, row):
             records.stage(upload)
+            if not os.path.lexists(upload.path):  # its session moved meanwhile?
+                raise FileNotFoundError(errno.ENOENT, "stored, then gone", upload.path)
         return upload.path
+
+    @contextlib.contextmanager
+    def _upload_errors(self, records: FileRecords, row: FileRow) -> Iterator[None]:
+        """A file operation of an upload that fails because its session was reset,
+        rotated or expired meanwhile (its directory went or moved): the upload was
+        interrupted (``409``/``410``, as its pending row says), not a storage error."""
+        try:
+            yield
+        except SiloError:
+            raise
+        except OSError as exc:
+            interrupted = records.interrupted(row)
+            if interrupted is not None:
+                raise interrupted from None
+            raise storage_error(exc, self.name, row.sid, "store a file") from None
 
     def _receive(
         self,
@@ -279,7 +297,7 @@ class FileStore:
         size = 0
         checked = 0
         beat = time.monotonic()
-        with file_errors(self.name, sid, "store a file"):
+        with self._upload_errors(records, row):
             sink = self.blobs.sink(row, directory, pending)
         try:
             while True:
@@ -298,9 +316,9 @@ class FileStore:
                     records.reserve(reservation, row, needed=size, target=target, quota=quota)
                     beat = time.monotonic()
                 digest.update(chunk)
-                with file_errors(self.name, sid, "store a file"):
+                with self._upload_errors(records, row):
                     sink.write(chunk)
-            with file_errors(self.name, sid, "store a file"):
+            with self._upload_errors(records, row):
                 sink.finish()
         except BaseException:
             try:

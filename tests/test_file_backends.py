@@ -429,10 +429,12 @@ class HeldBody(io.RawIOBase):
         return self._data.readinto(memoryview(buffer)[:CHUNK])
 
 
-def test_a_reset_during_an_upload_interrupts_it_on_every_backend(
-    machines: Any, backend: Backend, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("operation", ["reset", "rotate"])
+def test_a_reset_or_rotation_during_an_upload_interrupts_it_on_every_backend(
+    machines: Any, backend: Backend, caplog: pytest.LogCaptureFixture, operation: str
 ) -> None:
-    """The upload finds its session reset: a 409 JSON answer, nothing of it kept, no ERROR."""
+    """The upload finds its session reset (``409``) or rotated away (``410``): a JSON
+    answer, nothing of it kept anywhere, no ERROR logged."""
     a: Machine = machines("host-a")
     assert a.put("kept.bin", DATA).status_code == 201
     data = os.urandom(3 * CHUNK)
@@ -452,19 +454,22 @@ def test_a_reset_during_an_upload_interrupts_it_on_every_backend(
     uploader = threading.Thread(target=upload)
     uploader.start()
     assert body.started.wait(30)  # its pending row and its first bytes are in place
-    assert a.client.post("/api/reset", headers={"X-Session-ID": SID}).status_code == 200
+    done = a.client.post(f"/api/{operation}", headers={"X-Session-ID": SID})
+    assert done.status_code == 200
     body.go_on.set()
     uploader.join(30)
     (answer,) = answers
-    assert answer.status_code == 409, answer.get_data(as_text=True)
-    assert answer.get_json()["error"] == "upload_interrupted"
-    assert a.rows() == []
-    assert a.chunks() == 0
-    assert backend.objects() == []
-    assert a.cached() == []
-    assert a.uploads.list_files(SID) == []
+    expected = {"reset": (409, "upload_interrupted"), "rotate": (410, "session_expired")}
+    assert (answer.status_code, answer.get_json()["error"]) == expected[operation]
+    sid = SID if operation == "reset" else done.get_json()["sid"]
+    kept = [] if operation == "reset" else ["kept.bin"]
+    assert [row.filename for row in a.rows()] == kept
+    remote = kept if backend.kind in ("file", "s3") else []
+    assert [o.rsplit("/", 1)[-1] for o in backend.objects()] == remote
+    assert a.uploads.list_files(sid) == kept
+    assert [name for name in a.cached(sid) if "late.bin" in name] == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert a.put("again.bin", DATA).status_code == 201  # the session goes on
+    assert a.put("again.bin", DATA, sid=sid).status_code == 201  # the session goes on
 
 
 # -- limits ------------------------------------------------------------------------------------

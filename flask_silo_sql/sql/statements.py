@@ -798,7 +798,9 @@ class Statements:
             .values(size_bytes=reserve, created_at=now)
             .returning(files.c.size_bytes),
         )
-        self.upload_alive = prepare("upload_alive", select(literal(1)).where(files.c.id == file_id))
+        self.upload_alive = prepare(
+            "upload_alive", select(files.c.sid).where(files.c.id == file_id)
+        )
         self.stale_uploads = prepare(
             "stale_uploads",
             select(
