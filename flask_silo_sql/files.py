@@ -58,7 +58,6 @@ from .file_parts import (
     CHUNK,
     FREE_SPACE_STEP,
     HEARTBEAT_S,
-    OLD_PREFIX,
     TEMP_PREFIX,
     Backend,
     Bytes,
@@ -74,6 +73,7 @@ from .file_parts import (
     _create_temp,
     announced_length,
     declared_size,
+    directory_lock,
     file_errors,
     safe_filename,
     storage_error,
@@ -606,10 +606,13 @@ class FileStore:
 
     def cleanup(self, sid: str, *, rows: bool = True) -> None:
         """Remove the session's files: rows first (unless *rows* is False: they went with
-        their session), then its bytes (fsspec objects) and its directory here.
+        their session), then their bytes (fsspec objects, cached copies) and, for an
+        expired session, its directory here.
 
-        With *rows* (a reset: the session lives on) an upload under way keeps its
-        bytes (its temporary file, its object): its pending row went with the
+        With *rows* (a reset: the session lives on) only the bytes of the rows it
+        forgot go (``local``: under the directory's lock, which an upload holds while
+        it moves its bytes in and writes its row, so one committed meanwhile keeps
+        both). An upload under way keeps its bytes: its pending row went with the
         others, so it finds itself interrupted at its commit (``409``) and removes
         them itself.
         """
@@ -624,18 +627,16 @@ class FileStore:
             if os.path.isdir(directory):
                 shutil.rmtree(directory, ignore_errors=True)
             return
-        self._forgotten([row for row in records.forget(sid) if not row.pending])
-        if not os.path.isdir(directory):
-            return
-        with os.scandir(directory) as entries:
-            for entry in list(entries):
-                if entry.name.startswith(TEMP_PREFIX) and not entry.name.startswith(OLD_PREFIX):
-                    continue  # an upload's own, under way
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
+        local = self.blobs.kind == "local" and os.path.isdir(directory)
+        with directory_lock(directory) if local else contextlib.nullcontext():
+            forgotten = [row for row in records.forget(sid) if not row.pending]
+            self._forgotten(forgotten)
+            if not local:
+                return
+            for row in forgotten:
+                if row.backend == "local" and (row.host is None or row.host == self.host):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+                        os.unlink(os.path.join(directory, row.filename))
 
     def cleanup_all(self) -> None:
         """Remove every session's files (rows, bytes, directories here)."""

@@ -89,7 +89,7 @@ def sweep() -> Any:
 @app.get("/ops/fsck")
 def fsck() -> Any:
     report = uploads.check(grace=0.0)
-    return jsonify(unrecorded=len(report.unrecorded), missing=len(report.missing))
+    return jsonify(unrecorded=report.unrecorded, missing=report.missing)
 
 
 @app.get("/api/status")
