@@ -460,6 +460,8 @@ class SQLFileRecords:
             chunks, rows = st.forget_file
             values = self._key(sid, filename)
         with b.connector.executor() as ex, ex.transaction():
+            if sid is not None:  # not while a rotation moves them (its chunks would go)
+                ops.hold(ex, st, sid, b.times(b.now()))
             ex.run(chunks, values)
             gone = ex.run(rows, values).rows
         return [
