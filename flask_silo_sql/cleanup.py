@@ -6,7 +6,6 @@ session twice, so no coordination between workers is needed.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import TYPE_CHECKING
@@ -14,7 +13,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .store import SessionStore
 
-logger = logging.getLogger("flask_silo_sql.cleanup")
+from .logs import silo_logger
+
+logger = silo_logger("flask_silo_sql.cleanup")
 
 
 class CleanupDaemon:

@@ -48,9 +48,9 @@ def _migrated() -> SQLStorage:
     try:
         schema.check(storage.engine)
     except SchemaError as exc:
-        rev = "no silo schema" if exc.current is None else f"the schema is at {exc.current}"
+        found = "has no silo schema" if exc.current is None else f"is at revision {exc.current}"
         raise click.ClickException(
-            f"the silo database has {rev}, this version needs {exc.head}: "
+            f"the silo database {found}, this version needs revision {exc.head}: "
             "run `flask silo-db upgrade`"
         ) from None
     return storage

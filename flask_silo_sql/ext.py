@@ -17,7 +17,6 @@ endpoints, callbacks), shared by every app it serves.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
@@ -47,7 +46,7 @@ from .idempotency import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TTL_S,
 )
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 from .runner import TaskRunner
 from .setup_checks import check_views, first_request
 from .sids import set_tag_key, tag
@@ -64,7 +63,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 RUNNERS = ("thread", "worker")
 
-logger = logging.getLogger("flask_silo_sql")
+logger = silo_logger("flask_silo_sql")
 
 EXTENSION_KEY = "silo"
 
@@ -135,6 +134,13 @@ class LazySession(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"<LazySession {self._data()!r}>"
+
+
+def _serving() -> bool:
+    """Whether this process may serve requests: any process but a ``flask`` command
+    other than ``flask run`` (``flask silo-db upgrade`` claims no task run)."""
+    command = click.get_current_context(silent=True)
+    return command is None or command.info_name == "run"
 
 
 class Silo:
@@ -235,9 +241,13 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
-        # The cleanup thread and the task runner start with a process's first API
-        # request, not here: a `gunicorn --preload` master, which serves none, then
-        # holds no connection that the workers it forks would inherit, and runs no task.
+        # The claimer of durable runs starts with the process (runs handed back by a
+        # deploy's old processes run at once, without waiting for a request), and in
+        # each process forked from it (`gunicorn --preload`), holding nothing of the
+        # parent's. The cleanup thread starts with a process's first API request: a
+        # `--preload` master, which serves none, then holds no connection to share.
+        if state.runner is not None and _serving():
+            state.runner.start_with_process()
 
     @staticmethod
     def _default_storage(app: Flask) -> SQLStorage:

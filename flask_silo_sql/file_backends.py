@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import logging
 import os
 import secrets
 import shutil
@@ -59,9 +58,9 @@ from .file_parts import (
     _create_temp,
     storage_error,
 )
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 COPY_BUFFER = 1024 * 1024
 SHA_DIR_LENGTH = 32

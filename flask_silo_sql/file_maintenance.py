@@ -15,16 +15,16 @@ sessions that no longer exist are removed from the store itself.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import time
 
 from .file_backends import SHA_DIR_LENGTH, FsspecBytes
 from .file_parts import STALE_UPLOAD_S, TEMP_PREFIX, FileRecords, StoreView
+from .logs import silo_logger
 from .sids import is_valid_sid
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 BATCH = 500
 REMOTE_EVERY_S = 3600.0

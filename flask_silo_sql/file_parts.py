@@ -14,13 +14,12 @@ import datetime as dt
 import errno
 import fcntl
 import io
-import logging
 import os
 import secrets
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, Literal, Protocol
 
 from flask import has_request_context, request
@@ -33,9 +32,9 @@ from .errors import (
     RequestBodyIncomplete,
     SiloError,
 )
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 TEMP_PREFIX = ".silo-upload-"
 """Names of uploads in progress (files and pending rows); no stored name starts so."""
@@ -200,6 +199,23 @@ class StagedUpload:
             return False
         return (st.st_dev, st.st_ino) == self._identity
 
+    def moved_to(self, sid: str) -> None:
+        """Its session moved to *sid* (a rotation) before the upload was kept: its bytes
+        went along (directory, objects), and are removed there if still its own."""
+        old = self.row.sid
+        moved = os.sep.join(sid if part == old else part for part in self.path.split(os.sep))
+        if self.blobs.kind != "local":
+            self.blobs.drop_upload(replace(self.row, sid=sid), moved)
+            return
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(moved)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(moved)
+        except FileNotFoundError:
+            pass
+
     def keep(self) -> None:
         """The row is committed: let the replaced version go."""
         if self._backup is not None:
@@ -288,6 +304,11 @@ class FileRecords(Protocol):
 
     def release(self, row: FileRow, file_id: int) -> None:
         """Forget an upload that will not be kept (its pending row, its chunks)."""
+
+    def interrupted(self, row: FileRow) -> SiloError | None:
+        """None while the upload's pending row (``row.id``) is still its session's; else
+        why not (its session reset: ``UploadInterrupted``; rotated or expired:
+        ``SessionExpired``)."""
 
     def staged(self, sid: str) -> list[StagedUpload]:
         """Uploads this context's request saved and has not committed yet."""

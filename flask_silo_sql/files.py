@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
+import errno
 import os
 import secrets
 import shutil
@@ -73,12 +73,13 @@ from .file_parts import (
     _create_temp,
     announced_length,
     declared_size,
+    directory_lock,
     file_errors,
     safe_filename,
     storage_error,
     this_host,
 )
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 from .sids import is_valid_sid
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ if TYPE_CHECKING:
 
     from .file_check import FsckReport
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 OPEN_ATTEMPTS = 3
 """Times a download opens a ``local`` file replaced while it was opened, before a 503."""
@@ -253,9 +254,26 @@ class FileStore:
             with contextlib.suppress(Exception):
                 records.release(row, reservation.id)
             raise
-        with file_errors(self.name, sid, "store a file"):
+        with self._upload_errors(records, row):
             records.stage(upload)
+            if not os.path.lexists(upload.path):  # its session moved meanwhile?
+                raise FileNotFoundError(errno.ENOENT, "stored, then gone", upload.path)
         return upload.path
+
+    @contextlib.contextmanager
+    def _upload_errors(self, records: FileRecords, row: FileRow) -> Iterator[None]:
+        """A file operation of an upload that fails because its session was reset,
+        rotated or expired meanwhile (its directory went or moved): the upload was
+        interrupted (``409``/``410``, as its pending row says), not a storage error."""
+        try:
+            yield
+        except SiloError:
+            raise
+        except OSError as exc:
+            interrupted = records.interrupted(row)
+            if interrupted is not None:
+                raise interrupted from None
+            raise storage_error(exc, self.name, row.sid, "store a file") from None
 
     def _receive(
         self,
@@ -279,7 +297,7 @@ class FileStore:
         size = 0
         checked = 0
         beat = time.monotonic()
-        with file_errors(self.name, sid, "store a file"):
+        with self._upload_errors(records, row):
             sink = self.blobs.sink(row, directory, pending)
         try:
             while True:
@@ -298,9 +316,9 @@ class FileStore:
                     records.reserve(reservation, row, needed=size, target=target, quota=quota)
                     beat = time.monotonic()
                 digest.update(chunk)
-                with file_errors(self.name, sid, "store a file"):
+                with self._upload_errors(records, row):
                     sink.write(chunk)
-            with file_errors(self.name, sid, "store a file"):
+            with self._upload_errors(records, row):
                 sink.finish()
         except BaseException:
             try:
@@ -588,18 +606,37 @@ class FileStore:
 
     def cleanup(self, sid: str, *, rows: bool = True) -> None:
         """Remove the session's files: rows first (unless *rows* is False: they went with
-        their session), then its bytes (fsspec objects) and its directory here."""
+        their session), then their bytes (fsspec objects, cached copies) and, for an
+        expired session, its directory here.
+
+        With *rows* (a reset: the session lives on) only the bytes of the rows it
+        forgot go (``local``: under the directory's lock, which an upload holds while
+        it moves its bytes in and writes its row, so one committed meanwhile keeps
+        both). An upload under way keeps its bytes: its pending row went with the
+        others, so it finds itself interrupted at its commit (``409``) and removes
+        them itself.
+        """
         try:
             directory = self._dir(sid)
         except ValueError:
             return
         records = self.records
-        if records is not None and rows:
-            self._forgotten(records.forget(sid))
-        if self.blobs.kind != "local":
-            self.blobs.remove_session(sid)
-        if os.path.isdir(directory):
-            shutil.rmtree(directory, ignore_errors=True)
+        if records is None or not rows:
+            if self.blobs.kind != "local":
+                self.blobs.remove_session(sid)
+            if os.path.isdir(directory):
+                shutil.rmtree(directory, ignore_errors=True)
+            return
+        local = self.blobs.kind == "local" and os.path.isdir(directory)
+        with directory_lock(directory) if local else contextlib.nullcontext():
+            forgotten = [row for row in records.forget(sid) if not row.pending]
+            self._forgotten(forgotten)
+            if not local:
+                return
+            for row in forgotten:
+                if row.backend == "local" and (row.host is None or row.host == self.host):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, row.filename))
 
     def cleanup_all(self) -> None:
         """Remove every session's files (rows, bytes, directories here)."""

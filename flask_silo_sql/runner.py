@@ -17,11 +17,11 @@ still holds back to the queue, so they run elsewhere at once.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from .tasks import PROCESS, Claimed
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .backends.base import TaskQueue
     from .store import SessionStore
 
-logger = logging.getLogger("flask_silo_sql.tasks")
+from .logs import silo_logger
+
+logger = silo_logger("flask_silo_sql.tasks")
 
 POLL_JITTER = 0.25
 """The spread of a runner's wait between two polls, as a fraction of the poll interval."""
@@ -63,6 +65,11 @@ class TaskRunner:
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._pid = 0
+        self._claiming = threading.Lock()
+        """Held while the loop claims and starts runs (a fork waits for it)."""
+        self._fork_hook = False
+        self._stopped = False
+        """Stopped in this process (then a child it forks starts none either)."""
         self.claimed = 0
         """Attempts this runner claimed so far."""
 
@@ -86,10 +93,49 @@ class TaskRunner:
 
     # -- starting and stopping ---------------------------------------------------------
 
+    def start_with_process(self) -> None:
+        """Start now, and in every child this process forks from now on (gunicorn's
+        workers under ``--preload``), with nothing of this process's claimer in it."""
+        self.start()
+        if not self._fork_hook:
+            self._fork_hook = True
+            this = weakref.ref(self)
+
+            def before() -> None:
+                runner = this()
+                if runner is not None:
+                    runner._claiming.acquire()  # not forked in the middle of a claim
+
+            def in_parent() -> None:
+                runner = this()
+                if runner is not None:
+                    runner._claiming.release()
+
+            def in_child() -> None:
+                runner = this()
+                if runner is not None:
+                    runner._start_in_child()
+
+            os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)
+
+    def _start_in_child(self) -> None:
+        """After a fork: the parent's threads are not here, and its locks may be held."""
+        self._claiming = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._hurry = threading.Event()
+        self._idle = threading.Condition()
+        self._thread = None
+        self._listener = None
+        self.claimed = 0
+        if self._pid != 0 and not self._stopped:
+            self.start()
+
     def start(self) -> None:
         """Run the claim loop in a daemon thread (idempotent; again after a fork)."""
         if self.running:
             return
+        self._stopped = False
         self._stop.clear()
         self._hurry.clear()
         self._pid = os.getpid()
@@ -104,6 +150,7 @@ class TaskRunner:
 
         Returns how many runs were handed back.
         """
+        self._stopped = True
         self._stop.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -153,21 +200,22 @@ class TaskRunner:
                 self._listen(queue)
             claimed: list[Claimed] = []
             free = self.concurrency - self.active
-            try:
-                if time.monotonic() - last_beat >= beat_every:
-                    queue.register(self.worker_id, self.kind, self.concurrency)
-                    last_beat = time.monotonic()
-                if free > 0:
-                    claimed = queue.claim(self.worker_id, free)
-                if failing:
-                    logger.info("task runner: the database answers again")
-                failing = False
-            except Exception as exc:
-                if not failing:
-                    logger.warning("task runner: cannot claim task runs now (%s)", exc)
-                failing = True
-            for run in claimed:
-                self._execute(run)
+            with self._claiming:
+                try:
+                    if time.monotonic() - last_beat >= beat_every:
+                        queue.register(self.worker_id, self.kind, self.concurrency)
+                        last_beat = time.monotonic()
+                    if free > 0:
+                        claimed = queue.claim(self.worker_id, free)
+                    if failing:
+                        logger.info("task runner: the database answers again")
+                    failing = False
+                except Exception as exc:
+                    if not failing:
+                        logger.warning("task runner: cannot claim task runs now (%s)", exc)
+                    failing = True
+                for run in claimed:
+                    self._execute(run)
             if claimed and len(claimed) == free:
                 continue  # more may be due: claim again while there is room
             self._wake.wait(timeout=self._poll_wait())

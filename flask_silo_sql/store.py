@@ -13,7 +13,6 @@ writes only the namespaces whose JSON changed, each guarded by its version.
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, SweepResult, Unit, backend_for
 from .errors import NamespaceError, SiloError
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
 from .tasks import TaskSpec
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
     from .sql.host import HostTransaction
 
-logger = logging.getLogger("flask_silo_sql")
+logger = silo_logger("flask_silo_sql")
 
 META = "_meta"
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
-import logging
 import os
 import secrets
 import socket
@@ -37,10 +36,10 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .errors import StorageUnavailable, TaskAlreadyRunning, TaskLeaseLost
-from .logs import log_failure
+from .logs import log_failure, silo_logger
 from .sids import tag
 
-logger = logging.getLogger("flask_silo_sql.tasks")
+logger = silo_logger("flask_silo_sql.tasks")
 
 TASK_MARKER = "__silo_task__"
 """Key of the JSON object that stands for a linked task inside a namespace."""
@@ -122,6 +121,11 @@ class _Process:
         self._id = ""
         self._lock = threading.Lock()
 
+    def forget(self) -> None:
+        """In a forked child: a new identity (the parent's lock may have been held)."""
+        self._pid = 0
+        self._lock = threading.Lock()
+
     @property
     def id(self) -> str:
         with self._lock:
@@ -133,6 +137,7 @@ class _Process:
 
 
 PROCESS = _Process()
+os.register_at_fork(after_in_child=PROCESS.forget)
 
 
 @dataclass
@@ -719,6 +724,13 @@ class _Heartbeats:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
+    def forget(self) -> None:
+        """In a forked child: the parent's runs and thread are not this process's."""
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._tasks = set()
+        self._thread = None
+
     def add(self, task: BackgroundTask) -> None:
         with self._lock:
             self._tasks.add(task)
@@ -765,6 +777,8 @@ class _Heartbeats:
 
 
 _HEARTBEATS = _Heartbeats()
+# A forked child runs none of its parent's runs (their threads stayed in the parent).
+os.register_at_fork(after_in_child=_HEARTBEATS.forget)
 
 
 def running_homes() -> list[TaskHome]:

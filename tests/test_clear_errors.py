@@ -12,6 +12,7 @@ import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -105,3 +106,39 @@ def test_state_outside_a_request_points_to_the_way(tmp_path: Path) -> None:
     silo.register("cart", lambda: {"items": []})
     with pytest.raises(RuntimeError, match=r"silo\.session\(sid\)"):
         silo.state("cart")
+
+
+def test_a_client_chosen_name_in_an_error_cannot_forge_a_log_line(
+    silo_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app that takes a namespace name from the client: the unknown name is logged
+    escaped, on the line of its error, whatever control characters the client sent."""
+    from flask import jsonify, request
+
+    app = Flask(__name__)
+    app.config["SILO_DATABASE_URI"] = silo_url
+    silo = Silo(app, auto_cleanup=False)
+    silo.register("cart", lambda: {"items": []})
+
+    @app.get("/api/ns")
+    def namespace() -> Any:
+        return jsonify(silo.state(request.args["name"]))
+
+    forged = "x\nERROR:flask_silo_sql:forged line\r\u2028\x1b[2J"
+    try:
+        with caplog.at_level(logging.INFO, logger="flask_silo_sql"):
+            answer = app.test_client().get("/api/ns", query_string={"name": forged})
+    finally:
+        sql_storage(silo.store).dispose()
+    assert answer.status_code == 500
+    assert answer.get_json()["error"] == "namespace_not_registered"
+    (record,) = [r for r in caplog.records if "is not registered" in r.getMessage()]
+    line = record.getMessage()
+    assert line == (
+        "Namespace 'x\\nERROR:flask_silo_sql:forged line\\r\\u2028\\x1b[2J' is not registered. "
+        "Call register() first."
+    )
+    for record in caplog.records:
+        text = caplog.handler.format(record)
+        assert not any(c in text for c in "\r\u2028\x1b"), text
+        assert "\nERROR:flask_silo_sql:forged" not in text

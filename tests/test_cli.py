@@ -540,3 +540,20 @@ def test_stats_json_through_a_real_flask_process(app_module: AppModule, migrated
     numbers: dict[str, Any] = json.loads(done.stdout)
     assert numbers["sessions"] == 1
     assert numbers["namespaces"] == 1
+
+
+def test_a_command_on_a_database_behind_by_a_revision_says_so_in_one_sentence(
+    app_module: AppModule, engine: Engine
+) -> None:
+    """A database one revision behind: the message names both revisions, then what to do."""
+    head = schema.head()
+    previous = f"{int(head) - 1:04d}"
+    assert invoke_loading(app_module, "upgrade", previous).exit_code == 0
+    result = CliRunner().invoke(
+        silo_db, ["cleanup"], obj=ScriptInfo(create_app=app_module.create_app)
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (
+        f"Error: the silo database is at revision {previous}, this version needs revision "
+        f"{head}: run `flask silo-db upgrade`"
+    )

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -399,6 +400,76 @@ def test_reset_and_rotation(machines: Any, backend: Backend) -> None:
     assert a.chunks() == 0
     assert backend.objects() == []
     assert a.uploads.list_files(new) == []
+
+
+class HeldBody(io.RawIOBase):
+    """A request body that stops after its first chunk until the test lets it go on."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+        self.started = threading.Event()
+        self.go_on = threading.Event()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True  # (the test client measures the body)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._data.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._data.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        if self._data.tell() > 0:
+            self.started.set()
+            assert self.go_on.wait(30)
+        return self._data.readinto(memoryview(buffer)[:CHUNK])
+
+
+@pytest.mark.parametrize("operation", ["reset", "rotate"])
+def test_a_reset_or_rotation_during_an_upload_interrupts_it_on_every_backend(
+    machines: Any, backend: Backend, caplog: pytest.LogCaptureFixture, operation: str
+) -> None:
+    """The upload finds its session reset (``409``) or rotated away (``410``): a JSON
+    answer, nothing of it kept anywhere, no ERROR logged."""
+    a: Machine = machines("host-a")
+    assert a.put("kept.bin", DATA).status_code == 201
+    data = os.urandom(3 * CHUNK)
+    body = HeldBody(data)
+    answers: list[TestResponse] = []
+
+    def upload() -> None:
+        answers.append(
+            a.app.test_client().put(
+                "/api/upload/late.bin",
+                headers={"X-Session-ID": SID, "Content-Length": str(len(data))},
+                input_stream=body,
+                content_type="application/octet-stream",
+            )
+        )
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert body.started.wait(30)  # its pending row and its first bytes are in place
+    done = a.client.post(f"/api/{operation}", headers={"X-Session-ID": SID})
+    assert done.status_code == 200
+    body.go_on.set()
+    uploader.join(30)
+    (answer,) = answers
+    expected = {"reset": (409, "upload_interrupted"), "rotate": (410, "session_expired")}
+    assert (answer.status_code, answer.get_json()["error"]) == expected[operation]
+    sid = SID if operation == "reset" else done.get_json()["sid"]
+    kept = [] if operation == "reset" else ["kept.bin"]
+    assert [row.filename for row in a.rows()] == kept
+    remote = kept if backend.kind in ("file", "s3") else []
+    assert [o.rsplit("/", 1)[-1] for o in backend.objects()] == remote
+    assert a.uploads.list_files(sid) == kept
+    assert [name for name in a.cached(sid) if "late.bin" in name] == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert a.put("again.bin", DATA, sid=sid).status_code == 201  # the session goes on
 
 
 # -- limits ------------------------------------------------------------------------------------

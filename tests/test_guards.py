@@ -190,7 +190,8 @@ def test_a_task_started_in_a_session_destroyed_meanwhile_does_not_run(
 def test_a_task_claimed_elsewhere_meanwhile_is_refused(
     store: SessionStore, storage: SQLStorage, other: Engine
 ) -> None:
-    """Another worker claims the run between this one's check and its claim."""
+    """Another worker claims the run between this one's check and its claim (it gets in
+    before the claim's transaction locks the session: once locked, it would wait)."""
     session = store.get(SID)
     task = session["job"]["task"]
     now = store.now()
@@ -204,7 +205,7 @@ def test_a_task_claimed_elsewhere_meanwhile_is_refused(
                 )
             )
 
-    at_statement(storage, "claim_task", claim_elsewhere)
+    at_statement(storage, "touch", claim_elsewhere)  # the claim's first statement
     ran: list[bool] = []
     with pytest.raises(TaskAlreadyRunning):
         task.start(lambda t: ran.append(True))

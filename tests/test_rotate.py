@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,11 @@ def app(silo_url: str, tmp_path: Path) -> Iterator[tuple[Flask, Silo]]:
     silo = Silo(app, auto_cleanup=False)
     silo.register("cart", lambda: {"items": []})
     silo.register("job", lambda: {"task": BackgroundTask("work")})
+    silo.register("report", lambda: {"task": BackgroundTask("report"), "pages": None})
     silo.add_data_endpoints("/api/cart")
     uploads = silo.add_file_store("uploads", str(tmp_path / "uploads"))
     release = threading.Event()
+    go = threading.Event()
 
     @app.post("/api/add")
     def add() -> Any:
@@ -52,6 +55,40 @@ def app(silo_url: str, tmp_path: Path) -> Iterator[tuple[Flask, Silo]]:
     def start() -> Any:
         silo.state("job")["task"].start(lambda task: release.wait(30))
         return jsonify(ok=True)
+
+    @app.post("/api/report")
+    def report() -> Any:
+        holder = silo.state("report")
+
+        def write_report(task: BackgroundTask) -> None:
+            task.update(10, "drafting")
+            go.wait(30)
+            task.update(60, "written")
+            holder["pages"] = 12  # the run's result, saved with its state
+            task.complete("report ready")
+
+        if request.args.get("durable"):
+            holder["task"].start(durable_report, holder)
+        else:
+            holder["task"].start(write_report)
+        return jsonify(ok=True)
+
+    @silo.task(name="durable_report", retries=0)
+    def durable_report(task: BackgroundTask, holder: dict[str, Any]) -> None:
+        task.update(10, "drafting")
+        go.wait(30)
+        task.update(60, "written")
+        holder["pages"] = 12
+        task.complete("report ready")
+
+    @app.get("/api/report")
+    def report_state() -> Any:
+        holder = silo.state("report")
+        return jsonify(
+            status=holder["task"].state.status,
+            pages=holder["pages"],
+            task=holder["task"].state.to_dict(),
+        )
 
     @app.get("/api/job")
     def job() -> Any:
@@ -69,8 +106,10 @@ def app(silo_url: str, tmp_path: Path) -> Iterator[tuple[Flask, Silo]]:
         return jsonify(items=silo.state("cart")["items"])
 
     app.config["release"] = release
+    app.config["go"] = go
     yield app, silo
     release.set()
+    go.set()
     sql_storage(silo.store).dispose()
 
 
@@ -137,3 +176,35 @@ def test_rotating_a_sid_without_a_session_moves_nothing(app: tuple[Flask, Silo])
     assert new != "never-used-sid-000000000"
     assert not silo.store.exists(new)
     assert not silo.store.exists("never-used-sid-000000000")
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+def test_a_running_task_follows_its_session_through_a_rotation(
+    app: tuple[Flask, Silo], durable: bool
+) -> None:
+    """Its progress, its end and its result land under the new SID (nothing is refused;
+    a durable run keeps its attempt)."""
+    flask_app, silo = app
+    client = flask_app.test_client()
+    old = {HEADER: PLANTED}
+    query = {"durable": "1"} if durable else {}
+    assert client.post("/api/report", headers=old, query_string=query).status_code == 200
+    new = client.post("/api/login", headers=old).headers[HEADER]
+    fresh = {HEADER: new}
+    flask_app.config["go"].set()  # the run goes on writing, after the rotation
+    deadline = time.monotonic() + 20
+    while client.get("/api/report", headers=fresh).get_json()["status"] == "running":
+        assert time.monotonic() < deadline, "the run never ended"
+        time.sleep(0.05)
+    body = client.get("/api/report", headers=fresh).get_json()
+    assert body["status"] == "complete"
+    assert body["pages"] == 12
+    assert body["task"]["progress"] == 100
+    assert body["task"]["message"] == "report ready"
+    if durable:
+        assert body["task"]["attempt"] == 1
+    engine = sql_storage(silo.store).engine
+    with engine.connect() as conn:
+        rows = conn.execute(select(tasks.c.sid, tasks.c.name, tasks.c.status)).all()
+    assert (new, "report", "complete") in rows
+    assert not any(sid == PLANTED for sid, _, _ in rows)

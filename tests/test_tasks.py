@@ -779,6 +779,73 @@ def test_reset_is_refused_while_a_task_runs_then_clears_everything(env: Env) -> 
     assert not _listdir(session_dir)
 
 
+@pytest.mark.parametrize("held_at", ["touch", "running_task"], ids=["before-lock", "at-check"])
+def test_a_reset_and_a_start_of_one_session_never_interleave(env: Env, held_at: str) -> None:
+    """The reset is held before it locks the session, or at its check for a running task,
+    while the start commits.
+
+    Held before: the start commits first, and the reset, which checks under the lock,
+    is refused (409). Held at the check: the start waits for the reset's lock (it cannot
+    slip its run in between the check and the reset's delete), then runs against the
+    fresh session or is refused. Never does a started run go on without its row.
+    """
+    a, b = env.worker(), env.worker()
+    assert a.call("POST", "/api/note", json={"note": "before"}).status_code == 200
+    probe = env.probe()
+    a.target = blocking_target(probe)
+    checked, go_on, start_sent = threading.Event(), threading.Event(), threading.Event()
+    resetting = threading.local()
+
+    def hold_the_reset(name: str, sql: str, values: Any) -> None:
+        if name == held_at and getattr(resetting, "on", False):
+            checked.set()
+            assert go_on.wait(WAIT)
+
+    def see_the_start(name: str, sql: str, values: Any) -> None:
+        if name == "touch":
+            start_sent.set()
+
+    b.sql.statement_hook = hold_the_reset
+    a.sql.statement_hook = see_the_start
+    answers: dict[str, int] = {}
+
+    def reset() -> None:
+        resetting.on = True
+        answers["reset"] = b.call("POST", "/api/reset").status_code
+
+    def start() -> None:
+        answers["start"] = a.start().status_code
+
+    resetter = threading.Thread(target=reset)
+    resetter.start()
+    assert checked.wait(WAIT)
+    starter = threading.Thread(target=start)
+    starter.start()
+    assert start_sent.wait(WAIT)  # its commit is under way (waiting for the reset's lock)
+    starter.join(1.0)  # (before the fix it got through: then the reset deletes its row)
+    go_on.set()
+    resetter.join(WAIT)
+    starter.join(WAIT)
+    b.sql.statement_hook = a.sql.statement_hook = None
+
+    rows = task_rows(a.sql.engine)
+    if answers["start"] == 200:
+        probe.wait_reached()
+        assert [row.status for row in rows] == ["running"], answers
+        assert b.status()["running"] is True
+        probe.gate.set()
+        probe.join()
+        assert b.status()["complete"] is True  # its writes landed on its row
+    else:
+        assert answers["start"] == 409, answers
+        assert rows == []
+    if answers["reset"] == 200:
+        assert b.status()["note"] == ""  # the reset ran (first)
+    else:
+        assert answers["reset"] == 409, answers
+        assert answers["start"] == 200
+
+
 def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 

@@ -19,14 +19,15 @@ opens on a full disk releases it too: in WAL mode even a read needs room.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 from typing import Any
 
 from sqlalchemy import Engine
 
-logger = logging.getLogger("flask_silo_sql")
+from ..logs import silo_logger
+
+logger = silo_logger("flask_silo_sql")
 
 RESERVE_BYTES = 8 * 1024 * 1024
 """Space held beside an SQLite database for the sweep: more than the WAL grows between two

@@ -30,7 +30,6 @@ path under test.
 from __future__ import annotations
 
 import contextvars
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,9 +42,10 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ..errors import StorageUnavailable
+from ..logs import silo_logger
 from .watchdog import WATCHDOG, shut_down
 
-logger = logging.getLogger("flask_silo_sql.sql")
+logger = silo_logger("flask_silo_sql.sql")
 
 ExecutorMode = Literal["auto", "dbapi", "core"]
 SLOW_FAILURE_S = 0.5

@@ -19,7 +19,6 @@ row describing other bytes.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from ..errors import (
     FileTooLarge,
     SessionExpired,
+    SiloError,
     StorageUnavailable,
     UploadInterrupted,
 )
@@ -39,11 +39,12 @@ from ..file_parts import (
     StagedUpload,
     directory_lock,
 )
+from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
 
-logger = logging.getLogger("flask_silo_sql.files")
+logger = silo_logger("flask_silo_sql.files")
 
 
 class StagedFile:
@@ -193,7 +194,19 @@ class SQLFileRecords:
             raise FileTooLarge(row.filename, needed, limit)
         upload.reserved = int(got[0])
 
-    def _gone(self, row: FileRow) -> Exception:
+    def interrupted(self, row: FileRow) -> SiloError | None:
+        if self._holder(row.id) == row.sid:
+            return None
+        return self._gone(row)
+
+    def _holder(self, file_id: int | None) -> str | None:
+        """The SID holding a pending row now (None: it is gone)."""
+        b = self._b
+        with b.connector.executor() as ex:
+            found = ex.run(b.st.upload_alive, {"id": file_id}).first()
+        return None if found is None else str(found[0])
+
+    def _gone(self, row: FileRow) -> SiloError:
         """The error for an upload whose pending row vanished: its session expired, or the
         row was removed as a dead upload's."""
         b = self._b
@@ -279,9 +292,16 @@ class SQLFileRecords:
         row = upload.row
         file_id = upload.reservation.id
         if not upload.still_mine():
-            ex.run(st.delete_file_chunks, {"id": file_id})
-            ex.run(st.delete_file_id, {"id": file_id})
-            return
+            holder = ex.run(st.upload_alive, {"id": file_id}).first()
+            if holder is not None and holder[0] == row.sid:
+                ex.run(st.delete_file_chunks, {"id": file_id})
+                ex.run(st.delete_file_id, {"id": file_id})
+                return  # a later upload's bytes hold the name: its row wins
+            # Its pending row went (a reset removed the session's files) or moved with its
+            # session (a rotation, its bytes with it): the upload was interrupted.
+            if holder is not None or ex.run(st.has_session, {"sid": row.sid}).first() is None:
+                raise SessionExpired(row.sid)
+            raise UploadInterrupted(row.filename)
         key = {**self._key(row.sid, row.filename), "id": file_id}
         ex.run(st.delete_replaced_chunks, key)
         replaced = ex.run(st.delete_replaced, key).rows
@@ -303,7 +323,13 @@ class SQLFileRecords:
 
     def undo(self, upload: StagedUpload, replaced: FileRow | None) -> None:
         """An upload that is not kept: its bytes go (``local``: the version it replaced
-        comes back, with its row), then its pending row."""
+        comes back, with its row; bytes a rotation took along go there), then its
+        pending row."""
+        if not upload.still_mine() or upload.blobs.kind != "local":
+            with contextlib.suppress(StorageUnavailable):
+                holder = self._holder(upload.row.id)
+                if holder is not None and holder != upload.row.sid:
+                    upload.moved_to(holder)
         upload.discard()
         if replaced is not None:
             self.restore(replaced, upload.path)
@@ -434,11 +460,13 @@ class SQLFileRecords:
             chunks, rows = st.forget_file
             values = self._key(sid, filename)
         with b.connector.executor() as ex, ex.transaction():
+            if sid is not None:  # not while a rotation moves them (its chunks would go)
+                ops.hold(ex, st, sid, b.times(b.now()))
             ex.run(chunks, values)
             gone = ex.run(rows, values).rows
         return [
-            FileRow(gone_sid, "", 0, "", backend=backend, location=location)
-            for gone_sid, backend, location in gone
+            FileRow(gone_sid, name, 0, "", backend=backend, location=location)
+            for gone_sid, name, backend, location in gone
         ]
 
     def forget_id(self, file_id: int, *, seen: Any = None) -> FileRow | None:

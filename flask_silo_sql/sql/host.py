@@ -20,7 +20,6 @@ the view (see ``docs/atomic.md``):
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -29,9 +28,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import SiloError, StorageUnavailable
+from ..logs import silo_logger
 from .executor import Executor, Result, StatementHook, describe
 
-logger = logging.getLogger("flask_silo_sql.sql")
+logger = silo_logger("flask_silo_sql.sql")
 
 HostSessions = Callable[[], Session]
 """What names the host's session of the current context: ``db.session`` or a

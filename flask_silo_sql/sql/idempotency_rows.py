@@ -18,7 +18,6 @@ failed or killed request's claim goes with its rollback, and nothing releases it
 
 from __future__ import annotations
 
-import logging
 import secrets
 from typing import Any, NoReturn
 
@@ -29,11 +28,12 @@ from ..errors import (
     StorageUnavailable,
 )
 from ..idempotency import Claim, Found, KeyRequest, StoredResponse
+from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
 
-logger = logging.getLogger("flask_silo_sql")
+logger = silo_logger("flask_silo_sql")
 
 
 class StagedResponse:

@@ -11,14 +11,14 @@ in each process, by the storage's clock.
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 
+from ..logs import silo_logger
 from .context import Context
 from .executor import Executor
 
-logger = logging.getLogger("flask_silo_sql.tasks")
+logger = silo_logger("flask_silo_sql.tasks")
 
 WARN_EVERY_S = 60.0
 """The least time between two warnings of one store in one process."""

@@ -116,6 +116,20 @@ class Times:
     since: float
 
 
+def hold(ex: Executor, st: Statements, sid: str, times: Times) -> float | None:
+    """In the open transaction: lock the session's row (and touch it); its ``created_at``,
+    or None when it has no row.
+
+    The one lock every operation of a session that must not interleave with
+    another takes first: a request's commit (and with it a task's start or an
+    upload's row), a start outside a request, a reset, a rotation. On
+    PostgreSQL it is the row lock (the sweep's ``SKIP LOCKED`` passes such a
+    session by); on SQLite the database's write lock.
+    """
+    touched = ex.run(st.touch, {"sid": sid, **_times(st, times)}).first()
+    return None if touched is None else st.values.unix(touched[0])
+
+
 def lock(
     ex: Executor, st: Statements, sid: str, times: Times, *, existed: bool | None
 ) -> tuple[bool, float]:
@@ -128,9 +142,9 @@ def lock(
     since ``times.since``.
     """
     values = {"sid": sid, **_times(st, times)}
-    touched = ex.run(st.touch, values).first()
-    if touched is not None:
-        return False, st.values.unix(touched[0])
+    created_at = hold(ex, st, sid, times)
+    if created_at is not None:
+        return False, created_at
     if existed:
         raise SessionExpired(sid)
     if ex.run(st.create, {**values, "since": st.values.time(times.since)}).rowcount == 1:

@@ -514,14 +514,17 @@ class Statements:
         )
         # Every write of a run is fenced by its attempt: a run declared lost stays
         # failed, and an attempt whose lease was taken writes nothing more.
-        owned = (
+        run_of = (
             tasks.c.id == task_id,
-            tasks.c.sid == sid,
             tasks.c.started_at == started_at,
             tasks.c.attempt == attempt,
             tasks.c.status == "running",
         )
+        owned = (*run_of, tasks.c.sid == sid)
         self.save_task = prepare("save_task", update(tasks).where(*owned).values(**fields))
+        # The session a run's row belongs to now (a rotation moves it to a new SID): the
+        # run is named by its row, its start and its attempt, whichever session holds it.
+        self.find_run = prepare("find_run", select(tasks.c.sid).where(*run_of))
         self.fence_task = prepare(
             "fence_task",
             update(tasks).where(*owned).values(heartbeat_at=now, lease_expires_at=_ts("lease")),
@@ -834,7 +837,9 @@ class Statements:
             .values(size_bytes=reserve, created_at=now)
             .returning(files.c.size_bytes),
         )
-        self.upload_alive = prepare("upload_alive", select(literal(1)).where(files.c.id == file_id))
+        self.upload_alive = prepare(
+            "upload_alive", select(files.c.sid).where(files.c.id == file_id)
+        )
         self.stale_uploads = prepare(
             "stale_uploads",
             select(
@@ -987,7 +992,7 @@ class Statements:
                     name,
                     delete(files)
                     .where(*where)
-                    .returning(files.c.sid, files.c.backend, files.c.location),
+                    .returning(files.c.sid, files.c.filename, files.c.backend, files.c.location),
                 ),
             )
 

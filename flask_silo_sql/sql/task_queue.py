@@ -19,13 +19,13 @@ pass PgBouncer's transaction pooling, and SQLite has none).
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..codec import dumps, tasks_in
+from ..logs import silo_logger
 from ..tasks import (
     LOST_WORKER,
     NAMESPACE_ARG,
@@ -39,7 +39,7 @@ from .statements import NOTIFY_CHANNEL
 from .task_rows import SQLTaskHome, hand_back, hand_back_at_exit
 from .unit import SQLUnit
 
-logger = logging.getLogger("flask_silo_sql.tasks")
+logger = silo_logger("flask_silo_sql.tasks")
 
 LISTEN_RETRY_S = 2.0
 """Seconds between two attempts to (re)open the notification connection."""

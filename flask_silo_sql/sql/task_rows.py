@@ -10,7 +10,13 @@ registered function and arguments, its attempts and its lease (see
 :mod:`.task_queue` for the claims of processes that run them). The namespace
 holding the task is saved in the same transaction as the run's state. Every
 statement is scoped to the task's session as well as its ID, and every time
-is the database's clock.
+is the database's clock. A run follows its session: when a rotation moved its
+row to a new SID, a refused write finds the row by the run's own fence (ID,
+start, attempt) and is made again under the new SID.
+
+A start (:func:`claim`) locks the session's row first, as a reset, a rotation
+and a request's commit do (:func:`~.sessions.hold`): a start and a reset of
+one session run one after the other, never interleaved.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ..tasks import (
     logger,
     running_homes,
 )
+from . import sessions as ops
 from .context import Context
 from .executor import Executor
 from .queue_watch import watch_queue
@@ -164,6 +171,10 @@ class StagedClaim:
         """Nothing was done ahead of the commit: the thread simply never starts."""
 
 
+FOLLOW_HOPS = 4
+"""How many rotations one write of a run follows (each hop is a rotation meanwhile)."""
+
+
 class _Refused(Exception):
     """The run no longer owns its row: the transaction is rolled back."""
 
@@ -251,15 +262,47 @@ class SQLTaskHome:
             unit.stage(StagedClaim(self, state, name, on_commit, durable))
             return
         with ctx.connector.transaction() as ex:
-            claim(ex, ctx.st, self, state, name, ctx.now(), durable)
+            now = ctx.now()
+            if ops.hold(ex, ctx.st, self.sid, ctx.times(now)) is None:
+                raise SessionExpired(self.sid)
+            claim(ex, ctx.st, self, state, name, now, durable)
         on_commit()
 
     def save(self, state: TaskState, name: str, *, checkpoint: str | None = None) -> bool:
+        """Write the run's state where its row is now: a run follows its session's rotation.
+
+        A write refused under this home's SID is tried again under the SID that holds
+        the run's own row (same ID, start and attempt) when a rotation moved it there.
+        """
+        for _hop in range(FOLLOW_HOPS):
+            if self._save(state, name, checkpoint):
+                return True
+            if not self._follow(state):
+                return False
+        return False
+
+    def _follow(self, state: TaskState) -> bool:
+        """Whether the run's row is held by another SID now (then this home names it)."""
+        ctx = self.ctx
+        v = ctx.st.values
+        values = {
+            "id": self.task_id,
+            "started_at": None if state.started_at is None else v.time(state.started_at),
+            "attempt": state.attempt,
+        }
+        with ctx.connector.executor() as ex:
+            row = ex.run(ctx.st.find_run, values).first()
+        if row is None or row[0] == self.sid:
+            return False
+        self.sid = row[0]
+        return True
+
+    def _save(self, state: TaskState, name: str, checkpoint: str | None) -> bool:
         """The namespace first (the order requests lock in), then the run's row, fenced."""
         ctx = self.ctx
         slot = self.slot
         if slot is None:
-            return self._save(state, checkpoint, None, None)
+            return self._write(state, checkpoint, None, None)
         with slot.lock:
             try:
                 text = pending_text(ctx, slot)
@@ -275,12 +318,12 @@ class SQLTaskHome:
                 text = None
             for _attempt in range(MERGE_ATTEMPTS):
                 try:
-                    return self._save(state, checkpoint, slot, text)
+                    return self._write(state, checkpoint, slot, text)
                 except _Again:
                     continue
             raise StateConflict(self.sid, slot.name)
 
-    def _save(
+    def _write(
         self, state: TaskState, checkpoint: str | None, slot: Slot | None, text: str | None
     ) -> bool:
         ctx = self.ctx

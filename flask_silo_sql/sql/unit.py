@@ -21,7 +21,6 @@ other session too, a request holds its session's own lock instead (see
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -40,6 +39,7 @@ from ..codec import (
 )
 from ..errors import NamespaceError, SessionBusy
 from ..file_parts import directory_lock
+from ..logs import silo_logger
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import session_locks, task_rows
 from . import sessions as ops
@@ -48,7 +48,7 @@ from .executor import Executor
 from .file_rows import StagedFile
 from .slots import Slot
 
-logger = logging.getLogger("flask_silo_sql")
+logger = silo_logger("flask_silo_sql")
 
 META = "_meta"
 
@@ -553,33 +553,35 @@ def reset(ctx: Context, sid: str) -> None:
     """Every namespace of *sid* back to its factory's state, its tasks forgotten.
 
     Refused (:class:`SessionBusy`) while a task runs or the busy check vetoes.
-    In a request, it runs on the request's connection (and, in locking mode,
-    inside its transaction).
+    One transaction that locks the session's row first (:func:`~.sessions.hold`)
+    and checks its tasks under that lock: a start of the session's task runs
+    wholly before it (then the reset is refused) or wholly after (against the
+    fresh state). In a request, it runs on the request's connection (and, in
+    locking mode, inside its transaction).
     """
     policy = ctx.policy
-    with ctx.connector.executor() as ex:
-        if task_rows.running_in_session(ex, ctx.st, sid, ctx.now(), policy):
-            raise SessionBusy(sid)
-    if policy.has_busy_check:
-        current = busy_session(ctx, sid)
-        if current is None:
-            return
-        if policy.vetoes(sid, current):
-            raise SessionBusy(sid)
     scratch = SQLUnit(ctx, sid)
     fresh = {
         name: serialise(name, scratch.fresh(name).value, policy.max_state_bytes)
         for name in policy.factories
     }
-    now = ctx.now()
-    times = ctx.times(now)
-    v = ctx.st.values
-    with ctx.connector.transaction() as ex:
-        stamp = {"sid": sid, "now": v.time(times.now), "expires": v.time(times.expires)}
-        if ex.run(ctx.st.touch, stamp).first() is None:
-            return  # no such session: nothing to reset
-        ex.run(ctx.st.delete_session_tasks, {"sid": sid})
-        ops.replace_namespaces(ex, ctx.st, sid, fresh, now)
+    token = None if ctx.connector.holding else ctx.connector.hold()
+    try:
+        with ctx.connector.transaction() as ex:
+            now = ctx.now()
+            if ops.hold(ex, ctx.st, sid, ctx.times(now)) is None:
+                return  # no such session: nothing to reset
+            if task_rows.running_in_session(ex, ctx.st, sid, now, policy):
+                raise SessionBusy(sid)
+            if policy.has_busy_check:  # read on this connection, under the lock
+                current = busy_session(ctx, sid)
+                if current is not None and policy.vetoes(sid, current):
+                    raise SessionBusy(sid)
+            ex.run(ctx.st.delete_session_tasks, {"sid": sid})
+            ops.replace_namespaces(ex, ctx.st, sid, fresh, now)
+    finally:
+        if token is not None:
+            ctx.connector.release(token)
 
 
 def rotate(

@@ -13,7 +13,6 @@ checkouts are bounded by the engine's ``connect_timeout`` and ``pool_timeout``.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -21,7 +20,9 @@ import time
 import weakref
 from typing import Protocol
 
-logger = logging.getLogger("flask_silo_sql.sql")
+from ..logs import silo_logger
+
+logger = silo_logger("flask_silo_sql.sql")
 
 TICK_S = 0.1
 """How often the watchdog looks (the bound is the timeout plus at most this)."""

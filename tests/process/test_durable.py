@@ -326,6 +326,36 @@ def test_a_deploy_hands_a_running_task_to_the_new_processes(
     assert outcomes.count("done") == 1
 
 
+@pytest.mark.parametrize("preload", [False, True], ids=["fork-per-worker", "preload"])
+def test_runs_handed_back_by_a_deploy_go_on_before_any_request(
+    db_url: str, engine: Engine, tmp_path: Path, preload: bool
+) -> None:
+    """The new processes claim what the old ones handed back as they start, not at their
+    first API request (a deploy at night gets none); under ``--preload`` each worker runs
+    a claimer of its own."""
+    env = app_env(db_url, tmp_path, SILO_TASK_HEARTBEAT_TIMEOUT=60)
+    extra = ["--preload"] if preload else []
+    with gunicorn(env, tmp_path, app=APP, workers=2, extra=extra) as old:
+        sid = start(old, "seconds=0.2&gate=deploy")  # its first attempt waits for the gate
+        until(old, sid, "the task to run", lambda b: b["task"]["progress"] >= 100)
+        old.stop()
+    assert task_row(engine).status == "queued"  # handed back (not a lapsed lease)
+    (Path(env["SILO_TEST_GATE_DIR"]) / "deploy.go").touch()
+    with gunicorn(env, tmp_path, app=APP, workers=2, extra=extra) as new:
+        # No request to /api/ at all: /health (outside the API) is all that was asked.
+        def completed() -> Any:
+            row = task_row(engine)
+            return row if row.status == "complete" else None
+
+        row = wait_for("the handed-back run to complete", completed, timeout=30, interval=0.1)
+        workers = new.worker_pids()
+        (done,) = [a for a in attempt_rows(engine) if a.outcome == "done"]
+    assert row.attempt >= 2  # (another old worker may have claimed it as the first stopped)
+    assert done.pid in workers | {new.proc.pid}
+    if not preload:
+        assert done.pid in workers
+
+
 # -- retries ------------------------------------------------------------------------------
 
 
