@@ -6,10 +6,13 @@ sweeping process removes their directory and fsspec objects. Other machines
 learn of it here: a ``local`` directory or a cached copy whose session no
 longer exists goes (at once when its SID is remembered as expired, else once
 nothing in it changed for a grace period, so a directory an upload is about to
-use is left alone), as do cached copies that no row names any more and
-temporary files of uploads that died. For an fsspec store, removals that
-failed are retried, and, at most once an hour per process, objects of
-sessions that no longer exist are removed from the store itself.
+use is left alone), as do cached copies that no row names any more (once
+unused for the grace period: a request may hold the path it was handed),
+temporary files of uploads that died, and replaced versions kept for the
+downloads that began before them (an hour after their replacement). For an
+fsspec store, removals that failed are retried, and, at most once an hour per
+process, objects of sessions that no longer exist are removed from the store
+itself.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shutil
 import time
 
 from .file_backends import SHA_DIR_LENGTH, FsspecBytes
-from .file_parts import STALE_UPLOAD_S, TEMP_PREFIX, FileRecords, StoreView
+from .file_parts import RETIRED_KEEP_S, STALE_UPLOAD_S, TEMP_PREFIX, FileRecords, StoreView
 from .sids import is_valid_sid
 
 logger = logging.getLogger("flask_silo_sql.files")
@@ -37,6 +40,8 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
     if records is None:
         return 0
     backend = files.blobs
+    if backend.kind != "local":
+        _forget_retired(files, records)
     if isinstance(backend, FsspecBytes):
         backend.retry_removals()
     removed = 0
@@ -73,6 +78,14 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
             "file store %r: removed %d directory(ies) of gone sessions", files.name, removed
         )
     return removed
+
+
+def _forget_retired(files: StoreView, records: FileRecords) -> None:
+    """Replaced versions kept for their readers, once no download can need them: their
+    rows and chunks, then their objects."""
+    gone = records.forget_retired(records.now() - RETIRED_KEEP_S)
+    if gone:
+        files.blobs.remove(gone)
 
 
 def _newest(directory: str) -> float:

@@ -78,8 +78,7 @@ def upgrade() -> None:
             "status",
             sa.Integer(),
             nullable=True,
-            comment="HTTP status of the stored response; NULL while the first request is in "
-            "flight",
+            comment="HTTP status of the stored response; NULL while the first request is in flight",
         ),
         sa.Column(
             "headers",
