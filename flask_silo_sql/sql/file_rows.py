@@ -245,6 +245,8 @@ class SQLFileRecords:
             return
         try:  # outside a request: the row now (gone with its session if that went)
             with _lock(upload.directory), b.connector.transaction() as ex:
+                if b.st.lock_session_row is not None:  # one swap of the name at a time
+                    ex.run(b.st.lock_session_row, {"sid": row.sid})
                 self.finish(ex, upload, b.now())
         except BaseException:
             self.undo(upload)
