@@ -187,7 +187,11 @@ def multi_read() -> Response:
 
 @app.put("/api/upload/<name>")
 def upload(name: str) -> tuple[Response, int]:
-    """Stream the request body into the ``uploads`` store."""
+    """Stream the request body into the ``uploads`` store (``?count=1``: and count the
+    upload in the session's state, so the file's row is written with the request's commit)."""
+    counted = request.args.get("count") == "1"
+    if counted:
+        silo.state("counter")["value"] += 1
     path = uploads.save(silo.sid, name, request.stream, content_type=request.content_type)
     return jsonify(path=os.path.basename(path), size=os.path.getsize(path)), 201
 

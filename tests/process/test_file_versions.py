@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import requests
-from liveserver import Gunicorn, gunicorn
+from liveserver import Gunicorn, gunicorn, wait_ready
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql.engine import make_engine
@@ -40,6 +40,8 @@ pytestmark = pytest.mark.slow
 HEADER = "X-Session-ID"
 SIZE = 1_200_000
 """Two ``database`` chunks: a download reads the second after the first was sent."""
+LARGE = 6 * 1024 * 1024
+"""Larger than what the sockets buffer: a download begun reads most of it later."""
 REPLACEMENTS = 12
 READERS = 3
 UPLOADS = 24
@@ -62,19 +64,24 @@ def server(db_url: str, tmp_path: Path, backend_env: dict[str, str]) -> Iterator
     engine = make_engine(db_url)
     schema.upgrade(engine)
     engine.dispose()
+    (tmp_path / "barriers").mkdir()
     env = {
         "SILO_DATABASE_URI": db_url,
         "SILO_TEST_UPLOAD_DIR": str(tmp_path / "uploads"),
+        "SILO_TEST_BARRIER_DIR": str(tmp_path / "barriers"),
         **backend_env,
     }
     with gunicorn(env, tmp_path, workers=2, threads=4) as live:
         yield live
 
 
-def _put(server: Gunicorn, sid: str, name: str, data: bytes) -> requests.Response:
-    return requests.put(
-        server.url(f"/api/upload/{name}"), headers={HEADER: sid}, data=data, timeout=60
-    )
+def _put(
+    server: Gunicorn, sid: str, name: str, data: bytes, *, counted: bool = True, query: str = ""
+) -> requests.Response:
+    """An upload; *counted*: by a view that also changes the session's state, so its
+    file's row is written with the request's commit, after the view returned."""
+    path = f"/api/upload/{name}?count={int(counted)}{query}"
+    return requests.put(server.url(path), headers={HEADER: sid}, data=data, timeout=60)
 
 
 def _download(server: Gunicorn, sid: str, name: str, versions: set[str]) -> str:
@@ -92,6 +99,37 @@ def _download(server: Gunicorn, sid: str, name: str, versions: set[str]) -> str:
     if int(response.headers.get("Content-Length", "-1")) != len(body):
         return "length of other bytes"
     return "ok" if digest in versions else "bytes of no version"
+
+
+def test_a_download_sees_one_whole_version_across_a_replacement(
+    server: Gunicorn, tmp_path: Path
+) -> None:
+    """Step by step: a download begun before a replacement, one while the replacement
+    is not committed, one after it."""
+    sid = "versions-step-by-step-000000000"
+    name = "big.bin"
+    old, new = os.urandom(LARGE), os.urandom(LARGE)
+    assert _put(server, sid, name, old).status_code == 201
+    early = requests.get(
+        server.url(f"/api/files/{name}"), headers={HEADER: sid}, stream=True, timeout=60
+    )
+    assert early.status_code == 200
+    head = early.raw.read(64 * 1024)  # begun: the rest is read after the replacement
+    barriers = tmp_path / "barriers"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        replacing = pool.submit(_put, server, sid, name, new, query="&pause=before_record&token=r")
+        wait_ready(barriers / "r.ready")  # its bytes are in, its row not yet written
+        during = requests.get(server.url(f"/api/files/{name}"), headers={HEADER: sid}, timeout=60)
+        assert during.status_code == 200, during.text
+        assert during.content == old  # the committed version, whole
+        (barriers / "r.go").touch()
+        assert replacing.result().status_code == 201
+    rest = early.raw.read()
+    assert head + rest == old  # the version it began, to its end
+    after = requests.get(server.url(f"/api/files/{name}"), headers={HEADER: sid}, timeout=60)
+    assert after.status_code == 200
+    assert after.content == new
+    assert after.headers["ETag"].strip('"') == hashlib.sha256(new).hexdigest()
 
 
 def test_a_file_downloads_whole_while_it_is_replaced(server: Gunicorn) -> None:
@@ -137,8 +175,9 @@ def test_the_path_save_returns_stays_while_the_name_is_replaced(
         if index < 8:
             start.wait(timeout=30)
         data = os.urandom(200_000 + index)
-        response = _put(server, sid, name, data)
-        body = response.json() if response.headers.get("Content-Type") == "application/json" else None
+        response = _put(server, sid, name, data, counted=False)  # no state: no 409s
+        json_body = response.headers.get("Content-Type") == "application/json"
+        body = response.json() if json_body else None
         return response.status_code, body
 
     with ThreadPoolExecutor(max_workers=8) as pool:
