@@ -27,7 +27,7 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
 from flask_silo_sql.file_backends import boot_time
-from flask_silo_sql.file_parts import CHUNK, TEMP_PREFIX
+from flask_silo_sql.file_parts import CHUNK, RETIRED_KEEP_S, RETIRED_PREFIX, TEMP_PREFIX
 from flask_silo_sql.files import fsck
 from flask_silo_sql.sql.models import file_chunks, files
 
@@ -284,14 +284,30 @@ def test_a_replacement_wins_whole_and_a_failed_request_keeps_nothing(
     assert not [n for n in a.cached() if TEMP_PREFIX in n or n.endswith("new.bin")]
 
     assert a.put("f.bin", second).status_code == 201
-    (row,) = a.rows()
+    (row,) = [r for r in a.rows() if r.filename == "f.bin"]
     assert (row.size_bytes, row.sha256) == (len(second), sha(second))
     assert reader.get("f.bin").get_data() == second
+    # The replaced version stays for downloads that began before (local: they hold it open).
+    retired = [r for r in a.rows() if r.filename.startswith(RETIRED_PREFIX)]
+    assert [r.sha256 for r in retired] == ([] if backend.kind == "local" else [sha(first)])
+    assert a.uploads.list_files(SID) == ["f.bin"]
+    assert a.chunks() == (1 + 2 if backend.kind == "database" else 0)
+    if backend.kind in ("file", "s3"):
+        assert len(backend.objects()) == 2
+    if backend.kind in ("database", "s3"):
+        assert f"{sha(first)[:32]}/f.bin" in a.cached()  # a path handed out stays
+    # The upkeep removes it once no download can need it.
+    a.uploads.maintain(grace=0)
+    assert len(a.rows()) == 1 + len(retired)
+    machines.clock.advance(RETIRED_KEEP_S + 1)
+    a.uploads.maintain(grace=0)
+    assert [r.filename for r in a.rows()] == ["f.bin"]
     assert a.chunks() == (1 if backend.kind == "database" else 0)
     if backend.kind in ("file", "s3"):
         assert backend.objects() == [f"{SID}/{row.location}"]
     if backend.kind in ("database", "s3"):
-        assert a.cached() == [f"{sha(second)[:32]}/f.bin"]  # the old version's copy went
+        assert a.cached() == [f"{sha(second)[:32]}/f.bin"]
+    assert not [n for n in os.listdir(a.home / SID) if n.startswith(TEMP_PREFIX)]
 
 
 def test_serving_is_conditional_and_range_aware(machines: Any, backend: Backend) -> None:

@@ -237,6 +237,10 @@ class SQLFileRecords:
         unit = b.current_unit(row.sid)
         try:
             self._install(upload)
+        except FileNotFoundError:
+            # Its temporary file went with its session's directory (a reset, an expiry).
+            self.undo(upload)
+            raise self._gone(row) from None
         except BaseException:
             self.undo(upload)
             raise
