@@ -27,7 +27,13 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
 from flask_silo_sql.file_backends import boot_time
-from flask_silo_sql.file_parts import CHUNK, RETIRED_KEEP_S, RETIRED_PREFIX, TEMP_PREFIX
+from flask_silo_sql.file_parts import (
+    CHUNK,
+    RETIRED_KEEP_S,
+    RETIRED_PREFIX,
+    TEMP_PREFIX,
+    kept_aside,
+)
 from flask_silo_sql.files import fsck
 from flask_silo_sql.sql.models import file_chunks, files
 
@@ -497,6 +503,53 @@ def test_fsck_reports_bytes_that_differ_and_fixes_the_rest(
     after = fsck(a.uploads)
     assert (after.missing, after.unrecorded, after.partial) == ([], [], [])
     assert after.mismatched == [f"{SID}/bad.bin"]
+
+
+def test_a_replaced_version_is_no_problem_for_fsck_and_takes_no_quota(
+    machines: Any, backend: Backend
+) -> None:
+    a: Machine = machines("host-a", SILO_MAX_SESSION_BYTES=1000)
+    for _ in range(3):  # each replacement fits: the versions it retired are not counted
+        assert a.put("f.bin", os.urandom(600)).status_code == 201
+    assert a.put("g.bin", os.urandom(300)).status_code == 201
+    assert a.put("h.bin", os.urandom(200)).status_code == 413  # 600 + 300 stored
+    kept = 0 if backend.kind == "local" else 2
+    for fix in (False, True):
+        report = fsck(a.uploads, fix=fix)
+        assert report.clean, report
+        assert report.retired == kept
+    assert len(a.rows()) == 2 + kept  # fsck --fix leaves them to the upkeep
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_fsck_puts_back_a_version_kept_aside_by_an_upload_that_died(
+    machines: Any, backend: Backend
+) -> None:
+    a: Machine = machines("host-a")
+    old, new = b"the committed version", b"an upload never committed"
+    assert a.put("f.bin", old).status_code == 201
+    (row,) = a.rows()
+    directory = a.home / SID
+    # What a process that died between moving its bytes in and its commit leaves.
+    records = a.uploads.records
+    assert records is not None
+    committed = records.row(SID, "f.bin")
+    assert committed is not None
+    aside = Path(kept_aside(str(directory), committed))
+    os.link(directory / "f.bin", aside)
+    (directory / "tmp").write_bytes(new)
+    os.replace(directory / "tmp", directory / "f.bin")
+    for path in (aside, directory / "f.bin"):  # before this run of fsck
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    assert a.get("f.bin").get_data() == old  # its readers find it aside
+    report = fsck(a.uploads)
+    assert report.partial == [f"{SID}/{aside.name}"]
+    assert report.mismatched == [f"{SID}/f.bin"]
+    fsck(a.uploads, fix=True)
+    assert (directory / "f.bin").read_bytes() == old
+    assert not aside.exists()
+    assert fsck(a.uploads).clean
+    assert [r.sha256 for r in a.rows()] == [row.sha256]
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)
