@@ -109,6 +109,8 @@ class RequestState:
         self.spool: IO[bytes] | None = None
 
 
+
+
 def current_request() -> RequestState:
     """The current API request's state (a RuntimeError outside one)."""
     state: RequestState | None = g.get(REQUEST_KEY) if g else None

@@ -56,7 +56,6 @@ class Extension(Protocol):
 
     def _app_state(self) -> SiloApp: ...
 
-
 View = TypeVar("View", bound=Callable[..., Any])
 
 FIRST_POLL_S = 0.02
@@ -243,7 +242,9 @@ def _claim(records: IdempotencyRecords, wanted: KeyRequest, wait: float) -> Clai
 
 
 def _replay(stored: StoredResponse) -> Response:
-    response = current_app.response_class(stored.body, status=stored.status, headers=stored.headers)
+    response = current_app.response_class(
+        stored.body, status=stored.status, headers=stored.headers
+    )
     response.headers[REPLAYED_HEADER] = "true"
     return response
 

@@ -81,7 +81,6 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 
 View = TypeVar("View", bound=Callable[..., Any])
 
-
 class LazySession(MutableMapping[str, Any]):
     """``g.silo``: the whole session, loaded from storage on first use."""
 

@@ -729,7 +729,9 @@ class _Heartbeats:
     def homes(self) -> list[TaskHome]:
         """The homes of the durable runs this process is running now."""
         with self._lock:
-            return [t._home for t in self._tasks if t._home is not None and t._durable is not None]
+            return [
+                t._home for t in self._tasks if t._home is not None and t._durable is not None
+            ]
 
     def poke(self) -> None:
         """A task has a write due sooner than the thread planned for."""

@@ -78,7 +78,8 @@ def upgrade() -> None:
             "status",
             sa.Integer(),
             nullable=True,
-            comment="HTTP status of the stored response; NULL while the first request is in flight",
+            comment="HTTP status of the stored response; NULL while the first request is in "
+            "flight",
         ),
         sa.Column(
             "headers",
