@@ -8,16 +8,24 @@
   held open while the client sends; on PostgreSQL its commit does not wait for
   the WAL flush, which the file's row, committed after it, waits for) and
   deleted with their row, so with their session, by the transaction that
-  deletes it.
+  deletes it. They are read by their row's id (and hash), so a download reads
+  the version it began.
 * :class:`FsspecBytes` (an fsspec URL: ``s3://bucket/prefix``,
   ``file:///mnt/shared/uploads``, any installed protocol): each upload goes to
   a new object, ``<url>/<sid>/<token>/<name>``, which a row names only once
   the request commits (the row is written last), so no object is ever
   overwritten in place.
 
+A replaced ``database`` or fsspec version keeps its chunks or object for an
+hour (its row *retired*), so downloads that began before read it to its end;
+a replaced ``local`` version is kept aside until the replacement commits,
+then read through the descriptors open on it.
+
 For the last two, ``base_dir`` is this machine's :class:`Cache` of verified
-copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``), which ``get_path`` and
-``save`` answer with, so code that opens a path keeps working on any machine.
+copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``, one directory per version),
+which ``get_path`` and ``save`` answer with, so code that opens a path keeps
+working on any machine. A newer version never removes the copy of another:
+the upkeep removes copies no row names once unused for its grace period.
 Uploads stream through a local temporary file as well, which becomes the
 cached copy on the machine that received them.
 

@@ -21,10 +21,12 @@ row, which creates the session if needed and reserves the bytes received so
 far against the session's quota, in SQL, as they arrive (so concurrent
 uploads cannot all take the last bytes); the bytes stream in without any lock
 held; the request's commit turns the pending row into the file's row and
-drops the version it replaces, in its transaction. A request that fails or
-answers an error keeps nothing (for ``local``, the previous version comes
-back). Reads (``list_files``, ``get_path``, ``open``, ``send``) answer from
-the rows, and this request's uploads.
+takes the version it replaces out of sight, in one transaction: readers see
+the old version whole until then, and a download reads the version it began
+to its end (see ``docs/file-versions.md``). A request that fails or answers
+an error keeps nothing (for ``local``, the previous version comes back).
+Reads (``list_files``, ``get_path``, ``open``, ``send``) answer from the
+rows, and this request's uploads.
 
 File operations never let an ``OSError`` reach the application: it becomes a
 :class:`~flask_silo_sql.errors.SiloError` with a JSON answer (``507`` when
