@@ -24,7 +24,16 @@ import shutil
 import time
 
 from .file_backends import SHA_DIR_LENGTH, FsspecBytes
-from .file_parts import RETIRED_KEEP_S, STALE_UPLOAD_S, TEMP_PREFIX, FileRecords, StoreView
+from .file_parts import (
+    OLD_PREFIX,
+    RETIRED_KEEP_S,
+    STALE_UPLOAD_S,
+    TEMP_PREFIX,
+    FileRecords,
+    StoreView,
+    directory_lock,
+    kept_aside,
+)
 from .sids import is_valid_sid
 
 logger = logging.getLogger("flask_silo_sql.files")
@@ -64,7 +73,7 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
         for sid in batch:
             directory = os.path.join(base, sid)
             if sid in alive:
-                _tidy_live(directory, now)
+                _tidy_live(files, records, sid, directory, now)
                 continue
             if sid in expired or _newest(directory) < now - grace:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -106,16 +115,37 @@ def _newest(directory: str) -> float:
     return newest
 
 
-def _tidy_live(directory: str, now: float) -> None:
-    """Temporary files of uploads that died (untouched for an hour) in a live session."""
+def _tidy_live(
+    files: StoreView, records: FileRecords, sid: str, directory: str, now: float
+) -> None:
+    """Temporary files of uploads that died (untouched for an hour) in a live session; a
+    version an upload that died had kept aside goes back under its name."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
                 continue
             with contextlib.suppress(OSError):
                 info = entry.stat(follow_symlinks=False)
-                if max(info.st_mtime, info.st_ctime) < now - STALE_UPLOAD_S:
+                if max(info.st_mtime, info.st_ctime) >= now - STALE_UPLOAD_S:
+                    continue
+                if entry.name.startswith(OLD_PREFIX):
+                    _put_back(files, records, sid, directory, entry.path)
+                else:
                     os.unlink(entry.path)
+
+
+def _put_back(files: StoreView, records: FileRecords, sid: str, directory: str, path: str) -> None:
+    """Holding the directory lock, no upload in progress: the kept-aside version of the
+    file's current row back under its name (that upload never committed), else gone."""
+    with directory_lock(directory):
+        alive = records.now() - STALE_UPLOAD_S
+        if any((r.created_at or 0.0) >= alive for r in records.pending_rows(sid)):
+            return  # an upload in progress may have moved in relying on it
+        for row in records.session_rows(sid):
+            if row.backend == "local" and kept_aside(directory, row) == path:
+                os.replace(path, os.path.join(directory, row.filename))
+                return
+        os.unlink(path)
 
 
 def _prune_cache(
