@@ -42,9 +42,9 @@ SIZE = 1_200_000
 """Two ``database`` chunks: a download reads the second after the first was sent."""
 LARGE = 6 * 1024 * 1024
 """Larger than what the sockets buffer: a download begun reads most of it later."""
-REPLACEMENTS = 12
+REPLACEMENTS = 8
 READERS = 3
-UPLOADS = 24
+UPLOADS = 16
 
 
 @pytest.fixture(params=["local", "database", "s3"])
