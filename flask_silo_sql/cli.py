@@ -222,6 +222,11 @@ def fsck(fix: bool, grace: float, no_verify: bool) -> None:
             click.echo(
                 f"{files.name}: {report.in_progress} entry(ies) of uploads in progress left alone"
             )
+        if report.retired:
+            click.echo(
+                f"{files.name}: {report.retired} replaced version(s) kept for downloads "
+                "that began before (removed an hour after their replacement)"
+            )
         repaired = report.fixed and not report.mismatched
         verdict = "clean" if report.clean else ("repaired" if repaired else "problems found")
         click.echo(f"{files.name}: {verdict}")

@@ -8,16 +8,24 @@
   held open while the client sends; on PostgreSQL its commit does not wait for
   the WAL flush, which the file's row, committed after it, waits for) and
   deleted with their row, so with their session, by the transaction that
-  deletes it.
+  deletes it. They are read by their row's id (and hash), so a download reads
+  the version it began.
 * :class:`FsspecBytes` (an fsspec URL: ``s3://bucket/prefix``,
   ``file:///mnt/shared/uploads``, any installed protocol): each upload goes to
   a new object, ``<url>/<sid>/<token>/<name>``, which a row names only once
   the request commits (the row is written last), so no object is ever
   overwritten in place.
 
+A replaced ``database`` or fsspec version keeps its chunks or object for an
+hour (its row *retired*), so downloads that began before read it to its end;
+a replaced ``local`` version is kept aside until the replacement commits,
+then read through the descriptors open on it.
+
 For the last two, ``base_dir`` is this machine's :class:`Cache` of verified
-copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``), which ``get_path`` and
-``save`` answer with, so code that opens a path keeps working on any machine.
+copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``, one directory per version),
+which ``get_path`` and ``save`` answer with, so code that opens a path keeps
+working on any machine. A newer version never removes the copy of another:
+the upkeep removes copies no row names once unused for its grace period.
 Uploads stream through a local temporary file as well, which becomes the
 cached copy on the machine that received them.
 
@@ -56,6 +64,7 @@ from .file_parts import (
     Sink,
     StoreView,
     _create_temp,
+    kept_aside,
     storage_error,
 )
 from .logs import log_failure, silo_logger
@@ -194,10 +203,35 @@ class LocalBytes:
         return path if os.path.isfile(path) else None
 
     def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
+        """*row*'s bytes: under its name, or kept aside while an upload replaces them.
+
+        Raises :class:`FileNotStored` when neither holds them (the name's bytes changed
+        since they were opened, with nothing kept aside: the row was replaced, and the
+        caller reads the new one)."""
+        path = self._path(row)
         try:
-            return open(self._path(row), "rb")
+            handle: IO[bytes] | None = open(path, "rb")  # noqa: SIM115 - returned
         except FileNotFoundError:
-            raise FileNotStored(row.filename) from None
+            handle = None
+        try:  # a replacement in flight: the row's version is kept aside (see kept_aside)
+            aside: IO[bytes] = open(kept_aside(os.path.dirname(path), row), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            pass
+        else:
+            if handle is not None:
+                handle.close()
+            return aside
+        if handle is None:
+            raise FileNotStored(row.filename)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        opened = os.fstat(handle.fileno())
+        if now is None or (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            handle.close()  # replaced between the two looks: not surely the row's bytes
+            raise FileNotStored(row.filename)
+        return handle
 
     def remove(self, rows: list[FileRow]) -> None:
         """Temporary files of dead uploads of this host (stored files go with their
@@ -259,6 +293,9 @@ class Cache:
         return True
 
     def install(self, tmp: str, path: str) -> None:
+        """*tmp* becomes the copy at *path*. Other cached versions of the name stay: a
+        request may have been handed their path; the upkeep removes them once no row
+        names them and they went unused for its grace period."""
         for attempt in range(3):  # another thread may remove an empty version directory
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
@@ -267,24 +304,6 @@ class Cache:
             except FileNotFoundError:
                 if attempt == 2 or not os.path.exists(tmp):
                     raise
-        self._prune(path)
-
-    def _prune(self, path: str) -> None:
-        """Other cached versions of the same name go."""
-        version_dir = os.path.dirname(path)
-        session_dir = os.path.dirname(version_dir)
-        name = os.path.basename(path)
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(session_dir):
-                other = os.path.join(session_dir, entry)
-                if other == version_dir or entry.startswith(TEMP_PREFIX):
-                    continue
-                try:
-                    os.unlink(os.path.join(other, name))
-                except OSError:
-                    continue
-                with contextlib.suppress(OSError):
-                    os.rmdir(other)  # only a directory this name was in
 
     def drop(self, row: FileRow, path: str | None = None) -> None:
         path = path or self.path(row)
@@ -298,6 +317,8 @@ class Cache:
         size), checked against the row's size and SHA-256 before it is used."""
         path = self.path(row)
         if self._usable(path, row):
+            with contextlib.suppress(OSError):
+                os.utime(path)  # handed out now: the upkeep leaves it for its grace period
             return path
         directory = os.path.join(self.store.base_dir, row.sid)
         fd, tmp = _create_temp(directory, TEMP_PREFIX + "fetch-" + secrets.token_hex(8))

@@ -33,7 +33,15 @@ from typing import IO, cast
 from .errors import SiloError
 from .file_backends import ChunkReader, FsspecBytes
 from .file_digest import sha256_of
-from .file_parts import TEMP_PREFIX, FileRecords, FileRow, StoreView, directory_lock
+from .file_parts import (
+    OLD_PREFIX,
+    TEMP_PREFIX,
+    FileRecords,
+    FileRow,
+    StoreView,
+    directory_lock,
+    kept_aside,
+)
 from .sids import is_valid_sid
 
 CLOCK_MARGIN_S = 0.02
@@ -57,6 +65,9 @@ class FsckReport:
     """Rows of files on other hosts (``local``), not checked here."""
     in_progress: int = 0
     """Entries of uploads in progress, or changed after the run began: not judged."""
+    retired: int = 0
+    """Replaced versions kept for the downloads that began before (not a problem: the
+    upkeep removes them an hour after their replacement)."""
     fixed: bool = False
 
     @property
@@ -109,8 +120,10 @@ class _Check:
         db_now = records.now()
         self.rows = records.rows()
         self.committed = [r for r in self.rows if not r.pending]
-        self.stale = [r for r in self.rows if r.pending and (r.created_at or 0.0) < db_now - grace]
-        self.live = [r for r in self.rows if r.pending and (r.created_at or 0.0) >= db_now - grace]
+        uploads = [r for r in self.rows if r.pending and not r.retired]
+        self.report.retired = sum(1 for r in self.rows if r.retired)
+        self.stale = [r for r in uploads if (r.created_at or 0.0) < db_now - grace]
+        self.live = [r for r in uploads if (r.created_at or 0.0) >= db_now - grace]
         """Uploads in progress when the run began."""
         self.busy = {r.sid for r in self.live}
         """Sessions with an upload in progress when the run began."""
@@ -161,6 +174,12 @@ class _Check:
                         strays.append(key)
                     continue
                 seen.add(key)
+                aside = kept_aside(directory, row)
+                if os.path.lexists(aside):
+                    # An upload moved its bytes in and never committed: the row's own are
+                    # kept aside (its readers read them there; a fix puts them back).
+                    path, st = aside, os.lstat(aside)
+                    recent = st.st_mtime >= self.started
                 if recent:
                     report.in_progress += 1
                 elif self._differs_on_disk(path, st, row):
@@ -213,7 +232,24 @@ class _Check:
 
     def _unlink_leftover(self, sid: str, name: str) -> None:
         # An upload in progress may own it (a version it keeps aside).
+        if name.startswith(OLD_PREFIX) and self._put_back(sid, name):
+            return
         self._unlink_unless(sid, name, lambda: self._upload_in_progress(sid))
+
+    def _put_back(self, sid: str, name: str) -> bool:
+        """A committed row's version kept aside by an upload that died before its commit:
+        back under the row's name (holding the directory lock, no upload in progress)."""
+        directory = os.path.join(self.files.base_dir, sid)
+        with directory_lock(directory):
+            if self._upload_in_progress(sid):
+                return True
+            path = os.path.join(directory, name)
+            for row in self.records.session_rows(sid):
+                if self._mine(row) and kept_aside(directory, row) == path:
+                    with contextlib.suppress(OSError):
+                        os.replace(path, os.path.join(directory, row.filename))
+                    return True
+        return False
 
     def _unlink_unless(self, sid: str, name: str, keep: Callable[[], bool]) -> None:
         """Holding the directory lock: unlink a file older than this run unless *keep*()."""

@@ -6,10 +6,13 @@ sweeping process removes their directory and fsspec objects. Other machines
 learn of it here: a ``local`` directory or a cached copy whose session no
 longer exists goes (at once when its SID is remembered as expired, else once
 nothing in it changed for a grace period, so a directory an upload is about to
-use is left alone), as do cached copies that no row names any more and
-temporary files of uploads that died. For an fsspec store, removals that
-failed are retried, and, at most once an hour per process, objects of
-sessions that no longer exist are removed from the store itself.
+use is left alone), as do cached copies that no row names any more (once
+unused for the grace period: a request may hold the path it was handed),
+temporary files of uploads that died, and replaced versions kept for the
+downloads that began before them (an hour after their replacement). For an
+fsspec store, removals that failed are retried, and, at most once an hour per
+process, objects of sessions that no longer exist are removed from the store
+itself.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ import shutil
 import time
 
 from .file_backends import SHA_DIR_LENGTH, FsspecBytes
-from .file_parts import STALE_UPLOAD_S, TEMP_PREFIX, FileRecords, StoreView
+from .file_parts import (
+    OLD_PREFIX,
+    RETIRED_KEEP_S,
+    STALE_UPLOAD_S,
+    TEMP_PREFIX,
+    FileRecords,
+    StoreView,
+    directory_lock,
+    kept_aside,
+)
 from .logs import silo_logger
 from .sids import is_valid_sid
 
@@ -37,6 +49,8 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
     if records is None:
         return 0
     backend = files.blobs
+    if backend.kind != "local":
+        _forget_retired(files, records)
     if isinstance(backend, FsspecBytes):
         backend.retry_removals()
     removed = 0
@@ -59,7 +73,7 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
         for sid in batch:
             directory = os.path.join(base, sid)
             if sid in alive:
-                _tidy_live(directory, now)
+                _tidy_live(files, records, sid, directory, now)
                 continue
             if sid in expired or _newest(directory) < now - grace:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -73,6 +87,14 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
             "file store %r: removed %d directory(ies) of gone sessions", files.name, removed
         )
     return removed
+
+
+def _forget_retired(files: StoreView, records: FileRecords) -> None:
+    """Replaced versions kept for their readers, once no download can need them: their
+    rows and chunks, then their objects."""
+    gone = records.forget_retired(records.now() - RETIRED_KEEP_S)
+    if gone:
+        files.blobs.remove(gone)
 
 
 def _newest(directory: str) -> float:
@@ -93,16 +115,37 @@ def _newest(directory: str) -> float:
     return newest
 
 
-def _tidy_live(directory: str, now: float) -> None:
-    """Temporary files of uploads that died (untouched for an hour) in a live session."""
+def _tidy_live(
+    files: StoreView, records: FileRecords, sid: str, directory: str, now: float
+) -> None:
+    """Temporary files of uploads that died (untouched for an hour) in a live session; a
+    version an upload that died had kept aside goes back under its name."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
                 continue
             with contextlib.suppress(OSError):
                 info = entry.stat(follow_symlinks=False)
-                if max(info.st_mtime, info.st_ctime) < now - STALE_UPLOAD_S:
+                if max(info.st_mtime, info.st_ctime) >= now - STALE_UPLOAD_S:
+                    continue
+                if entry.name.startswith(OLD_PREFIX):
+                    _put_back(files, records, sid, directory, entry.path)
+                else:
                     os.unlink(entry.path)
+
+
+def _put_back(files: StoreView, records: FileRecords, sid: str, directory: str, path: str) -> None:
+    """Holding the directory lock, no upload in progress: the kept-aside version of the
+    file's current row back under its name (that upload never committed), else gone."""
+    with directory_lock(directory):
+        alive = records.now() - STALE_UPLOAD_S
+        if any((r.created_at or 0.0) >= alive for r in records.pending_rows(sid)):
+            return  # an upload in progress may have moved in relying on it
+        for row in records.session_rows(sid):
+            if row.backend == "local" and kept_aside(directory, row) == path:
+                os.replace(path, os.path.join(directory, row.filename))
+                return
+        os.unlink(path)
 
 
 def _prune_cache(

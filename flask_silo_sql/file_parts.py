@@ -39,7 +39,11 @@ logger = silo_logger("flask_silo_sql.files")
 TEMP_PREFIX = ".silo-upload-"
 """Names of uploads in progress (files and pending rows); no stored name starts so."""
 OLD_PREFIX = TEMP_PREFIX + "old-"
-"""A replaced ``local`` version kept aside until its request ends."""
+"""A ``local`` version kept aside while an upload that replaces it is not committed."""
+RETIRED_PREFIX = TEMP_PREFIX + "retired-"
+"""Name of the row of a replaced ``database``/fsspec version, kept for its readers."""
+RETIRED_KEEP_S = 3600.0
+"""How long a replaced version's bytes stay for the downloads that began before."""
 FILE_MODE = 0o600
 """Mode of stored files: readable by the application's user only."""
 CHUNK = 1024 * 1024
@@ -98,7 +102,19 @@ class FileRow:
 
     @property
     def pending(self) -> bool:
+        """An upload in progress, or a replaced version kept for its readers (``retired``)."""
         return self.filename.startswith(TEMP_PREFIX)
+
+    @property
+    def retired(self) -> bool:
+        """A replaced version whose bytes stay until no download can need them."""
+        return self.filename.startswith(RETIRED_PREFIX)
+
+
+def kept_aside(directory: str, row: FileRow) -> str:
+    """Where a ``local`` row's bytes are while an upload that replaces them is not
+    committed: a link named after the row, so a reader of the row finds them."""
+    return os.path.join(directory, f"{OLD_PREFIX}{row.id}-{row.sha256[:16]}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +179,14 @@ class StagedUpload:
 
     @property
     def replaces_early(self) -> bool:
-        """Whether the previous version's row goes at :meth:`install` (``local``: the bytes
-        under the name change there), rather than with the commit."""
+        """Whether the bytes under the file's name change at :meth:`install` (``local``),
+        rather than only its row with the commit."""
         return self.blobs.kind == "local"
 
-    def install(self) -> None:
-        """Before the commit (``local``: holding :func:`directory_lock`)."""
+    def install(self, current: FileRow | None = None) -> None:
+        """Before the commit (``local``: holding :func:`directory_lock`). The bytes of the
+        *current* row, replaced under the name, stay whole at :func:`kept_aside` until
+        the commit swaps the rows (an earlier upload in flight may have put them there)."""
         if self.blobs.kind != "local":
             if self.tmp is not None:
                 self.blobs.install(self.tmp, self.path)
@@ -176,10 +194,18 @@ class StagedUpload:
             return
         if self.tmp is None:
             return
-        if os.path.lexists(self.path):
-            backup = os.path.join(os.path.dirname(self.path), OLD_PREFIX + secrets.token_hex(8))
+        directory = os.path.dirname(self.path)
+        if current is not None:
+            backup = kept_aside(directory, current)
+            if not os.path.lexists(backup):
+                with contextlib.suppress(FileNotFoundError):
+                    os.link(self.path, backup)  # the row's version stays whole for its readers
+            if os.path.lexists(backup):
+                self._backup = backup
+        elif os.path.lexists(self.path):  # bytes without a row: kept only to come back
+            backup = os.path.join(directory, OLD_PREFIX + secrets.token_hex(8))
             with contextlib.suppress(FileNotFoundError):
-                os.link(self.path, backup)  # the old version stays whole under another name
+                os.link(self.path, backup)
                 self._backup = backup
         os.replace(self.tmp, self.path)
         self.tmp = None
@@ -217,7 +243,8 @@ class StagedUpload:
             pass
 
     def keep(self) -> None:
-        """The row is committed: let the replaced version go."""
+        """The row is committed: the replaced version's bytes go (a reader that opened
+        them keeps its descriptor; ``database``/fsspec: the row was retired instead)."""
         if self._backup is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._backup)
@@ -225,6 +252,12 @@ class StagedUpload:
         replaced, self.replaced = self.replaced, []
         if replaced:
             self.blobs.remove(replaced)
+
+    def superseded(self) -> None:
+        """Not kept because a later upload's bytes took the name: what was kept aside
+        stays for that upload (the committed row's readers find it there)."""
+        self._backup = None
+        self.replaced = []
 
     def discard(self) -> None:
         """Undo the upload: the previous version back (``local``), nothing of it left over."""
@@ -237,10 +270,12 @@ class StagedUpload:
                 self.blobs.drop_upload(self.row, self.path)
             elif self.still_mine():
                 if self._backup is not None:
-                    os.replace(self._backup, self.path)
+                    os.replace(self._backup, self.path)  # the row's version, under its name
                     self._backup = None
                 else:
                     os.unlink(self.path)
+            else:
+                self._backup = None  # a later upload holds the name and relies on it
         except Exception as exc:
             log_failure(
                 logger, "could not undo an upload that was not kept", exc=exc, sid=self.row.sid
@@ -345,6 +380,10 @@ class FileRecords(Protocol):
     def orphan_chunks(self) -> list[int]:
         """File ids that chunks name without a row (a host engine that does not cascade)."""
 
+    def forget_retired(self, before: float) -> list[FileRow]:
+        """Delete the rows of versions replaced before *before* (database clock), and their
+        chunks; returns what they named (their objects go next)."""
+
 
 RecordsProvider = Callable[[], "FileRecords | None"]
 
@@ -435,8 +474,6 @@ class Bytes(Protocol):
     def move_session(self, old: str, new: str) -> Callable[[], None]: ...
 
 
-
-
 class StoreView(Protocol):
     """What the file modules below :class:`~flask_silo_sql.files.FileStore` use of it."""
 
@@ -472,9 +509,7 @@ def announced_length(data: object) -> int | None:
     upload must count what it got against what was announced."""
     if not has_request_context():
         return None
-    if data is not request.environ.get("wsgi.input") and data is not request.__dict__.get(
-        "stream"
-    ):
+    if data is not request.environ.get("wsgi.input") and data is not request.__dict__.get("stream"):
         return None
     return request.content_length
 
@@ -576,5 +611,3 @@ def _pieces(
         if filled:
             yield view[:filled]  # the last piece
         return
-
-

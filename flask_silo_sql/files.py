@@ -21,10 +21,12 @@ row, which creates the session if needed and reserves the bytes received so
 far against the session's quota, in SQL, as they arrive (so concurrent
 uploads cannot all take the last bytes); the bytes stream in without any lock
 held; the request's commit turns the pending row into the file's row and
-drops the version it replaces, in its transaction. A request that fails or
-answers an error keeps nothing (for ``local``, the previous version comes
-back). Reads (``list_files``, ``get_path``, ``open``, ``send``) answer from
-the rows, and this request's uploads.
+takes the version it replaces out of sight, in one transaction: readers see
+the old version whole until then, and a download reads the version it began
+to its end (see ``docs/file-versions.md``). A request that fails or answers
+an error keeps nothing (for ``local``, the previous version comes back).
+Reads (``list_files``, ``get_path``, ``open``, ``send``) answer from the
+rows, and this request's uploads.
 
 File operations never let an ``OSError`` reach the application: it becomes a
 :class:`~flask_silo_sql.errors.SiloError` with a JSON answer (``507`` when
@@ -89,7 +91,7 @@ if TYPE_CHECKING:
 
 logger = silo_logger("flask_silo_sql.files")
 
-OPEN_ATTEMPTS = 3
+OPEN_ATTEMPTS = 8
 """Times a download opens a ``local`` file replaced while it was opened, before a 503."""
 
 
@@ -432,7 +434,7 @@ class FileStore:
         such file, :class:`FileElsewhere` (``409``) for a ``local`` file of another host.
         """
         try:
-            records, name, row = self._lookup(sid, filename)
+            records, name, _ = self._lookup(sid, filename)
         except ValueError:
             raise FileNotStored(filename) from None
         if records is None:
@@ -447,11 +449,7 @@ class FileStore:
         with file_errors(self.name, sid, "read a file"):
             if staged is not None:
                 return open(staged.path, "rb")
-            if row is None:
-                raise FileNotStored(name)
-            if not self.blobs.here(row):
-                raise FileElsewhere(name, row.host)
-            return self.blobs.open(row)
+        return self._opened(sid, filename, buffered=True)[1]
 
     def stat(self, sid: str, filename: str) -> StoredFile | None:
         """What is known of a stored file (size, hash, where it is), or None."""
@@ -499,7 +497,9 @@ class FileStore:
             info, stream, as_attachment=as_attachment, download_name=download_name
         )
 
-    def _opened(self, sid: str, filename: str) -> tuple[StoredFile, IO[bytes]]:
+    def _opened(
+        self, sid: str, filename: str, *, buffered: bool = False
+    ) -> tuple[StoredFile, IO[bytes]]:
         """The file's description and a stream of the same version's bytes.
 
         One lookup of its row gives both (a lookup for each could find a version each,
@@ -521,15 +521,26 @@ class FileStore:
             if not self.blobs.here(row):
                 raise FileElsewhere(name, row.host)
             info = self._describe(row)
-            with file_errors(self.name, sid, "read a file"):
-                stream = self.blobs.open(row, buffered=False)
+            try:
+                with file_errors(self.name, sid, "read a file"):
+                    stream = self.blobs.open(row, buffered=buffered)
+            except FileNotStored:
+                if row.backend != "local" or not self._replaced(records, row):
+                    raise
+                continue
             if row.backend != "local":
                 return info, stream  # opened from the row itself (its id, its location)
-            again = self.stat(sid, filename)
-            if again is not None and again.sha256 == info.sha256:
+            if not self._replaced(records, row):
                 return info, stream
             stream.close()
         raise FileStorageError(self.name, "read a file", "it was replaced each time it was opened")
+
+    @staticmethod
+    def _replaced(records: FileRecords, row: FileRow) -> bool:
+        """Whether *row* is no longer the file's committed row (a ``local`` file is opened
+        by its name, so the row is read again once its bytes are open)."""
+        again = records.row(row.sid, row.filename)
+        return again is None or again.sha256 != row.sha256
 
     @overload
     def list_files(self, sid: str) -> list[str]: ...

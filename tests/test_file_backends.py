@@ -28,7 +28,13 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
 from flask_silo_sql.file_backends import boot_time
-from flask_silo_sql.file_parts import CHUNK, TEMP_PREFIX
+from flask_silo_sql.file_parts import (
+    CHUNK,
+    RETIRED_KEEP_S,
+    RETIRED_PREFIX,
+    TEMP_PREFIX,
+    kept_aside,
+)
 from flask_silo_sql.files import fsck
 from flask_silo_sql.sql.models import file_chunks, files
 
@@ -285,14 +291,30 @@ def test_a_replacement_wins_whole_and_a_failed_request_keeps_nothing(
     assert not [n for n in a.cached() if TEMP_PREFIX in n or n.endswith("new.bin")]
 
     assert a.put("f.bin", second).status_code == 201
-    (row,) = a.rows()
+    (row,) = [r for r in a.rows() if r.filename == "f.bin"]
     assert (row.size_bytes, row.sha256) == (len(second), sha(second))
     assert reader.get("f.bin").get_data() == second
+    # The replaced version stays for downloads that began before (local: they hold it open).
+    retired = [r for r in a.rows() if r.filename.startswith(RETIRED_PREFIX)]
+    assert [r.sha256 for r in retired] == ([] if backend.kind == "local" else [sha(first)])
+    assert a.uploads.list_files(SID) == ["f.bin"]
+    assert a.chunks() == (1 + 2 if backend.kind == "database" else 0)
+    if backend.kind in ("file", "s3"):
+        assert len(backend.objects()) == 2
+    if backend.kind in ("database", "s3"):
+        assert f"{sha(first)[:32]}/f.bin" in a.cached()  # a path handed out stays
+    # The upkeep removes it once no download can need it.
+    a.uploads.maintain(grace=0)
+    assert len(a.rows()) == 1 + len(retired)
+    machines.clock.advance(RETIRED_KEEP_S + 1)
+    a.uploads.maintain(grace=0)
+    assert [r.filename for r in a.rows()] == ["f.bin"]
     assert a.chunks() == (1 if backend.kind == "database" else 0)
     if backend.kind in ("file", "s3"):
         assert backend.objects() == [f"{SID}/{row.location}"]
     if backend.kind in ("database", "s3"):
-        assert a.cached() == [f"{sha(second)[:32]}/f.bin"]  # the old version's copy went
+        assert a.cached() == [f"{sha(second)[:32]}/f.bin"]
+    assert not [n for n in os.listdir(a.home / SID) if n.startswith(TEMP_PREFIX)]
 
 
 def test_serving_is_conditional_and_range_aware(machines: Any, backend: Backend) -> None:
@@ -552,6 +574,53 @@ def test_fsck_reports_bytes_that_differ_and_fixes_the_rest(
     after = fsck(a.uploads)
     assert (after.missing, after.unrecorded, after.partial) == ([], [], [])
     assert after.mismatched == [f"{SID}/bad.bin"]
+
+
+def test_a_replaced_version_is_no_problem_for_fsck_and_takes_no_quota(
+    machines: Any, backend: Backend
+) -> None:
+    a: Machine = machines("host-a", SILO_MAX_SESSION_BYTES=1000)
+    for _ in range(3):  # each replacement fits: the versions it retired are not counted
+        assert a.put("f.bin", os.urandom(600)).status_code == 201
+    assert a.put("g.bin", os.urandom(300)).status_code == 201
+    assert a.put("h.bin", os.urandom(200)).status_code == 413  # 600 + 300 stored
+    kept = 0 if backend.kind == "local" else 2
+    for fix in (False, True):
+        report = fsck(a.uploads, fix=fix)
+        assert report.clean, report
+        assert report.retired == kept
+    assert len(a.rows()) == 2 + kept  # fsck --fix leaves them to the upkeep
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_fsck_puts_back_a_version_kept_aside_by_an_upload_that_died(
+    machines: Any, backend: Backend
+) -> None:
+    a: Machine = machines("host-a")
+    old, new = b"the committed version", b"an upload never committed"
+    assert a.put("f.bin", old).status_code == 201
+    (row,) = a.rows()
+    directory = a.home / SID
+    # What a process that died between moving its bytes in and its commit leaves.
+    records = a.uploads.records
+    assert records is not None
+    committed = records.row(SID, "f.bin")
+    assert committed is not None
+    aside = Path(kept_aside(str(directory), committed))
+    os.link(directory / "f.bin", aside)
+    (directory / "tmp").write_bytes(new)
+    os.replace(directory / "tmp", directory / "f.bin")
+    for path in (aside, directory / "f.bin"):  # before this run of fsck
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    assert a.get("f.bin").get_data() == old  # its readers find it aside
+    report = fsck(a.uploads)
+    assert report.partial == [f"{SID}/{aside.name}"]
+    assert report.mismatched == [f"{SID}/f.bin"]
+    fsck(a.uploads, fix=True)
+    assert (directory / "f.bin").read_bytes() == old
+    assert not aside.exists()
+    assert fsck(a.uploads).clean
+    assert [r.sha256 for r in a.rows()] == [row.sha256]
 
 
 @pytest.mark.parametrize("backend", ["local"], indirect=True)

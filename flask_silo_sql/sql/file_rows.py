@@ -7,19 +7,24 @@ needed; the row reserves the bytes received so far against the session's
 quota, in the statement that checks it (on PostgreSQL under the session row's
 lock), so concurrent uploads cannot both take the last bytes. The ``database``
 backend's chunks hang off that row. The request's commit, with the session
-locked, deletes the version the upload replaces and renames the pending row
-into the file's row; a request that fails deletes the pending row (its chunks
-cascade). For ``local``, which moves the bytes under their name before the
-commit, the previous version's row goes first, holding the session
-directory's lock, and comes back if the request fails: a crash in between
-leaves a file without a row (which ``flask silo-db fsck`` reports), never a
-row describing other bytes.
+locked, swaps the rows in one transaction: the pending row becomes the file's
+row and the version it replaces leaves sight (a request that fails deletes the
+pending row; its chunks cascade). Until that commit, readers see the previous
+version whole. For ``database`` and fsspec the replaced row is *retired*
+(renamed ``.silo-upload-retired-...``, out of every listing and quota) with
+its chunks or object, so a download that began before reads on to its end;
+:meth:`SQLFileRecords.forget_retired` removes it an hour later. For
+``local``, which moves the bytes under their name before the commit, the
+committed row's version is kept aside (a link named after that row, where its
+readers look first) until the commit, after which it is unlinked: a reader
+that opened it keeps its descriptor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -31,6 +36,7 @@ from ..errors import (
     UploadInterrupted,
 )
 from ..file_parts import (
+    RETIRED_PREFIX,
     STALE_UPLOAD_S,
     UNLIMITED,
     FileRow,
@@ -52,14 +58,9 @@ class StagedFile:
 
     locks_session = True
 
-    def __init__(
-        self, records: SQLFileRecords, upload: StagedUpload, replaced: FileRow | None
-    ) -> None:
+    def __init__(self, records: SQLFileRecords, upload: StagedUpload) -> None:
         self.records = records
         self.upload = upload
-        self.replaced = replaced
-        """``local``: the row of the version it replaced (deleted already), put back if
-        the upload is not kept."""
         self.directory: str | None = upload.directory
 
     def write(self, ex: Executor, now: float) -> None:
@@ -69,7 +70,7 @@ class StagedFile:
         self.upload.keep()
 
     def discard(self) -> None:
-        self.records.undo(self.upload, self.replaced)
+        self.records.undo(self.upload)
 
 
 def _lock(directory: str | None) -> AbstractContextManager[None]:
@@ -249,45 +250,47 @@ class SQLFileRecords:
         row = upload.row
         unit = b.current_unit(row.sid)
         try:
-            replaced = self._install(upload)
+            self._install(upload)
+        except FileNotFoundError:
+            # Its temporary file went with its session's directory (a reset, an expiry).
+            self.undo(upload)
+            raise self._gone(row) from None
         except BaseException:
-            self.undo(upload, None)
+            self.undo(upload)
             raise
         if unit is not None:
-            unit.stage(StagedFile(self, upload, replaced))
+            unit.stage(StagedFile(self, upload))
             return
         try:  # outside a request: the row now (gone with its session if that went)
             with _lock(upload.directory), b.connector.transaction() as ex:
+                if b.st.lock_session_row is not None:  # one swap of the name at a time
+                    ex.run(b.st.lock_session_row, {"sid": row.sid})
                 self.finish(ex, upload, b.now())
         except BaseException:
-            self.undo(upload, replaced)
+            self.undo(upload)
             raise
         upload.keep()
 
-    def _install(self, upload: StagedUpload) -> FileRow | None:
-        """Before the commit. ``local``, holding the directory lock: the old version's row
-        goes (committed, unless a locking-mode transaction is open), then the new bytes
-        move in; returns that row, to put back if the upload is not kept."""
+    def _install(self, upload: StagedUpload) -> None:
+        """Before the commit. ``local``, holding the directory lock: the new bytes move in
+        under the name, the committed row's version kept aside for its readers (its row
+        stays until the commit swaps it)."""
         if not upload.replaces_early:
             upload.install()
-            return None
-        b = self._b
+            return
         row = upload.row
         directory = upload.directory
         assert directory is not None
         with directory_lock(directory):
-            old = self.row(row.sid, row.filename)
-            if old is not None:
-                with b.connector.executor() as ex:
-                    ex.run(b.st.delete_file_chunks, {"id": old.id})
-                    ex.run(b.st.delete_file_id, {"id": old.id})
-            upload.install()
-        return old
+            upload.install(self.row(row.sid, row.filename))
 
     def finish(self, ex: Executor, upload: StagedUpload, now: float) -> None:
         """In the open transaction, the session locked: the upload's row, if its bytes are
-        still its own (``local``: else a later upload's row wins, with its bytes); the
-        version it replaces goes."""
+        still its own (``local``: else a later upload's row wins, with its bytes), takes
+        the place of the version it replaces. That version's row goes (``local``: its
+        bytes kept aside go after the commit) or, for ``database`` and fsspec, is retired:
+        renamed out of sight with its chunks or object, which downloads that began before
+        still read, until :meth:`forget_retired`."""
         st = self._b.st
         row = upload.row
         file_id = upload.reservation.id
@@ -296,6 +299,7 @@ class SQLFileRecords:
             if holder is not None and holder[0] == row.sid:
                 ex.run(st.delete_file_chunks, {"id": file_id})
                 ex.run(st.delete_file_id, {"id": file_id})
+                upload.superseded()
                 return  # a later upload's bytes hold the name: its row wins
             # Its pending row went (a reset removed the session's files) or moved with its
             # session (a rotation, its bytes with it): the upload was interrupted.
@@ -303,8 +307,13 @@ class SQLFileRecords:
                 raise SessionExpired(row.sid)
             raise UploadInterrupted(row.filename)
         key = {**self._key(row.sid, row.filename), "id": file_id}
-        ex.run(st.delete_replaced_chunks, key)
-        replaced = ex.run(st.delete_replaced, key).rows
+        if upload.replaces_early:
+            ex.run(st.delete_replaced_chunks, key)
+            replaced = ex.run(st.delete_replaced, key).rows
+        else:
+            retired = {**key, "retired_name": RETIRED_PREFIX + secrets.token_hex(8)}
+            ex.run(st.retire_replaced, {**retired, "now": st.values.time(now)})
+            replaced = []
         values = {
             **key,
             "size_bytes": row.size_bytes,
@@ -321,9 +330,9 @@ class SQLFileRecords:
             for backend, location in replaced
         ]
 
-    def undo(self, upload: StagedUpload, replaced: FileRow | None) -> None:
+    def undo(self, upload: StagedUpload) -> None:
         """An upload that is not kept: its bytes go (``local``: the version it replaced
-        comes back, with its row; bytes a rotation took along go there), then its
+        comes back under the name; bytes a rotation took along go there), then its
         pending row."""
         if not upload.still_mine() or upload.blobs.kind != "local":
             with contextlib.suppress(StorageUnavailable):
@@ -331,8 +340,6 @@ class SQLFileRecords:
                 if holder is not None and holder != upload.row.sid:
                     upload.moved_to(holder)
         upload.discard()
-        if replaced is not None:
-            self.restore(replaced, upload.path)
         self.release(upload.row, upload.reservation.id)
 
     def release(self, row: FileRow, file_id: int) -> None:
@@ -343,33 +350,6 @@ class SQLFileRecords:
                 ex.run(b.st.delete_file_id, {"id": file_id})
         except StorageUnavailable:
             logger.warning("could not forget an upload that was not kept; a later one will")
-
-    def restore(self, old: FileRow, path: str) -> None:
-        """Put back the row of the version an upload that was not kept had replaced.
-
-        If that fails (the database is down, the session gone), the version's
-        bytes go too: a file without its row is invisible to the app anyway.
-        """
-        b = self._b
-        st = b.st
-        values = {
-            **self._key(old.sid, old.filename),
-            "size_bytes": old.size_bytes,
-            "sha256": old.sha256,
-            "content_type": old.content_type,
-            "backend": old.backend,
-            "host": old.host,
-            "location": old.location,
-            "now": st.values.time(old.created_at if old.created_at is not None else b.now()),
-        }
-        try:
-            with b.connector.executor() as ex:
-                if ex.run(st.upsert_file, values).rowcount != 1:
-                    raise SessionExpired(old.sid)
-        except (SessionExpired, StorageUnavailable):
-            logger.warning("could not put back the row of a replaced file; its bytes go too")
-            with contextlib.suppress(OSError):
-                os.unlink(path)
 
     def staged(self, sid: str) -> list[StagedUpload]:
         unit = self._b.current_unit(sid)
@@ -467,6 +447,19 @@ class SQLFileRecords:
         return [
             FileRow(gone_sid, name, 0, "", backend=backend, location=location)
             for gone_sid, name, backend, location in gone
+        ]
+
+    def forget_retired(self, before: float) -> list[FileRow]:
+        b = self._b
+        st = b.st
+        chunks, rows = st.forget_retired
+        values = {"store": self.store, "before": st.values.time(before)}
+        with b.connector.executor() as ex, ex.transaction():
+            ex.run(chunks, values)
+            gone = ex.run(rows, values).rows
+        return [
+            FileRow(gone_sid, "", 0, "", backend=backend, location=location)
+            for gone_sid, backend, location in gone
         ]
 
     def forget_id(self, file_id: int, *, seen: Any = None) -> FileRow | None:

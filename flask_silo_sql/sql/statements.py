@@ -61,6 +61,8 @@ UTC = dt.timezone.utc
 CHILD_TABLES = (namespaces, files, tasks, idempotency_keys)
 PENDING_PREFIX = ".silo-upload-"
 """``silo_files.filename`` of an upload in progress (no stored name can start so)."""
+RETIRED_PREFIX = PENDING_PREFIX + "retired-"
+"""A replaced version kept for the downloads that began before: in no listing, no quota."""
 NOTIFY_CHANNEL = "silo_tasks"
 """The PostgreSQL channel a queued durable run is announced on (workers LISTEN to it)."""
 WAITING = ("queued", "retrying")
@@ -796,6 +798,7 @@ class Statements:
                 other.c.store == store,
                 other.c.sid == sid,
                 other.c.filename != filename,
+                ~other.c.filename.startswith(RETIRED_PREFIX, autoescape=True),
                 other.c.id != bindparam("self_id", type_=BigInteger()),
             )
             .scalar_subquery()
@@ -879,6 +882,14 @@ class Statements:
             "delete_replaced",
             delete(files).where(same_name).returning(files.c.backend, files.c.location),
         )
+        # A replaced database/fsspec version leaves sight but keeps its id, hash, chunks
+        # and object, for the downloads that began before (forget_retired removes it).
+        self.retire_replaced = prepare(
+            "retire_replaced",
+            update(files)
+            .where(same_name)
+            .values(filename=bindparam("retired_name", type_=String(255)), created_at=now),
+        )
         self.delete_file_chunks = prepare(
             "delete_file_chunks", delete(file_chunks).where(file_chunks.c.file_id == file_id)
         )
@@ -896,7 +907,12 @@ class Statements:
         self.file_by_id = prepare("file_by_id", select(*row_columns).where(files.c.id == file_id))
         self.session_pending_rows = prepare(
             "session_pending_rows",
-            select(*row_columns).where(files.c.store == store, files.c.sid == sid, pending),
+            select(*row_columns).where(
+                files.c.store == store,
+                files.c.sid == sid,
+                pending,
+                ~files.c.filename.startswith(RETIRED_PREFIX, autoescape=True),
+            ),
         )
 
         # -- chunks of the database backend -----------------------------------------------
@@ -1001,6 +1017,12 @@ class Statements:
         )
         self.forget_session_files = forgetting(
             "forget_session_files", files.c.store == store, files.c.sid == sid
+        )
+        self.forget_retired = forgetting(
+            "forget_retired",
+            files.c.store == store,
+            files.c.filename.startswith(RETIRED_PREFIX, autoescape=True),
+            files.c.created_at < _ts("before"),
         )
         self.forget_store_files = forgetting("forget_store_files", files.c.store == store)
         self.count_rows = {

@@ -6,8 +6,9 @@ Configured from the environment:
 - ``SILO_LOCKING``: ``1`` for locking mode;
 - ``SILO_DB_TIMEOUT``: seconds any wait on the database may last (default 5);
 - ``SILO_TEST_UPLOAD_DIR``: base directory of the ``uploads`` file store;
-- ``SILO_FILE_BACKEND``, ``SILO_MAX_FILE_BYTES``, ``SILO_MAX_SESSION_BYTES``,
-  ``SILO_MIN_FREE_BYTES``: as the library reads them (JSON, else text);
+- ``SILO_FILE_BACKEND``, ``SILO_FILE_STORAGE_OPTIONS``, ``SILO_MAX_FILE_BYTES``,
+  ``SILO_MAX_SESSION_BYTES``, ``SILO_MIN_FREE_BYTES``: as the library reads them (JSON,
+  else text);
 - ``SILO_TEST_BARRIER_DIR``: where the barrier files of paused requests live;
 - ``SILO_IDEMPOTENCY_LEASE``: seconds an idempotent request holds its key (default 60);
 - ``SILO_TEST_RUNS_FILE``: a file the idempotent views append a line to each time
@@ -49,6 +50,7 @@ app.config["SILO_LOCKING"] = os.environ.get("SILO_LOCKING", "") == "1"
 app.config["SILO_DB_TIMEOUT"] = float(os.environ.get("SILO_DB_TIMEOUT", "5"))
 for _key in (
     "SILO_FILE_BACKEND",
+    "SILO_FILE_STORAGE_OPTIONS",
     "SILO_MAX_FILE_BYTES",
     "SILO_MAX_SESSION_BYTES",
     "SILO_MIN_FREE_BYTES",
@@ -185,7 +187,11 @@ def multi_read() -> Response:
 
 @app.put("/api/upload/<name>")
 def upload(name: str) -> tuple[Response, int]:
-    """Stream the request body into the ``uploads`` store."""
+    """Stream the request body into the ``uploads`` store (``?count=1``: and count the
+    upload in the session's state, so the file's row is written with the request's commit)."""
+    counted = request.args.get("count") == "1"
+    if counted:
+        silo.state("counter")["value"] += 1
     path = uploads.save(silo.sid, name, request.stream, content_type=request.content_type)
     return jsonify(path=os.path.basename(path), size=os.path.getsize(path)), 201
 
@@ -198,6 +204,19 @@ def download(name: str) -> Response:
 @app.get("/api/files")
 def list_files() -> Response:
     return jsonify(files=uploads.list_files(silo.sid))
+
+
+@app.post("/api/reset")
+def reset_session() -> Response:
+    """Fresh state for the session, its files removed."""
+    silo.reset_current()
+    return jsonify(reset=True)
+
+
+@app.post("/api/rotate")
+def rotate_session() -> Response:
+    """A new SID for the session (its state and files move to it)."""
+    return jsonify(sid=silo.rotate())
 
 
 def _idempotent_increment() -> Response:

@@ -7,7 +7,8 @@ every namespace changed or none did. An upload whose worker is killed while
 the body streams in, or after its file is in place but before its row is
 written, leaves no ``silo_files`` row without its file and no partial file
 under a final name (a leftover ``.silo-upload-*`` temporary file is
-acceptable: fsck reports it). On SQLite and on PostgreSQL.
+acceptable: fsck reports it); a replaced version's row, with the replacement
+never committed, still describes the version readers get (kept aside). On SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
 from flask_silo_sql import SessionStore, SQLStorage
-from flask_silo_sql.file_parts import TEMP_PREFIX, FileRecords
+from flask_silo_sql.file_parts import TEMP_PREFIX, FileRecords, FileRow, kept_aside
 from flask_silo_sql.files import FileStore, fsck
 from flask_silo_sql.sql.models import files, namespaces
 from flask_silo_sql.sql.statements import PENDING_PREFIX
@@ -181,8 +182,12 @@ def _file_rows(engine: Engine, sid: str) -> dict[str, tuple[int, str]]:
 def _check_store(engine: Engine, db_url: str, base: Path, sid: str) -> Any:
     """No row without its (complete) file; return fsck's report of the store."""
     directory = base / sid
+    records = {r.filename: r for r in _row_objects(engine, sid)}
     for name, (size, sha) in _file_rows(engine, sid).items():
         path = directory / name
+        aside = Path(kept_aside(str(directory), records[name]))
+        if aside.exists():  # an upload that replaced it never committed: its readers read here
+            path = aside
         assert path.is_file(), f"silo_files row without its file: {name}"
         data = path.read_bytes()
         assert (len(data), _sha(data)) == (size, sha), f"row does not describe {name}"
@@ -204,6 +209,16 @@ def _temp_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return [p for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def _row_objects(engine: Engine, sid: str) -> list[FileRow]:
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(files.c.id, files.c.filename, files.c.size_bytes, files.c.sha256).where(
+                files.c.sid == sid, files.c.store == "uploads"
+            )
+        ).all()
+    return [FileRow(sid, r.filename, int(r.size_bytes), r.sha256, id=int(r.id)) for r in found]
 
 
 def _upload(server: Gunicorn, sid: str | None, name: str, data: bytes) -> str:
@@ -326,23 +341,31 @@ def test_worker_killed_between_rename_and_row(
         assert (directory / name).read_bytes() == new  # complete, never partial
         report = _check_store(engine, db_url, base, sid)  # every row describes its file
         rows = _file_rows(engine, sid)
-        assert name not in rows  # no row for the killed upload (nor the version it replaced)
         assert sorted(rows) == _listed(server, sid)  # the app sees only recorded files
-        assert report.missing == []
+        assert (report.missing, report.mismatched) == ([], [])
         # Left over: the killed upload's pending row and, when it replaced a file, the
-        # version kept aside until the request's end.
+        # version kept aside, which its row still describes: the replacement never
+        # committed, so readers get the old version, whole.
         leftovers = [p.split("/", 1)[1] for p in report.partial]
-        kept_aside = [p for p in leftovers if p.startswith(TEMP_PREFIX + "old-")]
-        assert len(kept_aside) == (1 if replacing else 0), report.partial
-        assert len(leftovers) == len(kept_aside) + 1, report.partial
-        assert report.unrecorded == [f"{sid}/{name}"]
+        aside = [p for p in leftovers if p.startswith(TEMP_PREFIX + "old-")]
+        assert len(aside) == (1 if replacing else 0), report.partial
+        assert len(leftovers) == len(aside) + 1, report.partial
+        if replacing:
+            assert rows[name] == (len(old), _sha(old))
+            got = requests.get(server.url(f"/api/files/{name}"), headers={HEADER: sid}, timeout=30)
+            assert got.content == old
+            assert report.unrecorded == []
+        else:
+            assert name not in rows  # no row for the killed upload
+            assert report.unrecorded == [f"{sid}/{name}"]
 
-        _upload(server, sid, name, new)  # the store keeps working
+        _upload(server, sid, name, new)  # the store keeps working (and takes the kept version)
         assert name in _listed(server, sid)
         log = server.log_text()
     fixed = _fsck_fix(db_url, base)  # after which fsck finds the store clean
     assert (fixed.unrecorded, fixed.missing) == ([], [])
-    assert fixed.partial == report.partial  # only the leftover of the killed upload
+    pending = [p for p in report.partial if TEMP_PREFIX + "old-" not in p]
+    assert fixed.partial == pending  # only the pending row of the killed upload
     assert _file_rows(engine, sid)[name] == (len(new), _sha(new))
     assert "Exception on /api/" not in log, log[-3000:]
     print(
