@@ -459,7 +459,7 @@ class SQLFileRecords:
             gone = ex.run(rows, values).rows
         return [
             FileRow(gone_sid, "", 0, "", backend=backend, location=location)
-            for gone_sid, backend, location in gone
+            for gone_sid, _name, backend, location in gone
         ]
 
     def forget_id(self, file_id: int, *, seen: Any = None) -> FileRow | None:
