@@ -40,6 +40,8 @@ from .errors import (
 from .file_backends import check_backend
 from .file_parts import Backend
 from .files import FileStore
+from .instruments import hooks as instruments
+from .instruments.views import health_view, metrics_view
 from .idempotency import (
     DEFAULT_HEADER,
     DEFAULT_LEASE_S,
@@ -100,6 +102,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_ATOMIC_ROLLBACK": 500,
     "SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES": DEFAULT_MAX_RESPONSE_BYTES,
     "SILO_EXPIRED_MESSAGE": EXPIRED_MESSAGE,
+    "SILO_METRICS": False,
 }
 """Every ``SILO_*`` configuration key and its default (described, each, in
 :mod:`flask_silo_sql.settings_table`: the documentation's configuration reference)."""
@@ -235,6 +238,7 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
+        instruments.install(app, state, self._api_prefix)  # SILO_METRICS; request spans
         # The cleanup thread and the task runner start with a process's first API
         # request, not here: a `gunicorn --preload` master, which serves none, then
         # holds no connection that the workers it forks would inherit, and runs no task.
@@ -435,6 +439,16 @@ class Silo:
         self._data_endpoints.update(paths)
 
     # -- per app ------------------------------------------------------------------
+
+    def health_view(self) -> Callable[[], tuple[Response, int]]:
+        """A readiness view for probes (register it outside ``api_prefix``): JSON, ``200``
+        when the database answers, its schema is current and, with
+        ``SILO_TASK_RUNNER = "worker"``, a worker is alive; else ``503`` saying why."""
+        return health_view(self._app_state)
+
+    def metrics_view(self) -> Callable[[], Response]:
+        """A view answering the app's Prometheus metrics (``SILO_METRICS = True``)."""
+        return metrics_view(self._app_state)
 
     def _app_state(self) -> SiloApp:
         """The current app's state; outside an app context, the only app's."""

@@ -54,6 +54,7 @@ from .errors import (
 )
 from .file_backends import make_bytes
 from .file_digest import StreamDigest
+from .instruments.hooks import traced_save, traced_send
 from .file_parts import (
     CHUNK,
     FREE_SPACE_STEP,
@@ -187,6 +188,7 @@ class FileStore:
 
     # -- storing ---------------------------------------------------------------------------
 
+    @traced_save
     def save(
         self,
         sid: str,
@@ -465,6 +467,7 @@ class FileStore:
             self.blobs.here(row),
         )
 
+    @traced_send
     def send(
         self,
         sid: str,

@@ -37,6 +37,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .errors import StorageUnavailable, TaskAlreadyRunning, TaskLeaseLost
+from .instruments.hooks import observed_attempt
 from .logs import log_failure
 from .sids import tag
 
@@ -447,6 +448,7 @@ class BackgroundTask:
         _HEARTBEATS.add(self)
         thread.start()
 
+    @observed_attempt
     def _run(
         self,
         target: Callable[..., Any],
