@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         urls = [f"sqlite:///{Path(tmp) / name}.db" for name in ("plain", "observed")]
-        results["sqlite"] = measure(*urls, args.iterations, args.rounds)
+        results["sqlite"] = measure(urls[0], urls[1], args.iterations, args.rounds)
     if args.postgresql:
         server = start_postgresql()
         try:
             urls = [server.create_database(), server.create_database()]
-            results["postgresql"] = measure(*urls, args.iterations, args.rounds)
+            results["postgresql"] = measure(urls[0], urls[1], args.iterations, args.rounds)
         finally:
             server.destroy()
     failed = False

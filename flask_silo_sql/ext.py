@@ -40,8 +40,6 @@ from .errors import (
 from .file_backends import check_backend
 from .file_parts import Backend
 from .files import FileStore
-from .instruments import hooks as instruments
-from .instruments.views import health_view, metrics_view
 from .idempotency import (
     DEFAULT_HEADER,
     DEFAULT_LEASE_S,
@@ -49,6 +47,8 @@ from .idempotency import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TTL_S,
 )
+from .instruments import hooks as instruments
+from .instruments.views import health_view, metrics_view
 from .logs import log_failure
 from .runner import TaskRunner
 from .setup_checks import check_views, first_request

@@ -54,7 +54,6 @@ from .errors import (
 )
 from .file_backends import make_bytes
 from .file_digest import StreamDigest
-from .instruments.hooks import traced_save, traced_send
 from .file_parts import (
     CHUNK,
     FREE_SPACE_STEP,
@@ -79,6 +78,7 @@ from .file_parts import (
     storage_error,
     this_host,
 )
+from .instruments.hooks import traced_save, traced_send
 from .logs import log_failure
 from .sids import is_valid_sid
 

@@ -7,8 +7,6 @@ revision (the app started at head; the database was then downgraded), and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from click.testing import Result
 from harness import Harness
@@ -19,9 +17,9 @@ from flask_silo_sql.sql import schema
 
 
 @pytest.fixture
-def fresh(db_url: str, migrated_engine: Engine) -> Iterator[tuple[str, Engine]]:
+def fresh(db_url: str, migrated_engine: Engine) -> tuple[str, Engine]:
     """A database of this test alone, at head (it may be downgraded)."""
-    yield db_url, migrated_engine
+    return db_url, migrated_engine
 
 
 def probed(url: str, **config: object) -> Harness:
@@ -82,4 +80,3 @@ def test_the_worker_runner_needs_a_live_worker(fresh: tuple[str, Engine]) -> Non
 
         h.clock.now += h.store.heartbeat_timeout + 1  # its heartbeat is now stale
         assert health(h).exit_code == 1
-

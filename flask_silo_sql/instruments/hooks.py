@@ -89,7 +89,9 @@ def install(app: Flask, state: SiloApp, api_prefix: str) -> None:
             current.end()
 
     app.before_request_funcs.setdefault(None, []).insert(0, begin)  # before silo's hooks
-    app.after_request(answered)  # after_request runs last-registered first: after silo's
+    # after_request functions run last-registered first: first in the list runs last,
+    # after silo's commit has turned a refused write into its error answer.
+    app.after_request_funcs.setdefault(None, []).insert(0, answered)
     app.teardown_request(end)
 
 
@@ -115,7 +117,11 @@ def traced_commit(fn: F) -> F:
         return fn
 
     def attributes(unit: Any, *, state: bool = True, files: bool = True) -> dict[str, Any]:
-        return {"silo.session": tag(unit.sid), "silo.commit.state": state, "silo.commit.files": files}
+        return {
+            "silo.session": tag(unit.sid),
+            "silo.commit.state": state,
+            "silo.commit.files": files,
+        }
 
     return _wrap(fn, "silo.commit", attributes)
 
