@@ -1,22 +1,27 @@
 """What metrics and spans cost a request: the same app with and without them.
 
-Two apps on one database each (SQLite, and PostgreSQL with ``--postgresql``),
+Four apps, each on a database of its own (SQLite, and PostgreSQL with ``--postgresql``),
 the counter endpoints of :mod:`benchmarks.requests` (a write: ``POST`` that
 increments the client's counter; a read: ``GET`` that returns it):
 
-* **plain**: ``SILO_METRICS = False``; silo's spans go to the process's global
-  tracer provider, which no SDK has replaced (``opentelemetry-api`` is
-  installed, so its no-op spans are part of this cost);
-* **observed**: ``SILO_METRICS = True`` and silo's spans recorded by an
-  opentelemetry-sdk ``TracerProvider`` exporting each finished span to memory
-  (cleared after every round), a heavier exporter than a batching one.
+* **plain**: ``SILO_METRICS = False`` and no OpenTelemetry SDK configured
+  (``opentelemetry-api`` is installed: silo checks, finds spans would go
+  nowhere, and starts none);
+* **metrics**: ``SILO_METRICS = True``, no SDK;
+* **metrics+spans**: and silo's spans recorded by an opentelemetry-sdk
+  ``TracerProvider`` that exports every finished span to memory at once
+  (cleared after every round): every request traced;
+* **metrics+spans 10%**: the same provider sampling one trace in ten
+  (``ParentBased(TraceIdRatioBased(0.1))``), as production tracing usually does.
 
 Without ``opentelemetry-api`` and ``prometheus-client`` installed the hooks are
 not even wrapped, so a request costs no more than **plain**.
 
-Rounds interleave the two apps; each round's ratio observed / plain is taken,
+Rounds interleave the apps; each round's ratio to plain is taken,
 and the median of those ratios is reported (the machine is shared: the figures
-are indicative). Target: observed <= 1.05 x plain.
+are indicative). Target: each <= 1.05 x plain; a span recorded by the SDK costs
+more than that on a sub-millisecond request, so the fully traced row is reported against
+it but is not expected to meet it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from flask import Flask
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 import flask_silo_sql
 from benchmarks.requests import add_counter_routes, client_ops, start_postgresql, timed
@@ -54,30 +60,41 @@ def app_ops(url: str, *, observed: bool) -> tuple[Callable[[], None], Callable[[
     return write, read
 
 
-def measure(url_plain: str, url_observed: str, iterations: int, rounds: int) -> dict[str, float]:
+def providers() -> tuple[dict[str, TracerProvider | None], InMemorySpanExporter]:
+    """Where each configuration's spans go (None: nowhere, no SDK)."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    plain = app_ops(url_plain, observed=False)
-    observed = app_ops(url_observed, observed=True)
+    every = TracerProvider()
+    every.add_span_processor(SimpleSpanProcessor(exporter))
+    tenth = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+    tenth.add_span_processor(SimpleSpanProcessor(exporter))
+    return {"metrics": None, "metrics+spans": every, "metrics+spans 10%": tenth}, exporter
 
-    ratios: dict[str, list[float]] = {"write": [], "read": []}
-    for warm in (plain, observed):
+
+def measure(url: Callable[[str], str], iterations: int, rounds: int) -> dict[str, float]:
+    """Median per-round ratio to plain, by configuration and kind (write, read)."""
+    sinks, exporter = providers()
+    plain = app_ops(url("plain"), observed=False)
+    observed = {
+        name: app_ops(url(name.replace(" ", "").replace("%", "")), observed=True) for name in sinks
+    }
+    for ops in (plain, *observed.values()):
         for _ in range(max(30, iterations // 5)):
-            warm[0]()
-            warm[1]()
+            ops[0]()
+            ops[1]()
+    ratios: dict[str, list[float]] = {}
     for _ in range(rounds):
         for index, kind in enumerate(("write", "read")):
             spans.set_tracer_provider(None)
             base = timed(plain[index], iterations)
-            spans.set_tracer_provider(provider)
-            cost = timed(observed[index], iterations)
-            spans.set_tracer_provider(None)
+            for name, provider in sinks.items():
+                spans.set_tracer_provider(provider)
+                cost = timed(observed[name][index], iterations)
+                spans.set_tracer_provider(None)
+                ratios.setdefault(f"{name:<18} {kind}", []).append(cost / base)
             if not exporter.get_finished_spans():
-                raise RuntimeError("the observed app recorded no span")
+                raise RuntimeError("the observed apps recorded no span")
             exporter.clear()
-            ratios[kind].append(cost / base)
-    return {kind: statistics.median(values) for kind, values in ratios.items()}
+    return {key: statistics.median(values) for key, values in ratios.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,22 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        urls = [f"sqlite:///{Path(tmp) / name}.db" for name in ("plain", "observed")]
-        results["sqlite"] = measure(urls[0], urls[1], args.iterations, args.rounds)
+        results["sqlite"] = measure(
+            lambda name: f"sqlite:///{Path(tmp) / name}.db", args.iterations, args.rounds
+        )
     if args.postgresql:
         server = start_postgresql()
         try:
-            urls = [server.create_database(), server.create_database()]
-            results["postgresql"] = measure(urls[0], urls[1], args.iterations, args.rounds)
+            results["postgresql"] = measure(
+                lambda _name: server.create_database(), args.iterations, args.rounds
+            )
         finally:
             server.destroy()
     failed = False
-    print("median per-round ratio, observed (metrics + recorded spans) / plain (indicative)")
+    print("median per-round ratio to plain (indicative: a shared machine)")
     for db, by_kind in results.items():
-        for kind, ratio in by_kind.items():
+        for key, ratio in by_kind.items():
             verdict = "ok" if ratio <= TARGET else f"OVER {TARGET:.2f}"
             failed |= ratio > TARGET
-            print(f"  {db:<11} {kind:<6} {ratio:.3f}  {verdict}")
+            print(f"  {db:<11} {key}  {ratio:.3f}  {verdict}")
     return 1 if failed else 0
 
 

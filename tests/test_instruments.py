@@ -316,3 +316,53 @@ def test_sweep_task_and_file_spans(
     assert sweep["silo.sweep.expired"] >= 1
     assert sweep["silo.sweep.dry_run"] is False
     assert_no_sid(finished, ALICE, BOB)
+
+
+# -- absent ----------------------------------------------------------------------------------
+
+WITHOUT_PACKAGES = """
+import sys
+sys.modules["opentelemetry"] = None  # as if not installed
+sys.modules["prometheus_client"] = None
+from flask import Flask
+from flask_silo_sql import Silo, SQLStorage
+from flask_silo_sql.files import FileStore
+from flask_silo_sql.sql import schema
+from flask_silo_sql.store import SessionStore
+
+storage = SQLStorage(sys.argv[1])
+schema.upgrade(storage.engine)
+app = Flask("bare")
+silo = Silo(app, storage=storage, auto_cleanup=False)
+silo.register("n", lambda: {"n": 0})
+app.post("/api/n")(lambda: {"n": silo.state("n").__setitem__("n", 1) or 1})
+assert app.test_client().post("/api/n").status_code == 200
+hooked = (FileStore.save, FileStore.send, SessionStore.sweep)
+wrapped = [f for f in hooked if hasattr(f, "__wrapped__")]
+assert not wrapped, wrapped
+loaded = [m for m in sys.modules if m.startswith(("opentelemetry", "prometheus"))]
+assert all(sys.modules[m] is None for m in loaded), loaded
+silo.stop()
+print("nothing wrapped, nothing imported")
+"""
+
+
+def test_without_the_packages_nothing_is_wrapped_or_imported(sqlite_url: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGES, sqlite_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "nothing wrapped, nothing imported" in done.stdout
+
+
+def test_with_the_api_alone_no_span_is_started() -> None:
+    """No SDK configured: every span would be a no-op, so silo starts none."""
+    assert spans.AVAILABLE
+    assert spans.on() is False

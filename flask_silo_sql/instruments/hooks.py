@@ -54,7 +54,7 @@ def install(app: Flask, state: SiloApp, api_prefix: str) -> None:
         return
 
     def begin() -> None:
-        if spans.AVAILABLE and request.path.startswith(api_prefix):
+        if request.path.startswith(api_prefix) and spans.on():
             rule = request.url_rule
             current = spans.start(
                 "silo.request",
@@ -103,7 +103,7 @@ def _wrap(fn: F, name: str, attributes: Callable[..., dict[str, Any]]) -> F:
 
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Any:
-        if not spans.AVAILABLE:
+        if not spans.on():
             return fn(*args, **kwargs)
         with spans.span(name, attributes(*args, **kwargs)):
             return fn(*args, **kwargs)
@@ -134,12 +134,13 @@ def observed_sweep(fn: F) -> F:
     @functools.wraps(fn)
     def sweep(store: SessionStore, **kwargs: Any) -> Any:
         metrics = METERS.get(store)
-        if not spans.AVAILABLE and metrics is None:
+        traced = spans.on()
+        if not traced and metrics is None:
             return fn(store, **kwargs)
         dry_run = bool(kwargs.get("dry_run"))
         attributes = {"silo.sweep.dry_run": dry_run}
         started = time.perf_counter()
-        if spans.AVAILABLE:
+        if traced:
             with spans.span("silo.sweep", attributes) as current:
                 result: SweepResult = fn(store, **kwargs)
                 current.set_attribute("silo.sweep.expired", len(result.expired))
@@ -168,7 +169,8 @@ def observed_attempt(fn: F) -> F:
         home = task._home
         ctx = getattr(home, "ctx", None)
         metrics = METERS.get(ctx.policy) if ctx is not None and METERS else None
-        if not spans.AVAILABLE and metrics is None:
+        traced = spans.on()
+        if not traced and metrics is None:
             return fn(task, *args)  # type: ignore[no-any-return]
         name = task.name
         if metrics is not None:
@@ -176,7 +178,7 @@ def observed_attempt(fn: F) -> F:
         attributes: dict[str, Any] = {"silo.task.name": name, "silo.task.attempt": task.attempt}
         if home is not None:
             attributes["silo.session"] = tag(home.sid)
-        if spans.AVAILABLE:
+        if traced:
             with spans.span("silo.task.attempt", attributes) as current:
                 fn(task, *args)
                 current.set_attribute("silo.task.outcome", _attempt_outcome(task))
@@ -227,6 +229,8 @@ def traced_send(fn: F) -> F:
 
     @functools.wraps(fn)
     def send(files: FileStore, sid: str, *args: Any, **kwargs: Any) -> Response:
+        if not spans.on():
+            return fn(files, sid, *args, **kwargs)  # type: ignore[no-any-return]
         attributes = {"silo.file.store": files.name, "silo.session": tag(sid)}
         with spans.span("silo.file.send", attributes) as current:
             response: Response = fn(files, sid, *args, **kwargs)

@@ -50,6 +50,21 @@ def tracer() -> Tracer:
     return _tracer
 
 
+def on() -> bool:
+    """Whether spans go anywhere: a provider was set here, or the process set an SDK's.
+
+    With ``opentelemetry-api`` alone (no SDK configured) every span would be a
+    no-op: silo then starts none, and a request pays one check.
+    """
+    if _trace is None:
+        return False
+    if _provider is not None:
+        return True
+    return not isinstance(
+        _trace.get_tracer_provider(), (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
+    )
+
+
 def start(name: str, attributes: Attributes) -> Span:
     """A span that the caller ends (it spans hooks, not a block)."""
     return tracer().start_span(name, attributes=dict(attributes))
@@ -58,14 +73,16 @@ def start(name: str, attributes: Attributes) -> Span:
 @contextmanager
 def span(name: str, attributes: Attributes) -> Iterator[Span]:
     """A span around a block, current inside it; an exception marks it failed."""
-    with tracer().start_as_current_span(
-        name, attributes=dict(attributes), record_exception=False, set_status_on_exception=False
-    ) as current:
-        try:
-            yield current
-        except BaseException as exc:
-            failed(current, exc)
-            raise
+    current = tracer().start_span(name, attributes=dict(attributes))
+    token = activate(current)
+    try:
+        yield current
+    except BaseException as exc:
+        failed(current, exc)
+        raise
+    finally:
+        deactivate(token)
+        current.end()
 
 
 def failed(current: Span, exc: BaseException) -> None:
