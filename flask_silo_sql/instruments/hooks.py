@@ -71,7 +71,7 @@ def install(app: Flask, state: SiloApp, api_prefix: str) -> None:
             if meter is not None:
                 meter.requests.labels(outcome(status)).inc()
             held = g.get(REQUEST_SPAN)
-            if held is not None:
+            if held is not None and held[0].is_recording():
                 held[0].set_attribute("http.response.status_code", status)
                 held[0].set_attribute("silo.outcome", outcome(status))
                 sid = g.get("silo_sid")
@@ -116,14 +116,18 @@ def traced_commit(fn: F) -> F:
     if not spans.AVAILABLE:
         return fn
 
-    def attributes(unit: Any, *, state: bool = True, files: bool = True) -> dict[str, Any]:
-        return {
-            "silo.session": tag(unit.sid),
-            "silo.commit.state": state,
-            "silo.commit.files": files,
-        }
+    @functools.wraps(fn)
+    def commit(unit: Any, *, state: bool = True, files: bool = True) -> None:
+        if not spans.on():
+            return fn(unit, state=state, files=files)  # type: ignore[no-any-return]
+        attributes = {"silo.commit.state": state, "silo.commit.files": files}
+        with spans.span("silo.commit", attributes) as current:
+            if current.is_recording():
+                current.set_attribute("silo.session", tag(unit.sid))
+            fn(unit, state=state, files=files)
+        return None
 
-    return _wrap(fn, "silo.commit", attributes)
+    return cast(F, commit)
 
 
 def observed_sweep(fn: F) -> F:

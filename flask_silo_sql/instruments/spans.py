@@ -54,15 +54,26 @@ def on() -> bool:
     """Whether spans go anywhere: a provider was set here, or the process set an SDK's.
 
     With ``opentelemetry-api`` alone (no SDK configured) every span would be a
-    no-op: silo then starts none, and a request pays one check.
+    no-op: silo then starts none, and a request pays this check. It reads the
+    API's global (``get_tracer_provider()`` looks at the environment on every
+    call while none is set: a cost per request); the first call does call it,
+    so a provider named by ``OTEL_PYTHON_TRACER_PROVIDER`` is loaded and set.
     """
     if _trace is None:
         return False
     if _provider is not None:
         return True
-    return not isinstance(
-        _trace.get_tracer_provider(), (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
-    )
+    provider = getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is None:
+        return False
+    if provider is _UNKNOWN:  # another API version: ask it
+        provider = _trace.get_tracer_provider()
+    return not isinstance(provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
+
+
+_UNKNOWN = object()
+if _trace is not None:
+    _trace.get_tracer_provider()  # loads one the environment names
 
 
 def start(name: str, attributes: Attributes) -> Span:
