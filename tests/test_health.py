@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from click.testing import Result
 from harness import Harness
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
 
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.sql import schema
@@ -80,3 +80,13 @@ def test_the_worker_runner_needs_a_live_worker(fresh: tuple[str, Engine]) -> Non
 
         h.clock.now += h.store.heartbeat_timeout + 1  # its heartbeat is now stale
         assert health(h).exit_code == 1
+
+
+def test_an_unreachable_database_is_unhealthy(pg_url: str) -> None:
+    missing = make_url(pg_url).set(database="silo_no_such_database")
+    with probed(missing.render_as_string(hide_password=False)) as h:
+        result = health(h)
+        assert result.exit_code == 1
+        assert result.output.startswith("database unreachable:")
+        assert result.output.count("\n") == 1
+        assert h.client.get("/healthz").status_code == 503
