@@ -24,6 +24,7 @@ from .cli_errors import COMMAND_ERRORS, one_line
 from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, Silo
 from .files import fsck as check_files
+from .instruments.health import check as check_health
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 
@@ -233,6 +234,19 @@ def fsck(fix: bool, grace: float, no_verify: bool) -> None:
         dirty = dirty or (not report.clean and not repaired)
     if dirty:
         sys.exit(1)
+
+
+@silo_db.command()
+@with_appcontext
+def health() -> None:
+    """Exit with status 0 when this app can serve, 1 when not; one line says why.
+
+    The database answers, its schema is current, and with
+    ``SILO_TASK_RUNNER = "worker"`` a ``flask silo-db worker`` is alive.
+    """
+    answer = check_health(_silo())
+    click.echo(answer.reason)
+    sys.exit(0 if answer.healthy else 1)
 
 
 @silo_db.command()

@@ -46,6 +46,8 @@ from .idempotency import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TTL_S,
 )
+from .instruments import hooks as instruments
+from .instruments.views import health_view, metrics_view
 from .logs import log_failure, silo_logger
 from .runner import TaskRunner
 from .setup_checks import check_views, first_request
@@ -99,6 +101,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "SILO_ATOMIC_ROLLBACK": 500,
     "SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES": DEFAULT_MAX_RESPONSE_BYTES,
     "SILO_EXPIRED_MESSAGE": EXPIRED_MESSAGE,
+    "SILO_METRICS": False,
 }
 """Every ``SILO_*`` configuration key and its default (described, each, in
 :mod:`flask_silo_sql.settings_table`: the documentation's configuration reference)."""
@@ -241,6 +244,7 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
+        instruments.install(app, state, self._api_prefix)  # SILO_METRICS; request spans
         # The claimer of durable runs starts with the process (runs handed back by a
         # deploy's old processes run at once, without waiting for a request), and in
         # each process forked from it (`gunicorn --preload`), holding nothing of the
@@ -445,6 +449,16 @@ class Silo:
         self._data_endpoints.update(paths)
 
     # -- per app ------------------------------------------------------------------
+
+    def health_view(self) -> Callable[[], tuple[Response, int]]:
+        """A readiness view for probes (register it outside ``api_prefix``): JSON, ``200``
+        when the database answers, its schema is current and, with
+        ``SILO_TASK_RUNNER = "worker"``, a worker is alive; else ``503`` saying why."""
+        return health_view(self._app_state)
+
+    def metrics_view(self) -> Callable[[], Response]:
+        """A view answering the app's Prometheus metrics (``SILO_METRICS = True``)."""
+        return metrics_view(self._app_state)
 
     def _app_state(self) -> SiloApp:
         """The current app's state; outside an app context, the only app's."""

@@ -81,6 +81,7 @@ from .file_parts import (
     storage_error,
     this_host,
 )
+from .instruments.hooks import traced_save, traced_send
 from .logs import log_failure, silo_logger
 from .sids import is_valid_sid
 
@@ -190,6 +191,7 @@ class FileStore:
 
     # -- storing ---------------------------------------------------------------------------
 
+    @traced_save
     def save(
         self,
         sid: str,
@@ -481,6 +483,7 @@ class FileStore:
             self.blobs.here(row),
         )
 
+    @traced_send
     def send(
         self,
         sid: str,

@@ -66,6 +66,14 @@ SETTINGS: tuple[Setting, ...] = (
         "is flask-silo's. See [Expiry](expiry.md) and [Errors](errors.md).",
     ),
     Setting(
+        "SILO_METRICS",
+        "bool | CollectorRegistry",
+        "Prometheus metrics (needs the `prometheus` extra). `True`: in a registry of the app's "
+        "own, answered by `silo.metrics_view()`; a `prometheus_client.CollectorRegistry` "
+        "(`prometheus_client.REGISTRY` for the process's default): registered there. `False`: "
+        "none, and a request pays nothing. See [Observability](observability.md).",
+    ),
+    Setting(
         "SILO_TOUCH_INTERVAL",
         "float (seconds) | None",
         "Seconds between two `last_active` writes of one session. `None`: `min(60, ttl / 20)` "

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, SweepResult, Unit, backend_for
 from .errors import NamespaceError, SiloError
+from .instruments.hooks import observed_sweep
 from .logs import log_failure, silo_logger
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
@@ -421,6 +422,7 @@ class SessionStore:
         """Expire idle sessions, prune old expired-SID records; return expired SIDs."""
         return self.sweep().expired
 
+    @observed_sweep
     def sweep(
         self,
         *,

@@ -36,6 +36,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .errors import StorageUnavailable, TaskAlreadyRunning, TaskLeaseLost
+from .instruments.hooks import observed_attempt
 from .logs import log_failure, silo_logger
 from .sids import tag
 
@@ -452,6 +453,7 @@ class BackgroundTask:
         _HEARTBEATS.add(self)
         thread.start()
 
+    @observed_attempt
     def _run(
         self,
         target: Callable[..., Any],

@@ -39,6 +39,7 @@ from ..codec import (
 )
 from ..errors import NamespaceError, SessionBusy
 from ..file_parts import directory_lock
+from ..instruments.hooks import traced_commit
 from ..logs import silo_logger
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import session_locks, task_rows
@@ -333,6 +334,7 @@ class SQLUnit:
             self._link_tasks(slot, value)
             return serialise(slot.name, value, max_bytes)
 
+    @traced_commit
     def commit(self, *, state: bool = True, files: bool = True) -> None:
         """Write the changes, task rows and file rows and refresh ``last_active``, in one
         transaction. *state* False (a failed request) writes nothing; *files* False (an
