@@ -35,16 +35,11 @@ from ..errors import (
     StorageUnavailable,
     UploadInterrupted,
 )
-from ..file_parts import (
-    RETIRED_PREFIX,
-    STALE_UPLOAD_S,
-    UNLIMITED,
-    FileRow,
-    Piece,
-    Reservation,
-    StagedUpload,
-    directory_lock,
-)
+from ..files.body import Piece
+from ..files.limits import RETIRED_PREFIX, STALE_UPLOAD_S, UNLIMITED
+from ..files.locks import directory_lock
+from ..files.rows import FileRow, Reservation
+from ..files.staging import StagedUpload
 from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context

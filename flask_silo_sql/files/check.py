@@ -30,19 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, cast
 
-from .errors import SiloError
-from .file_backends import ChunkReader, FsspecBytes
-from .file_digest import sha256_of
-from .file_parts import (
-    OLD_PREFIX,
-    TEMP_PREFIX,
-    FileRecords,
-    FileRow,
-    StoreView,
-    directory_lock,
-    kept_aside,
-)
-from .sids import is_valid_sid
+from ..errors import SiloError
+from ..sids import is_valid_sid
+from .backends.database import ChunkReader
+from .backends.fsspec import FsspecBytes
+from .digest import sha256_of
+from .limits import OLD_PREFIX, TEMP_PREFIX
+from .locks import directory_lock
+from .records import FileRecords, StoreView
+from .rows import FileRow, kept_aside
 
 CLOCK_MARGIN_S = 0.02
 """A file's time lags the clock by up to a tick: bytes this close to the start are recent."""
@@ -307,8 +303,7 @@ class _Check:
         if not self.verify:
             return False
         try:
-            reader = ChunkReader(self.files, self.records, row)
-            reader._digest = None  # checked here, not raised
+            reader = ChunkReader(self.files, self.records, row, verify=False)  # checked here
             found = sha256_of(cast(IO[bytes], reader))
         except SiloError:
             return self.records.row_by_id(row.id or 0) is not None

@@ -33,7 +33,8 @@ from werkzeug.http import is_resource_modified, parse_date, parse_etags, unquote
 from werkzeug.utils import secure_filename
 from werkzeug.wsgi import FileWrapper, wrap_file
 
-from .file_parts import CHUNK, StoredFile
+from .limits import CHUNK
+from .rows import StoredFile
 
 INLINE_POLICY = "default-src 'none'; img-src 'self'; media-src 'self'; sandbox"
 """A file shown inline runs no script and loads nothing else (an uploaded HTML page)."""
