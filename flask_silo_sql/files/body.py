@@ -9,14 +9,8 @@ from typing import Any, Protocol
 
 from flask import has_request_context, request
 
-from ..errors import (
-    RequestBodyIncomplete,
-)
-from ..logs import silo_logger
+from ..errors import RequestBodyIncomplete
 from .limits import CHUNK
-
-logger = silo_logger("flask_silo_sql.files")
-
 
 Piece = bytes | bytearray | memoryview
 """A piece of a file on its way: a view of a buffer that is filled again later."""

@@ -7,11 +7,7 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..errors import (
-    FileStorageError,
-    InsufficientStorage,
-    SiloError,
-)
+from ..errors import FileStorageError, InsufficientStorage, SiloError
 from ..logs import log_failure, silo_logger
 
 logger = silo_logger("flask_silo_sql.files")

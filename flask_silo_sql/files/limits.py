@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from werkzeug.utils import secure_filename
 
-from ..errors import (
-    InvalidFilename,
-)
-from ..logs import silo_logger
-
-logger = silo_logger("flask_silo_sql.files")
-
+from ..errors import InvalidFilename
 
 TEMP_PREFIX = ".silo-upload-"
 """Names of uploads in progress (files and pending rows); no stored name starts so."""

@@ -7,10 +7,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..logs import silo_logger
-
-logger = silo_logger("flask_silo_sql.files")
-
 
 @contextmanager
 def directory_lock(directory: str) -> Iterator[None]:

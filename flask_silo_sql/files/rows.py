@@ -8,10 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..logs import silo_logger
 from .limits import OLD_PREFIX, RETIRED_PREFIX, TEMP_PREFIX
-
-logger = silo_logger("flask_silo_sql.files")
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ import secrets
 from dataclasses import replace
 
 from ..logs import log_failure, silo_logger
+from .blobs import Bytes
 from .limits import OLD_PREFIX
-from .records import Bytes
 from .rows import FileRow, Reservation, kept_aside
 
 logger = silo_logger("flask_silo_sql.files")

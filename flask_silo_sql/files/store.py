@@ -42,23 +42,19 @@ import shutil
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
-from ..errors import (
-    FileElsewhere,
-    FileNotStored,
-    FileStorageError,
-    SiloError,
-)
+from ..errors import FileElsewhere, FileNotStored, FileStorageError, SiloError
 from ..logs import log_failure, silo_logger
 from ..sids import is_valid_sid
+from . import receive
 from .backends import make_bytes
+from .blobs import Bytes
 from .body import Readable
 from .check import FsckReport
 from .check import fsck as check_files
 from .failures import file_errors, storage_error
 from .limits import TEMP_PREFIX, safe_filename
 from .locks import directory_lock
-from .receive import save as receive_upload
-from .records import Backend, Bytes, FileRecords, RecordsProvider
+from .records import Backend, FileRecords, RecordsProvider
 from .rows import FileRow, StoredFile
 from .serving import send as send_file
 from .settings import FileSettings, this_host
@@ -207,7 +203,7 @@ class FileStore:
         name = safe_filename(filename)
         self._dir(sid)  # a valid SID, or ValueError
         records = self._needs_records()
-        return receive_upload(
+        return receive.save(
             self, sid, name, data, records=records, content_type=content_type, size=size
         )
 

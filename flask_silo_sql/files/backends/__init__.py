@@ -40,7 +40,8 @@ does not match).
 
 from __future__ import annotations
 
-from ..records import Bytes, StoreView
+from ..blobs import Bytes
+from ..records import StoreView
 from .database import DatabaseBytes
 from .fsspec import FsspecBytes
 from .local import LocalBytes

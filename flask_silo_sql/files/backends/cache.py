@@ -10,9 +10,7 @@ import secrets
 from collections.abc import Callable
 from typing import IO
 
-from ...errors import (
-    FileCorrupt,
-)
+from ...errors import FileCorrupt
 from ...logs import silo_logger
 from ..body import Piece
 from ..digest import StreamDigest, sha256_of

@@ -6,16 +6,13 @@ import io
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from ...errors import (
-    FileCorrupt,
-    FileStorageError,
-    SiloError,
-)
+from ...errors import FileCorrupt, FileStorageError, SiloError
 from ...logs import silo_logger
+from ..blobs import Sink
 from ..body import Piece
 from ..digest import StreamDigest
 from ..limits import CHUNK
-from ..records import FileRecords, Sink, StoreView
+from ..records import FileRecords, StoreView
 from ..rows import FileRow
 from .cache import Cache, CachedSink
 

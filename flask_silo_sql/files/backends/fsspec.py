@@ -10,16 +10,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from ...errors import (
-    FileNotStored,
-    FileStorageError,
-    SiloError,
-)
+from ...errors import FileNotStored, FileStorageError, SiloError
 from ...logs import log_failure, silo_logger
+from ..blobs import Sink
 from ..body import Piece
 from ..failures import storage_error
 from ..limits import CHUNK
-from ..records import Sink, StoreView
+from ..records import StoreView
 from ..rows import FileRow
 from .cache import Cache, CachedSink
 from .urls import check_backend

@@ -8,16 +8,12 @@ import os
 from collections.abc import Callable
 from typing import IO
 
-from ...errors import (
-    FileNotStored,
-)
-from ...logs import silo_logger
+from ...errors import FileNotStored
+from ..blobs import Sink
 from ..body import Piece
 from ..limits import FILE_MODE
-from ..records import Sink, StoreView
+from ..records import StoreView
 from ..rows import FileRow, kept_aside
-
-logger = silo_logger("flask_silo_sql.files")
 
 
 def create_temp(directory: str, name: str) -> tuple[int, str]:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from ...logs import silo_logger
-
-logger = silo_logger("flask_silo_sql.files")
-
 
 def check_backend(backend: str) -> None:
     """Refuse at once a backend that cannot work (an unknown protocol, fsspec missing)."""
