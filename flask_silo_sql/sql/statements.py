@@ -60,10 +60,6 @@ from .models import (
 
 UTC = dt.timezone.utc
 CHILD_TABLES = (namespaces, files, tasks, idempotency_keys)
-PENDING_PREFIX = ".silo-upload-"
-"""``silo_files.filename`` of an upload in progress (no stored name can start so)."""
-RETIRED_PREFIX = PENDING_PREFIX + "retired-"
-"""A replaced version kept for the downloads that began before: in no listing, no quota."""
 NOTIFY_CHANNEL = "silo_tasks"
 """The PostgreSQL channel a queued durable run is announced on (workers LISTEN to it)."""
 WAITING = ("queued", "retrying")
