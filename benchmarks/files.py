@@ -77,7 +77,7 @@ from sqlalchemy import Column, Engine, Integer, LargeBinary, MetaData, Table
 
 import flask_silo_sql
 from flask_silo_sql import schema
-from flask_silo_sql.file_parts import CHUNK
+from flask_silo_sql.files.limits import CHUNK
 from flask_silo_sql.sql.engine import make_engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -394,7 +394,7 @@ def chunk_floor(group: str, url: str) -> Config:
 
 def s3_floor(fs: Any, bucket: str) -> Config:
     """The same bytes written to an object and read back with s3fs (its block size)."""
-    from flask_silo_sql.file_backends import FsspecBytes
+    from flask_silo_sql.files.backends import FsspecBytes
 
     prefix = f"{bucket}/floor"
 

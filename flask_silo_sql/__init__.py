@@ -41,8 +41,7 @@ from .errors import (
     ViewDecoratorOrder,
 )
 from .ext import Silo
-from .file_parts import StoredFile
-from .files import FileStore
+from .files import FileStore, StoredFile
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object

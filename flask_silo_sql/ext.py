@@ -36,9 +36,8 @@ from .errors import (
     SiloError,
     StorageUnavailable,
 )
-from .file_backends import check_backend
-from .file_parts import Backend
-from .files import FileStore
+from .files import Backend, FileSettings, FileStore
+from .files.backends import check_backend
 from .idempotency import (
     DEFAULT_HEADER,
     DEFAULT_LEASE_S,
@@ -176,7 +175,7 @@ class Silo:
         self._auto_cleanup = auto_cleanup
         self._api_prefix = api_prefix
         self._file_stores: dict[str, FileStore] = {}
-        self._explicit: dict[str, set[str]] = {}
+        self._explicit: dict[str, dict[str, Any]] = {}
         """Per file store: the settings given to add_file_store (the config gives the rest)."""
         self._storage = storage
         self._store_options: dict[str, Any] = {
@@ -295,33 +294,11 @@ class Silo:
             for name, files in self._file_stores.items():
                 self._apply_file_settings(config, name, files)
 
-    FILE_SETTINGS = {
-        "max_file_bytes": "SILO_MAX_FILE_BYTES",
-        "max_session_bytes": "SILO_MAX_SESSION_BYTES",
-        "min_free_bytes": "SILO_MIN_FREE_BYTES",
-        "backend": "SILO_FILE_BACKEND",
-        "storage_options": "SILO_FILE_STORAGE_OPTIONS",
-        "host": "SILO_FILE_HOST",
-    }
-    """``add_file_store`` arguments and the configuration keys they default to."""
-
     def _apply_file_settings(self, config: Config, name: str, files: FileStore) -> None:
-        explicit = self._explicit.get(name, set())
-        for attribute, key in self.FILE_SETTINGS.items():
-            if attribute in explicit:
-                continue
-            value = config.get(key)
-            if attribute == "backend":
-                value = value or "local"
-                check_backend(value)
-            elif attribute == "storage_options":
-                value = dict(value or {})
-            elif attribute == "host":
-                if not value:
-                    continue
-            elif value is not None:
-                value = int(value)
-            setattr(files, attribute, value)
+        """The configuration's :class:`FileSettings`, overridden by what ``add_file_store``
+        was given for *files*."""
+        given = self._explicit.get(name, {})
+        files.configure(FileSettings.from_config(config).overridden(**given))
 
     def _prepare_storage(self, app: Flask, state: SiloApp) -> None:
         storage = state.store.storage
@@ -404,17 +381,10 @@ class Silo:
             "min_free_bytes": min_free_bytes,
         }
         files = FileStore(
-            base_dir,
-            name=name,
-            records=lambda: self.store.backend.file_records(name),
-            backend=backend,
-            storage_options=storage_options,
-            host=host,
-            max_file_bytes=max_file_bytes,
-            max_session_bytes=max_session_bytes,
-            min_free_bytes=min_free_bytes,
+            base_dir, name=name, records=lambda: self.store.backend.file_records(name)
         )
-        self._explicit[name] = {k for k, v in given.items() if v is not None}
+        files.configure(FileSettings().overridden(**given))
+        self._explicit[name] = {k: v for k, v in given.items() if v is not None}
         if self._apps:
             self._apply_file_settings(self._apps[0].config, name, files)
         self._file_stores[name] = files

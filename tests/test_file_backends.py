@@ -27,15 +27,10 @@ from support import Clock, sql_storage
 from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
-from flask_silo_sql.file_backends import boot_time
-from flask_silo_sql.file_parts import (
-    CHUNK,
-    RETIRED_KEEP_S,
-    RETIRED_PREFIX,
-    TEMP_PREFIX,
-    kept_aside,
-)
 from flask_silo_sql.files import fsck
+from flask_silo_sql.files.backends.local import boot_time
+from flask_silo_sql.files.limits import CHUNK, RETIRED_KEEP_S, RETIRED_PREFIX, TEMP_PREFIX
+from flask_silo_sql.files.rows import kept_aside
 from flask_silo_sql.sql.models import file_chunks, files
 
 SID = "backend-test-session-0001"

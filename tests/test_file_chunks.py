@@ -20,7 +20,7 @@ from flask import Flask, jsonify, request
 from support import StatementLog, sql_storage
 
 from flask_silo_sql import Silo
-from flask_silo_sql.file_parts import CHUNK
+from flask_silo_sql.files.limits import CHUNK
 
 SID = "chunk-commit-session-0001"
 DATA = os.urandom(2 * CHUNK + 999)  # three chunks

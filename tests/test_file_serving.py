@@ -28,8 +28,8 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
 from flask_silo_sql.errors import FileStorageError
-from flask_silo_sql.file_parts import CHUNK
-from flask_silo_sql.file_serving import byte_range
+from flask_silo_sql.files.limits import CHUNK
+from flask_silo_sql.files.serving import byte_range
 
 SID = "serving-test-session-00001"
 SIZE = 1000

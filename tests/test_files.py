@@ -23,8 +23,8 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileTooLarge
 from flask_silo_sql.cli import silo_db
-from flask_silo_sql.file_parts import TEMP_PREFIX
 from flask_silo_sql.files import fsck
+from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.sql.models import files as files_table
 
 SID = "files-test-session-0001"

@@ -235,7 +235,8 @@ def test_an_upload_into_a_session_destroyed_meanwhile_keeps_nothing(
 
     # The row's transaction starts (on PostgreSQL it first locks the session's row, which
     # a destruction after that would wait for).
-    first = "lock_session_row" if storage.statements.lock_session_row else "delete_replaced_chunks"
+    locks = storage.statements.files.lock_session_row
+    first = "lock_session_row" if locks else "delete_replaced_chunks"
     at_statement(storage, first, destroy)
     with pytest.raises(SessionExpired):
         uploads.save(SID, "a.txt", b"hello")

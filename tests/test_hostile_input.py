@@ -42,8 +42,8 @@ from werkzeug.test import TestResponse
 
 from flask_silo_sql import Silo
 from flask_silo_sql.codec import MAX_NESTING
-from flask_silo_sql.file_parts import TEMP_PREFIX
 from flask_silo_sql.files import FileStore
+from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.sql.models import SILO_TABLES
 from flask_silo_sql.tasks import TASK_MARKER
 

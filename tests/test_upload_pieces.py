@@ -22,7 +22,7 @@ import pytest
 from flask import Flask, jsonify, request
 
 from flask_silo_sql import Silo
-from flask_silo_sql.file_parts import CHUNK
+from flask_silo_sql.files.limits import CHUNK
 
 SID = "upload-pieces-session-0001"
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]

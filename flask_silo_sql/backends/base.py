@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import threading
 
-    from ..file_parts import FileRecords
+    from ..files.records import FileRecords
     from ..idempotency import IdempotencyRecords
     from ..tasks import Claimed, TaskSpec
 

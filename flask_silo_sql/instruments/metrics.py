@@ -167,7 +167,7 @@ def read(store: SessionStore) -> dict[str, Any]:
     with storage.connector.executor() as ex:
         sessions = int(ex.run(st.count_rows["silo_sessions"], {}).scalar())
         by_status = {row[0]: int(row[1]) for row in ex.run(st.task_counts, {}).rows}
-        file_bytes = int(ex.run(st.all_file_bytes, {}).scalar() or 0)
+        file_bytes = int(ex.run(st.files.all_file_bytes, {}).scalar() or 0)
         stale_before = {"stale_before": v.time(now - store.heartbeat_timeout)}
         live = ex.run(st.live_workers, stale_before).rows
     workers: dict[str, int] = {"worker": 0, "web": 0}

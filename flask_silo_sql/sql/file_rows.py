@@ -35,16 +35,11 @@ from ..errors import (
     StorageUnavailable,
     UploadInterrupted,
 )
-from ..file_parts import (
-    RETIRED_PREFIX,
-    STALE_UPLOAD_S,
-    UNLIMITED,
-    FileRow,
-    Piece,
-    Reservation,
-    StagedUpload,
-    directory_lock,
-)
+from ..files.body import Piece
+from ..files.limits import RETIRED_PREFIX, STALE_UPLOAD_S, UNLIMITED
+from ..files.locks import directory_lock
+from ..files.rows import FileRow, Reservation
+from ..files.staging import StagedUpload
 from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context
@@ -141,7 +136,7 @@ class SQLFileRecords:
                 "quota": UNLIMITED if quota is None else quota,
                 "self_id": -1,
             }
-            found = ex.run(st.begin_upload, values).first()
+            found = ex.run(st.files.begin_upload, values).first()
         if created:
             b.policy.created(row.sid)
         if found is None:
@@ -156,11 +151,11 @@ class SQLFileRecords:
             "sid": sid,
             "stale_before": st.values.time(now - STALE_UPLOAD_S),
         }
-        rows = ex.run(st.stale_uploads, values).rows
+        rows = ex.run(st.files.stale_uploads, values).rows
         stale = []
         for file_id, name, backend, host, location in rows:
-            ex.run(st.delete_file_chunks, {"id": file_id})
-            ex.run(st.delete_file_id, {"id": file_id})
+            ex.run(st.files.delete_file_chunks, {"id": file_id})
+            ex.run(st.files.delete_file_id, {"id": file_id})
             stale.append(
                 FileRow(sid, name, 0, "", id=file_id, backend=backend, host=host, location=location)
             )
@@ -182,12 +177,12 @@ class SQLFileRecords:
         }
         alive: Any = True
         with b.connector.transaction() as ex:
-            lock = st.lock_session_row if quota is not None else None
+            lock = st.files.lock_session_row if quota is not None else None
             if lock is not None:  # one reservation at a time per session (PostgreSQL; a
                 ex.run(lock, {"sid": row.sid})  # gone session has no pending row: see below)
-            got = ex.run(st.reserve_upload, values).first()
+            got = ex.run(st.files.reserve_upload, values).first()
             if got is None:
-                alive = ex.run(st.upload_alive, {"id": upload.id}).first()
+                alive = ex.run(st.files.upload_alive, {"id": upload.id}).first()
         if got is None:
             if alive is None:
                 raise self._gone(row)
@@ -204,7 +199,7 @@ class SQLFileRecords:
         """The SID holding a pending row now (None: it is gone)."""
         b = self._b
         with b.connector.executor() as ex:
-            found = ex.run(b.st.upload_alive, {"id": file_id}).first()
+            found = ex.run(b.st.files.upload_alive, {"id": file_id}).first()
         return None if found is None else str(found[0])
 
     def _gone(self, row: FileRow) -> SiloError:
@@ -222,12 +217,12 @@ class SQLFileRecords:
             with b.connector.executor() as ex:
                 alone = not ex.in_transaction  # else the request's own (locking mode)
                 with ex.transaction():
-                    if alone and st.chunk_commit_async is not None:
-                        ex.run(st.chunk_commit_async, {})
-                    ex.run(st.put_chunk, {"id": file_id, "seq": seq, "data": data})
+                    if alone and st.files.chunk_commit_async is not None:
+                        ex.run(st.files.chunk_commit_async, {})
+                    ex.run(st.files.put_chunk, {"id": file_id, "seq": seq, "data": data})
         except StorageUnavailable:
             with b.connector.executor() as ex:  # the pending row gone (a foreign key failed)?
-                alive = ex.run(b.st.upload_alive, {"id": file_id}).first()
+                alive = ex.run(b.st.files.upload_alive, {"id": file_id}).first()
             if alive is None:
                 raise self._gone(row) from None
             raise
@@ -236,13 +231,13 @@ class SQLFileRecords:
         b = self._b
         values = {"id": file_id, "seq": seq, "sha256": sha256}
         with b.connector.executor() as ex:
-            found = ex.run(b.st.read_chunk, values).first()
+            found = ex.run(b.st.files.read_chunk, values).first()
         return None if found is None else bytes(found[0])
 
     def chunk_sizes(self, file_id: int) -> list[tuple[int, int]]:
         b = self._b
         with b.connector.executor() as ex:
-            rows = ex.run(b.st.chunk_sizes, {"id": file_id}).rows
+            rows = ex.run(b.st.files.chunk_sizes, {"id": file_id}).rows
         return [(int(seq), int(size)) for seq, size in rows]
 
     def stage(self, upload: StagedUpload) -> None:
@@ -263,8 +258,8 @@ class SQLFileRecords:
             return
         try:  # outside a request: the row now (gone with its session if that went)
             with _lock(upload.directory), b.connector.transaction() as ex:
-                if b.st.lock_session_row is not None:  # one swap of the name at a time
-                    ex.run(b.st.lock_session_row, {"sid": row.sid})
+                if b.st.files.lock_session_row is not None:  # one swap of the name at a time
+                    ex.run(b.st.files.lock_session_row, {"sid": row.sid})
                 self.finish(ex, upload, b.now())
         except BaseException:
             self.undo(upload)
@@ -295,10 +290,10 @@ class SQLFileRecords:
         row = upload.row
         file_id = upload.reservation.id
         if not upload.still_mine():
-            holder = ex.run(st.upload_alive, {"id": file_id}).first()
+            holder = ex.run(st.files.upload_alive, {"id": file_id}).first()
             if holder is not None and holder[0] == row.sid:
-                ex.run(st.delete_file_chunks, {"id": file_id})
-                ex.run(st.delete_file_id, {"id": file_id})
+                ex.run(st.files.delete_file_chunks, {"id": file_id})
+                ex.run(st.files.delete_file_id, {"id": file_id})
                 upload.superseded()
                 return  # a later upload's bytes hold the name: its row wins
             # Its pending row went (a reset removed the session's files) or moved with its
@@ -308,11 +303,11 @@ class SQLFileRecords:
             raise UploadInterrupted(row.filename)
         key = {**self._key(row.sid, row.filename), "id": file_id}
         if upload.replaces_early:
-            ex.run(st.delete_replaced_chunks, key)
-            replaced = ex.run(st.delete_replaced, key).rows
+            ex.run(st.files.delete_replaced_chunks, key)
+            replaced = ex.run(st.files.delete_replaced, key).rows
         else:
             retired = {**key, "retired_name": RETIRED_PREFIX + secrets.token_hex(8)}
-            ex.run(st.retire_replaced, {**retired, "now": st.values.time(now)})
+            ex.run(st.files.retire_replaced, {**retired, "now": st.values.time(now)})
             replaced = []
         values = {
             **key,
@@ -321,7 +316,7 @@ class SQLFileRecords:
             "content_type": row.content_type,
             "now": st.values.time(now),
         }
-        if ex.run(st.finish_upload, values).rowcount != 1:
+        if ex.run(st.files.finish_upload, values).rowcount != 1:
             if ex.run(st.has_session, {"sid": row.sid}).first() is None:
                 raise SessionExpired(row.sid)
             raise UploadInterrupted(row.filename)
@@ -346,8 +341,8 @@ class SQLFileRecords:
         b = self._b
         try:
             with b.connector.executor() as ex, ex.transaction():
-                ex.run(b.st.delete_file_chunks, {"id": file_id})
-                ex.run(b.st.delete_file_id, {"id": file_id})
+                ex.run(b.st.files.delete_file_chunks, {"id": file_id})
+                ex.run(b.st.files.delete_file_id, {"id": file_id})
         except StorageUnavailable:
             logger.warning("could not forget an upload that was not kept; a later one will")
 
@@ -364,13 +359,13 @@ class SQLFileRecords:
     def names(self, sid: str) -> list[str]:
         b = self._b
         with b.connector.executor() as ex:
-            rows = ex.run(b.st.file_names, {"store": self.store, "sid": sid}).rows
+            rows = ex.run(b.st.files.file_names, {"store": self.store, "sid": sid}).rows
         return [r[0] for r in rows]
 
     def row(self, sid: str, filename: str) -> FileRow | None:
         b = self._b
         with b.connector.executor() as ex:
-            found = ex.run(b.st.file_row, self._key(sid, filename)).first()
+            found = ex.run(b.st.files.file_row, self._key(sid, filename)).first()
         if found is None:
             return None
         row = self._row(found)
@@ -379,30 +374,30 @@ class SQLFileRecords:
     def session_rows(self, sid: str) -> list[FileRow]:
         b = self._b
         with b.connector.executor() as ex:
-            rows = ex.run(b.st.session_file_rows, {"store": self.store, "sid": sid}).rows
+            rows = ex.run(b.st.files.session_file_rows, {"store": self.store, "sid": sid}).rows
         return [self._row(r) for r in rows]
 
     def pending_rows(self, sid: str) -> list[FileRow]:
         b = self._b
         with b.connector.executor() as ex:
-            rows = ex.run(b.st.session_pending_rows, {"store": self.store, "sid": sid}).rows
+            rows = ex.run(b.st.files.session_pending_rows, {"store": self.store, "sid": sid}).rows
         return [self._row(r) for r in rows]
 
     def row_by_id(self, file_id: int) -> FileRow | None:
         b = self._b
         with b.connector.executor() as ex:
-            found = ex.run(b.st.file_by_id, {"id": file_id}).first()
+            found = ex.run(b.st.files.file_by_id, {"id": file_id}).first()
         return None if found is None else self._row(found)
 
     def total_bytes(self) -> int:
         b = self._b
         with b.connector.executor() as ex:
-            return int(ex.run(b.st.store_bytes, {"store": self.store}).scalar() or 0)
+            return int(ex.run(b.st.files.store_bytes, {"store": self.store}).scalar() or 0)
 
     def rows(self) -> list[FileRow]:
         b = self._b
         with b.connector.executor() as ex:
-            rows = ex.run(b.st.store_file_rows, {"store": self.store}).rows
+            rows = ex.run(b.st.files.store_file_rows, {"store": self.store}).rows
         return [self._row(r) for r in rows]
 
     def live(self, sids: list[str]) -> tuple[set[str], set[str]]:
@@ -410,20 +405,20 @@ class SQLFileRecords:
         st = b.st
         values = {"sids": st.values.sids(sids)}
         with b.connector.executor() as ex:
-            alive = {r[0] for r in ex.run(st.live_sessions, values).rows}
-            expired = {r[0] for r in ex.run(st.expired_among, values).rows}
+            alive = {r[0] for r in ex.run(st.files.live_sessions, values).rows}
+            expired = {r[0] for r in ex.run(st.files.expired_among, values).rows}
         return alive, expired
 
     def rows_of(self, sids: list[str]) -> list[tuple[str, str, str]]:
         b = self._b
         values = {"store": self.store, "sids": b.st.values.sids(sids)}
         with b.connector.executor() as ex:
-            return [(r[0], r[1], r[2]) for r in ex.run(b.st.rows_of_sessions, values).rows]
+            return [(r[0], r[1], r[2]) for r in ex.run(b.st.files.rows_of_sessions, values).rows]
 
     def orphan_chunks(self) -> list[int]:
         b = self._b
         with b.connector.executor() as ex:
-            return [int(r[0]) for r in ex.run(b.st.orphan_chunks, {}).rows]
+            return [int(r[0]) for r in ex.run(b.st.files.orphan_chunks, {}).rows]
 
     # -- forgetting ------------------------------------------------------------------------------
 
@@ -431,13 +426,13 @@ class SQLFileRecords:
         b = self._b
         st = b.st
         if sid is None:
-            chunks, rows = st.forget_store_files
+            chunks, rows = st.files.forget_store_files
             values: dict[str, Any] = {"store": self.store}
         elif filename is None:
-            chunks, rows = st.forget_session_files
+            chunks, rows = st.files.forget_session_files
             values = {"store": self.store, "sid": sid}
         else:
-            chunks, rows = st.forget_file
+            chunks, rows = st.files.forget_file
             values = self._key(sid, filename)
         with b.connector.executor() as ex, ex.transaction():
             if sid is not None:  # not while a rotation moves them (its chunks would go)
@@ -452,7 +447,7 @@ class SQLFileRecords:
     def forget_retired(self, before: float) -> list[FileRow]:
         b = self._b
         st = b.st
-        chunks, rows = st.forget_retired
+        chunks, rows = st.files.forget_retired
         values = {"store": self.store, "before": st.values.time(before)}
         with b.connector.executor() as ex, ex.transaction():
             ex.run(chunks, values)
@@ -467,12 +462,14 @@ class SQLFileRecords:
         st = b.st
         with b.connector.executor() as ex, ex.transaction():
             if seen is None:
-                ex.run(st.delete_file_chunks, {"id": file_id})
-                gone = ex.run(st.delete_file_id, {"id": file_id}).first()
+                ex.run(st.files.delete_file_chunks, {"id": file_id})
+                gone = ex.run(st.files.delete_file_id, {"id": file_id}).first()
             else:
-                gone = ex.run(st.delete_file_id_unchanged, {"id": file_id, "seen": seen}).first()
+                gone = ex.run(
+                    st.files.delete_file_id_unchanged, {"id": file_id, "seen": seen}
+                ).first()
                 if gone is not None:
-                    ex.run(st.delete_file_chunks, {"id": file_id})
+                    ex.run(st.files.delete_file_chunks, {"id": file_id})
         if gone is None:
             return None
         return FileRow("", "", 0, "", id=file_id, backend=gone[0], location=gone[1])

@@ -337,7 +337,7 @@ class SQLStorage(SiloStorage):
         with self.connector.executor() as ex:
             counts = {name: int(ex.run(q, {}).scalar()) for name, q in st.count_rows.items()}
             by_status = {row[0]: int(row[1]) for row in ex.run(st.task_counts, {}).rows}
-            file_bytes = int(ex.run(st.all_file_bytes, {}).scalar() or 0)
+            file_bytes = int(ex.run(st.files.all_file_bytes, {}).scalar() or 0)
             stale_before = {"stale_before": v.time(now - heartbeat_timeout)}
             live = ex.run(st.live_workers, stale_before).rows
             health = (

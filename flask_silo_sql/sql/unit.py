@@ -38,7 +38,7 @@ from ..codec import (
     unchanged,
 )
 from ..errors import NamespaceError, SessionBusy
-from ..file_parts import directory_lock
+from ..files.locks import directory_lock
 from ..instruments.hooks import traced_commit
 from ..logs import silo_logger
 from ..tasks import TASK_MARKER, BackgroundTask

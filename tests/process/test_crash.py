@@ -28,10 +28,12 @@ from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
 from flask_silo_sql import SessionStore, SQLStorage
-from flask_silo_sql.file_parts import TEMP_PREFIX, FileRecords, FileRow, kept_aside
 from flask_silo_sql.files import FileStore, fsck
+from flask_silo_sql.files.limits import TEMP_PREFIX
+from flask_silo_sql.files.limits import TEMP_PREFIX as PENDING_PREFIX
+from flask_silo_sql.files.records import FileRecords
+from flask_silo_sql.files.rows import FileRow, kept_aside
 from flask_silo_sql.sql.models import files, namespaces
-from flask_silo_sql.sql.statements import PENDING_PREFIX
 
 pytestmark = pytest.mark.slow
 

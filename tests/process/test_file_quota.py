@@ -26,7 +26,7 @@ from liveserver import gunicorn
 from sqlalchemy import func, select
 
 from flask_silo_sql import schema
-from flask_silo_sql.file_parts import TEMP_PREFIX
+from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks, files
 

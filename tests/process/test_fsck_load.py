@@ -25,8 +25,9 @@ from liveserver import gunicorn
 from sqlalchemy import delete, select
 
 from flask_silo_sql import FileStore, SessionStore, SQLStorage, schema
-from flask_silo_sql.file_parts import RETIRED_PREFIX, FileRecords
 from flask_silo_sql.files import fsck
+from flask_silo_sql.files.limits import RETIRED_PREFIX
+from flask_silo_sql.files.records import FileRecords
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks
 from flask_silo_sql.sql.models import files as files_table

@@ -24,7 +24,7 @@ from liveserver import gunicorn
 from support import Clock
 
 from flask_silo_sql import Silo, SQLStorage, schema
-from flask_silo_sql.file_parts import TEMP_PREFIX
+from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.sql.engine import make_engine
 
 HEADER = "X-Session-ID"

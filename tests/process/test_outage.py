@@ -22,9 +22,9 @@ from pgserver import PgServer
 from sqlalchemy import select
 
 from flask_silo_sql import schema
+from flask_silo_sql.files.limits import TEMP_PREFIX as PENDING_PREFIX
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import files, namespaces
-from flask_silo_sql.sql.statements import PENDING_PREFIX
 
 pytestmark = pytest.mark.slow
 

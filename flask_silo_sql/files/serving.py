@@ -33,7 +33,8 @@ from werkzeug.http import is_resource_modified, parse_date, parse_etags, unquote
 from werkzeug.utils import secure_filename
 from werkzeug.wsgi import FileWrapper, wrap_file
 
-from .file_parts import CHUNK, StoredFile
+from .limits import CHUNK
+from .rows import StoredFile
 
 INLINE_POLICY = "default-src 'none'; img-src 'self'; media-src 'self'; sandbox"
 """A file shown inline runs no script and loads nothing else (an uploaded HTML page)."""
@@ -110,11 +111,23 @@ def _respond(
         mimetype=mimetype or "application/octet-stream",
         direct_passthrough=True,
     )
-    response.content_length = size
-    if etag:
-        response.set_etag(etag)
-    if last_modified is not None:
-        response.last_modified = last_modified
+    _describe(response, info, as_attachment, download_name)
+    response.make_conditional(conditional, accept_ranges=True, complete_length=size)
+    if response.status_code == 304:
+        stream.close()
+    return response
+
+
+def _describe(
+    response: Response, info: StoredFile, as_attachment: bool, download_name: str | None
+) -> None:
+    """The headers that say what the file is: its length, ETag, date, name, and that a
+    browser must not take it for anything else."""
+    response.content_length = info.size_bytes
+    if info.sha256:
+        response.set_etag(info.sha256)
+    if info.created_at is not None:
+        response.last_modified = info.created_at
     name = download_name if download_name is not None else info.name
     disposition(response, name, as_attachment=as_attachment)
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -122,10 +135,6 @@ def _respond(
         response.headers["Content-Security-Policy"] = INLINE_POLICY
     response.cache_control.private = True
     response.cache_control.no_cache = True
-    response.make_conditional(conditional, accept_ranges=True, complete_length=size)
-    if response.status_code == 304:
-        stream.close()
-    return response
 
 
 def byte_range(header: str, size: int) -> tuple[int, int] | Literal[False] | None:

@@ -26,23 +26,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, cast
 
-from .errors import SiloError
-from .file_backends import ChunkReader, FsspecBytes
-from .file_digest import sha256_of
-from .file_parts import (
-    OLD_PREFIX,
-    TEMP_PREFIX,
-    FileRecords,
-    FileRow,
-    StoreView,
-    directory_lock,
-    kept_aside,
-)
-from .sids import is_valid_sid
+from ..errors import SiloError
+from ..sids import is_valid_sid
+from .backends.database import ChunkReader
+from .backends.fsspec import FsspecBytes
+from .digest import sha256_of
+from .limits import OLD_PREFIX, TEMP_PREFIX
+from .locks import directory_lock
+from .records import FileRecords, StoreView
+from .rows import FileRow, kept_aside
 
 CLOCK_MARGIN_S = 0.02
 """A file's time lags the clock by up to a tick: bytes this close to the start are recent."""
@@ -134,7 +130,7 @@ class _Check:
         return row.backend == "local" and (row.host is None or row.host == self.files.host)
 
     def local(self) -> None:
-        files, report = self.files, self.report
+        report = self.report
         mine = {(r.sid, r.filename): r for r in self.committed if self._mine(r)}
         report.elsewhere = sum(1 for r in self.committed if not self._mine(r))
         busy = {r.sid for r in self.live if self._mine(r)}
@@ -142,7 +138,47 @@ class _Check:
         seen: set[tuple[str, str]] = set()
         strays: list[tuple[str, str]] = []
         leftovers: list[tuple[str, str]] = []
-        base = files.base_dir
+        for sid, name, directory, path, st in self._session_files():
+            # Written after the run began (an upload that began after the rows were
+            # read: its pending row is written before its first byte).
+            recent = st.st_mtime >= self.started
+            key = (sid, name)
+            if name.startswith(TEMP_PREFIX):
+                if sid in busy or recent:
+                    report.in_progress += 1
+                else:
+                    leftovers.append(key)
+                continue
+            row = mine.get(key)
+            if row is None:
+                if sid in busy or recent:
+                    report.in_progress += 1
+                else:
+                    strays.append(key)
+                continue
+            seen.add(key)
+            aside = kept_aside(directory, row)
+            if os.path.lexists(aside):
+                # An upload moved its bytes in and never committed: the row's own are
+                # kept aside (its readers read them there; a fix puts them back).
+                path, st = aside, os.lstat(aside)
+                recent = st.st_mtime >= self.started
+            if recent:
+                report.in_progress += 1
+            elif self._differs_on_disk(path, st, row):
+                report.mismatched.append(f"{sid}/{name}")
+        gone = self._gone(mine, seen)
+        report.unrecorded = [f"{s}/{n}" for s, n in strays]
+        report.missing = [f"{r.sid}/{r.filename}" for r in gone]
+        leftover_names = {f"{s}/{n}" for s, n in leftovers}
+        report.partial = sorted(leftover_names | {f"{r.sid}/{r.filename}" for r in stale})
+        if self.fix:
+            self._fix_local(strays, leftovers, stale, gone)
+
+    def _session_files(self) -> Iterator[tuple[str, str, str, str, os.stat_result]]:
+        """``(sid, name, directory, path, stat)`` of each regular file of a session
+        directory here."""
+        base = self.files.base_dir
         sids = sorted(os.listdir(base)) if os.path.isdir(base) else []
         for sid in sids:
             directory = os.path.join(base, sid)
@@ -154,59 +190,39 @@ class _Check:
                     st = os.lstat(path)
                 except FileNotFoundError:
                     continue
-                if not os.path.isfile(path) or os.path.islink(path):
-                    continue
-                # Written after the run began (an upload that began after the rows were
-                # read: its pending row is written before its first byte).
-                recent = st.st_mtime >= self.started
-                key = (sid, name)
-                if name.startswith(TEMP_PREFIX):
-                    if sid in busy or recent:
-                        report.in_progress += 1
-                    else:
-                        leftovers.append(key)
-                    continue
-                row = mine.get(key)
-                if row is None:
-                    if sid in busy or recent:
-                        report.in_progress += 1
-                    else:
-                        strays.append(key)
-                    continue
-                seen.add(key)
-                aside = kept_aside(directory, row)
-                if os.path.lexists(aside):
-                    # An upload moved its bytes in and never committed: the row's own are
-                    # kept aside (its readers read them there; a fix puts them back).
-                    path, st = aside, os.lstat(aside)
-                    recent = st.st_mtime >= self.started
-                if recent:
-                    report.in_progress += 1
-                elif self._differs_on_disk(path, st, row):
-                    report.mismatched.append(f"{sid}/{name}")
+                if os.path.isfile(path) and not os.path.islink(path):
+                    yield sid, name, directory, path, st
+
+    def _gone(
+        self, mine: dict[tuple[str, str], FileRow], seen: set[tuple[str, str]]
+    ) -> list[FileRow]:
+        """This machine's rows whose file is not on its disk (and still their file's row)."""
         gone: list[FileRow] = []
         for key, row in sorted(mine.items()):
-            path = os.path.join(base, *key)
+            path = os.path.join(self.files.base_dir, *key)
             if key in seen or os.path.exists(path):
                 continue
             if self.records.row_by_id(row.id or 0) is None:
                 continue  # replaced or removed meanwhile
             gone.append(row)
-        report.unrecorded = [f"{s}/{n}" for s, n in strays]
-        report.missing = [f"{r.sid}/{r.filename}" for r in gone]
-        leftover_names = {f"{s}/{n}" for s, n in leftovers}
-        report.partial = sorted(leftover_names | {f"{r.sid}/{r.filename}" for r in stale})
-        if not self.fix:
-            return
+        return gone
+
+    def _fix_local(
+        self,
+        strays: list[tuple[str, str]],
+        leftovers: list[tuple[str, str]],
+        stale: list[FileRow],
+        gone: list[FileRow],
+    ) -> None:
         for sid, name in strays:
             self._unlink_unrecorded(sid, name)
         for sid, name in leftovers:
             self._unlink_leftover(sid, name)
         for row in stale:
             if self.records.forget_id(row.id or 0, seen=row.seen) is not None:
-                files.blobs.remove([row])
+                self.files.blobs.remove([row])
         for row in gone:
-            if not os.path.exists(os.path.join(base, row.sid, row.filename)):
+            if not os.path.exists(os.path.join(self.files.base_dir, row.sid, row.filename)):
                 self.records.forget_id(row.id or 0, seen=row.seen)
 
     def _differs_on_disk(self, path: str, st: os.stat_result, row: FileRow) -> bool:
@@ -307,8 +323,7 @@ class _Check:
         if not self.verify:
             return False
         try:
-            reader = ChunkReader(self.files, self.records, row)
-            reader._digest = None  # checked here, not raised
+            reader = ChunkReader(self.files, self.records, row, verify=False)  # checked here
             found = sha256_of(cast(IO[bytes], reader))
         except SiloError:
             return self.records.row_by_id(row.id or 0) is not None

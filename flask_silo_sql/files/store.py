@@ -7,7 +7,7 @@ names go through werkzeug's ``secure_filename`` (so ``../../x`` or
 ``/etc/passwd`` stay inside the session's directory), and bytes are written
 under a temporary name, so a partial file is never visible under its name.
 
-Where the bytes live is the store's *backend* (:mod:`flask_silo_sql.file_backends`):
+Where the bytes live is the store's *backend* (:mod:`flask_silo_sql.files.backends`):
 ``local`` (``<base_dir>/<sid>/<name>`` on the machine that received the
 upload), ``database`` (chunks in ``silo_file_chunks``) or an fsspec URL
 (``s3://bucket/prefix``, ``file:///mnt/shared``); for the last two
@@ -37,58 +37,34 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import os
-import secrets
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
-from . import file_check, file_maintenance, file_serving
-from .errors import (
-    FileElsewhere,
-    FileNotStored,
-    FileStorageError,
-    FileTooLarge,
-    InsufficientStorage,
-    SiloError,
-)
-from .file_backends import make_bytes
-from .file_digest import StreamDigest
-from .file_parts import (
-    CHUNK,
-    FREE_SPACE_STEP,
-    HEARTBEAT_S,
-    TEMP_PREFIX,
-    Backend,
-    Bytes,
-    FileRecords,
-    FileRow,
-    Piece,
-    Readable,
-    RecordsProvider,
-    Reservation,
-    StagedUpload,
-    StoredFile,
-    _chunks,
-    _create_temp,
-    announced_length,
-    declared_size,
-    directory_lock,
-    file_errors,
-    safe_filename,
-    storage_error,
-    this_host,
-)
-from .instruments.hooks import traced_save, traced_send
-from .logs import log_failure, silo_logger
-from .sids import is_valid_sid
+from ..errors import FileElsewhere, FileNotStored, FileStorageError, SiloError
+from ..instruments.hooks import traced_save, traced_send
+from ..logs import log_failure, silo_logger
+from ..sids import is_valid_sid
+from . import receive
+from .backends import make_bytes
+from .blobs import Bytes
+from .body import Readable
+from .check import FsckReport
+from .check import fsck as check_files
+from .failures import file_errors, storage_error
+from .limits import TEMP_PREFIX, safe_filename
+from .locks import directory_lock
+from .records import Backend, FileRecords, RecordsProvider
+from .rows import FileRow, StoredFile
+from .serving import send as send_file
+from .settings import FileSettings, this_host
+from .staging import StagedUpload
+from .upkeep import maintain as maintain_files
 
 if TYPE_CHECKING:
     from flask import Response
 
-    from .file_check import FsckReport
 
 logger = silo_logger("flask_silo_sql.files")
 
@@ -141,6 +117,15 @@ class FileStore:
         self._blobs: Bytes | None = None
         if auto_create:
             os.makedirs(self.base_dir, exist_ok=True)
+
+    def configure(self, settings: FileSettings) -> None:
+        """Take *settings* (its limits, its backend, this machine's name)."""
+        self.max_file_bytes = settings.max_file_bytes
+        self.max_session_bytes = settings.max_session_bytes
+        self.min_free_bytes = settings.min_free_bytes
+        self.backend = settings.backend
+        self.storage_options = dict(settings.storage_options)
+        self.host = settings.host or this_host()
 
     # -- where the bytes are ---------------------------------------------------------
 
@@ -220,171 +205,9 @@ class FileStore:
         name = safe_filename(filename)
         self._dir(sid)  # a valid SID, or ValueError
         records = self._needs_records()
-        declared = size if size is not None else declared_size(data)
-        # A body that says nothing of its size (a server's own stream) is held to the
-        # request's Content-Length: read whole, or refused.
-        announced = announced_length(data) if declared is None else None
-        if declared is None:
-            declared = announced
-        limit = self.max_file_bytes
-        if declared is not None and limit is not None and declared > limit:
-            raise FileTooLarge(name, declared, limit)
-        self._check_free_space(self.base_dir, records, sid)  # a refusal creates no directory
-        directory = self.session_dir(sid)
-        if records is None:
-            return self._save_unrecorded(sid, name, directory, _chunks(data, declared, announced))
-        backend = self.blobs
-        row = FileRow(
-            sid,
-            name,
-            0,
-            "",
-            content_type,
-            backend=backend.kind,
-            host=self.host if backend.kind == "local" else None,
-            location=backend.new_location(name),
+        return receive.save(
+            self, sid, name, data, records=records, content_type=content_type, size=size
         )
-        pending = TEMP_PREFIX + secrets.token_hex(8)
-        reservation = records.begin(
-            row, pending_name=pending, reserve=declared or 0, quota=self.max_session_bytes
-        )
-        if reservation.stale:
-            self._forgotten(reservation.stale)
-        row.id = reservation.id
-        try:
-            chunks = _chunks(data, declared, announced)
-            upload = self._receive(records, row, reservation, directory, pending, chunks)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                records.release(row, reservation.id)
-            raise
-        with self._upload_errors(records, row):
-            records.stage(upload)
-            if not os.path.lexists(upload.path):  # its session moved meanwhile?
-                raise FileNotFoundError(errno.ENOENT, "stored, then gone", upload.path)
-        return upload.path
-
-    @contextlib.contextmanager
-    def _upload_errors(self, records: FileRecords, row: FileRow) -> Iterator[None]:
-        """A file operation of an upload that fails because its session was reset,
-        rotated or expired meanwhile (its directory went or moved): the upload was
-        interrupted (``409``/``410``, as its pending row says), not a storage error."""
-        try:
-            yield
-        except SiloError:
-            raise
-        except OSError as exc:
-            interrupted = records.interrupted(row)
-            if interrupted is not None:
-                raise interrupted from None
-            raise storage_error(exc, self.name, row.sid, "store a file") from None
-
-    def _receive(
-        self,
-        records: FileRecords,
-        row: FileRow,
-        reservation: Reservation,
-        directory: str,
-        pending: str,
-        chunks: Iterator[Piece],
-    ) -> StagedUpload:
-        """Stream *chunks* to the backend (and a local temporary file), reserving as they
-        come.
-
-        Past what was reserved, each chunk reserves what it adds (with a quota),
-        so concurrent uploads of unknown size never take more than is left.
-        """
-        sid, name = row.sid, row.filename
-        limit = self.max_file_bytes
-        quota = self.max_session_bytes
-        digest = StreamDigest()  # hashed beside the writes
-        size = 0
-        checked = 0
-        beat = time.monotonic()
-        with self._upload_errors(records, row):
-            sink = self.blobs.sink(row, directory, pending)
-        try:
-            while True:
-                chunk = next(chunks, None)  # the client's own errors pass as they are
-                if chunk is None:
-                    break
-                size += len(chunk)
-                if limit is not None and size > limit:
-                    raise FileTooLarge(name, size, limit)
-                if size - checked >= FREE_SPACE_STEP:
-                    self._check_free_space(directory, records, sid)
-                    checked = size
-                over = quota is not None and size > reservation.reserved
-                if over or time.monotonic() - beat > HEARTBEAT_S:
-                    target = max(size, reservation.reserved + CHUNK)  # ahead, by the chunk
-                    records.reserve(reservation, row, needed=size, target=target, quota=quota)
-                    beat = time.monotonic()
-                digest.update(chunk)
-                with self._upload_errors(records, row):
-                    sink.write(chunk)
-            with self._upload_errors(records, row):
-                sink.finish()
-        except BaseException:
-            try:
-                sink.abort()
-            except Exception as again:
-                log_failure(logger, "could not remove a partial upload", exc=again, sid=sid)
-            raise
-        row.size_bytes = size
-        row.sha256 = digest.hexdigest()
-        return StagedUpload(self.blobs, row, reservation, sink.tmp, sink.path(row))
-
-    def _save_unrecorded(self, sid: str, name: str, directory: str, chunks: Iterator[Piece]) -> str:
-        """flask-silo's behaviour, for a store without rows: the file on disk, nothing else."""
-        limit = self.max_file_bytes
-        path = os.path.join(directory, name)
-        with file_errors(self.name, sid, "store a file"):
-            fd, tmp = _create_temp(directory, TEMP_PREFIX + secrets.token_hex(8))
-        try:
-            size = 0
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = next(chunks, None)
-                    if chunk is None:
-                        break
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise FileTooLarge(name, size, limit)
-                    with file_errors(self.name, sid, "store a file"):
-                        out.write(chunk)
-                with file_errors(self.name, sid, "store a file"):
-                    out.flush()
-                    os.fsync(out.fileno())
-            with file_errors(self.name, sid, "store a file"):
-                os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
-
-    def _check_free_space(self, directory: str, records: FileRecords | None, sid: str) -> None:
-        """``507`` while the disk holding *directory* (and an SQLite database the bytes go
-        to) has less free space than :attr:`min_free_bytes`: the database keeps room."""
-        floor = self.min_free_bytes
-        if not floor:
-            return
-        places = [directory]
-        if records is not None and records.database_dir and self.blobs.kind == "database":
-            places.append(records.database_dir)
-        for place in places:
-            try:
-                free = shutil.disk_usage(place).free
-            except OSError:
-                continue
-            if free < floor:
-                logger.warning(
-                    "file store %r refused an upload: %d bytes free, the floor is %d",
-                    self.name,
-                    free,
-                    floor,
-                )
-                raise InsufficientStorage(self.name)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -496,9 +319,7 @@ class FileStore:
         ``Last-Modified``, ``304`` to a matching conditional request, ``206`` to a single
         ``Range`` (``416`` when unsatisfiable), a safe ``Content-Disposition``."""
         info, stream = self._opened(sid, filename)
-        return file_serving.send(
-            info, stream, as_attachment=as_attachment, download_name=download_name
-        )
+        return send_file(info, stream, as_attachment=as_attachment, download_name=download_name)
 
     def _opened(
         self, sid: str, filename: str, *, buffered: bool = False
@@ -591,7 +412,7 @@ class FileStore:
 
     # -- removing --------------------------------------------------------------------------
 
-    def _forgotten(self, rows: list[FileRow]) -> None:
+    def drop_bytes(self, rows: list[FileRow]) -> None:
         """The bytes of rows just deleted (fsspec objects; chunks went with their rows)."""
         try:
             self.blobs.remove(rows)
@@ -644,7 +465,7 @@ class FileStore:
         local = self.blobs.kind == "local" and os.path.isdir(directory)
         with directory_lock(directory) if local else contextlib.nullcontext():
             forgotten = [row for row in records.forget(sid) if not row.pending]
-            self._forgotten(forgotten)
+            self.drop_bytes(forgotten)
             if not local:
                 return
             for row in forgotten:
@@ -656,7 +477,7 @@ class FileStore:
         """Remove every session's files (rows, bytes, directories here)."""
         records = self.records
         if records is not None:
-            self._forgotten(records.forget())
+            self.drop_bytes(records.forget())
         if self.blobs.kind != "local":
             self.blobs.remove_all()
         if os.path.isdir(self.base_dir):
@@ -670,7 +491,7 @@ class FileStore:
         directories and cached copies; for fsspec, the objects of sessions whose removal
         failed before), and cached copies no row names. Run after each sweep; returns
         how many session directories went."""
-        return file_maintenance.maintain(self, grace=grace)
+        return maintain_files(self, grace=grace)
 
     def check(self, *, fix: bool = False, grace: float = 600.0, verify: bool = True) -> FsckReport:
         """:func:`fsck` of this store."""
@@ -680,5 +501,5 @@ class FileStore:
 def fsck(
     files: FileStore, *, fix: bool = False, grace: float = 600.0, verify: bool = True
 ) -> FsckReport:
-    """Compare a file store's bytes with its rows (see :mod:`flask_silo_sql.file_check`)."""
-    return file_check.fsck(files, fix=fix, grace=grace, verify=verify)
+    """Compare a file store's bytes with its rows (see :mod:`flask_silo_sql.files.check`)."""
+    return check_files(files, fix=fix, grace=grace, verify=verify)

@@ -22,19 +22,14 @@ import os
 import shutil
 import time
 
-from .file_backends import SHA_DIR_LENGTH, FsspecBytes
-from .file_parts import (
-    OLD_PREFIX,
-    RETIRED_KEEP_S,
-    STALE_UPLOAD_S,
-    TEMP_PREFIX,
-    FileRecords,
-    StoreView,
-    directory_lock,
-    kept_aside,
-)
-from .logs import silo_logger
-from .sids import is_valid_sid
+from ..logs import silo_logger
+from ..sids import is_valid_sid
+from .backends.cache import SHA_DIR_LENGTH
+from .backends.fsspec import FsspecBytes, mtime
+from .limits import OLD_PREFIX, RETIRED_KEEP_S, STALE_UPLOAD_S, TEMP_PREFIX
+from .locks import directory_lock
+from .records import FileRecords, StoreView
+from .rows import kept_aside
 
 logger = silo_logger("flask_silo_sql.files")
 
@@ -205,10 +200,8 @@ def _remote_idle(backend: FsspecBytes, sid: str, before: float) -> bool:
         found = backend.fs.find(backend.session_prefix(sid), detail=True)
     except FileNotFoundError:
         return True
-    from .file_backends import _mtime
-
     for info in found.values():
-        mtime = _mtime(info)
-        if mtime is None or mtime >= before:
+        modified = mtime(info)
+        if modified is None or modified >= before:
             return False
     return True
