@@ -21,25 +21,29 @@ with a loud message, except under ``CI=true``, where that is a failure.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from harness import AppFactory
 from sqlalchemy import Engine, make_url, text
+from support import SILO_TABLES_CHILD_FIRST, UNDER_CI, Clock
 
-from flask_silo_sql import schema
+from flask_silo_sql import SQLStorage, schema
 from flask_silo_sql.sql.engine import make_engine
 
-sys.path.insert(0, str(Path(__file__).parent))
+if TYPE_CHECKING:  # imported lazily: a SQLite-only run needs no PostgreSQL driver
+    from pgbouncer import PgBouncer
+    from pgserver import ExternalPg, PgServer
 
-from harness import AppFactory
-from pgbouncer import PgBouncer, find_pgbouncer
-from pgserver import ExternalPg, PgServer, find_bindir
-from support import SILO_TABLES_CHILD_FIRST, UNDER_CI
+EXECUTORS = ("dbapi", "core")
+"""The SQL backend's executors: the DBAPI cursor and SQLAlchemy Core."""
+DEFAULT_EXECUTOR = "dbapi"
+"""The executor ``auto`` picks while nothing observes the engine: the one users run."""
 
 _pg_problem: list[str] = []
 
@@ -47,6 +51,14 @@ _pg_problem: list[str] = []
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer | ExternalPg]:
     """The PostgreSQL server for this test run."""
+    if importlib.util.find_spec("psycopg") is None:
+        message = "psycopg not installed: PostgreSQL tests cannot run"
+        _pg_problem.append(message)
+        if UNDER_CI:
+            pytest.fail(message + " (CI=true: pip install -e '.[dev,postgres]')")
+        pytest.skip(message)
+    from pgserver import ExternalPg, PgServer, find_bindir
+
     external = os.environ.get("SILO_TEST_PG_URL")
     if external:
         yield ExternalPg(external)
@@ -67,6 +79,8 @@ def pg_server() -> Iterator[PgServer | ExternalPg]:
 @pytest.fixture(scope="session")
 def pg_bouncer(pg_server: PgServer | ExternalPg) -> Iterator[PgBouncer]:
     """A PgBouncer in transaction pooling mode (5 server connections) in front of ``pg_server``."""
+    from pgbouncer import PgBouncer, find_pgbouncer
+
     if find_pgbouncer() is None:
         message = "pgbouncer not found: PgBouncer tests cannot run"
         _pg_problem.append(message)
@@ -80,8 +94,6 @@ def pg_bouncer(pg_server: PgServer | ExternalPg) -> Iterator[PgBouncer]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Any]:
     """A real S3-API server (moto's, in its own process) on loopback, for this test run."""
-    import importlib.util
-
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
         message = "moto[server] or s3fs not installed: S3 tests cannot run"
         _pg_problem.append(message)
@@ -207,11 +219,37 @@ def silo_app(silo_url: str, tmp_path: Path) -> Iterator[AppFactory]:
     factory.close()
 
 
-@pytest.fixture(params=["dbapi", "core"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests marked ``each_executor`` once per executor; the rest on the default one."""
+    if "executor" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "each_executor"
+    ):
+        metafunc.parametrize("executor", EXECUTORS, indirect=True)
+
+
+@pytest.fixture
 def executor(request: pytest.FixtureRequest) -> str:
-    """Each executor of the SQL backend: the DBAPI cursor, and SQLAlchemy Core."""
-    mode: str = request.param
+    """The SQL backend's executor: the default one, or each one under ``each_executor``.
+
+    Both executors send the same statements: the storage contract and the observer
+    tests (marked ``each_executor``) prove it, so the other tests run the default one.
+    """
+    mode: str = getattr(request, "param", DEFAULT_EXECUTOR)
     return mode
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock the test moves by hand (starts at ``support.T0``)."""
+    return Clock()
+
+
+@pytest.fixture
+def storage(silo_url: str, executor: Any) -> Iterator[SQLStorage]:
+    """:class:`SQLStorage` on ``silo_url`` (SQLite and PostgreSQL) with the test's executor."""
+    sql = SQLStorage(silo_url, executor=executor)
+    yield sql
+    sql.dispose()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
