@@ -47,6 +47,9 @@ DEFAULT_EXECUTOR = "dbapi"
 
 _pg_problem: list[str] = []
 
+collect_ignore = [] if importlib.util.find_spec("psycopg") else ["test_pgbouncer_fixture.py"]
+"""Without the postgres extra, skip the module that drives psycopg itself."""
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer | ExternalPg]:

@@ -18,8 +18,6 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import psycopg
-
 
 def find_bindir() -> Path | None:
     """The directory holding ``initdb`` and ``pg_ctl``, or None."""
@@ -57,12 +55,16 @@ class Databases:
 
     def create_database(self, name: str | None = None) -> str:
         """Create an empty database and return its URL."""
+        import psycopg  # lazily: a SQLite-only run needs no PostgreSQL driver
+
         name = name or "silo_" + uuid.uuid4().hex[:12]
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
+        import psycopg
+
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
