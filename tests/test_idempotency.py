@@ -4,7 +4,7 @@ Every test runs on SQLite and on PostgreSQL (on the default executor: the
 storage contract holds both to the same statements). Time is an injected clock (leases, ttl); requests
 that must overlap run in threads held at an event. Statements are observed at
 the storage's statement hook, the path under test unchanged. The process-level
-tests (gunicorn, SIGKILL) are in ``test_idempotency_processes.py``.
+tests (gunicorn, SIGKILL) are in ``process/test_idempotency.py``.
 """
 
 from __future__ import annotations
