@@ -5,11 +5,15 @@ Two kinds of database per test, each on SQLite and on PostgreSQL:
 * ``db_url`` (``sqlite_url``, ``pg_url``): a fresh, empty database, no schema;
   ``engine`` on it, ``migrated_engine`` on it at the current schema.
 * ``silo_url`` (``sqlite_silo_url``, ``pg_silo_url``): a database at the current
-  schema with no silo rows. Each test module migrates once per database
-  (``sqlite_template``, ``pg_migrated``); each test then gets a copy of the
-  SQLite file or the PostgreSQL database with its tables emptied.
+  schema with no silo rows. Each run migrates once per database
+  (``sqlite_template``, ``pg_template``); each test gets a copy of the SQLite
+  file, each module a copy of the PostgreSQL database (``pg_migrated``) whose
+  tables are emptied before each test.
 * ``module_silo_url``: one database at the current schema that a whole module
   shares (for module-scoped apps), on SQLite and on PostgreSQL.
+* ``executor`` is the SQL backend's default executor; tests marked
+  ``each_executor`` run once per executor. ``storage`` is an
+  :class:`SQLStorage` on ``silo_url`` with it; ``clock`` a hand-moved clock.
 
 ``silo_app`` builds Flask apps with a ``Silo`` on ``silo_url``: the app
 harness of ``harness.py``, closed at teardown.
@@ -146,9 +150,9 @@ def migrated_engine(engine: Engine) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, made once per module and copied for each test."""
+    """An SQLite file at the current schema, made once per run and copied for each test."""
     path = tmp_path_factory.mktemp("template") / "silo.db"
     engine = make_engine(f"sqlite:///{path}")
     schema.upgrade(engine)
@@ -156,12 +160,27 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: PgServer | ExternalPg) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
+@pytest.fixture(scope="session")
+def pg_template(pg_server: PgServer | ExternalPg) -> Iterator[str]:
+    """The name of a PostgreSQL database at the current schema, migrated once per run.
+
+    Nothing connects to it after the migration: it is the template of the
+    databases a module gets (``CREATE DATABASE ... TEMPLATE``: a file copy).
+    """
     url = pg_server.create_database()
     engine = make_engine(url)
     schema.upgrade(engine)
+    engine.dispose()
+    name = str(make_url(url).database)
+    yield name
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def pg_migrated(pg_server: PgServer | ExternalPg, pg_template: str) -> Iterator[Engine]:
+    """One migrated PostgreSQL database for this module, emptied before each test."""
+    url = pg_server.create_database(template=pg_template)
+    engine = make_engine(url)
     yield engine
     engine.dispose()
     pg_server.drop_database(str(make_url(url).database))
@@ -198,13 +217,12 @@ def module_silo_url(
     """One database at the current schema for the whole module, on SQLite and on PostgreSQL."""
     server: PgServer | ExternalPg | None = None
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('module-db') / 'silo.db'}"
+        path = tmp_path_factory.mktemp("module-db") / "silo.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        url = f"sqlite:///{path}"
     else:
         server = request.getfixturevalue("pg_server")
-        url = server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    engine.dispose()
+        url = server.create_database(template=request.getfixturevalue("pg_template"))
     yield url
     if server is not None:
         server.drop_database(str(make_url(url).database))

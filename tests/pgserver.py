@@ -53,13 +53,14 @@ class Databases:
     def url(self, database: str) -> str:
         raise NotImplementedError
 
-    def create_database(self, name: str | None = None) -> str:
-        """Create an empty database and return its URL."""
+    def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
+        """Create a database (empty, or a copy of the database *template*); return its URL."""
         import psycopg  # lazily: a SQLite-only run needs no PostgreSQL driver
 
         name = name or "silo_" + uuid.uuid4().hex[:12]
+        copy = f' TEMPLATE "{template}"' if template else ""
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{copy}')
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
