@@ -5,11 +5,15 @@ Two kinds of database per test, each on SQLite and on PostgreSQL:
 * ``db_url`` (``sqlite_url``, ``pg_url``): a fresh, empty database, no schema;
   ``engine`` on it, ``migrated_engine`` on it at the current schema.
 * ``silo_url`` (``sqlite_silo_url``, ``pg_silo_url``): a database at the current
-  schema with no silo rows. Each test module migrates once per database
-  (``sqlite_template``, ``pg_migrated``); each test then gets a copy of the
-  SQLite file or the PostgreSQL database with its tables emptied.
+  schema with no silo rows. Each run migrates once per database
+  (``sqlite_template``, ``pg_template``); each test gets a copy of the SQLite
+  file, each module a copy of the PostgreSQL database (``pg_migrated``) whose
+  tables are emptied before each test.
 * ``module_silo_url``: one database at the current schema that a whole module
   shares (for module-scoped apps), on SQLite and on PostgreSQL.
+* ``executor`` is the SQL backend's default executor; tests marked
+  ``each_executor`` run once per executor. ``storage`` is an
+  :class:`SQLStorage` on ``silo_url`` with it; ``clock`` a hand-moved clock.
 
 ``silo_app`` builds Flask apps with a ``Silo`` on ``silo_url``: the app
 harness of ``harness.py``, closed at teardown.
@@ -21,32 +25,47 @@ with a loud message, except under ``CI=true``, where that is a failure.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from harness import AppFactory
 from sqlalchemy import Engine, make_url, text
+from support import SILO_TABLES_CHILD_FIRST, UNDER_CI, Clock
 
-from flask_silo_sql import schema
+from flask_silo_sql import SQLStorage, schema
 from flask_silo_sql.sql.engine import make_engine
 
-sys.path.insert(0, str(Path(__file__).parent))
+if TYPE_CHECKING:  # imported lazily: a SQLite-only run needs no PostgreSQL driver
+    from pgbouncer import PgBouncer
+    from pgserver import ExternalPg, PgServer
 
-from harness import AppFactory
-from pgbouncer import PgBouncer, find_pgbouncer
-from pgserver import ExternalPg, PgServer, find_bindir
-from support import SILO_TABLES_CHILD_FIRST, UNDER_CI
+EXECUTORS = ("dbapi", "core")
+"""The SQL backend's executors: the DBAPI cursor and SQLAlchemy Core."""
+DEFAULT_EXECUTOR = "dbapi"
+"""The executor ``auto`` picks while nothing observes the engine: the one users run."""
 
 _pg_problem: list[str] = []
+
+collect_ignore = [] if importlib.util.find_spec("psycopg") else ["test_pgbouncer_fixture.py"]
+"""Without the postgres extra, skip the module that drives psycopg itself."""
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer | ExternalPg]:
     """The PostgreSQL server for this test run."""
+    if importlib.util.find_spec("psycopg") is None:
+        message = "psycopg not installed: PostgreSQL tests cannot run"
+        _pg_problem.append(message)
+        if UNDER_CI:
+            pytest.fail(message + " (CI=true: pip install -e '.[dev,postgres]')")
+        pytest.skip(message)
+    from pgserver import ExternalPg, PgServer, find_bindir
+
     external = os.environ.get("SILO_TEST_PG_URL")
     if external:
         yield ExternalPg(external)
@@ -67,6 +86,8 @@ def pg_server() -> Iterator[PgServer | ExternalPg]:
 @pytest.fixture(scope="session")
 def pg_bouncer(pg_server: PgServer | ExternalPg) -> Iterator[PgBouncer]:
     """A PgBouncer in transaction pooling mode (5 server connections) in front of ``pg_server``."""
+    from pgbouncer import PgBouncer, find_pgbouncer
+
     if find_pgbouncer() is None:
         message = "pgbouncer not found: PgBouncer tests cannot run"
         _pg_problem.append(message)
@@ -80,8 +101,6 @@ def pg_bouncer(pg_server: PgServer | ExternalPg) -> Iterator[PgBouncer]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Any]:
     """A real S3-API server (moto's, in its own process) on loopback, for this test run."""
-    import importlib.util
-
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
         message = "moto[server] or s3fs not installed: S3 tests cannot run"
         _pg_problem.append(message)
@@ -131,9 +150,9 @@ def migrated_engine(engine: Engine) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SQLite file at the current schema, made once per module and copied for each test."""
+    """An SQLite file at the current schema, made once per run and copied for each test."""
     path = tmp_path_factory.mktemp("template") / "silo.db"
     engine = make_engine(f"sqlite:///{path}")
     schema.upgrade(engine)
@@ -141,12 +160,27 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def pg_migrated(pg_server: PgServer | ExternalPg) -> Iterator[Engine]:
-    """One migrated PostgreSQL database for this module, emptied before each test."""
+@pytest.fixture(scope="session")
+def pg_template(pg_server: PgServer | ExternalPg) -> Iterator[str]:
+    """The name of a PostgreSQL database at the current schema, migrated once per run.
+
+    Nothing connects to it after the migration: it is the template of the
+    databases a module gets (``CREATE DATABASE ... TEMPLATE``: a file copy).
+    """
     url = pg_server.create_database()
     engine = make_engine(url)
     schema.upgrade(engine)
+    engine.dispose()
+    name = str(make_url(url).database)
+    yield name
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def pg_migrated(pg_server: PgServer | ExternalPg, pg_template: str) -> Iterator[Engine]:
+    """One migrated PostgreSQL database for this module, emptied before each test."""
+    url = pg_server.create_database(template=pg_template)
+    engine = make_engine(url)
     yield engine
     engine.dispose()
     pg_server.drop_database(str(make_url(url).database))
@@ -183,13 +217,12 @@ def module_silo_url(
     """One database at the current schema for the whole module, on SQLite and on PostgreSQL."""
     server: PgServer | ExternalPg | None = None
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('module-db') / 'silo.db'}"
+        path = tmp_path_factory.mktemp("module-db") / "silo.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        url = f"sqlite:///{path}"
     else:
         server = request.getfixturevalue("pg_server")
-        url = server.create_database()
-    engine = make_engine(url)
-    schema.upgrade(engine)
-    engine.dispose()
+        url = server.create_database(template=request.getfixturevalue("pg_template"))
     yield url
     if server is not None:
         server.drop_database(str(make_url(url).database))
@@ -207,11 +240,37 @@ def silo_app(silo_url: str, tmp_path: Path) -> Iterator[AppFactory]:
     factory.close()
 
 
-@pytest.fixture(params=["dbapi", "core"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests marked ``each_executor`` once per executor; the rest on the default one."""
+    if "executor" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "each_executor"
+    ):
+        metafunc.parametrize("executor", EXECUTORS, indirect=True)
+
+
+@pytest.fixture
 def executor(request: pytest.FixtureRequest) -> str:
-    """Each executor of the SQL backend: the DBAPI cursor, and SQLAlchemy Core."""
-    mode: str = request.param
+    """The SQL backend's executor: the default one, or each one under ``each_executor``.
+
+    Both executors send the same statements: the storage contract and the observer
+    tests (marked ``each_executor``) prove it, so the other tests run the default one.
+    """
+    mode: str = getattr(request, "param", DEFAULT_EXECUTOR)
     return mode
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock the test moves by hand (starts at ``support.T0``)."""
+    return Clock()
+
+
+@pytest.fixture
+def storage(silo_url: str, executor: Any) -> Iterator[SQLStorage]:
+    """:class:`SQLStorage` on ``silo_url`` (SQLite and PostgreSQL) with the test's executor."""
+    sql = SQLStorage(silo_url, executor=executor)
+    yield sql
+    sql.dispose()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

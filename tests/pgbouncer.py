@@ -24,7 +24,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
 
-import psycopg
 from pgserver import Databases, _free_port
 from sqlalchemy import make_url
 
@@ -151,6 +150,8 @@ class PgBouncer:
 
     def show(self, what: str) -> list[dict[str, Any]]:
         """Rows of PgBouncer's admin console ``SHOW <what>`` (``POOLS``, ``SERVERS``...)."""
+        import psycopg  # lazily: a SQLite-only run needs no PostgreSQL driver
+
         dsn = f"postgresql://{self.user}@127.0.0.1:{self.port}/pgbouncer"
         # The admin console speaks only the simple query protocol.
         with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:

@@ -18,8 +18,6 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import psycopg
-
 
 def find_bindir() -> Path | None:
     """The directory holding ``initdb`` and ``pg_ctl``, or None."""
@@ -55,14 +53,19 @@ class Databases:
     def url(self, database: str) -> str:
         raise NotImplementedError
 
-    def create_database(self, name: str | None = None) -> str:
-        """Create an empty database and return its URL."""
+    def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
+        """Create a database (empty, or a copy of the database *template*); return its URL."""
+        import psycopg  # lazily: a SQLite-only run needs no PostgreSQL driver
+
         name = name or "silo_" + uuid.uuid4().hex[:12]
+        copy = f' TEMPLATE "{template}"' if template else ""
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{copy}')
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
+        import psycopg
+
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

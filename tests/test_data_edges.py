@@ -1,6 +1,6 @@
 """What the databases themselves do to state: numbers keep their type on both databases.
 
-Through Flask's test client on SQLite and PostgreSQL, both executors. A
+Through Flask's test client on SQLite and PostgreSQL. A
 namespace holds what the client sent; it is read back in a later request (a
 new unit: from the database, not from memory) and compared value by value,
 type by type. The size a namespace is checked at is the size its row holds,

@@ -1,4 +1,4 @@
-"""Durable runs in one process, on both executors and both databases: the row a durable
+"""Durable runs in one process, on both databases: the row a durable
 start writes, fencing by attempt, retries, lapsed leases, hand-backs and claims.
 
 The processes of ``tests/test_durable.py`` show the same behaviour end to end; these

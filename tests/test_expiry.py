@@ -89,26 +89,9 @@ class InThread(Generic[T]):
 
 
 @pytest.fixture
-def url(db_url: str) -> str:
-    """The test database (SQLite or PostgreSQL), migrated to head."""
-    engine = make_engine(db_url)
-    try:
-        schema.upgrade(engine)
-    finally:
-        engine.dispose()
-    return db_url
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def storage(url: str, executor: Any) -> Iterator[SQLStorage]:
-    sql = SQLStorage(url, executor=executor)
-    yield sql
-    sql.dispose()
+def url(silo_url: str) -> str:
+    """The test database (SQLite or PostgreSQL), at the current schema, no silo rows."""
+    return silo_url
 
 
 @pytest.fixture

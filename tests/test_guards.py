@@ -42,18 +42,6 @@ SID = "guarded-session-000000001"
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def storage(silo_url: str, executor: Any) -> Iterator[SQLStorage]:
-    storage = SQLStorage(silo_url, executor=executor)
-    yield storage
-    storage.dispose()
-
-
-@pytest.fixture
 def other(silo_url: str) -> Iterator[Engine]:
     """Another client of the database: what a second worker does, committed at once."""
     engine = make_engine(silo_url)

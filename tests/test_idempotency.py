@@ -1,10 +1,11 @@
 """@silo.idempotent through Flask's test client: keys, replays, failures, leases, expiry.
 
-Every test runs on SQLite and on PostgreSQL, and on both executors (the DBAPI
-cursor, SQLAlchemy Core). Time is an injected clock (leases, ttl); requests
-that must overlap run in threads held at an event. Statements are observed at
-the storage's statement hook, the path under test unchanged. The process-level
-tests (gunicorn, SIGKILL) are in ``test_idempotency_processes.py``.
+Every test runs on SQLite and on PostgreSQL (on the default executor: the
+storage contract holds both executors to the same statements). Time is an
+injected clock (leases, ttl); requests that must overlap run in threads held at
+an event. Statements are observed at the storage's statement hook, the path
+under test unchanged. The process-level tests (gunicorn, SIGKILL) are in
+``process/test_idempotency.py``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from flask_silo_sql import (
     SQLStorage,
 )
 
+pytestmark = pytest.mark.each_executor  # the contract proves both executors send the same
+
 TTL = 100
 RETAIN = 50
 

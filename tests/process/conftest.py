@@ -9,6 +9,7 @@ runs the unit tests only. The fixtures of ``tests/conftest.py`` (databases,
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,8 +34,8 @@ def private_pg() -> Iterator[PgServer]:
 
     With ``fsync`` on: a crash (``immediate`` stop) must not lose acknowledged commits.
     """
-    if find_bindir() is None:
-        message = "PostgreSQL server binaries not found: this module's tests cannot run"
+    if find_bindir() is None or importlib.util.find_spec("psycopg") is None:
+        message = "PostgreSQL (server binaries, psycopg) not found: this module's tests cannot run"
         if UNDER_CI:
             pytest.fail(message)
         pytest.skip(message)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,18 +32,6 @@ from flask_silo_sql.sql.models import namespaces
 
 TTL = 100
 SID = "sid-sql-store-0000001"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def storage(silo_url: str, executor: Any) -> Iterator[SQLStorage]:
-    storage = SQLStorage(silo_url, executor=executor)
-    yield storage
-    storage.dispose()
 
 
 def make_store(storage: SQLStorage, clock: Callable[[], float] | None = None) -> SessionStore:
