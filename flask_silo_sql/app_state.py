@@ -16,6 +16,7 @@ from flask import Flask, Response, current_app, g, has_request_context, request
 
 from .backends import Unit
 from .cleanup import CleanupDaemon
+from .config import SiloConfig
 from .errors import OutsideApiPrefix
 from .idempotency import Claim, IdempotencyRecords
 from .runner import TaskRunner
@@ -38,40 +39,35 @@ NO_REQUEST = (
 class SiloApp:
     """What one app's Silo keeps: its store, its settings, its cleanup thread."""
 
-    def __init__(self, silo: object, app: Flask, store: SessionStore) -> None:
+    def __init__(self, silo: object, app: Flask, store: SessionStore, settings: SiloConfig) -> None:
         self.silo = silo
         self.store = store
+        self.settings = settings
+        """The app's ``SILO_*`` values, read once by ``init_app``."""
         self.api_prefix: str = getattr(silo, "_api_prefix", "/")
         self.view_functions = app.view_functions
         """The app's views (for the check of decorators put above a route's)."""
         self.served = False
         """The app has begun serving requests (namespaces can no longer be registered)."""
-        self.config = config = app.config
-        self.locking = bool(config["SILO_LOCKING"])
+        self.config = app.config
+        self.locking = settings.locking
         self.sid_keys: list[bytes] = []
         """Strict SIDs: the signing key first, then the ones that still verify."""
-        if config["SILO_STRICT_SIDS"]:
-            keys = [app.secret_key, *(config.get("SECRET_KEY_FALLBACKS") or ())]
+        if settings.strict_sids:
+            keys = [app.secret_key, *(app.config.get("SECRET_KEY_FALLBACKS") or ())]
             if not keys[0]:
                 raise RuntimeError("SILO_STRICT_SIDS needs app.secret_key to sign SIDs")
             self.sid_keys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys if k]
-        max_age = config["SILO_SID_MAX_AGE"]
-        self.sid_max_age: float | None = None if max_age is None else float(max_age)
+        self.sid_max_age = settings.sid_max_age
         """Strict SIDs: how long after its issue a SID is accepted (then a new one is given)."""
-        self.idempotency_header = str(config["SILO_IDEMPOTENCY_HEADER"])
-        self.idempotency_lease = float(config["SILO_IDEMPOTENCY_LEASE"])
+        self.idempotency_header = settings.idempotency_header
+        self.idempotency_lease = settings.idempotency_lease
         """Seconds an idempotent request holds its key while its view runs."""
-        max_keys = config["SILO_IDEMPOTENCY_MAX_KEYS"]
-        self.idempotency_max_keys: int | None = None if max_keys is None else int(max_keys)
+        self.idempotency_max_keys = settings.idempotency_max_keys
         """Keys a session may hold at once (None: any number)."""
-        self.rolls_back: Callable[[Response], bool] = atomic_rollback(
-            config.get("SILO_ATOMIC_ROLLBACK", 500)
-        )
+        self.rolls_back: Callable[[Response], bool] = atomic_rollback(settings.atomic_rollback)
         """Atomic mode: whether a response rolls its request's transaction back."""
-        max_response = config["SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES"]
-        self.idempotency_max_response: int | None = (
-            None if max_response is None else int(max_response)
-        )
+        self.idempotency_max_response = settings.idempotency_max_response_bytes
         """Largest response body an idempotent view's key keeps (None: any size)."""
         self.schema_ok = True
         self.daemon = CleanupDaemon(store, interval=store.cleanup_interval)
@@ -152,9 +148,7 @@ def current_request() -> RequestState:
     if state is None:
         if has_request_context():
             app_state = current_app.extensions.get("silo")
-            if isinstance(app_state, SiloApp) and not request.path.startswith(
-                app_state.api_prefix
-            ):
+            if isinstance(app_state, SiloApp) and not request.path.startswith(app_state.api_prefix):
                 raise OutsideApiPrefix(request.path, app_state.api_prefix)
         raise RuntimeError(NO_REQUEST)
     return state

@@ -323,17 +323,11 @@ def worker(concurrency: int | None, grace: float | None) -> None:
     """
     _migrated()
     state = _silo()
-    config = current_app.config
     store = state.store
     if state.runner is not None and state.runner.running:
         state.runner.stop()  # this process is the worker: one claimer
-    runner = TaskRunner(
-        store,
-        kind="worker",
-        concurrency=concurrency or int(config["SILO_TASK_CONCURRENCY"]),
-        poll_interval=float(config["SILO_TASK_POLL_INTERVAL"]),
-    )
-    grace_s = float(config["SILO_WORKER_GRACE"]) if grace is None else grace
+    runner = TaskRunner.from_config(store, state.settings, kind="worker", concurrency=concurrency)
+    grace_s = state.settings.worker_grace if grace is None else grace
     stopping = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:

@@ -134,9 +134,7 @@ def _run(
 ) -> Any:
     state = current_request()
     app_state = silo._app_state()
-    records = app_state.store.backend.idempotency_records()
-    if records is None:
-        raise IdempotencyUnsupported()
+    records = app_state.store.backend.idempotency_records()  # IdempotencyUnsupported: none
     header = app_state.idempotency_header
     key = parse_key(header, request.headers.getlist(header))
     if key is None:

@@ -26,6 +26,8 @@ import click
 from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
 
 from .app_state import REQUEST_KEY, RequestState, SiloApp, current_request
+from .config import CONFIG_DEFAULTS as CONFIG_DEFAULTS
+from .config import SiloConfig
 from .decorators import IdempotentOptions, idempotent_view, locked_view
 from .errors import (
     EXPIRED_MESSAGE,
@@ -39,10 +41,6 @@ from .errors import (
 from .files import Backend, FileSettings, FileStore
 from .files.backends import check_backend
 from .idempotency import (
-    DEFAULT_HEADER,
-    DEFAULT_LEASE_S,
-    DEFAULT_MAX_KEYS,
-    DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TTL_S,
 )
 from .instruments import hooks as instruments
@@ -62,48 +60,11 @@ if TYPE_CHECKING:
     from .sql.host import HostTransaction
 
 F = TypeVar("F", bound=Callable[..., Any])
-RUNNERS = ("thread", "worker")
 
 logger = silo_logger("flask_silo_sql")
 
 EXTENSION_KEY = "silo"
 
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "SILO_DATABASE_URI": None,
-    "SILO_ENGINE_OPTIONS": {},
-    "SILO_DB_TIMEOUT": 5.0,
-    "SILO_TOUCH_INTERVAL": None,
-    "SILO_MAX_STATE_BYTES": 1024 * 1024,
-    "SILO_SWEEP_BATCH_SIZE": 500,
-    "SILO_TASK_HEARTBEAT_TIMEOUT": 60.0,
-    "SILO_TASK_FLUSH_INTERVAL": 0.5,
-    "SILO_TASK_MAX_LOGS": 200,
-    "SILO_TASK_RUNNER": "thread",
-    "SILO_TASK_CONCURRENCY": 4,
-    "SILO_TASK_POLL_INTERVAL": 0.5,
-    "SILO_TASK_RETRIES": 3,
-    "SILO_TASK_RETRY_DELAY": 1.0,
-    "SILO_WORKER_GRACE": 30.0,
-    "SILO_MAX_FILE_BYTES": 100 * 1024 * 1024,
-    "SILO_MAX_SESSION_BYTES": 1024 * 1024 * 1024,
-    "SILO_MIN_FREE_BYTES": 100 * 1024 * 1024,
-    "SILO_DB_MIN_FREE_BYTES": None,  # half of SILO_MIN_FREE_BYTES: uploads stop first
-    "SILO_FILE_BACKEND": "local",
-    "SILO_FILE_STORAGE_OPTIONS": {},
-    "SILO_FILE_HOST": None,
-    "SILO_LOCKING": False,
-    "SILO_STRICT_SIDS": False,
-    "SILO_SID_MAX_AGE": 30 * 24 * 3600,
-    "SILO_IDEMPOTENCY_HEADER": DEFAULT_HEADER,
-    "SILO_IDEMPOTENCY_LEASE": DEFAULT_LEASE_S,
-    "SILO_IDEMPOTENCY_MAX_KEYS": DEFAULT_MAX_KEYS,
-    "SILO_ATOMIC_ROLLBACK": 500,
-    "SILO_IDEMPOTENCY_MAX_RESPONSE_BYTES": DEFAULT_MAX_RESPONSE_BYTES,
-    "SILO_EXPIRED_MESSAGE": EXPIRED_MESSAGE,
-    "SILO_METRICS": False,
-}
-"""Every ``SILO_*`` configuration key and its default (described, each, in
-:mod:`flask_silo_sql.settings_table`: the documentation's configuration reference)."""
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -209,6 +170,7 @@ class Silo:
             )
         for key, value in CONFIG_DEFAULTS.items():
             app.config.setdefault(key, value)
+        config = SiloConfig.from_mapping(app.config)
         if self._first_taken:
             store = SessionStore(
                 **self._store_options, storage=self._storage, registry=self._first.registry
@@ -217,16 +179,15 @@ class Silo:
         else:
             store = self._first
         if self._storage is None:
-            store.storage = self._default_storage(app)
-        state = SiloApp(self, app, store)
+            store.storage = self._default_storage(app, config)
+        state = SiloApp(self, app, store, config)
         self._configure(app, state)
         self._prepare_storage(app, state)
         if store.task_runner == "thread" and isinstance(store.storage, SQLStorage):
-            state.runner = TaskRunner(
+            state.runner = TaskRunner.from_config(
                 store,
+                config,
                 kind="web",
-                concurrency=int(app.config["SILO_TASK_CONCURRENCY"]),
-                poll_interval=float(app.config["SILO_TASK_POLL_INTERVAL"]),
                 listen=False,  # runs start where they are asked for; hand-backs are polled
             )
         self._first_taken = True
@@ -253,8 +214,8 @@ class Silo:
             state.runner.start_with_process()
 
     @staticmethod
-    def _default_storage(app: Flask) -> SQLStorage:
-        uri = app.config["SILO_DATABASE_URI"] or os.environ.get("SILO_DATABASE_URI")
+    def _default_storage(app: Flask, config: SiloConfig) -> SQLStorage:
+        uri = config.database_uri
         if not uri:
             try:
                 os.makedirs(app.instance_path, exist_ok=True)
@@ -266,33 +227,29 @@ class Silo:
                 ) from None
             uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
             app.config["_SILO_EMBEDDED"] = True
-        timeout = float(app.config["SILO_DB_TIMEOUT"])
-        return SQLStorage(uri, timeout=timeout, **app.config["SILO_ENGINE_OPTIONS"])
+        return SQLStorage(uri, timeout=config.db_timeout, **config.engine_options)
 
     def _configure(self, app: Flask, state: SiloApp) -> None:
-        config = app.config
+        config = state.settings
         store = state.store
-        if config["SILO_TOUCH_INTERVAL"] is not None:
-            store.touch_interval = float(config["SILO_TOUCH_INTERVAL"])
-        if config["SILO_MAX_STATE_BYTES"] is not None:
-            store.max_state_bytes = int(config["SILO_MAX_STATE_BYTES"])
-        floor = config["SILO_DB_MIN_FREE_BYTES"]
+        if config.touch_interval is not None:
+            store.touch_interval = config.touch_interval
+        if config.max_state_bytes is not None:
+            store.max_state_bytes = config.max_state_bytes
+        floor = config.db_min_free_bytes
         if floor is None:  # below the uploads' floor: state goes on once uploads stop
-            floor = int(config["SILO_MIN_FREE_BYTES"] or 0) // 2
-        store.db_min_free_bytes = int(floor) or None
-        store.sweep_batch_size = int(config["SILO_SWEEP_BATCH_SIZE"])
-        store.heartbeat_timeout = float(config["SILO_TASK_HEARTBEAT_TIMEOUT"])
-        store.task_flush_interval = float(config["SILO_TASK_FLUSH_INTERVAL"])
-        store.task_max_logs = int(config["SILO_TASK_MAX_LOGS"])
-        runner = config["SILO_TASK_RUNNER"]
-        if runner not in RUNNERS:
-            raise ValueError(f"SILO_TASK_RUNNER must be 'thread' or 'worker', not {runner!r}")
-        store.task_runner = runner
-        store.task_retries = int(config["SILO_TASK_RETRIES"])
-        store.task_retry_delay = float(config["SILO_TASK_RETRY_DELAY"])
+            floor = (config.min_free_bytes or 0) // 2
+        store.db_min_free_bytes = floor or None
+        store.sweep_batch_size = config.sweep_batch_size
+        store.heartbeat_timeout = config.task_heartbeat_timeout
+        store.task_flush_interval = config.task_flush_interval
+        store.task_max_logs = config.task_max_logs
+        store.task_runner = config.task_runner
+        store.task_retries = config.task_retries
+        store.task_retry_delay = config.task_retry_delay
         if not self._first_taken:  # file stores are shared: the first app's settings apply
             for name, files in self._file_stores.items():
-                self._apply_file_settings(config, name, files)
+                self._apply_file_settings(app.config, name, files)
 
     def _apply_file_settings(self, config: Config, name: str, files: FileStore) -> None:
         """The configuration's :class:`FileSettings`, overridden by what ``add_file_store``

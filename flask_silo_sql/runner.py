@@ -28,6 +28,7 @@ from .tasks import PROCESS, Claimed
 
 if TYPE_CHECKING:
     from .backends.base import TaskQueue
+    from .config import SiloConfig
     from .store import SessionStore
 
 from .logs import silo_logger
@@ -40,6 +41,26 @@ POLL_JITTER = 0.25
 
 class TaskRunner:
     """Claims and runs durable task runs (see the module docstring)."""
+
+    @classmethod
+    def from_config(
+        cls,
+        store: SessionStore,
+        config: SiloConfig,
+        *,
+        kind: str,
+        concurrency: int | None = None,
+        listen: bool = True,
+    ) -> TaskRunner:
+        """A runner with the app's ``SILO_TASK_CONCURRENCY`` (unless *concurrency*) and
+        ``SILO_TASK_POLL_INTERVAL``."""
+        return cls(
+            store,
+            kind=kind,
+            concurrency=concurrency or config.task_concurrency,
+            poll_interval=config.task_poll_interval,
+            listen=listen,
+        )
 
     def __init__(
         self,

@@ -87,6 +87,43 @@ def retry_delay(spec_delay: float, attempt: int) -> float:
     return float(min(MAX_RETRY_DELAY_S, spec_delay * 2 ** max(0, attempt - 1)))
 
 
+@dataclass(frozen=True)
+class RunRow:
+    """A durable run a process claimed, as the storage returns its row.
+
+    Plain values: times in Unix seconds, JSON as text (``args``, ``checkpoint``) or
+    decoded (``logs``). The storage fills it; :meth:`Claimed.from_row` makes the attempt.
+    """
+
+    task_id: str
+    sid: str
+    name: str
+    namespace: str | None
+    target: str
+    args: str
+    """``{"args": [...], "kwargs": {...}}`` as JSON text."""
+    attempt: int
+    max_attempts: int
+    retry_delay: float
+    checkpoint: str | None
+    logs: list[str]
+    error: str | None
+    """The previous attempt's error (the run is being retried), or None."""
+    started_at: float | None
+
+
+def unregistered(target: str) -> Callable[..., Any]:
+    """A stand-in for a function this process does not know: the attempt fails saying so."""
+
+    def missing(task: BackgroundTask, *args: Any, **kwargs: Any) -> None:
+        raise LookupError(
+            f"task function {target!r} is not registered in this process: import the "
+            "module that defines it (@silo.task) in the app"
+        )
+
+    return missing
+
+
 @dataclass
 class Durable:
     """What makes a run durable, as its row records it."""
@@ -100,6 +137,10 @@ class Durable:
     queued: bool = False
     """Enqueue only (``SILO_TASK_RUNNER = "worker"``): a worker process runs it."""
 
+    @classmethod
+    def from_row(cls, row: RunRow) -> Durable:
+        return cls(row.target, row.args, row.max_attempts, row.retry_delay)
+
 
 @dataclass
 class Claimed:
@@ -112,6 +153,35 @@ class Claimed:
     state: TaskState
     durable: Durable
     checkpoint: str | None
+
+    @classmethod
+    def from_row(
+        cls,
+        row: RunRow,
+        *,
+        task: BackgroundTask,
+        holder: dict[str, Any] | None,
+        specs: Mapping[str, TaskSpec],
+    ) -> Claimed:
+        """The attempt *row* starts: *task* (in its namespace *holder*, when it has one)
+        runs the registered function of *specs* with the row's arguments."""
+        payload = json.loads(row.args) or {}
+
+        def decoded(value: Any) -> Any:
+            if isinstance(value, dict) and set(value) == {NAMESPACE_ARG}:
+                return holder if holder is not None else {}
+            return value
+
+        spec = specs.get(row.target)
+        return cls(
+            task=task,
+            target=spec.fn if spec is not None else unregistered(row.target),
+            args=tuple(decoded(a) for a in payload.get("args", [])),
+            kwargs={k: decoded(x) for k, x in payload.get("kwargs", {}).items()},
+            state=TaskState.from_row(row),
+            durable=Durable.from_row(row),
+            checkpoint=row.checkpoint,
+        )
 
 
 class _Process:
@@ -167,6 +237,20 @@ class TaskState:
     """A queued durable run, as read from its row: seconds since it was queued."""
     workers: int | None = None
     """With ``queued_for``: the processes alive to run it (0: none, it waits)."""
+
+    @classmethod
+    def from_row(cls, row: RunRow) -> TaskState:
+        """The state of the attempt a process just claimed."""
+        return cls(
+            running=True,
+            progress=0.0,
+            message="Starting…",
+            logs=list(row.logs),
+            started_at=row.started_at,
+            attempt=row.attempt,
+            last_error=row.error,
+            durable=True,
+        )
 
     def to_dict(self, *, max_logs: int = 50) -> dict[str, Any]:
         """JSON-ready dict with the newest *max_logs* log lines.
@@ -751,9 +835,7 @@ class _Heartbeats:
     def homes(self) -> list[TaskHome]:
         """The homes of the durable runs this process is running now."""
         with self._lock:
-            return [
-                t._home for t in self._tasks if t._home is not None and t._durable is not None
-            ]
+            return [t._home for t in self._tasks if t._home is not None and t._durable is not None]
 
     def poke(self) -> None:
         """A task has a write due sooner than the thread planned for."""

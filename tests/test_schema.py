@@ -184,7 +184,7 @@ def test_version_table_is_ours_and_hosts_alembic_version_is_untouched(engine: En
 def test_head_is_the_single_head_of_the_shipped_migrations() -> None:
     script = ScriptDirectory(str(schema.migrations_dir()))
     assert script.get_heads() == [schema.head()]
-    versions = REPO / "flask_silo_sql" / "sql" / "migrations" / "versions"
+    versions = REPO / "migrations" / "versions"
     shipped = {p.name for p in versions.glob("*.py")}
     revision = script.get_revision(schema.head())
     assert revision is not None

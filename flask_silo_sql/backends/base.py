@@ -197,8 +197,9 @@ class Backend(Protocol):
     def task_queue(self) -> TaskQueue | None:
         """Durable task runs (None: every run lives in its process, flask-silo's way)."""
 
-    def idempotency_records(self) -> IdempotencyRecords | None:
-        """Where idempotency keys are kept (None: this backend keeps none)."""
+    def idempotency_records(self) -> IdempotencyRecords:
+        """Where idempotency keys are kept; a backend that keeps none raises
+        :class:`~flask_silo_sql.errors.IdempotencyUnsupported` (one error, no ``None`` to test)."""
 
     def now(self) -> float:
         """The time by this backend's clock (the policy's injected clock first)."""

@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import NamespaceError, SessionBusy
+from ..errors import IdempotencyUnsupported, NamespaceError, SessionBusy
 from ..storage import InMemoryStorage, SiloStorage
 from .base import Policy, SweepResult
 
@@ -182,9 +182,10 @@ class MemoryBackend:
     def task_queue(self) -> None:
         return None
 
-    def idempotency_records(self) -> None:
+    def idempotency_records(self) -> NoReturn:
         """No tables: ``@silo.idempotent`` answers ``IdempotencyUnsupported`` here. Keys kept
         in one process's memory would protect nothing across workers or restarts."""
+        raise IdempotencyUnsupported()
 
 
 class MemoryUnit:

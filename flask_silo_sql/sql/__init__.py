@@ -1,8 +1,10 @@
 """The SQL backend: sessions, namespaces, expired SIDs, files and tasks in SQL tables.
 
 One concept per module: :mod:`.engine` (URLs and connection settings),
-:mod:`.models` (the tables), :mod:`.schema` (Alembic, with the migrations in
-``migrations/``), :mod:`.statements` (every statement, compiled once),
+:mod:`.models` (the tables), :mod:`.schema` (Alembic; the migrations are the
+project's top-level ``migrations/``, ``flask_silo_sql/migrations`` when installed),
+:mod:`.kit` (what statements are built from), :mod:`.statements` (the aggregate of
+every feature's statements, compiled once),
 :mod:`.executor` (how they reach the database, one connection per request),
 :mod:`.clock` (the database's clock), :mod:`.sessions` (load and guarded
 write), :mod:`.unit` (a request's unit of work), :mod:`.sweep` (expiry),

@@ -1,8 +1,9 @@
 """The tables flask-silo-sql keeps, as SQLAlchemy Core metadata.
 
-The migrations in ``migrations/`` beside this module are the source of truth for the schema; a
-test holds these definitions and the migrations to the same shape on SQLite
-and PostgreSQL. Operators query these tables directly, so names are fixed.
+The migrations (the project's top-level ``migrations/``, see
+:func:`.schema.migrations_dir`) are the source of truth for the schema; a test holds
+these definitions and the migrations to the same shape on SQLite and PostgreSQL.
+Operators query these tables directly, so names are fixed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Alembic, driven from Python: upgrade, downgrade, stamp, inspect the schema.
 
-The migrations ship inside the package; the version table is
+The migrations ship inside the package (``migrations_dir``); the version table is
 ``silo_alembic_version``, so a host's own ``alembic_version`` is never read or
 written. Upgrades hold a lock (an advisory lock on PostgreSQL, a lock file
 beside an SQLite database) so that workers starting together do not race.
@@ -32,8 +32,16 @@ ADVISORY_LOCK_KEY = 0x5110_5C4E  # "silo schema"
 
 
 def migrations_dir() -> Path:
-    """The migrations: the ``migrations`` folder beside this module, in the package."""
-    return Path(__file__).resolve().parent / "migrations"
+    """The migrations: ``flask_silo_sql/migrations`` in a wheel, ``migrations/`` in a checkout.
+
+    The wheel ships the top-level ``migrations/`` inside the package (hatch's
+    ``force-include``); a checkout (or an editable install) has it beside the package.
+    """
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "migrations"
+    if installed.is_dir():
+        return installed
+    return package.parent / "migrations"
 
 
 def alembic_config(

@@ -156,26 +156,6 @@ def lock(
     raise SessionExpired(sid)
 
 
-def write(
-    ex: Executor,
-    st: Statements,
-    sid: str,
-    writes: Sequence[Write],
-    times: Times,
-    *,
-    existed: bool | None,
-) -> tuple[bool, list[int]]:
-    """Lock (or create) the session, then write each namespace under its version guard.
-
-    Runs in the open transaction, or in one of its own. Returns whether the
-    session was created and the new version of each write. See the module
-    docstring for the guards.
-    """
-    with ex.transaction():
-        created, _ = lock(ex, st, sid, times, existed=existed)
-        return created, write_namespaces(ex, st, sid, writes, times.now)
-
-
 def write_namespaces(
     ex: Executor, st: Statements, sid: str, writes: Sequence[Write], now: float
 ) -> list[int]:

@@ -28,11 +28,9 @@ from ..codec import dumps, tasks_in
 from ..logs import silo_logger
 from ..tasks import (
     LOST_WORKER,
-    NAMESPACE_ARG,
     BackgroundTask,
     Claimed,
-    Durable,
-    TaskState,
+    RunRow,
 )
 from .context import Context
 from .statements import NOTIFY_CHANNEL
@@ -139,44 +137,25 @@ class SQLTaskQueue:
             error,
             started,
         ) = row
-        logs = v.json(logs)[0] if isinstance(logs, str) else logs
-        payload = v.json(args)[0] if isinstance(args, str) else (args or {})
         if checkpoint is not None and not isinstance(checkpoint, str):
             checkpoint = dumps(checkpoint)
-        task, holder = self._task(sid, namespace, task_id, name)
-
-        def decoded(value: Any) -> Any:
-            if isinstance(value, dict) and set(value) == {NAMESPACE_ARG}:
-                return holder if holder is not None else {}
-            return value
-
-        spec = ctx.policy.tasks.get(target)
-        fn: Callable[..., Any] = spec.fn if spec is not None else _unregistered(target)
-        state = TaskState(
-            running=True,
-            progress=0.0,
-            message="Starting…",
-            logs=list(logs or []),
-            started_at=v.maybe_unix(started),
+        run = RunRow(
+            task_id=task_id,
+            sid=sid,
+            name=name,
+            namespace=namespace,
+            target=target,
+            args=args if isinstance(args, str) else json.dumps(args),
             attempt=int(attempt),
-            last_error=error,
-            durable=True,
-        )
-        durable = Durable(
-            target,
-            args if isinstance(args, str) else json.dumps(args),
-            int(max_attempts),
-            float(delay),
-        )
-        return Claimed(
-            task=task,
-            target=fn,
-            args=tuple(decoded(a) for a in payload.get("args", [])),
-            kwargs={k: decoded(x) for k, x in payload.get("kwargs", {}).items()},
-            state=state,
-            durable=durable,
+            max_attempts=int(max_attempts),
+            retry_delay=float(delay),
             checkpoint=checkpoint,
+            logs=list((v.json(logs)[0] if isinstance(logs, str) else logs) or []),
+            error=error,
+            started_at=v.maybe_unix(started),
         )
+        task, holder = self._task(sid, namespace, task_id, name)
+        return Claimed.from_row(run, task=task, holder=holder, specs=ctx.policy.tasks)
 
     def _task(
         self, sid: str, namespace: str | None, task_id: str, name: str
@@ -228,13 +207,3 @@ class SQLTaskQueue:
                     wake()
         finally:
             conn.close()
-
-
-def _unregistered(target: str) -> Callable[..., Any]:
-    def missing(task: BackgroundTask, *args: Any, **kwargs: Any) -> None:
-        raise LookupError(
-            f"task function {target!r} is not registered in this process: import the "
-            "module that defines it (@silo.task) in the app"
-        )
-
-    return missing

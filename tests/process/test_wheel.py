@@ -144,10 +144,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 def test_wheel_ships_the_migrations_and_the_entry_point(installed: Installed) -> None:
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     assert "flask_silo_sql/py.typed" in names
-    assert "flask_silo_sql/sql/migrations/env.py" in names
-    assert "flask_silo_sql/sql/migrations/script.py.mako" in names
-    for revision in (REPO / "flask_silo_sql" / "sql" / "migrations" / "versions").glob("*.py"):
-        assert f"flask_silo_sql/sql/migrations/versions/{revision.name}" in names
+    assert "flask_silo_sql/migrations/env.py" in names
+    assert "flask_silo_sql/migrations/script.py.mako" in names
+    for revision in (REPO / "migrations" / "versions").glob("*.py"):
+        assert f"flask_silo_sql/migrations/versions/{revision.name}" in names
     assert not any("__pycache__" in name for name in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(installed.wheel).read(entry_points).decode()
@@ -159,10 +159,10 @@ def test_installed_package_finds_its_own_migrations(installed: Installed) -> Non
     where = json.loads(checked(installed.run("python", "-c", WHERE)).stdout)
     package = Path(where["package"]).parent
     assert package.is_relative_to(installed.venv)  # not this source tree
-    assert Path(where["migrations"]) == package / "sql" / "migrations"
-    assert (package / "sql" / "migrations" / "env.py").is_file()
-    shipped = {p.name for p in (package / "sql" / "migrations" / "versions").glob("*.py")}
-    versions = REPO / "flask_silo_sql" / "sql" / "migrations" / "versions"
+    assert Path(where["migrations"]) == package / "migrations"
+    assert (package / "migrations" / "env.py").is_file()
+    shipped = {p.name for p in (package / "migrations" / "versions").glob("*.py")}
+    versions = REPO / "migrations" / "versions"
     assert shipped == {p.name for p in versions.glob("*.py")}
     assert where["head"]
 

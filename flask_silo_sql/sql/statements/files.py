@@ -29,10 +29,10 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import ColumnElement
 
-from ..files.limits import RETIRED_PREFIX, TEMP_PREFIX
-from ..sids import SID_LENGTH
-from .executor import Prepared
-from .models import UTCDateTime, expired_sids, file_chunks, files, sessions
+from ...files.limits import RETIRED_PREFIX, TEMP_PREFIX
+from ...sids import SID_LENGTH
+from ..executor import Prepared
+from ..models import UTCDateTime, expired_sids, file_chunks, files, sessions
 
 
 def _time(name: str) -> Any:
