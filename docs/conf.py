@@ -43,7 +43,8 @@ nitpick_ignore_regex = [
     (r"py:class", r"(Callable|Iterator|Iterable|Mapping|MutableMapping|Sequence|IO|BinaryIO)"),
     (r"py:class", r"(TypeVar|ParamSpec|F|P|R|T|View|Unit|Backend|Policy)"),
     (r"py:class", r"(SQLAlchemy|StreamHandler|timedelta|datetime|Thread|Event|Lock|RLock)"),
-    (r"py:class", r"(Session|SASession|AbstractContextManager|HostTransaction|scoped_session|SiloConfig)"),
+    (r"py:class", r"(Session|SASession|AbstractContextManager|HostTransaction|scoped_session)"),
+    (r"py:class", r"SiloConfig"),
     (r"py:class", r"flask_silo_sql\..*\._.*"),
     (r"py:.*", r"(abc|contextlib|time)\..*"),
     # Internal types that appear in public signatures; their modules are not public API.
