@@ -19,7 +19,7 @@ from sqlalchemy import Engine, String, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql as pg
 
 from ..models import expired_sids, file_chunks, files, namespaces, sessions, tasks, workers
-from .files import FileStatements
+from .file import FileStatements
 from .keys import KeyStatements
 from .kit import Kit, Values
 from .queue import QueueStatements
