@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from flask_silo_sql import SessionStore, SQLStorage
 
@@ -132,3 +137,25 @@ def unix(value: Any) -> float:
     if isinstance(value, dt.datetime):
         return value.timestamp()
     return dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size_mib: int) -> Iterator[Path]:
+    """A tmpfs of *size_mib* MiB mounted at *where* (needs root, or CAP_SYS_ADMIN).
+
+    Mounting is a capability of the machine, not something the setup can install: the
+    test is skipped, loudly, wherever it is missing (CI included).
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"FULL-DISK TEST NOT RUN: cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from flask import Flask, Response, jsonify, request
 from sqlalchemy import inspect, text
-from support import Clock
+from support import Clock, small_tmpfs
 
 from flask_silo_sql import Silo, SQLStorage, schema
 from flask_silo_sql.cli import silo_db
@@ -274,20 +274,8 @@ STATE = 900_000
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of DISK_MIB MiB (mounting needs root, or CAP_SYS_ADMIN)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"FULL-DISK TEST NOT RUN: cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", DISK_MIB) as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(path: Path) -> None:

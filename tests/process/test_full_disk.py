@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 import requests
 from flask import Flask
 from liveserver import gunicorn
-from support import Clock
+from support import Clock, small_tmpfs
 
 from flask_silo_sql import Silo, SQLStorage, schema
 from flask_silo_sql.files.limits import TEMP_PREFIX
@@ -37,22 +36,8 @@ FLOOR = 6 * MIB
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of DISK_MIB MiB (mounting needs root, or CAP_SYS_ADMIN)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        # A capability of the machine (mounting), not something the setup can install:
-        # skipped, loudly, wherever it is missing (CI included).
-        pytest.skip(f"FULL-DISK TEST NOT RUN: cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", DISK_MIB) as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def free(path: Path) -> int:
