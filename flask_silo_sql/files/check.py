@@ -158,7 +158,7 @@ class _Check:
                 continue
             seen.add(key)
             aside = kept_aside(directory, row)
-            if os.path.lexists(aside):
+            with contextlib.suppress(FileNotFoundError):  # its upload may commit meanwhile
                 # An upload moved its bytes in and never committed: the row's own are
                 # kept aside (its readers read them there; a fix puts them back).
                 path, st = aside, os.lstat(aside)
@@ -227,8 +227,11 @@ class _Check:
 
     def _differs_on_disk(self, path: str, st: os.stat_result, row: FileRow) -> bool:
         """Whether the file's size or SHA-256 differs from its row (read again if so)."""
-        if st.st_size == row.size_bytes and (not self.verify or _sha256(path) == row.sha256):
-            return False
+        try:
+            if st.st_size == row.size_bytes and (not self.verify or _sha256(path) == row.sha256):
+                return False
+        except FileNotFoundError:
+            return False  # replaced or removed meanwhile: not this run's to judge
         again = self.records.row_by_id(row.id or 0)
         try:
             now = os.stat(path)
