@@ -51,7 +51,7 @@ class Statements(
         TaskStatements.__init__(self, kit)
         QueueStatements.__init__(self, kit)
         KeyStatements.__init__(self, kit)
-        self.files = FileStatements(engine, kit.in_list)
+        self.files = FileStatements(kit)
         self._counts(kit)
 
     def _counts(self, k: Kit) -> None:

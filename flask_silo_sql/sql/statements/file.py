@@ -3,12 +3,10 @@ compiled once per engine, beside the row code that runs them (:mod:`.file_rows`)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    Engine,
     Integer,
     LargeBinary,
     String,
@@ -25,19 +23,12 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql as pg
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import ColumnElement
 
 from ...files.limits import RETIRED_PREFIX, TEMP_PREFIX
-from ...sids import SID_LENGTH
 from ..executor import Prepared
-from ..models import UTCDateTime, expired_sids, file_chunks, files, sessions
-
-
-def _time(name: str) -> Any:
-    """A timestamp parameter (typed, so PostgreSQL is told what it is)."""
-    return bindparam(name, type_=UTCDateTime())
+from ..models import expired_sids, file_chunks, files, sessions
+from .kit import Kit, ts
 
 
 class FileStatements:
@@ -47,16 +38,16 @@ class FileStatements:
     quota (and owns the chunks of the database backend) until the request's commit
     renames it."""
 
-    def __init__(self, engine: Engine, in_list: Callable[[Any, str], ColumnElement[bool]]) -> None:
-        self._engine = engine
-        self._in_list = in_list
-        self._postgresql = engine.dialect.name == "postgresql"
-        self._insert = pg.insert if self._postgresql else sqlite.insert
-        self._sid = bindparam("sid", type_=String(SID_LENGTH))
+    def __init__(self, kit: Kit) -> None:
+        self._kit = kit
+        self._in_list = kit.in_list
+        self._postgresql = kit.postgresql
+        self._insert = kit.insert
+        self._sid = kit.sid
         self._store = bindparam("store", type_=String(255))
         self._filename = bindparam("filename", type_=String(255))
         self._file_id = bindparam("id", type_=BigInteger())
-        self._now = _time("now")
+        self._now = kit.now
         self._committed = ~files.c.filename.startswith(TEMP_PREFIX, autoescape=True)
         self._pending = files.c.filename.startswith(TEMP_PREFIX, autoescape=True)
         self._row_columns = (
@@ -79,7 +70,7 @@ class FileStatements:
         self._forgetting()
 
     def _prepare(self, name: str, statement: Any, *, binary: bool = False) -> Prepared:
-        return Prepared(name, statement, self._engine, binary=binary)
+        return self._kit.prepare(name, statement, binary=binary)
 
     def _quota_room(self) -> tuple[Any, Any, Any]:
         """``(needed, room, reserve)``. Quotas: the bytes of the session's other files in
@@ -156,7 +147,7 @@ class FileStatements:
                 files.c.store == store,
                 files.c.sid == sid,
                 self._pending,
-                files.c.created_at < _time("stale_before"),
+                files.c.created_at < ts("stale_before"),
             ),
         )
 
@@ -342,6 +333,6 @@ class FileStatements:
             "forget_retired",
             files.c.store == store,
             files.c.filename.startswith(RETIRED_PREFIX, autoescape=True),
-            files.c.created_at < _time("before"),
+            files.c.created_at < ts("before"),
         )
         self.forget_store_files = self._forgotten("forget_store_files", files.c.store == store)
