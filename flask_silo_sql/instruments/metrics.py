@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
 from ..logs import silo_logger
 
 if TYPE_CHECKING:
@@ -156,7 +154,6 @@ class DatabaseGauges:
 def read(store: SessionStore) -> dict[str, Any]:
     """The database gauges: one query each (the ones ``flask silo-db stats`` runs)."""
     from ..sql import SQLStorage
-    from ..sql.models import tasks
 
     storage = store.storage
     if not isinstance(storage, SQLStorage):
@@ -170,15 +167,11 @@ def read(store: SessionStore) -> dict[str, Any]:
         file_bytes = int(ex.run(st.files.all_file_bytes, {}).scalar() or 0)
         stale_before = {"stale_before": v.time(now - store.heartbeat_timeout)}
         live = ex.run(st.live_workers, stale_before).rows
+        oldest = ex.run(st.oldest_queued, {}).scalar() if by_status.get("queued") else None
     workers: dict[str, int] = {"worker": 0, "web": 0}
     for row in live:
         workers[row[3]] = workers.get(row[3], 0) + 1
-    oldest = None
-    if by_status.get("queued"):
-        query = select(func.min(tasks.c.run_after)).where(tasks.c.status == "queued")
-        with storage.engine.connect() as conn:
-            oldest = conn.execute(query).scalar()
-    age = 0.0 if oldest is None else max(0.0, now - oldest.timestamp())
+    age = 0.0 if oldest is None else max(0.0, now - v.unix(oldest))
     return {
         "sessions": sessions,
         "queued": by_status.get("queued", 0),

@@ -159,3 +159,7 @@ class QueueStatements:
             "count_live_workers",
             select(func.count()).where(workers.c.heartbeat_at >= stale_before),
         )
+        self.oldest_queued = prepare(
+            "oldest_queued",
+            select(func.min(tasks.c.run_after)).where(tasks.c.status == "queued"),
+        )
