@@ -30,7 +30,6 @@ from .config import CONFIG_DEFAULTS as CONFIG_DEFAULTS
 from .config import SiloConfig
 from .decorators import IdempotentOptions, idempotent_view, locked_view
 from .errors import (
-    EXPIRED_MESSAGE,
     NamespaceTaken,
     RegisteredTooLate,
     SchemaError,
@@ -573,7 +572,7 @@ class Silo:
             logger.error("%s", exc)
         body = exc.body()
         if isinstance(exc, SessionExpired):  # the app's words (SILO_EXPIRED_MESSAGE)
-            body["message"] = current_app.config.get("SILO_EXPIRED_MESSAGE") or EXPIRED_MESSAGE
+            body["message"] = self._app_state().settings.expired_message
         response = jsonify(body)
         response.headers.update(exc.headers())
         return response, status

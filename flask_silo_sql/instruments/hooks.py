@@ -46,7 +46,7 @@ REQUEST_SPAN = "_silo_request_span"
 
 def install(app: Flask, state: SiloApp, api_prefix: str) -> None:
     """Metrics (when ``SILO_METRICS`` asks) and request spans for *app*."""
-    registry = registry_for(app.config.get("SILO_METRICS"))
+    registry = registry_for(state.settings.metrics)
     meter = None if registry is None else Metrics(registry, state.store)
     if meter is not None:
         METERS[state.store] = meter
