@@ -667,6 +667,53 @@ def test_task_thread_writes_persist_and_merge_with_requests(
     assert stored["note"] == "keep me"
 
 
+@pytest.mark.parametrize("changes_note", [False, True], ids=["reads", "changes-a-key"])
+def test_a_run_seen_finished_in_a_request_brings_its_results_along(
+    env: Env, changes_note: bool
+) -> None:
+    """A request reads the namespace, the run ends meanwhile, the request then reads the
+    run's state: finished, with what the run wrote (the request's own key change kept)."""
+    a, viewer = env.worker(), env.worker()
+    probe = env.probe()
+    read, finished = threading.Event(), threading.Event()
+
+    @viewer.app.get("/api/status-late")
+    def status_late() -> Any:
+        ns = viewer.silo.state("proc")
+        if changes_note:
+            ns["note"] = "mine"
+        read.set()
+        assert finished.wait(WAIT)
+        task: BackgroundTask = ns["task"]
+        return jsonify(status=task.state.status, results=ns["results"], note=ns["note"])
+
+    def target(task: BackgroundTask, state: dict[str, Any]) -> None:
+        probe.task = task
+        probe.reached.set()
+        assert probe.gate.wait(WAIT)
+        state["results"] = [{"row": 1}]
+
+    a.target = target
+    a.start()
+    probe.wait_reached()
+    answers: list[TestResponse] = []
+    late = threading.Thread(target=lambda: answers.append(viewer.call("GET", "/api/status-late")))
+    late.start()
+    assert read.wait(WAIT)
+    probe.gate.set()
+    probe.join()  # the run's end (its results and its state) is committed
+    finished.set()
+    late.join(WAIT)
+    assert answers[0].status_code == 200, answers[0].get_data(as_text=True)
+    seen = answers[0].get_json()
+    assert seen["status"] == "complete"
+    assert seen["results"] == [{"row": 1}]
+    assert seen["note"] == ("mine" if changes_note else "")
+    stored = namespace_data(a.sql.engine)
+    assert stored["results"] == [{"row": 1}]
+    assert stored["note"] == ("mine" if changes_note else "")
+
+
 # -- load-change-save outside a request ---------------------------------------------
 
 

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from ..codec import UNSERIALISABLE, UnlinkedTask, encode, merge_keys, serialise
+from ..codec import (
+    UNSERIALISABLE,
+    UnlinkedTask,
+    encode,
+    merge_keys,
+    revive_tasks,
+    serialise,
+)
+from ..tasks import TASK_MARKER
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
+
+if TYPE_CHECKING:
+    from ..tasks import BackgroundTask
 
 MERGE_ATTEMPTS = 20
 """How often a task thread's save retries when requests keep changing the namespace."""
@@ -66,3 +78,53 @@ def pending_text(ctx: Context, slot: Slot) -> str | None:
     except UnlinkedTask:
         return None
     return None if text == slot.text else text
+
+
+def catch_up(
+    ctx: Context,
+    ex: Executor,
+    sid: str,
+    slot: Slot,
+    make: Callable[[str, str], BackgroundTask],
+) -> None:
+    """Bring a reader's copy of a namespace up to its stored row, keeping the keys it changed.
+
+    A run's end commits its namespace and its row together, but a request reads the
+    namespace first and the run's row later: seen finished, the run's last writes
+    (``state["result"]``) must be in the reader's copy too. Keys the reader changed
+    stay its own (its commit merges them as before); *make* revives task references.
+    """
+    with slot.lock:
+        value = slot.value
+        if not isinstance(value, dict) or slot.text == UNSERIALISABLE:
+            return
+        current = ops.load_namespace(ex, ctx.st, sid, slot.name)
+        if current is None or current.version == slot.version:
+            return
+        stored = current.data
+        if not isinstance(stored, dict):
+            return
+        base = json.loads(slot.text)
+        if not isinstance(base, dict):
+            return
+        text = current.text if current.text is not None else encode(stored)
+        if TASK_MARKER in text:
+            stored = revive_tasks(stored, make)
+            text = encode(stored)
+        mine = {key: item for key, item in value.items() if _changed(key, item, base)}
+        gone = [key for key in base if key not in value]
+        merged = {key: item for key, item in stored.items() if key not in gone}
+        merged.update(mine)
+        value.clear()
+        value.update(merged)
+        slot.text, slot.version = text, current.version
+
+
+def _changed(key: str, item: Any, base: dict[str, Any]) -> bool:
+    """Whether a reader changed *key* of its copy since it read it (*base*: as read)."""
+    if key not in base:
+        return True
+    try:
+        return bool(json.loads(encode(item)) != base[key])
+    except (TypeError, ValueError, RecursionError, UnlinkedTask):
+        return True

@@ -34,6 +34,7 @@ from ..tasks import (
     LOST_WORKER,
     NAMESPACE_ARG,
     PROCESS,
+    BackgroundTask,
     Durable,
     TaskSpec,
     TaskState,
@@ -44,7 +45,7 @@ from . import sessions as ops
 from .context import Context
 from .executor import Executor
 from .queue_watch import watch_queue
-from .slots import MERGE_ATTEMPTS, Slot, merge_write, pending_text
+from .slots import MERGE_ATTEMPTS, Slot, catch_up, merge_write, pending_text
 from .statements import WAITING, Statements
 
 
@@ -370,6 +371,7 @@ class SQLTaskHome:
                 lease,
                 _checkpoint,
                 run_after,
+                namespace_version,
             ) = row
             if isinstance(logs, str):
                 logs = v.json(logs)[0]
@@ -415,7 +417,18 @@ class SQLTaskHome:
                 and ex.run(st.fail_exhausted_one, values).rowcount
             ):
                 self._lost(state, values["error"], now)
+            slot = self.slot
+            if not state.running and slot is not None and namespace_version != slot.version:
+                catch_up(b, ex, self.sid, slot, self._reviver(slot))
         return state
+
+    def _reviver(self, slot: Slot) -> Callable[[str, str], BackgroundTask]:
+        ctx, sid = self.ctx, self.sid
+
+        def make(task_id: str, name: str) -> BackgroundTask:
+            return BackgroundTask.linked(name, SQLTaskHome(ctx, sid, task_id, slot))
+
+        return make
 
     @staticmethod
     def _lost(state: TaskState, error: str, now: float) -> None:

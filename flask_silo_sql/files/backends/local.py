@@ -38,6 +38,20 @@ def boot_time() -> float | None:
         return None
 
 
+OPEN_ATTEMPTS = 4
+"""Looks at a name whose bytes an upload replaces meanwhile, each time, before giving up."""
+
+
+def _still_named(path: str, handle: IO[bytes]) -> bool:
+    """Whether *handle* is still the file under *path* (not replaced since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 class LocalSink:
     """An upload into a local temporary file (synced at the end, unless *sync* is False)."""
 
@@ -117,33 +131,31 @@ class LocalBytes:
     def open(self, row: FileRow, *, buffered: bool = True) -> IO[bytes]:
         """*row*'s bytes: under its name, or kept aside while an upload replaces them.
 
-        Raises :class:`FileNotStored` when neither holds them (the name's bytes changed
-        since they were opened, with nothing kept aside: the row was replaced, and the
-        caller reads the new one)."""
+        Raises :class:`FileNotStored` when neither holds them. Bytes under the name
+        that an upload replaced between the two looks are not surely the row's: the
+        row's own are then kept aside (the upload is not committed) or the row was
+        replaced (the caller reads the new one), so it looks again."""
         path = self._path(row)
-        try:
-            handle: IO[bytes] | None = open(path, "rb")  # noqa: SIM115 - returned
-        except FileNotFoundError:
-            handle = None
-        try:  # a replacement in flight: the row's version is kept aside (see kept_aside)
-            aside: IO[bytes] = open(kept_aside(os.path.dirname(path), row), "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            pass
-        else:
-            if handle is not None:
-                handle.close()
-            return aside
-        if handle is None:
-            raise FileNotStored(row.filename)
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            now = None
-        opened = os.fstat(handle.fileno())
-        if now is None or (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
-            handle.close()  # replaced between the two looks: not surely the row's bytes
-            raise FileNotStored(row.filename)
-        return handle
+        aside_path = kept_aside(os.path.dirname(path), row)
+        for _ in range(OPEN_ATTEMPTS):
+            try:
+                handle: IO[bytes] | None = open(path, "rb")  # noqa: SIM115 - returned
+            except FileNotFoundError:
+                handle = None
+            try:  # a replacement in flight: the row's version is kept aside (see kept_aside)
+                aside: IO[bytes] = open(aside_path, "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                pass
+            else:
+                if handle is not None:
+                    handle.close()
+                return aside
+            if handle is None:
+                raise FileNotStored(row.filename)
+            if _still_named(path, handle):
+                return handle
+            handle.close()
+        raise FileNotStored(row.filename)
 
     def remove(self, rows: list[FileRow]) -> None:
         """Temporary files of dead uploads of this host (stored files go with their

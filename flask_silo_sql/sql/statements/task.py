@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import ColumnElement
 
-from ..models import sessions, tasks
+from ..models import namespaces, sessions, tasks
 from .kit import Kit, ts
 
 NOTIFY_CHANNEL = "silo_tasks"
@@ -206,7 +206,15 @@ class TaskStatements:
                 tasks.c.lease_expires_at,
                 tasks.c.checkpoint,
                 tasks.c.run_after,
-            ).where(tasks.c.id == task_id, tasks.c.sid == sid),
+                namespaces.c.version,  # of its namespace now: is a reader's copy behind?
+            )
+            .select_from(
+                tasks.outerjoin(
+                    namespaces,
+                    and_(namespaces.c.sid == tasks.c.sid, namespaces.c.name == tasks.c.namespace),
+                )
+            )
+            .where(tasks.c.id == task_id, tasks.c.sid == sid),
         )
 
     def _task_failures(self, k: Kit) -> None:
