@@ -240,6 +240,7 @@ class Silo:
             floor = (config.min_free_bytes or 0) // 2
         store.db_min_free_bytes = floor or None
         store.sweep_batch_size = config.sweep_batch_size
+        store.session_max_age = config.session_max_age
         store.heartbeat_timeout = config.task_heartbeat_timeout
         store.task_flush_interval = config.task_flush_interval
         store.task_max_logs = config.task_max_logs
@@ -712,7 +713,7 @@ class Silo:
             raise SessionExpired(state.sid)
         state.unit.commit()
 
-    def rotate(self) -> str:
+    def rotate(self, *, renew: bool = False) -> str:
         """Give the current client a new SID, keeping its state (call it after a login).
 
         What the request changed so far is saved first; then the session, its
@@ -720,6 +721,10 @@ class Silo:
         response carries the new SID. The old SID reaches nothing any more: a
         request still using it is answered as an expired session (``410`` on
         a data endpoint, a fresh session elsewhere). Returns the new SID.
+
+        The session keeps its absolute lifetime (``SILO_SESSION_MAX_AGE``,
+        counted from its creation) unless *renew*: ``silo.rotate(renew=True)``
+        right after the client authenticated (a login) starts a new one.
         """
         state = current_request()
         app_state = self._app_state()
@@ -728,7 +733,7 @@ class Silo:
         state.unit.commit()
         old = state.sid
         new = app_state.new_sid()
-        app_state.store.rotate(old, new)
+        app_state.store.rotate(old, new, renew=renew)
         state.unit.close()
         state.unit = app_state.store.request(new, locking=app_state.locking)
         storage = app_state.store.storage

@@ -126,6 +126,8 @@ class SessionStore:
         database's disk has less free space than this (``SILO_DB_MIN_FREE_BYTES``)."""
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_batch_size = sweep_batch_size
+        self.session_max_age: float | None = None
+        """Absolute lifetime of every session, from its creation (``SILO_SESSION_MAX_AGE``)."""
         self.task_flush_interval = 0.5
         """Seconds between writes of a running task's progress (coalescing)."""
         self.task_max_logs = 200
@@ -399,13 +401,15 @@ class SessionStore:
         """Remove session *sid* without remembering it as expired."""
         self._backend.destroy(sid)
 
-    def rotate(self, old: str, new: str | None = None) -> str:
+    def rotate(self, old: str, new: str | None = None, *, renew: bool = False) -> str:
         """Give the client of session *old* a new SID (returned), against session fixation.
 
         Its namespaces, tasks and files move to the new SID in one transaction
         (the file stores' directories with it); the old SID reaches nothing any
         more and is remembered as expired. A session that does not exist has
-        nothing to move: the new SID is returned all the same.
+        nothing to move: the new SID is returned all the same. The session keeps
+        its absolute lifetime (``SILO_SESSION_MAX_AGE``) unless *renew*: then it
+        starts again now (a rotation after a login).
         """
         new = new or self.generate_sid()
         movers = list(self._registry.on_rotate)
@@ -413,7 +417,7 @@ class SessionStore:
         def before_commit() -> Callable[[], None]:
             return undoable(functools.partial(mover, old, new) for mover in movers)
 
-        self._backend.rotate(old, new, before_commit)
+        self._backend.rotate(old, new, before_commit, renew=renew)
         return new
 
     # -- expiry --------------------------------------------------------------

@@ -133,8 +133,15 @@ class SQLBackend:
     def reset(self, sid: str) -> None:
         reset(self.ctx, sid)
 
-    def rotate(self, old: str, new: str, before_commit: Callable[[], Callable[[], None]]) -> bool:
-        return rotate(self.ctx, old, new, before_commit)
+    def rotate(
+        self,
+        old: str,
+        new: str,
+        before_commit: Callable[[], Callable[[], None]],
+        *,
+        renew: bool = False,
+    ) -> bool:
+        return rotate(self.ctx, old, new, before_commit, renew=renew)
 
     # -- expiry ------------------------------------------------------------------
 

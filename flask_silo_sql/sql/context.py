@@ -108,10 +108,15 @@ class Context:
     def touch_interval(self) -> float:
         return self.policy.touch_interval_for(min(60.0, self.policy.ttl / 20))
 
-    def times(self, now: float, *, since: float | None = None) -> ops.Times:
-        """The times a write at *now* records (the session expires ttl + touch interval on)."""
+    def times(
+        self, now: float, *, since: float | None = None, created_at: float | None = None
+    ) -> ops.Times:
+        """The times a write at *now* records (the session expires ttl + touch interval on,
+        or at the end of its absolute lifetime, if sooner: known from *created_at*)."""
         lifetime = self.policy.ttl + self.touch_interval
-        return ops.Times(now, now + lifetime, now if since is None else since)
+        max_age = self.policy.session_max_age
+        times = ops.Times(now, now + lifetime, now if since is None else since, max_age)
+        return times if created_at is None else times.of(created_at)
 
     # -- the current request's unit -----------------------------------------------
 

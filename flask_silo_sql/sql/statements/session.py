@@ -237,6 +237,10 @@ class SessionStatements:
                 ).where(sessions.c.sid == sid),
             ),
         )
+        self.renew_session = prepare(
+            "renew_session",
+            update(sessions).where(sessions.c.sid == sid).values(created_at=k.now),
+        )
         self.move_children = [
             prepare(f"move_{t.name}", update(t).where(t.c.sid == sid).values(sid=new_sid))
             for t in CHILD_TABLES
@@ -263,6 +267,13 @@ class SessionStatements:
         ]
         self.delete_sessions = prepare(
             "delete_sessions", delete(sessions).where(in_list(sessions.c.sid, "sids"))
+        )
+        # A session past its absolute lifetime, ended by the request that finds it.
+        self.end_session = prepare(
+            "end_session",
+            delete(sessions)
+            .where(sessions.c.sid == k.sid, sessions.c.created_at <= ts("born_before"))
+            .returning(sessions.c.sid),
         )
 
     def _sessions_listings(self, k: Kit) -> None:
