@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from ..files.records import FileRecords
     from ..idempotency import IdempotencyRecords
+    from ..sealing import Sealer
     from ..tasks import Claimed, TaskSpec
 
 
@@ -58,6 +59,9 @@ class Policy(Protocol):
     @property
     def tasks(self) -> Mapping[str, TaskSpec]:
         """The registered task functions, by name (their runs are durable)."""
+
+    def sealer_for(self, namespace: str) -> Sealer | None:
+        """The sealer of an encrypted namespace (None for a plain one)."""
 
     def touch_interval_for(self, default: float) -> float:
         """Seconds between ``last_active`` writes (*default* unless configured)."""

@@ -101,7 +101,7 @@ class SQLBackend:
         ctx = self.ctx
         max_bytes = ctx.policy.max_state_bytes
         fresh = {
-            name: serialise(name, value, max_bytes)
+            name: ctx.stored_text(name, serialise(name, value, max_bytes))
             for name, value in session.items()
             if name != META
         }

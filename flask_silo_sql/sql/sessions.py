@@ -46,11 +46,20 @@ class Stored:
 
 @dataclass(slots=True)
 class Write:
-    """One namespace to write: its JSON text, and the version read (None: no row was read)."""
+    """One namespace to write: its JSON text, and the version read (None: no row was read).
+
+    *sealed*: what is stored instead of the text, for an encrypted namespace.
+    """
 
     name: str
     text: str
     expected: int | None
+    sealed: str | None = None
+
+    @property
+    def stored(self) -> str:
+        """The value the ``data`` column gets."""
+        return self.text if self.sealed is None else self.sealed
 
 
 def probe(ex: Executor, st: Statements, sid: str) -> tuple[Head | None, float | None]:
@@ -196,7 +205,7 @@ def write_namespaces(
     stamp = st.values.time(now)
     versions: list[int] = []
     for w in writes:
-        values: dict[str, Any] = {"sid": sid, "name": w.name, "data": w.text, "now": stamp}
+        values: dict[str, Any] = {"sid": sid, "name": w.name, "data": w.stored, "now": stamp}
         if w.expected is None:
             written = ex.run(st.insert_namespace, values).rowcount == 1
             versions.append(1)

@@ -234,7 +234,9 @@ class SQLUnit:
         return slot
 
     def _slot(self, name: str, stored: ops.Stored | None) -> Slot:
-        """A slot for *name*: the stored row (tasks revived), or the factory's default."""
+        """A slot for *name*: the stored row (opened, tasks revived), or the factory's
+        default."""
+        stored = self._ctx.opened(self.sid, name, stored)
         if stored is None:
             slot = self.fresh(name)
         else:
@@ -361,7 +363,7 @@ class SQLUnit:
                     continue
                 text = self._serialise(slot, value, policy.max_state_bytes)
                 if text != slot.text:
-                    writes.append(ops.Write(name, text, slot.version))
+                    writes.append(self._ctx.write(name, text, slot.version))
         return writes
 
     def _serialise(self, slot: Slot, value: Any, max_bytes: int | None) -> str:
@@ -619,7 +621,9 @@ def reset(ctx: Context, sid: str) -> None:
     policy = ctx.policy
     scratch = SQLUnit(ctx, sid)
     fresh = {
-        name: serialise(name, scratch.fresh(name).value, policy.max_state_bytes)
+        name: ctx.stored_text(
+            name, serialise(name, scratch.fresh(name).value, policy.max_state_bytes)
+        )
         for name in policy.factories
     }
     token = None if ctx.connector.holding else ctx.connector.hold()
@@ -666,7 +670,7 @@ def rotate(
             return False
         with ctx.connector.executor() as ex:
             writes = [
-                ops.Write(slot.name, encode(slot.value), None)
+                ctx.write(slot.name, encode(slot.value), None)
                 for slot in unit._slots.values()
                 if slot.version is None and any(tasks_in(slot.value))
             ]

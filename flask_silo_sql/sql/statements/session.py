@@ -15,6 +15,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import text as sa_text
@@ -38,6 +39,7 @@ class SessionStatements:
         self._sessions_rotation(k)
         self._sessions_deletes(k)
         self._sessions_listings(k)
+        self._sessions_resealing(k)
 
     def _sessions_reads(self, k: Kit) -> None:
         """Reading a session and its namespaces."""
@@ -274,6 +276,32 @@ class SessionStatements:
             delete(sessions)
             .where(sessions.c.sid == k.sid, sessions.c.created_at <= ts("born_before"))
             .returning(sessions.c.sid),
+        )
+
+    def _sessions_resealing(self, k: Kit) -> None:
+        """Encrypted namespaces sealed again under the newest key, a page at a time."""
+        prepare = k.prepare
+        after = tuple_(namespaces.c.sid, namespaces.c.name) > tuple_(
+            bindparam("after_sid", type_=String()), bindparam("after_name", type_=String())
+        )
+        self.reseal_page = prepare(
+            "reseal_page",
+            select(namespaces.c.sid, namespaces.c.name, namespaces.c.data, namespaces.c.version)
+            .where(k.in_list(namespaces.c.name, "names"), after)
+            .order_by(namespaces.c.sid, namespaces.c.name)
+            .limit(bindparam("batch_size", type_=Integer())),
+        )
+        # The same JSON under another key: the version stays (a request that read the
+        # row may still write it), and a row written meanwhile is left as it is.
+        self.reseal_row = prepare(
+            "reseal_row",
+            update(namespaces)
+            .where(
+                namespaces.c.sid == k.sid,
+                namespaces.c.name == k.name,
+                namespaces.c.version == bindparam("expected", type_=Integer()),
+            )
+            .values(data=k.data),
         )
 
     def _sessions_listings(self, k: Kit) -> None:
