@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from flask import Flask
 from sqlalchemy import Text, cast, create_engine, select
 
 from flask_silo_sql import Silo
@@ -61,7 +62,8 @@ def test_the_recommended_settings_work_in_the_quickstart(
     monkeypatch.setenv("SILO_DATABASE_URI", silo_url)
     monkeypatch.setenv("SILO_ENCRYPTION_KEYS", key)
     module: dict[str, Any] = runpy.run_path(str(quickstart_with_block(tmp_path)))
-    app, silo = module["app"], module["silo"]
+    app: Flask = module["app"]
+    silo = module["silo"]
     assert isinstance(silo, Silo)
     silo.register("profile", lambda: {"email": None}, encrypted=True)
 
