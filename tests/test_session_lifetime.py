@@ -63,6 +63,15 @@ def make_app(url: str | None, **config: Any) -> tuple[Flask, Silo, Clock, list[s
     def ping() -> dict[str, Any]:
         return {}
 
+    if url is not None:
+
+        @app.post("/api/once")
+        @silo.idempotent
+        def once() -> dict[str, Any]:
+            state = silo.state("counter")
+            state["n"] += 1
+            return {"n": state["n"]}
+
     return app, silo, clock, ended
 
 
@@ -194,6 +203,28 @@ def test_rotation_keeps_the_lifetime_and_a_login_renews_it(
     assert client.get("/api/data", headers={HEADER: renewed}).get_json() == {"n": 1}
     clock.advance(MAX_AGE / 2)
     assert client.get("/api/data", headers={HEADER: renewed}).status_code == 410
+
+
+def test_an_idempotent_request_ends_it_too(
+    lifetime_app: tuple[Flask, Silo, Clock, list[str]], silo_url: str
+) -> None:
+    app, silo, clock, ended = lifetime_app
+    client = app.test_client()
+    headers = {HEADER: CHOSEN, "Idempotency-Key": "k1"}
+    assert client.post("/api/once", headers=headers).get_json() == {"n": 1}
+    engine = create_engine(silo_url)
+    try:
+        with engine.connect() as conn:
+            expires = unix(conn.execute(select(sessions.c.expires_at)).scalar_one())
+    finally:
+        engine.dispose()
+    assert expires == clock.now + TTL  # the idle expiry: its end is further off
+    keep_busy(app, clock, CHOSEN, MAX_AGE)
+    clock.now = T0 + MAX_AGE
+    again = client.post("/api/once", headers={HEADER: CHOSEN, "Idempotency-Key": "k2"})
+    assert again.status_code == 410
+    assert ended == [CHOSEN]
+    assert not silo.store.exists(CHOSEN)
 
 
 def test_memory_storage_ends_it_too() -> None:

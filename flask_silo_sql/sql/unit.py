@@ -86,6 +86,7 @@ class SQLUnit:
         self._existed: bool | None = None  # unknown until something is read
         self._created_at = 0.0
         self._last_active = 0.0
+        self._born: float | None = None  # the row's created_at, once this unit has read it
         # When the unit began, by the store's clock: read lazily (a request that asks
         # nothing of the database sends nothing), carried back by the monotonic clock.
         clock = ctx.policy.clock
@@ -151,6 +152,7 @@ class SQLUnit:
                 return False
         self._existed = True
         self._created_at, self._last_active = head.created_at, head.last_active
+        self._born = head.created_at
         return True
 
     def _end(self, times: ops.Times) -> None:
@@ -160,6 +162,7 @@ class SQLUnit:
         with b.connector.transaction() as ex:
             ended = ops.end(ex, b.st, self.sid, times, record=True)
         self._existed = False
+        self._born = None
         self._began_at = times.now  # (a fresh session may start under it: not a revival)
         if ended:
             logger.info("session %s reached its absolute lifetime", tag(self.sid))
@@ -293,6 +296,7 @@ class SQLUnit:
         self._created = created
         self._existed = True
         self._created_at, self._last_active = created_at, times.now
+        self._born = created_at
 
     def _lock_session(self, ex: Executor, database: str, times: ops.Times) -> None:
         """SQLite: hold the session's own lock (see :mod:`.session_locks`), then touch or
@@ -308,6 +312,7 @@ class SQLUnit:
         self._locked = True
         self._existed = True
         self._created_at, self._last_active = created_at, times.now
+        self._born = created_at
         ended, self._ended = self._ended, False
         if ended:
             b.policy.expired(self.sid)  # committed already
@@ -489,7 +494,7 @@ class SQLUnit:
     @property
     def _created_at_known(self) -> float | None:
         """The session's ``created_at``, when this unit read its row."""
-        return self._created_at if self._existed else None
+        return self._born if self._existed else None
 
     def touch(self) -> None:
         """Create the session if it is new, refresh a stale ``last_active``; write no state."""
