@@ -43,7 +43,7 @@ PostgreSQL is a private server started for the run with ``fsync=on`` and
 ``synchronous_commit=on`` (``tests/pgserver.py``), or the server named by
 ``SILO_TEST_PG_URL``. Every measurement is ``--iterations`` back-to-back calls
 timed with :func:`time.perf_counter_ns` after a warm-up; rounds are interleaved
-across configurations and the median round is reported.
+across configurations (in reverse order every other round) and the median round is reported.
 
 Targets, on each database: a flask_silo_sql write costs at most 1.15 x (bare
 Flask write + DBAPI SELECT + DBAPI UPDATE/COMMIT), a read at most 1.15 x (bare
@@ -764,8 +764,8 @@ def run(benches: list[Bench], iterations: int, rounds: int) -> None:
     warmup = max(30, iterations // 5)
     for bench in benches:
         warm_up(bench, warmup)
-    for _ in range(rounds):  # interleaved, so drift hits every configuration alike
-        for bench in benches:
+    for done in range(rounds):  # interleaved, so drift hits every configuration alike
+        for bench in benches if done % 2 == 0 else benches[::-1]:  # (and no one goes first)
             bench.write_rounds.append(timed(bench.write, iterations))
             bench.writes_done += iterations
             bench.read_rounds.append(timed(bench.read, iterations))

@@ -22,8 +22,9 @@ from support import sql_storage
 
 from flask_silo_sql import Silo, SiloError
 from flask_silo_sql.cli import silo_db
-from flask_silo_sql.sealing import SEALED
+from flask_silo_sql.sealing import SEALED, Sealer
 from flask_silo_sql.sql.models import namespaces
+from flask_silo_sql.sql.reseal import reseal
 
 HEADER = "X-Session-ID"
 SECRET = "a-refresh-token-nobody-may-read"
@@ -215,5 +216,34 @@ def test_keys_from_the_environment(
         put(app.test_client(), sid_of(2), SECRET)
         token = json.loads(stored(raw, "vault")[0])[SEALED]
         assert json.loads(Fernet(NEW_KEY).decrypt(token.encode())) == {"token": SECRET}
+    finally:
+        sql_storage(silo.store).dispose()
+
+
+def test_reencrypt_leaves_a_row_written_meanwhile(silo_url: str) -> None:
+    app, silo = make_app(silo_url, [OLD_KEY])
+    client = app.test_client()
+    for i in range(3):
+        put(client, sid_of(i), f"{SECRET}-{i}")
+    sql_storage(silo.store).dispose()
+    app, silo = make_app(silo_url, [NEW_KEY, OLD_KEY])
+    try:
+        client = app.test_client()
+        storage = sql_storage(silo.store)
+        store = silo.store
+        written: list[str] = []
+
+        def sealer_for(name: str) -> Sealer | None:
+            if not written:  # a request writes between the page's read and its rewrite
+                put(client, sid_of(0), "written meanwhile")
+                written.append(name)
+            return store.sealer_for(name)
+
+        result = reseal(
+            storage.connector, storage.statements, sealer_for, ["vault"], batch_size=10
+        )
+        assert (result.rows, result.resealed, result.batches) == (3, 2, 1)
+        assert read(client, sid_of(0)).get_json() == {"token": "written meanwhile"}
+        assert read(client, sid_of(1)).get_json() == {"token": f"{SECRET}-1"}
     finally:
         sql_storage(silo.store).dispose()
