@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet
 from flask import Flask, request
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, Text, cast, create_engine, select, update
-from support import sql_storage
+from support import Clock, sql_storage
 
 from flask_silo_sql import Silo, SiloError
 from flask_silo_sql.cli import silo_db
@@ -245,5 +245,24 @@ def test_reencrypt_leaves_a_row_written_meanwhile(silo_url: str) -> None:
         assert (result.rows, result.resealed, result.batches) == (3, 2, 1)
         assert read(client, sid_of(0)).get_json() == {"token": "written meanwhile"}
         assert read(client, sid_of(1)).get_json() == {"token": f"{SECRET}-1"}
+    finally:
+        sql_storage(silo.store).dispose()
+
+
+def test_a_tampered_row_does_not_stop_the_sweep(silo_url: str, raw: Engine) -> None:
+    app, silo = make_app(silo_url, [OLD_KEY])
+    try:
+        clock = Clock()
+        silo.store.clock = clock
+        silo.store.set_busy_check(lambda sid, session: False)
+        client = app.test_client()
+        put(client, sid_of(0), SECRET)
+        put(client, sid_of(1), SECRET)
+        with raw.begin() as conn:
+            tampered = namespaces.c.sid == sid_of(0)
+            conn.execute(update(namespaces).where(tampered).values(data={SEALED: "gAAAA"}))
+        clock.advance(2 * 3600)
+        assert silo.store.sweep().expired == [sid_of(1)]
+        assert silo.store.exists(sid_of(0))
     finally:
         sql_storage(silo.store).dispose()
