@@ -43,7 +43,7 @@ PostgreSQL is a private server started for the run with ``fsync=on`` and
 ``synchronous_commit=on`` (``tests/pgserver.py``), or the server named by
 ``SILO_TEST_PG_URL``. Every measurement is ``--iterations`` back-to-back calls
 timed with :func:`time.perf_counter_ns` after a warm-up; rounds are interleaved
-across configurations and the median round is reported.
+across configurations (in reverse order every other round) and the median round is reported.
 
 Targets, on each database: a flask_silo_sql write costs at most 1.15 x (bare
 Flask write + DBAPI SELECT + DBAPI UPDATE/COMMIT), a read at most 1.15 x (bare
@@ -71,10 +71,16 @@ commit flushes), and atomic mode with ``@silo.idempotent()`` on the write view
 (a new key each time). Targets: atomic <= 1.0 x two commits; idempotent atomic
 <= 1.15 x atomic on PostgreSQL, <= 1.3 x on SQLite.
 
+Encrypted namespaces: the same app with a 1 kB namespace (a counter beside 1,000
+characters of text), plain and registered with ``encrypted=True`` (Fernet, one key),
+each on its own database, in the same rounds. Target: the encrypted write and
+read each cost at most 1.1 x the plain ones.
+
 The exit status is 0 whatever the verdicts: this is a report.
 
 Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]
-[--host-only]`` (``--host-only``: the Flask-SQLAlchemy host configurations alone).
+[--host-only | --encryption-only]`` (``--host-only``: the Flask-SQLAlchemy host
+configurations alone; ``--encryption-only``: the 1 kB plain and encrypted ones alone).
 """
 
 from __future__ import annotations
@@ -142,6 +148,10 @@ ATOMIC_TARGET = 1.0
 ATOMIC_IDEMPOTENT_TARGETS = {"sqlite": 1.3, "postgresql": 1.15}
 """An atomic idempotent POST (new key) / the same atomic POST without the decorator."""
 HOST_ROLES = ("host_two_commits", "host_atomic", "host_atomic_idempotent")
+ENCRYPTED_TARGET = 1.1
+"""A request on a 1 kB encrypted namespace / the same on a plain one."""
+PAD_CHARS = 1000
+"""The text beside the counter in the 1 kB namespaces."""
 
 Op = Callable[[], None]
 State = Callable[[], MutableMapping[str, Any]]
@@ -375,6 +385,56 @@ def silo_sql_idempotent_bench(db: str, url: str, sid: str) -> Bench:
     }
     bench.writes_done = 1
     return bench
+
+
+def silo_sql_1k_bench(db: str, url: str, sid: str, *, encrypted: bool) -> Bench:
+    """flask_silo_sql on a 1 kB namespace, plain or encrypted (one Fernet key)."""
+    from cryptography.fernet import Fernet
+
+    storage = flask_silo_sql.SQLStorage(url)
+    schema.upgrade(storage.engine)
+    app = Flask(f"bench_silo_sql_1k_{'encrypted_' if encrypted else ''}{db}")
+    app.config["SILO_ENCRYPTION_KEYS"] = [Fernet.generate_key().decode()]
+    silo = flask_silo_sql.Silo(app, storage=storage, auto_cleanup=False)
+    pad = secrets.token_hex(PAD_CHARS // 2)
+    silo.register("counter", lambda: {"n": 0, "pad": pad}, encrypted=encrypted)
+    add_counter_routes(app, lambda: silo.state("counter"))
+    write, read, value = client_ops(app, sid)
+    label = f"flask_silo_sql, 1 kB namespace{', encrypted' if encrypted else ''}"
+    role = "silo_sql_1k_encrypted" if encrypted else "silo_sql_1k"
+    bench = Bench(label, role, db, write, read, value, closers=[silo.stop, storage.dispose])
+    write()  # the session's row and the namespace's
+    bench.writes_done = 1
+    return bench
+
+
+def encryption_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Bench]:
+    return [silo_sql_1k_bench(db, new_url(), sid, encrypted=flag) for flag in (False, True)]
+
+
+def encryption_verdicts(db: str, benches: list[Bench]) -> list[Verdict]:
+    """The encrypted 1 kB namespace against the plain one, in the same run."""
+    by_role = {b.role: b for b in benches if b.db == db}
+    plain, sealed = by_role["silo_sql_1k"], by_role["silo_sql_1k_encrypted"]
+    return [
+        Verdict(db, "write, 1 kB encrypted namespace / plain",
+                sealed.write_us / plain.write_us, ENCRYPTED_TARGET, True),
+        Verdict(db, "read, 1 kB encrypted namespace / plain",
+                sealed.read_us / plain.read_us, ENCRYPTED_TARGET, True),
+    ]
+
+
+def encryption_report(benches: list[Bench], dbs: list[str]) -> list[Verdict]:
+    print("Encrypted namespaces (1 kB, Fernet; each on its own database, same rounds):")
+    verdicts: list[Verdict] = []
+    for db in dbs:
+        by_role = {b.role: b for b in benches if b.db == db}
+        plain, sealed = by_role["silo_sql_1k"], by_role["silo_sql_1k_encrypted"]
+        print(f"  {DB_TITLES[db]:<10}  write {plain.write_us:.1f} µs plain, "
+              f"{sealed.write_us:.1f} µs encrypted; read {plain.read_us:.1f} µs plain, "
+              f"{sealed.read_us:.1f} µs encrypted")
+        verdicts += encryption_verdicts(db, benches)
+    return verdicts
 
 
 def host_bench(db: str, url: str, sid: str, role: str) -> Bench:
@@ -666,6 +726,7 @@ def database_benches(db: str, new_url: Callable[[], str], sid: str) -> list[Benc
         silo_sql_bench(db, new_url(), sid, traced=True),
         silo_sql_idempotent_bench(db, new_url(), sid),
         *host_benches(db, new_url, sid),
+        *encryption_benches(db, new_url, sid),
     ]
 
 
@@ -703,8 +764,8 @@ def run(benches: list[Bench], iterations: int, rounds: int) -> None:
     warmup = max(30, iterations // 5)
     for bench in benches:
         warm_up(bench, warmup)
-    for _ in range(rounds):  # interleaved, so drift hits every configuration alike
-        for bench in benches:
+    for done in range(rounds):  # interleaved, so drift hits every configuration alike
+        for bench in benches if done % 2 == 0 else benches[::-1]:  # (and no one goes first)
             bench.write_rounds.append(timed(bench.write, iterations))
             bench.writes_done += iterations
             bench.read_rounds.append(timed(bench.read, iterations))
@@ -788,6 +849,7 @@ def verdicts_for(db: str, benches: list[Bench], bare: Bench) -> list[Verdict]:
                 peer.read_us / silo.read_us, PEER_TARGET, False),
         *idempotent_verdicts(db, benches),
         *host_verdicts(db, benches),
+        *encryption_verdicts(db, benches),
     ]
 
 
@@ -892,6 +954,7 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
               f"{idem.statements['read']}; idempotent POST {idem.write_us:.1f} µs vs "
               f"{silo.write_us:.1f} µs, replay {idem.read_us:.1f} µs vs read {silo.read_us:.1f} µs")
     host_report(benches, dbs)
+    encryption_report(benches, dbs)
     print("Verdicts:")
     for verdict in all_verdicts:
         print(verdict.line())
@@ -921,6 +984,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="also print every round")
     parser.add_argument("--host-only", action="store_true",
                         help="only the Flask-SQLAlchemy host configurations (atomic mode)")
+    parser.add_argument("--encryption-only", action="store_true",
+                        help="only the 1 kB plain and encrypted namespace configurations")
     parser.add_argument("--only", choices=DATABASES,
                         help="measure one database only (bare Flask and flask-silo always run)")
     args = parser.parse_args(argv)
@@ -935,8 +1000,13 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [args.only] if args.only else list(DATABASES)
     sid = secrets.token_urlsafe(32)
     tmp = Path(tempfile.mkdtemp(prefix="silo-bench-"))
-    benches: list[Bench] = [] if args.host_only else [bare_bench(sid), flask_silo_bench(sid)]
-    per_db = host_benches if args.host_only else database_benches
+    alone = args.host_only or args.encryption_only
+    benches: list[Bench] = [] if alone else [bare_bench(sid), flask_silo_bench(sid)]
+    per_db = (
+        host_benches if args.host_only
+        else encryption_benches if args.encryption_only
+        else database_benches
+    )
     skipped: dict[str, str] = {}
     dbs: list[str] = []
     pg: PgServerLike | None = None
@@ -962,13 +1032,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring {len(benches)} configurations, {args.rounds} rounds x "
               f"{args.iterations} requests each ...", flush=True)
         run(benches, args.iterations, args.rounds)
-        if args.host_only:
+        if alone:
             print(f"\nPer-request cost, median of {args.rounds} rounds x {args.iterations} "
                   f"requests (Flask test client, in-process); load average {load_before:.2f} "
                   f"before / {os.getloadavg()[0]:.2f} after")
-            host_only = host_report(benches, dbs)
+            only = (host_report if args.host_only else encryption_report)(benches, dbs)
             print("Verdicts:")
-            for verdict in host_only:
+            for verdict in only:
                 print(verdict.line())
         else:
             report(benches, dbs, skipped, args.iterations, args.rounds, pg_version,

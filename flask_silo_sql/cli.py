@@ -27,6 +27,7 @@ from .files import fsck as check_files
 from .instruments.health import check as check_health
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
+from .sql.reseal import ResealResult, reseal
 
 
 def _silo() -> SiloApp:
@@ -180,6 +181,53 @@ def cleanup(batch_size: int | None, dry_run: bool) -> None:
         summary += f", {result.pruned} expired SID record(s) pruned"
         summary += f", {result.keys_expired} idempotency key(s) forgotten"
     click.echo(summary + ")")
+
+
+@silo_db.command()
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Rows per batch (one short transaction each).",
+)
+@with_appcontext
+@_reported
+def reencrypt(batch_size: int) -> None:
+    """Seal every encrypted namespace under the newest key of SILO_ENCRYPTION_KEYS.
+
+    In batches, safe while the application runs; rows written before their namespace
+    was encrypted are sealed too. Exit status 1 when a row fails authentication (it is
+    left as it is). Then the older keys can be retired.
+    """
+    store = _silo().store
+    storage = _migrated()
+    names = sorted(store.encrypted)
+    if not names:
+        click.echo("no encrypted namespaces registered")
+        return
+    interactive = sys.stderr.isatty()
+
+    def progress(done: ResealResult) -> None:
+        if interactive:
+            click.echo(f"\rread {done.rows} row(s), resealed {done.resealed}…", nl=False, err=True)
+
+    result = reseal(
+        storage.connector,
+        storage.statements,
+        store.sealer_for,
+        names,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if interactive and result.batches:
+        click.echo("", err=True)
+    click.echo(
+        f"resealed {result.resealed} of {result.rows} row(s) of {', '.join(names)} under the "
+        f"newest key ({result.batches} batch(es), {result.unreadable} unreadable)"
+    )
+    if result.unreadable:
+        sys.exit(1)
 
 
 @silo_db.command()

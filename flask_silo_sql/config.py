@@ -43,6 +43,16 @@ def _as_is(value: Any) -> Any:
     return value
 
 
+def _keys(value: Any) -> tuple[str, ...]:
+    """Keys as given: a list, or one string (comma-separated for several)."""
+    if not value:
+        return ()
+    if isinstance(value, (str, bytes)):
+        text = value.decode() if isinstance(value, bytes) else value
+        return tuple(key.strip() for key in text.split(",") if key.strip())
+    return tuple(key.decode() if isinstance(key, bytes) else str(key) for key in value)
+
+
 def _runner(value: Any) -> str:
     if value not in RUNNERS:
         raise ValueError(f"SILO_TASK_RUNNER must be 'thread' or 'worker', not {value!r}")
@@ -310,6 +320,30 @@ SETTINGS: tuple[Setting, ...] = (
         convert=_optional(float),
     ),
     Setting(
+        "SILO_SESSION_MAX_AGE",
+        "int (seconds) | None",
+        "Absolute lifetime of every session, the SIDs clients choose included, besides the "
+        "idle TTL: that long after its creation a session ends however active it is (its "
+        "state, tasks and files go, its SID is recorded as expired: `410` on a data endpoint, "
+        "a fresh session elsewhere). `silo.rotate(renew=True)` after a login starts a new "
+        "lifetime; a plain `silo.rotate()` keeps it. `None`: no end. See "
+        "[Expiry](expiry.md#absolute-lifetime).",
+        default=None,
+        convert=_optional(float),
+    ),
+    Setting(
+        "SILO_ENCRYPTION_KEYS",
+        "list[str] | str | None",
+        "Fernet keys (`cryptography.fernet.Fernet.generate_key()`, newest first) of the "
+        "namespaces registered with `encrypted=True`: new writes use the first, reads accept "
+        "any. Add a key in front, run `flask silo-db reencrypt`, then retire the old one. A "
+        "string is one key; a comma-separated string, several. Needs the `encryption` extra. "
+        "See [Security](security.md#encrypted-namespaces).",
+        env=True,
+        default=None,
+        convert=_keys,
+    ),
+    Setting(
         "SILO_IDEMPOTENCY_HEADER",
         "str",
         "The request header `@silo.idempotent` reads its key from.",
@@ -391,6 +425,8 @@ class SiloConfig:
     locking: bool
     strict_sids: bool
     sid_max_age: float | None
+    session_max_age: float | None
+    encryption_keys: tuple[str, ...]
     idempotency_header: str
     idempotency_lease: float
     idempotency_max_keys: int | None

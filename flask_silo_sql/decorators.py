@@ -176,6 +176,11 @@ def _run(
         max_keys=app_state.idempotency_max_keys,
         max_response_bytes=app_state.idempotency_max_response,
     )
+    if app_state.store.session_max_age is not None and state.unit.expired():
+        # Past its absolute lifetime (ended now, its keys with it), or expired: a retry
+        # under this SID cannot be told from a new request, as for an expired session.
+        state.gone = True
+        raise SessionExpired(state.sid)
     try:
         outcome = _claim(records, wanted, options.wait)
     except SessionExpired:

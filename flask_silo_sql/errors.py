@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from .sids import tag
+
 
 class SiloError(Exception):
     """Base class for every flask-silo-sql error."""
@@ -135,6 +137,30 @@ class StateTooLarge(SiloError):
 
     def details(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "limit": self.limit}
+
+
+class StateUnreadable(SiloError):
+    """An encrypted namespace's stored value fails authentication (``500``).
+
+    It was changed outside silo, or sealed under a key no longer in
+    ``SILO_ENCRYPTION_KEYS``. The request changes nothing: the row stays as it
+    is, for an operator to restore (or to put the key back).
+    """
+
+    slug = "state_unreadable"
+
+    def __init__(self, namespace: str, sid: str) -> None:
+        self.namespace = namespace
+        self.sid = sid
+        super().__init__(
+            f"The stored state of namespace {namespace!r} of session {tag(sid)} fails "
+            "authentication: changed outside silo, or sealed under a key that is not in "
+            "SILO_ENCRYPTION_KEYS. Nothing was changed; restore the row or the key."
+        )
+
+    @property
+    def public_message(self) -> str:
+        return "The stored state of this session cannot be read."
 
 
 class FileTooLarge(SiloError):

@@ -46,6 +46,7 @@ from .instruments import hooks as instruments
 from .instruments.views import health_view, metrics_view
 from .logs import log_failure, silo_logger
 from .runner import TaskRunner
+from .sealing import Sealer
 from .setup_checks import check_views, first_request
 from .sids import set_tag_key, tag
 from .sql import SQLStorage, schema
@@ -96,6 +97,17 @@ class LazySession(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"<LazySession {self._data()!r}>"
+
+
+def _require_keys(store: SessionStore, namespace: str) -> None:
+    """An encrypted namespace needs its app's keys: a clear error now, not at a request."""
+    if store.sealer is None:
+        raise SiloError(
+            f"namespace {namespace!r} is registered with encrypted=True, but "
+            "SILO_ENCRYPTION_KEYS is not set: give it a list of Fernet keys, the newest "
+            "first (make one with `python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())'`)"
+        )
 
 
 def _serving() -> bool:
@@ -179,6 +191,10 @@ class Silo:
             store = self._first
         if self._storage is None:
             store.storage = self._default_storage(app, config)
+        if config.encryption_keys:
+            store.sealer = Sealer(config.encryption_keys)
+        for name in sorted(store.encrypted):
+            _require_keys(store, name)
         state = SiloApp(self, app, store, config)
         self._configure(app, state)
         self._prepare_storage(app, state)
@@ -240,6 +256,7 @@ class Silo:
             floor = (config.min_free_bytes or 0) // 2
         store.db_min_free_bytes = floor or None
         store.sweep_batch_size = config.sweep_batch_size
+        store.session_max_age = config.session_max_age
         store.heartbeat_timeout = config.task_heartbeat_timeout
         store.task_flush_interval = config.task_flush_interval
         store.task_max_logs = config.task_max_logs
@@ -288,19 +305,31 @@ class Silo:
     # -- registration -----------------------------------------------------------
 
     def register(
-        self, namespace: str, factory: Callable[[], dict[str, Any]], *, replace: bool = False
+        self,
+        namespace: str,
+        factory: Callable[[], dict[str, Any]],
+        *,
+        replace: bool = False,
+        encrypted: bool = False,
     ) -> None:
         """Register a namespace and the factory of its default state.
 
         A name registered already raises :class:`NamespaceTaken` unless *replace*
         (flask-silo replaced it silently), and so does any registration once an app
         of this Silo has served a request (:class:`RegisteredTooLate`).
+
+        *encrypted*: its JSON is stored sealed (encrypted and authenticated) under
+        ``SILO_ENCRYPTION_KEYS``, which each app must then set (:class:`SiloError`
+        here, or at ``init_app``, otherwise). See ``docs/security.md``.
         """
         if any(state.served for state in self._apps):
             raise RegisteredTooLate(namespace)
         if not replace and namespace in self._first.registry.factories:
             raise NamespaceTaken(namespace)
-        self._first.register_namespace(namespace, factory)
+        if encrypted:
+            for state in self._apps:
+                _require_keys(state.store, namespace)
+        self._first.register_namespace(namespace, factory, encrypted=encrypted)
 
     def add_file_store(
         self,
@@ -712,7 +741,7 @@ class Silo:
             raise SessionExpired(state.sid)
         state.unit.commit()
 
-    def rotate(self) -> str:
+    def rotate(self, *, renew: bool = False) -> str:
         """Give the current client a new SID, keeping its state (call it after a login).
 
         What the request changed so far is saved first; then the session, its
@@ -720,6 +749,10 @@ class Silo:
         response carries the new SID. The old SID reaches nothing any more: a
         request still using it is answered as an expired session (``410`` on
         a data endpoint, a fresh session elsewhere). Returns the new SID.
+
+        The session keeps its absolute lifetime (``SILO_SESSION_MAX_AGE``,
+        counted from its creation) unless *renew*: ``silo.rotate(renew=True)``
+        right after the client authenticated (a login) starts a new one.
         """
         state = current_request()
         app_state = self._app_state()
@@ -728,7 +761,7 @@ class Silo:
         state.unit.commit()
         old = state.sid
         new = app_state.new_sid()
-        app_state.store.rotate(old, new)
+        app_state.store.rotate(old, new, renew=renew)
         state.unit.close()
         state.unit = app_state.store.request(new, locking=app_state.locking)
         storage = app_state.store.storage

@@ -22,6 +22,7 @@ from .backends import Backend, SweepResult, Unit, backend_for
 from .errors import NamespaceError, SiloError
 from .instruments.hooks import observed_sweep
 from .logs import log_failure, silo_logger
+from .sealing import Sealer
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
 from .tasks import TaskSpec
@@ -51,6 +52,8 @@ class Registry:
         """``mover(old, new) -> undo``: what else a rotation moves (file directories)."""
         self.after_sweep: list[Callable[[], None]] = []
         """Called after each sweep that changes things (the file stores' upkeep)."""
+        self.encrypted: set[str] = set()
+        """The namespaces stored encrypted (``register(..., encrypted=True)``)."""
         self.tasks: dict[str, TaskSpec] = {}
         """The registered task functions (``@silo.task``), by name."""
 
@@ -126,6 +129,10 @@ class SessionStore:
         database's disk has less free space than this (``SILO_DB_MIN_FREE_BYTES``)."""
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_batch_size = sweep_batch_size
+        self.sealer: Sealer | None = None
+        """Seals the encrypted namespaces (made from ``SILO_ENCRYPTION_KEYS``)."""
+        self.session_max_age: float | None = None
+        """Absolute lifetime of every session, from its creation (``SILO_SESSION_MAX_AGE``)."""
         self.task_flush_interval = 0.5
         """Seconds between writes of a running task's progress (coalescing)."""
         self.task_max_logs = 200
@@ -203,13 +210,38 @@ class SessionStore:
         """Registered namespace names."""
         return list(self._registry.factories)
 
-    def register_namespace(self, name: str, factory: Callable[[], dict[str, Any]]) -> None:
-        """Register namespace *name*, whose default state *factory* returns."""
+    def register_namespace(
+        self, name: str, factory: Callable[[], dict[str, Any]], *, encrypted: bool = False
+    ) -> None:
+        """Register namespace *name*, whose default state *factory* returns.
+
+        *encrypted*: stored sealed under the keys of :attr:`sealer` (SQL storage).
+        """
         if not isinstance(name, str) or not name or name == META:
             raise ValueError(f"invalid namespace name {name!r}")
         if not callable(factory):
             raise TypeError(f"the factory of namespace {name!r} must be callable")
         self._registry.factories[name] = factory
+        if encrypted:
+            self._registry.encrypted.add(name)
+        else:
+            self._registry.encrypted.discard(name)
+
+    @property
+    def encrypted(self) -> frozenset[str]:
+        """The namespaces registered as encrypted."""
+        return frozenset(self._registry.encrypted)
+
+    def sealer_for(self, namespace: str) -> Sealer | None:
+        """The sealer of *namespace* if it is encrypted (None for a plain one)."""
+        if namespace not in self._registry.encrypted:
+            return None
+        if self.sealer is None:
+            raise SiloError(
+                f"namespace {namespace!r} is registered as encrypted, but no keys are set: "
+                "set SILO_ENCRYPTION_KEYS (or the store's sealer)"
+            )
+        return self.sealer
 
     def set_busy_check(self, predicate: Callable[[str, dict[str, Any]], bool]) -> None:
         """``predicate(sid, session) -> True`` keeps a session from expiry and reset.
@@ -399,13 +431,15 @@ class SessionStore:
         """Remove session *sid* without remembering it as expired."""
         self._backend.destroy(sid)
 
-    def rotate(self, old: str, new: str | None = None) -> str:
+    def rotate(self, old: str, new: str | None = None, *, renew: bool = False) -> str:
         """Give the client of session *old* a new SID (returned), against session fixation.
 
         Its namespaces, tasks and files move to the new SID in one transaction
         (the file stores' directories with it); the old SID reaches nothing any
         more and is remembered as expired. A session that does not exist has
-        nothing to move: the new SID is returned all the same.
+        nothing to move: the new SID is returned all the same. The session keeps
+        its absolute lifetime (``SILO_SESSION_MAX_AGE``) unless *renew*: then it
+        starts again now (a rotation after a login).
         """
         new = new or self.generate_sid()
         movers = list(self._registry.on_rotate)
@@ -413,7 +447,7 @@ class SessionStore:
         def before_commit() -> Callable[[], None]:
             return undoable(functools.partial(mover, old, new) for mover in movers)
 
-        self._backend.rotate(old, new, before_commit)
+        self._backend.rotate(old, new, before_commit, renew=renew)
         return new
 
     # -- expiry --------------------------------------------------------------

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from ..files.records import FileRecords
     from ..idempotency import IdempotencyRecords
+    from ..sealing import Sealer
     from ..tasks import Claimed, TaskSpec
 
 
@@ -38,6 +39,8 @@ class Policy(Protocol):
     db_min_free_bytes: int | None
     """SQLite: state writes that grow a session stop (``507``) below this much free disk."""
     sweep_batch_size: int
+    session_max_age: float | None
+    """Absolute lifetime of a session (seconds from its creation), or None."""
     task_flush_interval: float
     task_max_logs: int
     task_runner: str
@@ -56,6 +59,9 @@ class Policy(Protocol):
     @property
     def tasks(self) -> Mapping[str, TaskSpec]:
         """The registered task functions, by name (their runs are durable)."""
+
+    def sealer_for(self, namespace: str) -> Sealer | None:
+        """The sealer of an encrypted namespace (None for a plain one)."""
 
     def touch_interval_for(self, default: float) -> float:
         """Seconds between ``last_active`` writes (*default* unless configured)."""
@@ -174,9 +180,17 @@ class Backend(Protocol):
 
     def reset(self, sid: str) -> None: ...
 
-    def rotate(self, old: str, new: str, before_commit: Callable[[], Callable[[], None]]) -> bool:
+    def rotate(
+        self,
+        old: str,
+        new: str,
+        before_commit: Callable[[], Callable[[], None]],
+        *,
+        renew: bool = False,
+    ) -> bool:
         """Move everything of session *old* to SID *new* in one transaction (False: no
-        session). *before_commit* runs inside it and returns how to undo what it did."""
+        session). *before_commit* runs inside it and returns how to undo what it did.
+        *renew*: the session's absolute lifetime starts again (its ``created_at`` is now)."""
 
     def sweep(
         self, *, batch_size: int, dry_run: bool, progress: Callable[[int], None] | None

@@ -37,6 +37,23 @@ class MemoryBackend:
     def touch_interval(self) -> float:
         return self.policy.touch_interval_for(0.0)
 
+    def _over(self, session: dict[str, Any], now: float) -> bool:
+        """Whether *session* is past its absolute lifetime (``SILO_SESSION_MAX_AGE``)."""
+        max_age = self.policy.session_max_age
+        return max_age is not None and now - session[META]["created_at"] >= max_age
+
+    def end_if_over(self, sid: str) -> bool:
+        """End *sid* if past its absolute lifetime (remembered as expired); whether it was."""
+        now = self.now()
+        with self.lock:
+            session = self.storage.get_session(sid)
+            if session is None or not self._over(session, now):
+                return False
+            self.storage.delete_session(sid)
+            self.storage.mark_expired(sid, now)
+        self.policy.expired(sid)
+        return True
+
     def _fresh(self, sid: str) -> dict[str, Any]:
         now = self.now()
         session: dict[str, Any] = {ns: f() for ns, f in self.policy.factories.items()}
@@ -54,6 +71,7 @@ class MemoryBackend:
     # -- flask-silo's store operations --------------------------------------------
 
     def get(self, sid: str) -> dict[str, Any]:
+        self.end_if_over(sid)
         with self.lock:
             session = self.storage.get_session(sid)
             created = session is None
@@ -107,7 +125,14 @@ class MemoryBackend:
         with self.lock:
             self.storage.set_session(sid, self._fresh(sid))
 
-    def rotate(self, old: str, new: str, before_commit: Callable[[], Callable[[], None]]) -> bool:
+    def rotate(
+        self,
+        old: str,
+        new: str,
+        before_commit: Callable[[], Callable[[], None]],
+        *,
+        renew: bool = False,
+    ) -> bool:
         with self.lock:
             session = self.storage.get_session(old)
             if session is None:
@@ -115,6 +140,8 @@ class MemoryBackend:
             undo = before_commit()
             try:
                 session.setdefault(META, {})["sid"] = new
+                if renew:
+                    session[META]["created_at"] = self.now()
                 self.storage.set_session(new, session)
                 self.storage.delete_session(old)
                 self.storage.mark_expired(old, self.now())
@@ -132,7 +159,7 @@ class MemoryBackend:
             stale = [
                 (sid, session)
                 for sid, session in self.storage.all_sessions()
-                if now - session[META]["last_active"] > ttl
+                if now - session[META]["last_active"] > ttl or self._over(session, now)
             ]
         result = SweepResult(batches=1 if stale else 0)
         for sid, session in stale:
@@ -144,7 +171,9 @@ class MemoryBackend:
                 continue
             with self.lock:
                 current = self.storage.get_session(sid)
-                if current is None or now - current[META]["last_active"] <= ttl:
+                if current is None or (
+                    now - current[META]["last_active"] <= ttl and not self._over(current, now)
+                ):
                     continue  # touched (or removed) while the busy check ran
                 self.storage.delete_session(sid)
                 self.storage.mark_expired(sid, now)
@@ -207,7 +236,7 @@ class MemoryUnit:
         return self._session is not None
 
     def expired(self) -> bool:
-        return self._b.is_expired(self.sid)
+        return self._b.end_if_over(self.sid) or self._b.is_expired(self.sid)
 
     def namespace(self, name: str) -> dict[str, Any]:
         session = self.session()

@@ -9,11 +9,13 @@ a task start in that request joins its commit as a :class:`Staged` write.
 from __future__ import annotations
 
 import contextvars
+import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..backends.base import Policy
 from ..errors import StateInsufficientStorage
+from ..sealing import sealed_token
 from . import sessions as ops
 from .disk import SQLiteDisk
 from .executor import Connector, Executor
@@ -108,10 +110,42 @@ class Context:
     def touch_interval(self) -> float:
         return self.policy.touch_interval_for(min(60.0, self.policy.ttl / 20))
 
-    def times(self, now: float, *, since: float | None = None) -> ops.Times:
-        """The times a write at *now* records (the session expires ttl + touch interval on)."""
+    def times(
+        self, now: float, *, since: float | None = None, created_at: float | None = None
+    ) -> ops.Times:
+        """The times a write at *now* records (the session expires ttl + touch interval on,
+        or at the end of its absolute lifetime, if sooner: known from *created_at*)."""
         lifetime = self.policy.ttl + self.touch_interval
-        return ops.Times(now, now + lifetime, now if since is None else since)
+        max_age = self.policy.session_max_age
+        times = ops.Times(now, now + lifetime, now if since is None else since, max_age)
+        return times if created_at is None else times.of(created_at)
+
+    # -- encrypted namespaces ------------------------------------------------------
+
+    def write(self, name: str, text: str, expected: int | None) -> ops.Write:
+        """A namespace write of *text*, sealed when *name* is an encrypted namespace."""
+        sealer = self.policy.sealer_for(name)
+        return ops.Write(name, text, expected, None if sealer is None else sealer.seal(text))
+
+    def stored_text(self, name: str, text: str) -> str:
+        """What the ``data`` column of namespace *name* gets for JSON *text*."""
+        sealer = self.policy.sealer_for(name)
+        return text if sealer is None else sealer.seal(text)
+
+    def opened(self, sid: str, name: str, stored: ops.Stored | None) -> ops.Stored | None:
+        """A namespace row as read, its sealed value opened (an encrypted namespace).
+
+        A plain value in an encrypted namespace (written before it was encrypted)
+        is read as it is, and sealed by its next write or ``flask silo-db reencrypt``.
+        """
+        if stored is None:
+            return None
+        sealer = self.policy.sealer_for(name)
+        token = None if sealer is None else sealed_token(stored.data)
+        if sealer is None or token is None:
+            return stored
+        text = sealer.open(name, sid, token)
+        return ops.Stored(json.loads(text), text, stored.version)
 
     # -- the current request's unit -----------------------------------------------
 

@@ -211,7 +211,7 @@ class SQLIdempotencyRecords:
             "headers": response.headers_json(),
             "body": response.body,
             "name": write.name,
-            "data": write.text,
+            "data": write.stored,
             "expected": write.expected,
             "now": st.values.time(now),
         }

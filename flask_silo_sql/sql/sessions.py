@@ -19,7 +19,7 @@ namespace is then one statement. The guards:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import SessionExpired, StateConflict
@@ -46,11 +46,20 @@ class Stored:
 
 @dataclass(slots=True)
 class Write:
-    """One namespace to write: its JSON text, and the version read (None: no row was read)."""
+    """One namespace to write: its JSON text, and the version read (None: no row was read).
+
+    *sealed*: what is stored instead of the text, for an encrypted namespace.
+    """
 
     name: str
     text: str
     expected: int | None
+    sealed: str | None = None
+
+    @property
+    def stored(self) -> str:
+        """The value the ``data`` column gets."""
+        return self.text if self.sealed is None else self.sealed
 
 
 def probe(ex: Executor, st: Statements, sid: str) -> tuple[Head | None, float | None]:
@@ -103,17 +112,37 @@ def load_namespace(ex: Executor, st: Statements, sid: str, name: str) -> Stored 
 
 def _times(st: Statements, times: Times) -> dict[str, Any]:
     v = st.values
-    return {"now": v.time(times.now), "expires": v.time(times.expires)}
+    return {"now": v.time(times.now), "expires": v.time(times.expiry())}
 
 
 @dataclass(slots=True)
 class Times:
     """The times a write records: now, when the session expires unless touched again,
-    and since when the unit has been working (a SID expired after that is not revived)."""
+    and since when the unit has been working (a SID expired after that is not revived).
+
+    With an absolute lifetime (*max_age*), the expiry written is never past the
+    session's end (*ends*: its ``created_at`` + *max_age*, when known), so the
+    sweep's bound, at most ``expires_at``, finds it by then.
+    """
 
     now: float
     expires: float
     since: float
+    max_age: float | None = None
+    ends: float | None = None
+
+    def expiry(self) -> float:
+        """``expires_at`` to write: the idle expiry, or the session's end if sooner."""
+        return self.expires if self.ends is None else min(self.expires, self.ends)
+
+    def ended(self, created_at: float) -> bool:
+        """Whether a session created at *created_at* is past its absolute lifetime."""
+        return self.max_age is not None and created_at + self.max_age <= self.now
+
+    def of(self, created_at: float) -> Times:
+        """These times for a session created at *created_at* (its end known)."""
+        ends = None if self.max_age is None else created_at + self.max_age
+        return replace(self, ends=ends)
 
 
 def hold(ex: Executor, st: Statements, sid: str, times: Times) -> float | None:
@@ -127,7 +156,14 @@ def hold(ex: Executor, st: Statements, sid: str, times: Times) -> float | None:
     session by); on SQLite the database's write lock.
     """
     touched = ex.run(st.touch, {"sid": sid, **_times(st, times)}).first()
-    return None if touched is None else st.values.unix(touched[0])
+    if touched is None:
+        return None
+    created_at = st.values.unix(touched[0])
+    if times.ends is None and times.max_age is not None:
+        known = times.of(created_at)
+        if known.expiry() < times.expires:  # its end comes first: the bound goes no further
+            ex.run(st.touch, {"sid": sid, **_times(st, known)})
+    return created_at
 
 
 def lock(
@@ -147,6 +183,8 @@ def lock(
         return False, created_at
     if existed:
         raise SessionExpired(sid)
+    if times.max_age is not None:  # a new session ends max_age from now
+        values = {"sid": sid, **_times(st, times.of(times.now))}
     if ex.run(st.create, {**values, "since": st.values.time(times.since)}).rowcount == 1:
         ex.run(st.clear_expired, {"sid": sid})
         return True, times.now
@@ -167,7 +205,7 @@ def write_namespaces(
     stamp = st.values.time(now)
     versions: list[int] = []
     for w in writes:
-        values: dict[str, Any] = {"sid": sid, "name": w.name, "data": w.text, "now": stamp}
+        values: dict[str, Any] = {"sid": sid, "name": w.name, "data": w.stored, "now": stamp}
         if w.expected is None:
             written = ex.run(st.insert_namespace, values).rowcount == 1
             versions.append(1)
@@ -201,6 +239,32 @@ def replace_namespaces(
     stamp = v.time(now)
     for name, text in fresh.items():
         ex.run(st.upsert_namespace, {"sid": sid, "name": name, "data": text, "now": stamp})
+
+
+def end(ex: Executor, st: Statements, sid: str, times: Times, *, record: bool) -> bool:
+    """In the open transaction: delete session *sid* if past its absolute lifetime, with
+    what it owns; whether it was. *record*: its SID is remembered as expired, as the
+    sweep's are (a data endpoint then answers ``410``).
+    """
+    if times.max_age is None:
+        return False
+    v = st.values
+    born_before = {"sid": sid, "born_before": v.time(times.now - times.max_age)}
+    if ex.run(st.end_session, born_before).first() is None:
+        return False
+    gone = {"sids": v.sids([sid])}
+    if st.foreign_keys is not None and not ex.run(st.foreign_keys, {}).scalar():
+        for statement in st.delete_children:  # a host's SQLite engine may not cascade
+            ex.run(statement, gone)
+    if record:
+        ex.run(st.mark_expired, {"sid": sid, "now": v.time(times.now)})
+    return True
+
+
+def renew(ex: Executor, st: Statements, sid: str, times: Times) -> None:
+    """In the open transaction, *sid* locked: its absolute lifetime starts again now."""
+    ex.run(st.renew_session, {"sid": sid, "now": st.values.time(times.now)})
+    hold(ex, st, sid, times)
 
 
 def delete_sessions(ex: Executor, st: Statements, sids: list[str]) -> None:

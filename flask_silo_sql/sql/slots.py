@@ -59,12 +59,12 @@ def merge_write(ctx: Context, ex: Executor, sid: str, slot: Slot, text: str, now
     """
     mine = json.loads(text)
     base = json.loads(slot.text) if slot.text != UNSERIALISABLE else None
-    current = ops.load_namespace(ex, ctx.st, sid, slot.name)
+    current = ctx.opened(sid, slot.name, ops.load_namespace(ex, ctx.st, sid, slot.name))
     if current is None:
-        write = ops.Write(slot.name, text, None)
+        write = ctx.write(slot.name, text, None)
     else:
         merged = encode(merge_keys(current.data, base, mine))
-        write = ops.Write(slot.name, merged, current.version)
+        write = ctx.write(slot.name, merged, current.version)
     return ops.write_namespaces(ex, ctx.st, sid, [write], now)[0]
 
 

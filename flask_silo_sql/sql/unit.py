@@ -41,6 +41,7 @@ from ..errors import NamespaceError, SessionBusy
 from ..files.locks import directory_lock
 from ..instruments.hooks import traced_commit
 from ..logs import silo_logger
+from ..sids import tag
 from ..tasks import TASK_MARKER, BackgroundTask
 from . import session_locks, task_rows
 from . import sessions as ops
@@ -85,6 +86,7 @@ class SQLUnit:
         self._existed: bool | None = None  # unknown until something is read
         self._created_at = 0.0
         self._last_active = 0.0
+        self._born: float | None = None  # the row's created_at, once this unit has read it
         # When the unit began, by the store's clock: read lazily (a request that asks
         # nothing of the database sends nothing), carried back by the monotonic clock.
         clock = ctx.policy.clock
@@ -94,6 +96,7 @@ class SQLUnit:
         self._locked = False
         self._joined = False  # locked inside a transaction its context had open
         self._created = False  # created by lock(), reported at commit
+        self._ended = False  # lock() ended the session's lifetime: reported at commit
         # SQLite: lock() holds the session's own lock instead of the database's (a request)
         self._session_lock = session_lock and ctx.disk is not None
         self._held: session_locks.SessionLock | None = None
@@ -127,8 +130,7 @@ class SQLUnit:
         with self._ctx.connector.executor() as ex:
             head, expired_at = ops.probe(ex, self._ctx.st, self.sid)
         if head is not None:
-            self._know(head)
-            return False
+            return not self._know(head)  # past its absolute lifetime: ended now, as expired
         self._existed = False
         return expired_at is not None
 
@@ -139,9 +141,32 @@ class SQLUnit:
         if self._existed is None:
             self._existed = True
 
-    def _know(self, head: ops.Head) -> None:
+    def _know(self, head: ops.Head) -> bool:
+        """Take in the session's row; False when the session was past its absolute
+        lifetime (``SILO_SESSION_MAX_AGE``): it is ended now, as the sweep expires one."""
+        b = self._ctx
+        if b.policy.session_max_age is not None:
+            times = b.times(b.now())
+            if times.ended(head.created_at):
+                self._end(times)
+                return False
         self._existed = True
         self._created_at, self._last_active = head.created_at, head.last_active
+        self._born = head.created_at
+        return True
+
+    def _end(self, times: ops.Times) -> None:
+        """End the session (past its lifetime): deleted, its SID recorded as expired,
+        ``on_expire`` after the commit. This unit then starts afresh under the SID."""
+        b = self._ctx
+        with b.connector.transaction() as ex:
+            ended = ops.end(ex, b.st, self.sid, times, record=True)
+        self._existed = False
+        self._born = None
+        self._began_at = times.now  # (a fresh session may start under it: not a revival)
+        if ended:
+            logger.info("session %s reached its absolute lifetime", tag(self.sid))
+            b.connector.after_commit(lambda: b.policy.expired(self.sid))
 
     def namespace(self, name: str) -> dict[str, Any]:
         slot = self._slots.get(name)
@@ -154,6 +179,7 @@ class SQLUnit:
             self.lock()
         stored: ops.Stored | None = None
         if self._existed is not False:
+            found: tuple[ops.Head, ops.Stored | None] | None = None
             with self._ctx.connector.executor() as ex:
                 if self._existed:
                     stored = ops.load_namespace(ex, self._ctx.st, self.sid, name)
@@ -161,9 +187,8 @@ class SQLUnit:
                     found = ops.load_one(ex, self._ctx.st, self.sid, name)
                     if found is None:
                         self._existed = False
-                    else:
-                        self._know(found[0])
-                        stored = found[1]
+            if found is not None and self._know(found[0]):
+                stored = found[1]
         slot = self._slot(name, stored)
         if self._view is not None:
             self._view[name] = slot.value
@@ -185,8 +210,7 @@ class SQLUnit:
                 loaded = ops.load_all(ex, self._ctx.st, self.sid)
             if loaded is None:
                 self._existed = False
-            else:
-                self._know(loaded[0])
+            elif self._know(loaded[0]):
                 found = loaded[1]
         for name in factories:
             if name not in self._slots:
@@ -213,7 +237,9 @@ class SQLUnit:
         return slot
 
     def _slot(self, name: str, stored: ops.Stored | None) -> Slot:
-        """A slot for *name*: the stored row (tasks revived), or the factory's default."""
+        """A slot for *name*: the stored row (opened, tasks revived), or the factory's
+        default."""
+        stored = self._ctx.opened(self.sid, name, stored)
         if stored is None:
             slot = self.fresh(name)
         else:
@@ -261,7 +287,7 @@ class SQLUnit:
             if not self._joined:
                 ex.begin()
             try:
-                created, created_at = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
+                created, created_at = self._lock_row(ex, times)
             except BaseException:
                 if not self._joined:
                     ex.rollback()
@@ -270,6 +296,7 @@ class SQLUnit:
         self._created = created
         self._existed = True
         self._created_at, self._last_active = created_at, times.now
+        self._born = created_at
 
     def _lock_session(self, ex: Executor, database: str, times: ops.Times) -> None:
         """SQLite: hold the session's own lock (see :mod:`.session_locks`), then touch or
@@ -278,15 +305,32 @@ class SQLUnit:
         self._held = session_locks.acquire(database, self.sid, b.connector.timeout or 5.0)
         try:
             with ex.transaction():
-                created, created_at = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
+                created, created_at = self._lock_row(ex, times)
         except BaseException:
             self._release_session()
             raise
         self._locked = True
         self._existed = True
         self._created_at, self._last_active = created_at, times.now
+        self._born = created_at
+        ended, self._ended = self._ended, False
+        if ended:
+            b.policy.expired(self.sid)  # committed already
         if created:
-            b.policy.created(self.sid)  # committed already
+            b.policy.created(self.sid)
+
+    def _lock_row(self, ex: Executor, times: ops.Times) -> tuple[bool, float]:
+        """In the open transaction: :func:`~.sessions.lock`; a session found past its
+        absolute lifetime (not read yet by this unit) is ended and started afresh."""
+        b = self._ctx
+        created, created_at = ops.lock(ex, b.st, self.sid, times, existed=self._existed)
+        if created or self._existed or not times.ended(created_at):
+            return created, created_at
+        ops.end(ex, b.st, self.sid, times, record=False)  # this request starts it again
+        self._ended = True
+        logger.info("session %s reached its absolute lifetime", tag(self.sid))
+        fresh = ops.Times(times.now, times.expires, times.now, times.max_age)
+        return ops.lock(ex, b.st, self.sid, fresh, existed=False)
 
     def _release_session(self) -> None:
         held, self._held = self._held, None
@@ -324,7 +368,7 @@ class SQLUnit:
                     continue
                 text = self._serialise(slot, value, policy.max_state_bytes)
                 if text != slot.text:
-                    writes.append(ops.Write(name, text, slot.version))
+                    writes.append(self._ctx.write(name, text, slot.version))
         return writes
 
     def _serialise(self, slot: Slot, value: Any, max_bytes: int | None) -> str:
@@ -359,7 +403,7 @@ class SQLUnit:
                 raise
         staged, self._staged = self._staged, []
         now = b.now()
-        times = b.times(now, since=self._since)
+        times = b.times(now, since=self._since, created_at=self._created_at_known)
         if self._held is not None:  # touched at lock(): only writes are left to make
             try:
                 if writes or staged:
@@ -376,12 +420,13 @@ class SQLUnit:
         self, writes: list[ops.Write], staged: list[Staged], now: float, times: ops.Times
     ) -> None:
         b = self._ctx
-        created = False
+        created = ended = False
         touched = True
         try:
             with b.connector.executor() as ex, _locked_directories(staged):
                 if self._locked and self._held is None:
                     created, self._created = self._created, False
+                    ended, self._ended = self._ended, False
                     versions = self._write(ex, writes, staged, now)
                     self._locked = False
                     if not self._joined:
@@ -409,6 +454,8 @@ class SQLUnit:
             slot = self._slots[write.name]
             slot.text, slot.version = write.text, version
         after = b.connector.after_commit  # (atomic mode: once the host's COMMIT is done)
+        if ended:
+            after(lambda: b.policy.expired(self.sid))
         if created:
             after(lambda: b.policy.created(self.sid))
         for item in staged:
@@ -444,9 +491,16 @@ class SQLUnit:
         self._staged = [item for item in self._staged if not which(item)]
         _discard(dropped)
 
+    @property
+    def _created_at_known(self) -> float | None:
+        """The session's ``created_at``, when this unit read its row."""
+        return self._born if self._existed else None
+
     def touch(self) -> None:
         """Create the session if it is new, refresh a stale ``last_active``; write no state."""
-        self._touch(self._ctx.times(self._ctx.now(), since=self._since))
+        self._touch(
+            self._ctx.times(self._ctx.now(), since=self._since, created_at=self._created_at_known)
+        )
 
     def _touch(self, times: ops.Times) -> None:
         """Nothing to write: refresh a stale ``last_active``, or create a session read as new.
@@ -459,13 +513,20 @@ class SQLUnit:
         if self._existed is None:  # no state read: one SELECT, which creates nothing
             if self.issued:
                 return  # a SID made for this request has no session yet
+            ended = False
             with b.connector.executor() as ex:
                 head, expired_at = ops.probe(ex, b.st, self.sid)
-                if head is not None:
+                if head is not None and times.ended(head.created_at):
+                    with ex.transaction():  # past its lifetime: ended; the client starts over
+                        ended = ops.end(ex, b.st, self.sid, times, record=False)
+                elif head is not None:
                     if head.last_active <= stale_before:
-                        ops.touch_stale(ex, b.st, self.sid, times, stale_before)
+                        ops.touch_stale(ex, b.st, self.sid, times.of(head.created_at), stale_before)
                 elif expired_at is not None:  # an expired client starts over: no 410 now
                     ex.run(b.st.clear_expired, {"sid": self.sid})
+            if ended:
+                logger.info("session %s reached its absolute lifetime", tag(self.sid))
+                b.connector.after_commit(lambda: b.policy.expired(self.sid))
             return
         if self._existed is False:  # a new session whose state was read: it is used now
             with b.connector.executor() as ex, ex.transaction():
@@ -482,6 +543,7 @@ class SQLUnit:
 
     def rollback(self) -> None:
         self._discard(lambda item: True)
+        self._ended = False
         self._release_session()
         if self._locked:
             self._locked = False
@@ -564,7 +626,9 @@ def reset(ctx: Context, sid: str) -> None:
     policy = ctx.policy
     scratch = SQLUnit(ctx, sid)
     fresh = {
-        name: serialise(name, scratch.fresh(name).value, policy.max_state_bytes)
+        name: ctx.stored_text(
+            name, serialise(name, scratch.fresh(name).value, policy.max_state_bytes)
+        )
         for name in policy.factories
     }
     token = None if ctx.connector.holding else ctx.connector.hold()
@@ -587,7 +651,12 @@ def reset(ctx: Context, sid: str) -> None:
 
 
 def rotate(
-    ctx: Context, old: str, new: str, before_commit: Callable[[], Callable[[], None]]
+    ctx: Context,
+    old: str,
+    new: str,
+    before_commit: Callable[[], Callable[[], None]],
+    *,
+    renew: bool = False,
 ) -> bool:
     """Give session *old* the SID *new*, in one transaction; False when *old* has no session.
 
@@ -595,7 +664,8 @@ def rotate(
     default that holds a task is written out, so that its task keeps its row
     (task IDs come from the SID they were made under). *before_commit* runs
     inside the transaction (the file stores move their directories) and
-    returns how to undo that if the commit fails.
+    returns how to undo that if the commit fails. *renew*: the session's
+    absolute lifetime starts again now (else the new SID keeps its ``created_at``).
     """
     unit = SQLUnit(ctx, old, locking=True)
     try:
@@ -605,12 +675,15 @@ def rotate(
             return False
         with ctx.connector.executor() as ex:
             writes = [
-                ops.Write(slot.name, encode(slot.value), None)
+                ctx.write(slot.name, encode(slot.value), None)
                 for slot in unit._slots.values()
                 if slot.version is None and any(tasks_in(slot.value))
             ]
             ops.write_namespaces(ex, ctx.st, old, writes, ctx.now())
-            ops.move(ex, ctx.st, old, new, ctx.now())
+            now = ctx.now()
+            ops.move(ex, ctx.st, old, new, now)
+            if renew:
+                ops.renew(ex, ctx.st, new, ctx.times(now, created_at=now))
             undo = before_commit()
             try:
                 unit._locked = False

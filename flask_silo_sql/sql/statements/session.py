@@ -15,6 +15,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import text as sa_text
@@ -38,6 +39,7 @@ class SessionStatements:
         self._sessions_rotation(k)
         self._sessions_deletes(k)
         self._sessions_listings(k)
+        self._sessions_resealing(k)
 
     def _sessions_reads(self, k: Kit) -> None:
         """Reading a session and its namespaces."""
@@ -237,6 +239,10 @@ class SessionStatements:
                 ).where(sessions.c.sid == sid),
             ),
         )
+        self.renew_session = prepare(
+            "renew_session",
+            update(sessions).where(sessions.c.sid == sid).values(created_at=k.now),
+        )
         self.move_children = [
             prepare(f"move_{t.name}", update(t).where(t.c.sid == sid).values(sid=new_sid))
             for t in CHILD_TABLES
@@ -263,6 +269,39 @@ class SessionStatements:
         ]
         self.delete_sessions = prepare(
             "delete_sessions", delete(sessions).where(in_list(sessions.c.sid, "sids"))
+        )
+        # A session past its absolute lifetime, ended by the request that finds it.
+        self.end_session = prepare(
+            "end_session",
+            delete(sessions)
+            .where(sessions.c.sid == k.sid, sessions.c.created_at <= ts("born_before"))
+            .returning(sessions.c.sid),
+        )
+
+    def _sessions_resealing(self, k: Kit) -> None:
+        """Encrypted namespaces sealed again under the newest key, a page at a time."""
+        prepare = k.prepare
+        after = tuple_(namespaces.c.sid, namespaces.c.name) > tuple_(
+            bindparam("after_sid", type_=String()), bindparam("after_name", type_=String())
+        )
+        self.reseal_page = prepare(
+            "reseal_page",
+            select(namespaces.c.sid, namespaces.c.name, namespaces.c.data, namespaces.c.version)
+            .where(k.in_list(namespaces.c.name, "names"), after)
+            .order_by(namespaces.c.sid, namespaces.c.name)
+            .limit(bindparam("batch_size", type_=Integer())),
+        )
+        # The same JSON under another key: the version stays (a request that read the
+        # row may still write it), and a row written meanwhile is left as it is.
+        self.reseal_row = prepare(
+            "reseal_row",
+            update(namespaces)
+            .where(
+                namespaces.c.sid == k.sid,
+                namespaces.c.name == k.name,
+                namespaces.c.version == bindparam("expected", type_=Integer()),
+            )
+            .values(data=k.data),
         )
 
     def _sessions_listings(self, k: Kit) -> None:
