@@ -20,6 +20,7 @@ Every app has the same two endpoints, with the same handler code:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -94,6 +95,9 @@ def silo_sql_app() -> Flask:
     from flask_silo_sql import Silo
 
     app = Flask("throughput_silo_sql")
+    options = os.environ.get("THROUGHPUT_SILO_ENGINE_OPTIONS")
+    if options:  # silo's connections only (synchronous_commit=off, measured beside the default)
+        app.config["SILO_ENGINE_OPTIONS"] = json.loads(options)
     silo = Silo(app)  # default storage: the database in SILO_DATABASE_URI
     silo.register("counter", lambda: {"n": 0})
     add_routes(app, lambda: silo.state("counter"))
