@@ -147,35 +147,7 @@ def _run(
         # The client sent no session: a retry would come without one too, so no
         # record could be found again; the view runs as it would without a key.
         return view(*args, **kwargs)
-    principal = None if options.scope is None else _principal(options.scope())
-    route = request.url_rule.rule if request.url_rule is not None else request.path
-    body, unread = _body()
-    raw_path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace")
-    digest, spool = fingerprint(
-        request.method,
-        raw_path,
-        request.query_string,
-        request.content_type,
-        body,
-        request.content_length if unread else None,
-    )
-    if spool is not None:
-        state.spool = spool
-        if unread:
-            request.__dict__["stream"] = spool  # the view reads the body from the spool
-    wanted = KeyRequest(
-        header=header,
-        sid=state.sid,
-        key_hash=key_hash(request.method, route, principal, key),
-        key=key,
-        method=request.method,
-        route=route,
-        fingerprint=digest,
-        ttl=options.ttl,
-        lease=options.lease or app_state.idempotency_lease,
-        max_keys=app_state.idempotency_max_keys,
-        max_response_bytes=app_state.idempotency_max_response,
-    )
+    wanted = _key_request(app_state, options, header, key)
     if app_state.store.session_max_age is not None and state.unit.expired():
         # Past its absolute lifetime (ended now, its keys with it), or expired: a retry
         # under this SID cannot be told from a new request, as for an expired session.
@@ -193,6 +165,57 @@ def _run(
         return _replay(outcome)
     state.claim = outcome
     state.records = records
+    return _answer(silo, view, args, kwargs, outcome, wanted.max_response_bytes)
+
+
+def _key_request(
+    app_state: SiloApp, options: IdempotentOptions, header: str, key: str
+) -> KeyRequest:
+    """What this request claims: its key (scoped to its method, route and principal) and
+    the fingerprint of what it sends (its body spooled for the view when read here)."""
+    state = current_request()
+    principal = None if options.scope is None else _principal(options.scope())
+    route = request.url_rule.rule if request.url_rule is not None else request.path
+    body, unread = _body()
+    raw_path = request.environ.get("PATH_INFO", "").encode("latin-1", "replace")
+    digest, spool = fingerprint(
+        request.method,
+        raw_path,
+        request.query_string,
+        request.content_type,
+        body,
+        request.content_length if unread else None,
+    )
+    if spool is not None:
+        state.spool = spool
+        if unread:
+            request.__dict__["stream"] = spool  # the view reads the body from the spool
+    return KeyRequest(
+        header=header,
+        sid=state.sid,
+        key_hash=key_hash(request.method, route, principal, key),
+        key=key,
+        method=request.method,
+        route=route,
+        fingerprint=digest,
+        ttl=options.ttl,
+        lease=options.lease or app_state.idempotency_lease,
+        max_keys=app_state.idempotency_max_keys,
+        max_response_bytes=app_state.idempotency_max_response,
+    )
+
+
+def _answer(
+    silo: Extension,
+    view: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    claim: Claim,
+    limit: int | None,
+) -> Any:
+    """Run the view under the claimed key; its response is kept with the request's commit
+    (only its status when larger than *limit*: it is sent, but not replayed)."""
+    state = current_request()
     try:
         response = current_app.make_response(view(*args, **kwargs))
     except BaseException:
@@ -202,11 +225,10 @@ def _run(
         state.view_failed = True
         raise ResponseNotStorable(getattr(view, "__name__", repr(view)))
     sent = response.get_data()
-    limit = wanted.max_response_bytes
     if limit is not None and len(sent) > limit:  # sent, saved, but not kept for a replay
-        outcome.response = StoredResponse(response.status_code, [], None)
+        claim.response = StoredResponse(response.status_code, [], None)
     else:
-        outcome.response = StoredResponse(
+        claim.response = StoredResponse(
             response.status_code,
             storable_headers(response.headers.items(), silo._header),
             sent,
