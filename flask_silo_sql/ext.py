@@ -242,7 +242,12 @@ class Silo:
                 ) from None
             uri = "sqlite:///" + os.path.join(app.instance_path, "silo.db")
             app.config["_SILO_EMBEDDED"] = True
-        return SQLStorage(uri, timeout=config.db_timeout, **config.engine_options)
+        return SQLStorage(
+            uri,
+            timeout=config.db_timeout,
+            prepared_statements=config.prepared_statements,
+            **config.engine_options,
+        )
 
     def _configure(self, app: Flask, state: SiloApp) -> None:
         config = state.settings

@@ -70,12 +70,14 @@ class SQLStorage(SiloStorage):
     ``scoped_session`` of the host's, makes each request's silo work and the
     host session's changes one transaction on one connection, committed once
     after the view; False (the default) keeps silo's own connection and
-    commit, and the host's ``db.session`` is never used. *engine_options* go to ``create_engine``
-    when *bind* is a URL. *executor* picks how statements reach the database:
+    commit, and the host's ``db.session`` is never used. *engine_options* go to
+    ``create_engine`` when *bind* is a URL. *executor* picks how statements reach the database:
     ``auto`` (the DBAPI cursor, or SQLAlchemy Core while anything observes the
     engine), ``dbapi`` or ``core``. *timeout* (seconds) bounds every wait on the
     database: connecting and pool checkouts (engines made from a URL), SQLite
-    lock waits, and every PostgreSQL statement (any engine).
+    lock waits, and every PostgreSQL statement (any engine). *prepared_statements*
+    (engines made from a URL, PostgreSQL): let psycopg prepare statements on each
+    connection (``SILO_PREPARED_STATEMENTS``; not through PgBouncer before 1.21).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class SQLStorage(SiloStorage):
         executor: ExecutorMode = "auto",
         timeout: float = DEFAULT_TIMEOUT_S,
         atomic: bool | HostSessions = False,
+        prepared_statements: bool = False,
         **engine_options: Any,
     ) -> None:
         self.host_sessions: HostSessions | None = host_sessions(bind, atomic)
@@ -95,7 +98,9 @@ class SQLStorage(SiloStorage):
         if isinstance(bind, Engine):
             self._engine = bind
         elif isinstance(bind, (str, URL)):
-            self._engine = make_engine(bind, timeout=self.timeout, **engine_options)
+            self._engine = make_engine(
+                bind, timeout=self.timeout, prepared=prepared_statements, **engine_options
+            )
         elif hasattr(type(bind), "engine"):  # read lazily: it may need an app context
             self._source = bind
         else:
