@@ -9,7 +9,7 @@ Measured on each database (SQLite and PostgreSQL), all reported in one table:
   set-based SQL, then analysed (PostgreSQL: ``VACUUM ANALYZE``; SQLite:
   ``ANALYZE``), then copied (PostgreSQL: ``CREATE DATABASE ... TEMPLATE``;
   SQLite: the file, after a WAL checkpoint with no connection open). One copy
-  gets one raw ``DELETE FROM silo_sessions WHERE expires_at < now`` in one
+  gets one raw ``DELETE FROM silo_sessions WHERE sweep_after < now AND expires_at < now`` in one
   transaction (namespaces go by the foreign keys' cascade); the other gets
   ``SessionStore(storage=SQLStorage(url), ttl=...).sweep(batch_size=B)`` with the
   store's clock set to that ``now``, so that exactly those E sessions are due
@@ -20,12 +20,12 @@ Measured on each database (SQLite and PostgreSQL), all reported in one table:
   and each starts after a checkpoint with the database in the OS cache. This is
   done for two layouts (``--layout``): due rows stored in no relation to when
   they expire (``scattered``, the worst case for a sweep, which visits them in
-  ``(expires_at, sid)`` order) and in that order (``ordered``); see
+  ``(sweep_after, sid)`` order) and in that order (``ordered``); see
   :func:`populate`. A third copy gets plain DELETE statements of the first B due
-  sessions in ``(expires_at, sid)`` order, one transaction per batch
+  sessions in ``(sweep_after, sid)`` order, one transaction per batch
   (:func:`run_batched`): the floor of any batched expiry, which tells the cost
   of short transactions apart from the sweep's own work. Both floors find the
-  due rows through the sweep's ``(expires_at, sid)`` index, as their plans are
+  due rows through the sweep's ``(sweep_after, sid)`` index, as their plans are
   checked to do (PostgreSQL's planner would rather scan the whole table for
   the one big DELETE, so sequential scans are off for it).
 * **a concurrent writer**: during each of those operations a separate process
@@ -88,7 +88,7 @@ from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, delete, func, select, text
+from sqlalchemy import Connection, and_, delete, func, select, text
 
 from flask_silo_sql import schema
 from flask_silo_sql.sql import SQLStorage
@@ -199,8 +199,12 @@ def lifetime() -> int:
 
 
 def due(now: float = NOW) -> Any:
-    """The sweep's condition on a session row: ``expires_at < now``."""
-    return sessions.c.expires_at < to_datetime(now)
+    """A due session: ``sweep_after < now`` (its index) and ``expires_at < now``.
+
+    The benchmark's rows have ``sweep_after = expires_at``, as a session that was never
+    looked at by a sweep has (migration 0007)."""
+    moment = to_datetime(now)
+    return and_(sessions.c.sweep_after < moment, sessions.c.expires_at < moment)
 
 
 # -- databases ----------------------------------------------------------------------
@@ -359,7 +363,7 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
     are stored:
 
     * ``scattered``: unrelated (pseudo-random), the worst case for a sweep,
-      which visits them in ``(expires_at, sid)`` order;
+      which visits them in ``(sweep_after, sid)`` order;
     * ``ordered``: rising with storage order, as when sessions go idle in the
       order they were created (SQLite appends rows) or last written
       (PostgreSQL writes each updated row's new version where there is room).
@@ -385,8 +389,10 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
                 # The rows are consistent by construction: skip the per-row FK checks.
                 conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
                 conn.exec_driver_sql(
-                    "INSERT INTO silo_sessions (sid, created_at, last_active, expires_at) "
+                    "INSERT INTO silo_sessions "
+                    "(sid, created_at, last_active, expires_at, sweep_after) "
                     "SELECT sid, to_timestamp(created), to_timestamp(active), "
+                    f"to_timestamp(active + {p['lifetime']}), "
                     f"to_timestamp(active + {p['lifetime']}) "
                     "FROM (SELECT md5(i::text) || substr(md5((-i)::text), 1, 11) AS sid, "
                     f"{p['created']} AS created, {last_active} AS active "
@@ -404,12 +410,14 @@ def populate(dbs: Databases, url: str, expired: int, live: int, layout: str) -> 
                 # SQLAlchemy's text form of a UTC timestamp, as silo's statements bind it.
                 stamp = "strftime('%Y-%m-%d %H:%M:%S', {}, 'unixepoch') || '.000000'"
                 conn.exec_driver_sql(
-                    "INSERT INTO silo_sessions (sid, created_at, last_active, expires_at) "
+                    "INSERT INTO silo_sessions "
+                    "(sid, created_at, last_active, expires_at, sweep_after) "
                     "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq "
                     f"WHERE i < {p['n']}), "
                     f"seeded(i, active) AS (SELECT i, {last_active} FROM seq) "
                     "SELECT substr(lower(hex(randomblob(22))), 1, 43), "
                     f"{stamp.format(p['created'])}, {stamp.format('active')}, "
+                    f"{stamp.format('active + ' + p['lifetime'])}, "
                     f"{stamp.format('active + ' + p['lifetime'])} FROM seeded",
                     params,
                 )
@@ -581,7 +589,7 @@ PHASES = ("candidates", "delete+cascade", "mark expired", "delete+cascade+mark",
 
 def phase_of(statement: str) -> str:
     """The sweep's phase a statement (its SQL text, as silo sends it) belongs to."""
-    if statement.startswith("SELECT silo_sessions.sid, silo_sessions.expires_at"):
+    if statement.startswith("SELECT silo_sessions.sid, silo_sessions.sweep_after"):
         return "candidates"
     if statement.startswith("WITH") and "DELETE FROM silo_sessions" in statement:
         return "delete+cascade+mark"  # PostgreSQL: one statement doing both
@@ -650,8 +658,8 @@ class Result:
     layout: str = ""
 
 
-SWEEP_INDEX = "ix_silo_sessions_expires_at"
-"""The ``(expires_at, sid)`` index, through which the sweep and the floors find due sessions."""
+SWEEP_INDEX = "ix_silo_sessions_sweep_after"
+"""The ``(sweep_after, sid)`` index, through which the sweep and the floors find due sessions."""
 
 
 def index_plan(conn: Connection, statement: Any) -> str:
@@ -666,9 +674,9 @@ def index_plan(conn: Connection, statement: Any) -> str:
 
 
 def run_raw(url: str, expected: int) -> float:
-    """One ``DELETE FROM silo_sessions WHERE expires_at < now``, in one transaction.
+    """One ``DELETE FROM silo_sessions WHERE sweep_after < now AND expires_at < now``, in one transaction.
 
-    Through the sweep's ``(expires_at, sid)`` index: on PostgreSQL, with
+    Through the sweep's ``(sweep_after, sid)`` index: on PostgreSQL, with
     sequential scans disabled for the statement's connection, as its planner
     would rather scan the whole table when a large share of it is due.
     """
@@ -693,10 +701,10 @@ def run_raw(url: str, expected: int) -> float:
 
 
 def batch_delete(batch_size: int) -> Any:
-    """The first *batch_size* due sessions in ``(expires_at, sid)`` order, deleted."""
+    """The first *batch_size* due sessions in ``(sweep_after, sid)`` order, deleted."""
     return delete(sessions).where(sessions.c.sid.in_(
         select(sessions.c.sid).where(due())
-        .order_by(sessions.c.expires_at, sessions.c.sid).limit(batch_size).scalar_subquery()
+        .order_by(sessions.c.sweep_after, sessions.c.sid).limit(batch_size).scalar_subquery()
     ))
 
 
@@ -704,7 +712,7 @@ def run_batched(url: str, expected: int, batch_size: int) -> tuple[float, int, f
     """The floor of any batched expiry: plain DELETEs of *batch_size* due sessions.
 
     Each batch is one transaction deleting the first due sessions in
-    ``(expires_at, sid)`` order (through the sweep's index), with nothing
+    ``(sweep_after, sid)`` order (through the sweep's index), with nothing
     else: no expired-SID record, no row locks, no per-SID Python.
     """
     batch = batch_delete(batch_size)
@@ -805,7 +813,7 @@ def bench_layout(dbs: Databases, sizes: Sizes, batch_sizes: list[int], layout: s
     seconds, stats = with_writer(writer, raw_copy, partial(run_raw, raw_copy, sizes.expired))
     dbs.drop(raw_copy)
     log(f"  {seconds:.2f} s")
-    results.append(Result(db, f"raw DELETE WHERE expires_at < now, {layout}",
+    results.append(Result(db, f"raw DELETE of the due sessions, {layout}",
                           sizes.expired, sizes.total, seconds, stats, 1, seconds * 1000,
                           kind="raw", layout=layout))
 
@@ -883,7 +891,7 @@ def bench_live_count(dbs: Databases, sizes: Sizes, batch_size: int,
         ))
         raw = timings[f"{key}_raw"]
         results.append(Result(
-            db, f"raw DELETE WHERE expires_at < now, {live:,} live, scattered",
+            db, f"raw DELETE of the due sessions, {live:,} live, scattered",
             sizes.ratio_expired, sizes.ratio_expired + live, statistics.median(raw), None,
             1, statistics.median(raw) * 1000, kind=f"ratio_{key}_raw", rounds=raw,
             layout="scattered",
