@@ -674,7 +674,7 @@ def index_plan(conn: Connection, statement: Any) -> str:
 
 
 def run_raw(url: str, expected: int) -> float:
-    """One ``DELETE FROM silo_sessions WHERE sweep_after < now AND expires_at < now``, in one transaction.
+    """One ``DELETE`` of every due session (``sweep_after``, ``expires_at`` passed), at once.
 
     Through the sweep's ``(sweep_after, sid)`` index: on PostgreSQL, with
     sequential scans disabled for the statement's connection, as its planner
