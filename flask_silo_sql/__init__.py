@@ -37,6 +37,7 @@ from .errors import (
     StateTooLarge,
     StorageUnavailable,
     TaskAlreadyRunning,
+    TaskCancelled,
     TaskLeaseLost,
     ViewDecoratorOrder,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "StorageUnavailable",
     "StoredFile",
     "TaskAlreadyRunning",
+    "TaskCancelled",
     "TaskLeaseLost",
     "TaskRunner",
     "TaskState",

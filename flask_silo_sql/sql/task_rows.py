@@ -40,6 +40,7 @@ from ..tasks import (
     logger,
     running_homes,
 )
+from . import event_rows
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
@@ -110,6 +111,7 @@ def claim(
         ex.run(st.notify_tasks, {})  # delivered with the commit: a worker wakes up
     if durable is not None and durable.queued:
         watch_queue(home.ctx, ex, now, 0.0)
+    home.written(ex, name, state, now)
 
 
 def running_in_session(ex: Executor, st: Statements, sid: str, now: float, policy: Policy) -> bool:
@@ -186,7 +188,7 @@ class _Again(Exception):
 class SQLTaskHome:
     """A linked task's row (the :class:`~flask_silo_sql.tasks.TaskHome` of the SQL backend)."""
 
-    __slots__ = ("ctx", "sid", "slot", "task_id")
+    __slots__ = ("cancelling", "ctx", "last", "sid", "slot", "task_id")
 
     def __init__(self, ctx: Context, sid: str, task_id: str, slot: Slot | None) -> None:
         self.ctx = ctx
@@ -194,6 +196,45 @@ class SQLTaskHome:
         self.task_id = task_id
         self.slot = slot
         """The namespace holding the task, saved when the task's state changes."""
+        self.last: TaskState | None = None
+        """The state this home last wrote (what the next write's event is measured from)."""
+        self.cancelling = False
+        """The last write found a cancel asked for on the row."""
+
+    def written(self, ex: Executor, name: str, state: TaskState, now: float) -> None:
+        """In the write's transaction, last: the event telling of what changed (if any)."""
+        made = event_rows.task_event(name, self.task_id, state, self.last)
+        if made is not None:
+            kind, data = made
+            event_rows.write(ex, self.ctx, self.sid, kind, data, task_id=self.task_id, now=now)
+        self.last = state.copy()
+
+    def cancel_seen(self) -> bool:
+        return self.cancelling
+
+    def cancel(self, name: str) -> str:
+        """Cancel the run (see :meth:`~flask_silo_sql.tasks.TaskHome.cancel`): one transaction
+        that ends a waiting run or marks a running one, with the event that tells of it."""
+        ctx = self.ctx
+        st = ctx.st
+        ids = {"id": self.task_id, "sid": self.sid}
+        with ctx.connector.transaction() as ex:
+            now = ctx.now()
+            stamp = {**ids, "now": st.values.time(now)}
+            data: dict[str, Any] = {"task_id": self.task_id, "task": name}
+            row = ex.run(st.cancel_waiting, stamp).first()
+            if row is not None:
+                data.update(status="cancelled", progress=float(row[0]), message="Cancelled")
+                event_rows.write(ex, ctx, self.sid, "cancelled", data, task_id=self.task_id)
+                return "cancelled"
+            row = ex.run(st.request_cancel, stamp).first()
+            if row is not None:
+                data.update(status="running", progress=float(row[0]), message=row[1])
+                data["cancel_requested"] = True
+                event_rows.write(ex, ctx, self.sid, "cancelling", data, task_id=self.task_id)
+                return "cancelling"
+            row = ex.run(st.task_status, ids).first()
+        return "idle" if row is None or (row[1] is None and row[0] != "complete") else "finished"
 
     @property
     def heartbeat_timeout(self) -> float:
@@ -302,7 +343,7 @@ class SQLTaskHome:
         ctx = self.ctx
         slot = self.slot
         if slot is None:
-            return self._write(state, checkpoint, None, None)
+            return self._write(name, state, checkpoint, None, None)
         with slot.lock:
             try:
                 text = pending_text(ctx, slot)
@@ -318,13 +359,18 @@ class SQLTaskHome:
                 text = None
             for _attempt in range(MERGE_ATTEMPTS):
                 try:
-                    return self._write(state, checkpoint, slot, text)
+                    return self._write(name, state, checkpoint, slot, text)
                 except _Again:
                     continue
             raise StateConflict(self.sid, slot.name)
 
     def _write(
-        self, state: TaskState, checkpoint: str | None, slot: Slot | None, text: str | None
+        self,
+        name: str,
+        state: TaskState,
+        checkpoint: str | None,
+        slot: Slot | None,
+        text: str | None,
     ) -> bool:
         ctx = self.ctx
         now = ctx.now()
@@ -339,8 +385,11 @@ class SQLTaskHome:
                         version = merge_write(ctx, ex, self.sid, slot, text, now)
                     except StateConflict:
                         raise _Again from None
-                if ex.run(ctx.st.save_task, values).rowcount != 1:
+                saved = ex.run(ctx.st.save_task, values).first()
+                if saved is None:
                     raise _Refused
+                self.cancelling = saved[0] is not None
+                self.written(ex, name, state, now)
         except (_Refused, SessionExpired):
             return False
         if slot is not None and text is not None and version is not None:
@@ -370,6 +419,7 @@ class SQLTaskHome:
                 lease,
                 _checkpoint,
                 run_after,
+                cancel_requested,
             ) = row
             if isinstance(logs, str):
                 logs = v.json(logs)[0]
@@ -388,6 +438,8 @@ class SQLTaskHome:
                 last_error=None if failed or not durable else error,
                 durable=durable,
                 waiting=status if status in WAITING else None,
+                cancelled=status == "cancelled",
+                cancel_requested=cancel_requested is not None and status != "cancelled",
             )
             now = b.now()
             timeout = self.heartbeat_timeout
