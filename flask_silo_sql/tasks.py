@@ -679,6 +679,7 @@ class BackgroundTask:
                 self._state.message = message
             self._dirty = True
         self._maybe_flush()
+        self._check_lease()  # the write may have found a cancel
 
     def log(self, message: str) -> None:
         """Append a log line (a linked task keeps the newest ``max_logs``)."""
@@ -691,6 +692,7 @@ class BackgroundTask:
                     del self._state.logs[:excess]
             self._dirty = True
         self._maybe_flush()
+        self._check_lease()  # the write may have found a cancel
 
     def complete(self, message: str = "Done") -> None:
         """Mark the task finished successfully."""
