@@ -361,7 +361,7 @@ class TaskHome(Protocol):
         """Forget the row (the task's reset)."""
 
     def cancel(self, name: str) -> str:
-        """Cancel the run the row holds, from any process: one of :data:`CANCEL_OUTCOMES`.
+        """Cancel the run the row holds, from any process (what it did, as ``cancel()``).
 
         A waiting run (queued, retrying) is cancelled now; a running one is marked,
         and its process learns it at its next write (:meth:`cancel_seen`).
@@ -634,7 +634,7 @@ class BackgroundTask:
     # -- cancel ----------------------------------------------------------------------
 
     def cancel(self) -> str:
-        """Cancel the run, from any worker or process; one of :data:`CANCEL_OUTCOMES`.
+        """Cancel the run, from any worker or process; says what it did (a ``str``).
 
         ``"cancelled"``: the run was queued or waiting for a retry, and never starts.
         ``"cancelling"``: it runs; its next ``update()``, ``log()`` or ``checkpoint()``

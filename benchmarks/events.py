@@ -1,0 +1,254 @@
+"""Live tasks: latency from the commit of ``task.update()`` to a stream's receipt, and the
+queries idle streams cost.
+
+``--streams`` sessions (200) each open one event stream on ``gunicorn -w 4 -k gthread``
+serving ``tests/apps/events_app.py``; this process (another process of the same app, on
+the same database) runs one plain task per session whose target calls ``task.update()``
+``--updates`` times, a random 0.2 to 1 s apart, putting the time just before the call in
+the update's message. A stream's reader notes when the event arrives; the latency is the
+arrival minus that time (so it includes the write itself: an upper bound of commit to
+receipt). Reported as p50, p95 and p99 over every update, per database.
+
+**Idle**: the same streams stay open with nothing happening for ``--idle`` seconds; on
+PostgreSQL the database's committed transactions over that time (``pg_stat_database``;
+every statement of a reader is one) give the query rate, against the target of one
+query per process per poll interval (``SILO_STREAM_POLL_INTERVAL``).
+
+Targets (from the issue): p95 <= 100 ms on PostgreSQL, <= 250 ms on SQLite. PostgreSQL
+is a private server started for the run (``tests/pgserver.py``), or the one named by
+``SILO_TEST_PG_URL``. Run: ``python benchmarks/events.py [--streams N] [--updates N]
+[--idle S] [--only sqlite|postgresql]``; needs ``pip install -e ".[postgres,dev]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# benchmarks/requests.py would shadow the requests package when run as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+
+import requests  # noqa: E402
+
+APPS = REPO / "tests" / "apps"
+WORKERS = 4
+THREADS = 64
+TARGETS = {"postgresql": 0.100, "sqlite": 0.250}
+SECRET = "benchmark-secret"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+@contextmanager
+def served(env: dict[str, str], log: Path) -> Iterator[str]:
+    port = 20000 + random.randrange(20000)
+    full = {**os.environ, **env, "PYTHONPATH": f"{REPO}{os.pathsep}{APPS}"}
+    cmd = [
+        sys.executable, "-m", "gunicorn", "--chdir", str(APPS), "-w", str(WORKERS),
+        "-k", "gthread", "--threads", str(THREADS), "-b", f"127.0.0.1:{port}",
+        "--graceful-timeout", "2", "--log-level", "warning", "events_app:app",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=full, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"gunicorn did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class Reader(threading.Thread):
+    """One EventSource: notes each progress event's arrival against the time it carries."""
+
+    def __init__(self, base: str, sid: str) -> None:
+        super().__init__(daemon=True)
+        reply = requests.post(base + "/api/token", headers={"X-Session-ID": sid}, timeout=30)
+        token = reply.json()
+        self.response = requests.get(
+            f"{base}/events?token={token['token']}&last_event_id={token['last_event_id']}",
+            stream=True,
+            timeout=120,
+        )
+        assert self.response.status_code == 200, self.response.text
+        self.latencies: list[float] = []
+
+    def run(self) -> None:
+        try:
+            kind = ""
+            for line in self.response.iter_lines(decode_unicode=True):
+                if line and line.startswith("event: "):
+                    kind = line[7:]
+                elif line and line.startswith("data: ") and kind == "progress":
+                    arrived = time.time()
+                    message = json.loads(line[6:]).get("message", "")
+                    if message.startswith("t="):
+                        self.latencies.append(arrived - float(message[2:]))
+        except (requests.RequestException, AttributeError, ValueError):
+            pass  # closed by the benchmark
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def updates(app_module: Any, sids: list[str], count: int) -> None:
+    """One task per session, each calling update() *count* times, 0.2 to 1 s apart."""
+    silo = app_module.silo
+    done = threading.Barrier(len(sids) + 1)
+
+    def work(task: Any) -> None:
+        try:
+            for step in range(count):
+                time.sleep(random.uniform(0.2, 1.0))  # noqa: S311 (not a secret)
+                task.update(progress=step, message=f"t={time.time():.6f}")
+        finally:
+            done.wait()
+
+    for sid in sids:
+        with silo.session(sid) as state:
+            state["job"]["task"].start(work)
+    done.wait()
+
+
+def pg_commits(url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -> dict[str, Any]:
+    from sqlalchemy import create_engine
+
+    from flask_silo_sql import schema
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    schema.upgrade(engine)
+    engine.dispose()
+    poll = 1.0 if name == "postgresql" else 0.1
+    env = {
+        "SILO_DATABASE_URI": url,
+        "SECRET_KEY": SECRET,
+        "SILO_TASK_FLUSH_INTERVAL": "0",
+        "SILO_TASK_RUNNER": '"worker"',
+        "SILO_STREAMS_PER_PROCESS": str(THREADS - 4),
+        "SILO_STREAM_HEARTBEAT": "15",
+    }
+    os.environ.update(env)
+    sys.path[:0] = [str(REPO), str(APPS)]
+    app_module = importlib.import_module("events_app")
+    sids = [f"bench-events-{name}-{i:05d}-session" for i in range(streams)]
+    with served(env, tmp / f"gunicorn-{name}.log") as base:
+        readers = [Reader(base, sid) for sid in sids]
+        for reader in readers:
+            reader.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        updates(app_module, sids, count)
+        busy = time.monotonic() - started
+        time.sleep(2.0)  # the last events arrive
+        latencies = [x for r in readers for x in r.latencies]
+        result: dict[str, Any] = {
+            "name": name,
+            "streams": streams,
+            "updates": streams * count,
+            "received": len(latencies),
+            "p50_ms": 1000 * percentile(latencies, 0.50),
+            "p95_ms": 1000 * percentile(latencies, 0.95),
+            "p99_ms": 1000 * percentile(latencies, 0.99),
+            "mean_ms": 1000 * statistics.fmean(latencies),
+            "seconds": busy,
+        }
+        if name == "postgresql" and idle > 0:
+            before = pg_commits(url)
+            time.sleep(idle)
+            after = pg_commits(url)
+            per_process = (after - before - 1) / idle / WORKERS
+            result["idle_queries_per_process_per_s"] = per_process
+            result["idle_target_per_process_per_s"] = 1 / poll
+        for reader in readers:
+            reader.close()
+    app_module.silo.stop()
+    sys.modules.pop("events_app", None)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--updates", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--only", choices=("sqlite", "postgresql"), action="append")
+    args = parser.parse_args(argv)
+    names = args.only or ["sqlite", "postgresql"]
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        for name in names:
+            server = None
+            if name == "sqlite":
+                url = f"sqlite:///{tmp / 'events.db'}"
+            else:
+                sys.path.insert(0, str(REPO / "tests"))
+                pgserver = importlib.import_module("pgserver")
+                external = os.environ.get("SILO_TEST_PG_URL")
+                server = pgserver.ExternalPg(external) if external else pgserver.PgServer(fsync=True)
+                url = server.create_database()
+            try:
+                results.append(run(name, url, args.streams, args.updates, args.idle, tmp))
+            finally:
+                if server is not None:
+                    server.destroy()
+    for r in results:
+        verdict = "met" if r["p95_ms"] / 1000 <= TARGETS[r["name"]] else "MISSED"
+        print(
+            f"{r['name']:>10}: {r['streams']} streams, {r['received']}/{r['updates']} updates "
+            f"received; commit->receipt p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
+            f"p99 {r['p99_ms']:.0f} ms (target p95 <= {TARGETS[r['name']] * 1000:.0f} ms: "
+            f"{verdict})"
+        )
+        if "idle_queries_per_process_per_s" in r:
+            print(
+                f"{'':>10}  idle: {r['idle_queries_per_process_per_s']:.2f} queries per "
+                f"process per second (target <= {r['idle_target_per_process_per_s']:.2f})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
