@@ -48,12 +48,12 @@ APPS = REPO / "tests" / "apps"
 WORKERS = 4
 THREADS = 64
 TARGETS = {"postgresql": 0.100, "sqlite": 0.250}
-SECRET = "benchmark-secret"
+SECRET = "benchmark-secret"  # noqa: S105 (signs this run's stream tokens only)
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @contextmanager
@@ -126,7 +126,7 @@ def updates(app_module: Any, sids: list[str], count: int) -> None:
     def work(task: Any) -> None:
         try:
             for step in range(count):
-                time.sleep(random.uniform(0.2, 1.0))  # noqa: S311 (not a secret)
+                time.sleep(random.uniform(0.2, 1.0))
                 task.update(progress=step, message=f"t={time.time():.6f}")
         finally:
             done.wait()
@@ -145,7 +145,10 @@ def pg_commits(url: str) -> int:
         with engine.connect() as conn:
             return int(
                 conn.execute(
-                    text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+                    text(
+                        "SELECT xact_commit FROM pg_stat_database"
+                        " WHERE datname = current_database()"
+                    )
                 ).scalar_one()
             )
     finally:
@@ -227,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.path.insert(0, str(REPO / "tests"))
                 pgserver = importlib.import_module("pgserver")
                 external = os.environ.get("SILO_TEST_PG_URL")
-                server = pgserver.ExternalPg(external) if external else pgserver.PgServer(fsync=True)
+                server = (
+                    pgserver.ExternalPg(external) if external else pgserver.PgServer(fsync=True)
+                )
                 url = server.create_database()
             try:
                 results.append(run(name, url, args.streams, args.updates, args.idle, tmp))
