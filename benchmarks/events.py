@@ -46,7 +46,7 @@ import requests  # noqa: E402
 
 APPS = REPO / "tests" / "apps"
 WORKERS = 4
-THREADS = 64
+THREADS = 128
 TARGETS = {"postgresql": 0.100, "sqlite": 0.250}
 SECRET = "benchmark-secret"  # noqa: S105 (signs this run's stream tokens only)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import abort, jsonify
 from harness import AppFactory, Harness
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 from support import StatementLog
 from werkzeug.test import TestResponse
 
@@ -291,3 +292,30 @@ def test_idle_streams_cost_one_query_per_poll_whatever_their_number(
     with StatementLog(h.storage) as log:
         hub.poll()
     assert log.names == []  # no stream open: no query at all
+
+
+def test_events_arrive_through_pgbouncer_in_transaction_mode(
+    pg_bouncer: Any, pg_silo_url: str, opened: list[Stream], tmp_path: Path
+) -> None:
+    url = pg_bouncer.url(str(make_url(pg_silo_url).database))
+    h = Harness(url, config=FAST, instance_path=tmp_path)
+    try:
+        h.silo.register("job", lambda: {"task": BackgroundTask("job"), "n": 0})
+
+        @h.app.post("/api/token")
+        def token_view() -> Any:
+            return jsonify(h.silo.stream_token())
+
+        @h.app.get("/events")
+        def stream_view() -> Any:
+            return h.silo.stream()
+
+        stream = open_stream(h, opened, ALICE)
+        for n in (1, 2):  # notifications or not, the poll brings them
+            h.silo.publish("step", {"n": n}, sid=ALICE)
+        assert [e["data"]["n"] for e in stream.next_events(2)] == [1, 2]
+    finally:
+        for stream in opened:
+            stream.close()
+        opened.clear()
+        h.close()

@@ -114,6 +114,13 @@ def open_stream(
     except BaseException:
         SLOTS.give_back(sid)
         raise
+    try:  # where the stream starts, fixed now: what commits from here on is sent
+        resync = after is not None and after > 0 and not event_rows.still_kept(ctx, sid, after)
+        start = event_rows.last_id(ctx, sid) if after is None or resync else after
+    except BaseException:
+        hub.unsubscribe(sub)
+        SLOTS.give_back(sid)
+        raise
     done = threading.Lock()
 
     def release() -> None:
@@ -125,14 +132,11 @@ def open_stream(
     def body() -> Iterator[str]:
         try:
             yield f"retry: {RETRY_MS}\n\n"
-            last = after
-            if last is not None and last > 0 and not event_rows.still_kept(ctx, sid, last):
-                last = event_rows.last_id(ctx, sid)
+            last = start
+            if resync:
                 reason = "events after the one you last saw are no longer kept: reload the state"
                 data = json.dumps({"reason": reason})
                 yield f"id: {last}\nevent: resync\ndata: {data}\n\n"
-            elif last is None:
-                last = event_rows.last_id(ctx, sid)  # live from now on
             while True:  # the replay, in batches
                 batch = event_rows.session_after(ctx, sid, last)
                 for event in batch:

@@ -457,17 +457,34 @@ class SQLTaskHome:
             if not durable:
                 beat = v.maybe_unix(heartbeat) or 0.0
                 if state.running and beat < now - timeout:
-                    ex.run(st.mark_task_lost, values)
-                    self._lost(state, values["error"], now)
+                    with ex.transaction():
+                        marked = ex.run(st.mark_task_lost, values).rowcount
+                        self._lost(state, values["error"], now)
+                        if marked:  # (else another reader recorded it, and told it)
+                            self._tell_lost(ex, state, now)
             elif (
                 status == "running"
                 and lease is not None
                 and int(attempt) >= int(max_attempts)
                 and v.unix(lease) < now
-                and ex.run(st.fail_exhausted_one, values).rowcount
             ):
-                self._lost(state, values["error"], now)
+                with ex.transaction():
+                    if ex.run(st.fail_exhausted_one, values).rowcount:
+                        self._lost(state, values["error"], now)
+                        self._tell_lost(ex, state, now)
         return state
+
+    def _tell_lost(self, ex: Executor, state: TaskState, now: float) -> None:
+        """In the transaction that records a run lost: the event that tells its streams."""
+        data = {
+            "task_id": self.task_id,
+            "status": "failed",
+            "progress": round(state.progress, 1),
+            "message": state.message,
+            "logs": [],
+            "error": state.error,
+        }
+        event_rows.write(ex, self.ctx, self.sid, "failed", data, task_id=self.task_id, now=now)
 
     @staticmethod
     def _lost(state: TaskState, error: str, now: float) -> None:
