@@ -43,15 +43,15 @@ def _serializer(keys: Sequence[str | bytes]) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(secrets_, salt=SALT)
 
 
-def mint(ctx: Context, keys: Sequence[str | bytes], sid: str, ttl: float) -> str | None:
-    """A new token for *sid*, valid *ttl* seconds (None when the session is gone).
+def mint(ctx: Context, keys: Sequence[str | bytes], sid: str, ttl: float) -> str:
+    """A new token for *sid*, valid *ttl* seconds (its session is stored if it was not).
 
     *keys*: the secret keys, the current one last (``SECRET_KEY_FALLBACKS`` first).
     """
+    serializer = _serializer(keys)  # (no key: said before anything is written)
     value = secrets.token_urlsafe(24)
-    if not event_rows.add_token(ctx, sid, value, ctx.now() + ttl):
-        return None
-    return str(_serializer(keys).dumps(value))
+    event_rows.add_token(ctx, sid, value, ctx.now() + ttl)
+    return str(serializer.dumps(value))
 
 
 def session_of(ctx: Context, keys: Sequence[str | bytes], token: str, ttl: float) -> str:

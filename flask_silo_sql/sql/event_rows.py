@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..tasks import TaskState
+from . import sessions as ops
 from .context import Context
 from .executor import Executor
 
@@ -158,15 +159,16 @@ def token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def add_token(ctx: Context, sid: str, secret: str, expires: float) -> bool:
-    """Bind the token's random part to *sid* until *expires*; False if the session is gone."""
+def add_token(ctx: Context, sid: str, secret: str, expires: float) -> None:
+    """Bind the token's random part to *sid* until *expires*, in one transaction with the
+    session's row (made now for a client whose session was not stored yet)."""
     st = ctx.st
     values = {"sid": sid, "token_hash": token_hash(secret), "expires": st.values.time(expires)}
     with ctx.connector.transaction() as ex:
-        if ex.run(st.has_session, {"sid": sid}).first() is None:
-            return False
+        created, _ = ops.lock(ex, st, sid, ctx.times(ctx.now()), existed=None)
         ex.run(st.events.insert_token, values)
-    return True
+    if created:
+        ctx.policy.created(sid)
 
 
 def token_session(ctx: Context, secret: str) -> str | None:

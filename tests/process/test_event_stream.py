@@ -160,3 +160,69 @@ def test_replay_restart_cancel_and_tokens_under_gunicorn(silo_url: str, tmp_path
             timeout=TIMEOUT,
         )
         client.close()
+
+
+def test_the_listener_heals_after_a_database_restart(private_pg: Any, tmp_path: Path) -> None:
+    """With polling all but off, events still come after PostgreSQL restarts mid-stream:
+    the listener reconnects by itself, and what committed meanwhile is read at once."""
+    from harness import Harness
+    from sqlalchemy import make_url
+
+    from flask_silo_sql import schema
+    from flask_silo_sql.sql.engine import make_engine
+
+    url = private_pg.create_database()
+    engine = make_engine(url)
+    schema.upgrade(engine)
+    engine.dispose()
+    config = {
+        "SECRET_KEY": "process-test-secret",
+        "SILO_STREAM_POLL_INTERVAL": 3600.0,  # only notifications (and the healing) deliver
+        "SILO_STREAM_HEARTBEAT": 0.1,
+        "SILO_STREAM_MAX_AGE": 60.0,
+    }
+    h = Harness(url, config=config, instance_path=tmp_path, clock=False)
+    assert make_url(url).get_backend_name() == "postgresql"
+
+    @h.app.post("/api/token")
+    def token_view() -> Any:
+        return h.silo.stream_token()
+
+    @h.app.get("/events")
+    def stream_view() -> Any:
+        return h.silo.stream()
+
+    try:
+        token = h.json("POST", "/api/token", ALICE)
+        response = h.client.get(
+            f"/events?token={token['token']}&last_event_id={token['last_event_id']}",
+            buffered=False,
+        )
+        chunks: Iterator[Any] = iter(response.response)
+
+        def next_step() -> int:
+            for chunk in chunks:
+                text = str(chunk.decode())
+                if text.startswith("id: "):
+                    return int(text.split("data: ")[1].split(":")[1].rstrip("}\n"))
+            raise AssertionError("the stream ended")
+
+        h.silo.publish("step", {"n": 1}, sid=ALICE)
+        assert next_step() == 1
+        private_pg.stop_server()
+        private_pg.start_server()
+
+        def published() -> bool | None:
+            try:
+                h.silo.publish("step", {"n": 2}, sid=ALICE)
+            except Exception:
+                return None  # the app's pool finds the server back by itself
+            return True
+
+        wait_for("the database back", published, timeout=TIMEOUT)
+        assert next_step() == 2
+        h.silo.publish("step", {"n": 3}, sid=ALICE)
+        assert next_step() == 3
+        response.close()
+    finally:
+        h.close()
