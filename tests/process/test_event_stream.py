@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from liveserver import Gunicorn, gunicorn, wait_for
 
@@ -226,3 +227,25 @@ def test_the_listener_heals_after_a_database_restart(private_pg: Any, tmp_path: 
         response.close()
     finally:
         h.close()
+
+
+def test_streams_and_cancel_under_gevent_workers(silo_url: str, tmp_path: Path) -> None:
+    """``gunicorn -k gevent``: streams are greenlets; the hub, the listener and a task's
+    thread are too (gevent patches threading), and they work the same."""
+    pytest.importorskip("gevent")
+    env = env_for(silo_url)
+    with gunicorn(
+        env, tmp_path, app="events_app:app", workers=2, extra=("-k", "gevent")
+    ) as server:
+        clients = [Client(server, f"{ALICE}-{n}") for n in range(5)]
+        for n, _client in enumerate(clients):
+            call(server, "POST", f"/api/publish/{n}", f"{ALICE}-{n}")
+        for n, client in enumerate(clients):
+            assert steps(client.take(1)) == [n]
+        call(server, "POST", "/api/start", f"{ALICE}-0")
+        assert clients[0].until("progress")[-1]["event"] == "progress"
+        answer = call(server, "POST", "/api/cancel", f"{ALICE}-0")
+        assert answer.json()["outcome"] == "cancelling"
+        assert clients[0].until("cancelled")[-1]["event"] == "cancelled"
+        for client in clients:
+            client.close()
