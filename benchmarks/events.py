@@ -23,10 +23,12 @@ is a private server started for the run (``tests/pgserver.py``), or the one name
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,14 +116,11 @@ class Reader(threading.Thread):
         except (requests.RequestException, AttributeError, ValueError):
             pass  # closed by the benchmark
 
-    def close(self) -> None:
-        self.response.close()
-
 
 def updates(app_module: Any, sids: list[str], count: int) -> None:
     """One task per session, each calling update() *count* times, 0.2 to 1 s apart."""
     silo = app_module.silo
-    done = threading.Barrier(len(sids) + 1)
+    done = threading.Barrier(len(sids) + 1, timeout=count * 2 + 60)
 
     def work(task: Any) -> None:
         try:
@@ -131,9 +130,11 @@ def updates(app_module: Any, sids: list[str], count: int) -> None:
         finally:
             done.wait()
 
-    for sid in sids:
+    for n, sid in enumerate(sids):
         with silo.session(sid) as state:
             state["job"]["task"].start(work)
+        if n % 50 == 49:
+            print(f"  {n + 1} tasks started", file=sys.stderr, flush=True)
     done.wait()
 
 
@@ -177,7 +178,11 @@ def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -
     app_module = importlib.import_module("events_app")
     sids = [f"bench-events-{name}-{i:05d}-session" for i in range(streams)]
     with served(env, tmp / f"gunicorn-{name}.log") as base:
-        readers = [Reader(base, sid) for sid in sids]
+        readers = []
+        for n, sid in enumerate(sids):
+            readers.append(Reader(base, sid))
+            if n % 50 == 49:
+                print(f"  {n + 1} streams open", file=sys.stderr, flush=True)
         for reader in readers:
             reader.start()
         time.sleep(1.0)
@@ -204,14 +209,14 @@ def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -
             per_process = (after - before - 1) / idle / WORKERS
             result["idle_queries_per_process_per_s"] = per_process
             result["idle_target_per_process_per_s"] = 1 / poll
-        for reader in readers:
-            reader.close()
+        # (The readers end with the server: closing a response another thread reads blocks.)
     app_module.silo.stop()
     sys.modules.pop("events_app", None)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--updates", type=int, default=5)

@@ -294,6 +294,22 @@ def test_idle_streams_cost_one_query_per_poll_whatever_their_number(
     assert log.names == []  # no stream open: no query at all
 
 
+def test_a_stream_opened_as_the_last_one_closes_still_gets_live_events(
+    silo_app: AppFactory, opened: list[Stream]
+) -> None:
+    h = events_app(silo_app)
+    for round_ in range(3):
+        first = open_stream(h, opened, ALICE)
+        opened.remove(first)
+        first.close()  # the process's last stream: its reader is told to stop
+        stream = open_stream(h, opened, ALICE)  # at once: a reader runs for it
+        assert stream.quiet_for(2)  # the hint, the (empty) replay, a heartbeat: live now
+        h.json("POST", f"/api/publish/{round_}", ALICE)
+        assert [e["data"]["n"] for e in stream.next_events(1)] == [round_]
+        opened.remove(stream)
+        stream.close()
+
+
 def test_events_arrive_through_pgbouncer_in_transaction_mode(
     pg_bouncer: Any, pg_silo_url: str, opened: list[Stream], tmp_path: Path
 ) -> None:

@@ -78,7 +78,9 @@ class Hub:
             if self._cursor is None:  # the first stream: start from the newest event
                 self._cursor = event_rows.last_id(self.ctx)
             self._subs.setdefault(sid, set()).add(sub)
-            if self._thread is None or not self._thread.is_alive():
+            thread = self._thread
+            if thread is None or not thread.is_alive() or self._stop.is_set():
+                # (a reader told to stop, as the last stream closed, ends by itself)
                 self._stop = threading.Event()
                 self._thread = threading.Thread(
                     target=self._loop, args=(self._stop,), name="flask-silo-events", daemon=True
