@@ -101,6 +101,9 @@ class Reader(threading.Thread):
         )
         assert self.response.status_code == 200, self.response.text
         self.latencies: list[float] = []
+        """From just before the update() call (its write included)."""
+        self.arrivals: dict[str, float] = {}
+        """Each update's arrival, by its message."""
 
     def run(self) -> None:
         try:
@@ -113,20 +116,25 @@ class Reader(threading.Thread):
                     message = json.loads(line[6:]).get("message", "")
                     if message.startswith("t="):
                         self.latencies.append(arrived - float(message[2:]))
+                        self.arrivals[message] = arrived
         except (requests.RequestException, AttributeError, ValueError):
             pass  # closed by the benchmark
 
 
-def updates(app_module: Any, sids: list[str], count: int) -> None:
-    """One task per session, each calling update() *count* times, 0.2 to 1 s apart."""
+def updates(app_module: Any, sids: list[str], count: int) -> dict[str, float]:
+    """One task per session, each calling update() *count* times, 0.2 to 1 s apart; when
+    each update() returned (its write committed: no coalescing), by its message."""
     silo = app_module.silo
     done = threading.Barrier(len(sids) + 1, timeout=count * 2 + 60)
+    committed: dict[str, float] = {}
 
     def work(task: Any) -> None:
         try:
             for step in range(count):
                 time.sleep(random.uniform(0.2, 1.0))
-                task.update(progress=step, message=f"t={time.time():.6f}")
+                message = f"t={time.time():.6f}"
+                task.update(progress=step, message=message)
+                committed[message] = time.time()
         finally:
             done.wait()
 
@@ -136,6 +144,7 @@ def updates(app_module: Any, sids: list[str], count: int) -> None:
         if n % 50 == 49:
             print(f"  {n + 1} tasks started", file=sys.stderr, flush=True)
     done.wait()
+    return committed
 
 
 def pg_commits(url: str) -> int:
@@ -187,10 +196,14 @@ def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -
             reader.start()
         time.sleep(1.0)
         started = time.monotonic()
-        updates(app_module, sids, count)
+        committed = updates(app_module, sids, count)
         busy = time.monotonic() - started
-        time.sleep(2.0)  # the last events arrive
+        time.sleep(2.0)  # the last events arrive, the tasks' final writes are made
         latencies = [x for r in readers for x in r.latencies]
+        after = [
+            arrived - committed[m] for r in readers for m, arrived in r.arrivals.items()
+            if m in committed
+        ]
         result: dict[str, Any] = {
             "name": name,
             "streams": streams,
@@ -200,9 +213,13 @@ def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -
             "p95_ms": 1000 * percentile(latencies, 0.95),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             "mean_ms": 1000 * statistics.fmean(latencies),
+            "after_p50_ms": 1000 * percentile(after, 0.50),
+            "after_p95_ms": 1000 * percentile(after, 0.95),
+            "after_p99_ms": 1000 * percentile(after, 0.99),
             "seconds": busy,
         }
         if name == "postgresql" and idle > 0:
+            time.sleep(3.0)  # nothing left in flight
             before = pg_commits(url)
             time.sleep(idle)
             after = pg_commits(url)
@@ -251,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             f"received; commit->receipt p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
             f"p99 {r['p99_ms']:.0f} ms (target p95 <= {TARGETS[r['name']] * 1000:.0f} ms: "
             f"{verdict})"
+        )
+        print(
+            f"{'':>10}  from update()'s return (its commit): p50 {r['after_p50_ms']:.0f} ms, "
+            f"p95 {r['after_p95_ms']:.0f} ms, p99 {r['after_p99_ms']:.0f} ms"
         )
         if "idle_queries_per_process_per_s" in r:
             print(

@@ -21,7 +21,7 @@ from sqlalchemy import func, make_url, select
 from support import StatementLog
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import BackgroundTask
+from flask_silo_sql import BackgroundTask, SessionExpired
 from flask_silo_sql.events import HUBS
 from flask_silo_sql.sql.models import events
 
@@ -166,6 +166,15 @@ def test_events_are_written_only_with_the_change_they_tell_of(silo_app: AppFacto
         ["insert_event"],  # SQLite
         ["event_order", "insert_event", "notify_event"],  # PostgreSQL: in line, announced
     )
+
+
+def test_publishing_to_a_session_that_is_gone_says_so(silo_app: AppFactory) -> None:
+    h = events_app(silo_app)
+    with pytest.raises(SessionExpired):
+        h.silo.publish("step", {"n": 1}, sid="events-test-no-such-session-01")
+    with pytest.raises(ValueError, match="kind"):
+        h.silo.publish("not a kind!", sid=ALICE)
+    assert count_events(h) == 0
 
 
 def test_a_task_run_is_told_as_events_in_order(
