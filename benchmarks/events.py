@@ -220,10 +220,10 @@ def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -
         }
         if name == "postgresql" and idle > 0:
             time.sleep(3.0)  # nothing left in flight
-            before = pg_commits(url)
+            first = pg_commits(url)
             time.sleep(idle)
-            after = pg_commits(url)
-            per_process = (after - before - 1) / idle / WORKERS
+            last = pg_commits(url)
+            per_process = (last - first - 1) / idle / WORKERS
             result["idle_queries_per_process_per_s"] = per_process
             result["idle_target_per_process_per_s"] = 1 / poll
         # (The readers end with the server: closing a response another thread reads blocks.)
