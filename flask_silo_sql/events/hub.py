@@ -24,7 +24,7 @@ from ..logs import silo_logger
 from ..sql import event_rows
 from ..sql.context import Context
 from ..sql.event_rows import Event
-from ..sql.statements import EVENT_CHANNEL
+from ..sql.statements.events import LISTEN
 
 logger = silo_logger("flask_silo_sql.events")
 
@@ -165,7 +165,7 @@ class Hub:
         conn: Any = raw.dbapi_connection
         try:
             conn.autocommit = True
-            conn.execute(f"LISTEN {EVENT_CHANNEL}")
+            conn.execute(LISTEN)
             self.poke()
             while not stop.is_set():
                 for _note in conn.notifies(timeout=1.0, stop_after=1):

@@ -28,6 +28,8 @@ from .kit import Kit, ts
 
 EVENT_CHANNEL = "silo_events"
 """The PostgreSQL channel an event's ID is announced on (each process's listener)."""
+LISTEN = f"LISTEN {EVENT_CHANNEL}"
+"""What each process's listener sends on its own connection (not a prepared statement)."""
 ORDER_LOCK = 0x5_11_0E_7E
 """The advisory lock key that puts event-writing transactions in line (PostgreSQL)."""
 
