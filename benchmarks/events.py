@@ -50,6 +50,8 @@ APPS = REPO / "tests" / "apps"
 WORKERS = 4
 THREADS = 128
 TARGETS = {"postgresql": 0.100, "sqlite": 0.250}
+POLL_S = 0.3
+"""The data processor page's polling interval."""
 SECRET = "benchmark-secret"  # noqa: S105 (signs this run's stream tokens only)
 
 
@@ -121,6 +123,31 @@ class Reader(threading.Thread):
             pass  # closed by the benchmark
 
 
+class Poller(threading.Thread):
+    """A client without EventSource: ``GET /api/status`` every ``POLL_S`` (the example's)."""
+
+    def __init__(self, base: str, sid: str, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.url = base + "/api/status"
+        self.headers = {"X-Session-ID": sid}
+        self.stop = stop
+        self.arrivals: dict[str, float] = {}
+        self.requests = 0
+
+    def run(self) -> None:
+        session = requests.Session()
+        while not self.stop.is_set():
+            try:
+                message = session.get(self.url, headers=self.headers, timeout=30).json()
+                self.requests += 1
+            except (requests.RequestException, ValueError):
+                continue
+            text = message.get("task", {}).get("message", "")
+            if text.startswith("t=") and text not in self.arrivals:
+                self.arrivals[text] = time.time()
+            self.stop.wait(POLL_S)
+
+
 def updates(app_module: Any, sids: list[str], count: int) -> dict[str, float]:
     """One task per session, each calling update() *count* times, 0.2 to 1 s apart; when
     each update() returned (its write committed: no coalescing), by its message."""
@@ -165,7 +192,9 @@ def pg_commits(url: str) -> int:
         engine.dispose()
 
 
-def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -> dict[str, Any]:
+def run(
+    name: str, url: str, streams: int, count: int, idle: float, tmp: Path, polling: bool
+) -> dict[str, Any]:
     from sqlalchemy import create_engine
 
     from flask_silo_sql import schema
@@ -226,6 +255,26 @@ def run(name: str, url: str, streams: int, count: int, idle: float, tmp: Path) -
             per_process = (last - first - 1) / idle / WORKERS
             result["idle_queries_per_process_per_s"] = per_process
             result["idle_target_per_process_per_s"] = 1 / poll
+        if polling:  # the same updates, seen by clients polling /api/status instead
+            stop = threading.Event()
+            pollers = [Poller(base, sid, stop) for sid in sids]
+            for poller in pollers:
+                poller.start()
+            time.sleep(1.0)
+            started = time.monotonic()
+            committed = updates(app_module, sids, count)
+            seconds = time.monotonic() - started
+            time.sleep(2.0)
+            stop.set()
+            seen = [
+                arrived - float(m[2:]) for p in pollers for m, arrived in p.arrivals.items()
+                if m in committed
+            ]
+            result["poll_seen"] = len(seen)
+            result["poll_p50_ms"] = 1000 * percentile(seen, 0.50)
+            result["poll_p95_ms"] = 1000 * percentile(seen, 0.95)
+            result["poll_p99_ms"] = 1000 * percentile(seen, 0.99)
+            result["poll_requests_per_s"] = sum(p.requests for p in pollers) / (seconds + 3.0)
         # (The readers end with the server: closing a response another thread reads blocks.)
     app_module.silo.stop()
     sys.modules.pop("events_app", None)
@@ -239,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--only", choices=("sqlite", "postgresql"), action="append")
+    parser.add_argument("--no-polling", action="store_true", help="skip the polling baseline")
     args = parser.parse_args(argv)
     names = args.only or ["sqlite", "postgresql"]
     results = []
@@ -257,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 url = server.create_database()
             try:
-                results.append(run(name, url, args.streams, args.updates, args.idle, tmp))
+                results.append(
+                    run(name, url, args.streams, args.updates, args.idle, tmp, not args.no_polling)
+                )
             finally:
                 if server is not None:
                     server.destroy()
@@ -273,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{'':>10}  from update()'s return (its commit): p50 {r['after_p50_ms']:.0f} ms, "
             f"p95 {r['after_p95_ms']:.0f} ms, p99 {r['after_p99_ms']:.0f} ms"
         )
+        if "poll_p95_ms" in r:
+            print(
+                f"{'':>10}  polling GET /api/status every {POLL_S * 1000:.0f} ms instead: "
+                f"{r['poll_seen']} seen; p50 {r['poll_p50_ms']:.0f} ms, p95 "
+                f"{r['poll_p95_ms']:.0f} ms, p99 {r['poll_p99_ms']:.0f} ms, "
+                f"{r['poll_requests_per_s']:.0f} requests/s"
+            )
         if "idle_queries_per_process_per_s" in r:
             print(
                 f"{'':>10}  idle: {r['idle_queries_per_process_per_s']:.2f} queries per "
