@@ -5,14 +5,19 @@ queries idle streams cost.
 serving ``tests/apps/events_app.py``; this process (another process of the same app, on
 the same database) runs one plain task per session whose target calls ``task.update()``
 ``--updates`` times, a random 0.2 to 1 s apart, putting the time just before the call in
-the update's message. A stream's reader notes when the event arrives; the latency is the
-arrival minus that time (so it includes the write itself: an upper bound of commit to
-receipt). Reported as p50, p95 and p99 over every update, per database.
+the update's message, and notes when the call returned (with no coalescing, its write is
+committed then). A stream's reader notes when the event arrives. Reported as p50, p95 and
+p99 over every update, per database: from the commit (the call's return) to the receipt,
+and from the call (the write included) to the receipt. Then the same updates again, seen
+by clients that poll ``GET /api/status`` every 300 ms (the data processor page's
+fallback) instead of streaming: from the call to the first poll that shows it.
 
 **Idle**: the same streams stay open with nothing happening for ``--idle`` seconds; on
 PostgreSQL the database's committed transactions over that time (``pg_stat_database``;
 every statement of a reader is one) give the query rate, against the target of one
-query per process per poll interval (``SILO_STREAM_POLL_INTERVAL``).
+query per process per poll interval (``SILO_STREAM_POLL_INTERVAL``). The count includes
+the server's own background transactions (autovacuum after the writes), so it is an upper
+bound; ``tests/test_events.py`` counts a reader's statements at the executor seam.
 
 Targets (from the issue): p95 <= 100 ms on PostgreSQL, <= 250 ms on SQLite. PostgreSQL
 is a private server started for the run (``tests/pgserver.py``), or the one named by
@@ -338,17 +343,19 @@ def main(argv: list[str] | None = None) -> int:
                 if server is not None:
                     server.destroy()
     for r in results:
-        verdict = "met" if r["p95_ms"] / 1000 <= TARGETS[r["name"]] else "MISSED"
+        verdict = "met" if r["after_p95_ms"] / 1000 <= TARGETS[r["name"]] else "MISSED"
         print(
             f"{r['name']:>10}: {r['streams']} streams, {r['failed_starts']} tasks not started, "
-            f"{r['received']}/{r['updates']} updates "
-            f"received; commit->receipt p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
-            f"p99 {r['p99_ms']:.0f} ms (target p95 <= {TARGETS[r['name']] * 1000:.0f} ms: "
-            f"{verdict})"
+            f"{r['received']}/{r['updates']} updates received"
         )
         print(
-            f"{'':>10}  from update()'s return (its commit): p50 {r['after_p50_ms']:.0f} ms, "
-            f"p95 {r['after_p95_ms']:.0f} ms, p99 {r['after_p99_ms']:.0f} ms"
+            f"{'':>10}  commit (update() returned) -> receipt: p50 {r['after_p50_ms']:.0f} ms, "
+            f"p95 {r['after_p95_ms']:.0f} ms, p99 {r['after_p99_ms']:.0f} ms (target p95 <= "
+            f"{TARGETS[r['name']] * 1000:.0f} ms: {verdict})"
+        )
+        print(
+            f"{'':>10}  update() called -> receipt (its write included): p50 "
+            f"{r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms"
         )
         if "poll_p95_ms" in r:
             print(
