@@ -225,3 +225,36 @@ def test_a_task_outside_any_session_is_cancelled_the_same_way() -> None:
     assert task.state.status == "cancelled"
     assert task.state.to_dict()["cancelled"] is True
     assert task.cancel() == "finished"
+
+
+def test_a_run_asked_to_cancel_whose_process_died_is_not_run_again(
+    silo_app: AppFactory, gate: Gate
+) -> None:
+    h = silo_app(config={"TESTING": True, "SILO_TASK_RUNNER": "worker"})
+    silo = h.silo
+
+    @silo.task
+    def durable(task: BackgroundTask) -> None:
+        gate.reached.set()
+
+    silo.register("job", lambda: {"task": BackgroundTask("job")})
+
+    @h.app.post("/api/start")
+    def start() -> Any:
+        silo.state("job")["task"].start(durable)
+        return jsonify(started=True)
+
+    @h.app.post("/api/cancel")
+    def cancel() -> Any:
+        return silo.cancel_response(silo.state("job")["task"])
+
+    h.json("POST", "/api/start", SID)
+    queue = h.store.backend.task_queue()
+    assert queue is not None
+    assert len(queue.claim("a-process-that-dies", 1)) == 1  # claimed, then never run
+    assert h.post("/api/cancel", SID).get_json()["outcome"] == "cancelling"
+
+    h.clock.now += h.store.heartbeat_timeout + 1  # its lease lapses
+    assert queue.claim("a-live-process", 1) == []  # not run again...
+    assert row(h).status == "cancelled"  # ...but ended as it was asked
+    assert not gate.reached.is_set()
