@@ -36,7 +36,8 @@ Environment: every ``SILO_*`` configuration key of the library
 (``SILO_DATABASE_URI``, ``SILO_TASK_HEARTBEAT_TIMEOUT``, ...; values are read
 as JSON when they parse, else as text), plus, for this example only,
 ``SILO_TTL`` and ``SILO_CLEANUP_INTERVAL`` (seconds, for :class:`Silo`),
-``INSTANCE_DIR`` (default ``examples/instance/data_processor``) and
+``INSTANCE_DIR`` (default ``examples/instance/data_processor``), ``SECRET_KEY``
+(signs the stream tokens; default: one kept in ``<instance folder>/secret_key``) and
 ``UPLOAD_DIR`` (default ``<instance folder>/uploads``: the files, or this
 machine's cache of them when ``SILO_FILE_BACKEND`` is not ``local``).
 
@@ -47,6 +48,11 @@ API (every response carries the session ID in ``X-Session-ID``; send it back):
   uploaded file in N steps, sleeping S seconds after each (to watch progress).
 * ``GET /api/status``: the task's state, plus the pid of the worker answering
   (``worker``) and of the process that ran the task (``task_worker``).
+* ``POST /api/cancel``: cancel the run (``outcome``: ``cancelled``, ``cancelling``,
+  ``finished`` or ``idle``), from whichever worker answers.
+* ``POST /api/stream-token``: a short-lived token for ``GET /events?token=...``, the
+  session's live progress as ``text/event-stream`` (what the page shows; it polls
+  ``/api/status`` in a browser without ``EventSource``).
 * ``GET /api/results``: the results (``null`` until complete); ``410 Gone``
   with ``{"error": "session_expired"}`` once the session has expired.
 * ``GET /api/download``: the uploaded file, from whichever machine answers
@@ -60,6 +66,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
 from collections import Counter
 from typing import Any
@@ -97,6 +104,32 @@ app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
 for _key in CONFIG_DEFAULTS:
     if _key in os.environ:
         app.config[_key] = _env_value(os.environ[_key])
+
+
+def _secret_key(folder: str) -> str:
+    """The key that signs stream tokens: the same in every process of the app, so one kept
+    in the instance folder (made once) unless ``SECRET_KEY`` is set."""
+    if os.environ.get("SECRET_KEY"):
+        return os.environ["SECRET_KEY"]
+    path = os.path.join(folder, "secret_key")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made already (by another process, maybe just now)
+        for _ in range(50):
+            with open(path) as handle:
+                key = handle.read().strip()
+            if key:
+                return key
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} is empty: delete it and start again") from None
+    key = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key
+
+
+app.secret_key = _secret_key(app.instance_path)
 
 silo = Silo(
     app,
@@ -226,6 +259,24 @@ def status() -> Response:
     return jsonify(body)
 
 
+@app.post("/api/cancel")
+def cancel() -> tuple[Response, int]:
+    """Cancel the run (it stops at its next progress report); a finished one is left as is."""
+    return silo.cancel_response(silo.state(NAMESPACE)["task"])
+
+
+@app.post("/api/stream-token")
+def stream_token() -> Response:
+    """A token for ``/events`` (an ``EventSource`` cannot send the session header)."""
+    return jsonify(silo.stream_token())
+
+
+@app.get("/events")
+def events() -> Response:
+    """The session's task events as they commit, replayed after a reconnect."""
+    return silo.stream()
+
+
 @app.get("/api/results")
 def results() -> Response:
     """The results of the last completed run (null before)."""
@@ -278,6 +329,7 @@ then its line and word counts. Your session is kept on the server.</p>
 <p>
   <input type="file" id="file">
   <button id="upload" type="button">Upload and process</button>
+  <button id="cancel" type="button" disabled>Cancel</button>
   <button id="show-results" type="button">Show results</button>
   <button id="reset" type="button">Reset</button>
 </p>
@@ -341,7 +393,7 @@ function showResults(r) {
 async function loadResults() {
   const { status, data } = await api("GET", "/api/results");
   if (status === 410) {
-    stopPolling();
+    stopLive();
     $("results").hidden = true;
     $("expired").hidden = false;
     showProgress(0, "Idle.");
@@ -354,49 +406,124 @@ async function loadResults() {
   return status;
 }
 
-function stopPolling() {
+let source = null;  // the EventSource while a run is watched live
+let busy = false;   // an upload is on its way: a second click does nothing
+
+function stopLive() {
   if (pollTimer !== null) { clearTimeout(pollTimer); pollTimer = null; }
+  if (source !== null) { source.close(); source = null; }
+}
+
+// The task's state (from /api/status, or from an event's data) on the page.
+function render(data) {
+  $("cancel").disabled = !data.running || !!data.cancel_requested;
+  const pct = Math.round(data.progress);
+  if (data.cancelled) {
+    showProgress(data.progress, "Cancelled at " + pct + "%.");
+  } else if (data.error) {
+    showProgress(data.progress, "Failed: " + data.error);
+  } else if (data.complete) {
+    showProgress(100, "Complete (100%): " + data.message);
+    if ($("results").hidden) loadResults();
+  } else if (data.running) {
+    const note = data.cancel_requested ? " (cancelling…)" : "";
+    showProgress(data.progress, pct + "%: " + data.message + note);
+  } else {
+    showProgress(0, "Idle.");
+  }
+}
+
+function fromEvent(kind, d) {
+  const running = ["progress", "cancelling", "queued", "retrying"].includes(kind);
+  return {
+    running, progress: d.progress, message: d.message, error: kind === "failed" ? d.error : null,
+    complete: kind === "complete", cancelled: kind === "cancelled",
+    cancel_requested: !!d.cancel_requested,
+  };
+}
+
+// The session's true state, then live updates while its task runs: from the event
+// stream, or by polling /api/status where EventSource is missing.
+async function sync() {
+  stopLive();
+  const live = window.EventSource ? await api("POST", "/api/stream-token") : null;
+  const { status, data } = await api("GET", "/api/status");
+  if (status !== 200) { showError((data && data.message) || "Error " + status); return; }
+  render(data);
+  if (!data.running) return;
+  if (live && live.status === 200) listen(live.data.token, live.data.last_event_id);
+  else pollTimer = setTimeout(poll, 300);
+}
+
+function listen(token, since) {
+  const url = "/events?token=" + encodeURIComponent(token) + "&last_event_id=" + since;
+  const es = source = new EventSource(url);
+  const onEvent = (e) => {
+    const state = fromEvent(e.type, JSON.parse(e.data));
+    render(state);
+    if (!state.running) stopLive();
+  };
+  for (const kind of ["progress", "cancelling", "queued", "retrying", "complete", "failed",
+                      "cancelled"]) {
+    es.addEventListener(kind, onEvent);
+  }
+  es.addEventListener("resync", () => sync());  // events missed for good: reload the state
+  es.addEventListener("reset", () => sync());
+  es.onerror = () => {  // the browser reconnects by itself, unless the server refused
+    if (es.readyState === EventSource.CLOSED && source === es) {
+      stopLive();
+      setTimeout(sync, 1000);
+    }
+  };
 }
 
 async function poll() {
   pollTimer = null;
   const { status, data } = await api("GET", "/api/status");
   if (status !== 200) { showError((data && data.message) || "Error " + status); return; }
-  const pct = Math.round(data.progress);
-  if (data.error) {
-    showProgress(data.progress, "Failed: " + data.error);
-  } else if (data.complete) {
-    showProgress(100, "Complete (100%): " + data.message);
-    if ($("results").hidden) await loadResults();
-  } else if (data.running) {
-    showProgress(data.progress, pct + "%: " + data.message);
-    pollTimer = setTimeout(poll, 300);
-  } else {
-    showProgress(0, "Idle.");
-  }
+  render(data);
+  if (data.running) pollTimer = setTimeout(poll, 300);
 }
 
 $("upload").addEventListener("click", async () => {
+  if (busy) return;
   const file = $("file").files[0];
   if (!file) { showError("Choose a file first."); return; }
+  busy = true;
+  $("upload").disabled = true;
   showError("");
-  stopPolling();
+  stopLive();
   $("expired").hidden = true;
   $("results").hidden = true;
   showProgress(0, "Uploading…");
-  const form = new FormData();
-  form.append("file", file);
-  let reply = await api("POST", "/api/upload", form);
-  if (reply.status !== 200) { showError(reply.data && reply.data.message); return; }
-  reply = await api("POST", "/api/process?steps=20&delay=0.1");
-  if (reply.status !== 200) { showError(reply.data && reply.data.message); return; }
-  poll();
+  try {
+    const form = new FormData();
+    form.append("file", file);
+    let reply = await api("POST", "/api/upload", form);
+    if (reply.status === 200) reply = await api("POST", "/api/process?steps=20&delay=0.1");
+    if (reply.status !== 200) showError(reply.data && reply.data.message);
+  } finally {
+    busy = false;
+    $("upload").disabled = false;
+  }
+  await sync();  // whatever happened, show the session's true state
+});
+
+$("cancel").addEventListener("click", async () => {
+  $("cancel").disabled = true;
+  const { status, data } = await api("POST", "/api/cancel");
+  if (status !== 200 && status !== 202) {
+    showError((data && data.message) || "Error " + status);
+  } else if (data.outcome === "finished" || data.outcome === "idle") {
+    showError(data.message);
+  }
+  if (source === null) await sync();  // live updates tell the rest
 });
 
 $("show-results").addEventListener("click", () => { showError(""); loadResults(); });
 
 $("reset").addEventListener("click", async () => {
-  stopPolling();
+  stopLive();
   const { status, data } = await api("POST", "/api/reset");
   if (status !== 200) { showError((data && data.message) || "Error " + status); return; }
   showError("");
@@ -407,7 +534,7 @@ $("reset").addEventListener("click", async () => {
 
 // A returning visitor (same tab): show what the server still has, or the 410 message.
 if (sessionStorage.getItem(SID_KEY)) {
-  loadResults().then((status) => { if (status === 200) poll(); });
+  loadResults().then((status) => { if (status === 200) sync(); });
 }
 </script>
 </body>

@@ -38,6 +38,7 @@ from .errors import (
     StateUnreadable,
     StorageUnavailable,
     TaskAlreadyRunning,
+    TaskCancelled,
     TaskLeaseLost,
     ViewDecoratorOrder,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "StorageUnavailable",
     "StoredFile",
     "TaskAlreadyRunning",
+    "TaskCancelled",
     "TaskLeaseLost",
     "TaskRunner",
     "TaskState",

@@ -237,6 +237,66 @@ SETTINGS: tuple[Setting, ...] = (
         convert=float,
     ),
     Setting(
+        "SILO_EVENT_RETENTION",
+        "float (seconds)",
+        "How long a session's events (task progress, completion, cancellation, "
+        "`silo.publish()`) are kept for replay by `Last-Event-ID`; the cleanup sweep prunes "
+        "older ones, and a client that reconnects from a pruned event is told to resync. See "
+        "[Live tasks](live-tasks.md).",
+        default=3600.0,
+        convert=float,
+    ),
+    Setting(
+        "SILO_STREAM_TOKEN_TTL",
+        "float (seconds)",
+        "How long a token from `silo.stream_token()` opens a stream (an open stream outlives "
+        "it; a reconnect after it needs a new token).",
+        default=300.0,
+        convert=float,
+    ),
+    Setting(
+        "SILO_STREAM_HEARTBEAT",
+        "float (seconds)",
+        "Seconds between two heartbeat comments on an idle stream (proxies keep it open, and "
+        "a closed client is found out, its thread freed, within this long).",
+        default=15.0,
+        convert=float,
+    ),
+    Setting(
+        "SILO_STREAM_POLL_INTERVAL",
+        "float (seconds) | None",
+        "How often a process that has open streams looks for new events: one query per "
+        "process, whatever the number of streams. On PostgreSQL `LISTEN/NOTIFY` delivers "
+        "sooner and this is the fallback (PgBouncer in transaction mode); `None`: 0.1 s on "
+        "SQLite, 1 s on PostgreSQL.",
+        default=None,
+        convert=_optional(float),
+    ),
+    Setting(
+        "SILO_STREAM_MAX_AGE",
+        "float (seconds)",
+        "A stream is closed after this long (the browser reconnects with `Last-Event-ID`), so "
+        "a worker's threads turn over.",
+        default=600.0,
+        convert=float,
+    ),
+    Setting(
+        "SILO_STREAMS_PER_SESSION",
+        "int",
+        "Streams one session may hold open in one process; one more answers `429 "
+        "too_many_streams`.",
+        default=4,
+        convert=int,
+    ),
+    Setting(
+        "SILO_STREAMS_PER_PROCESS",
+        "int",
+        "Streams one process holds open at most (each holds a thread under `gthread`, a "
+        "greenlet under `gevent`); one more answers `503 streams_exhausted`.",
+        default=100,
+        convert=int,
+    ),
+    Setting(
         "SILO_WORKER_GRACE",
         "float (seconds)",
         "Seconds a stopping `flask silo-db worker` (`SIGTERM`) lets its running attempts "
@@ -426,6 +486,13 @@ class SiloConfig:
     task_poll_interval: float
     task_retries: int
     task_retry_delay: float
+    event_retention: float
+    stream_token_ttl: float
+    stream_heartbeat: float
+    stream_poll_interval: float | None
+    stream_max_age: float
+    streams_per_session: int
+    streams_per_process: int
     worker_grace: float
     max_file_bytes: Any
     max_session_bytes: Any

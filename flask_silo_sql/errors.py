@@ -368,6 +368,22 @@ class TaskLeaseLost(SiloError, RuntimeError):
         )
 
 
+class TaskCancelled(SiloError, RuntimeError):
+    """A cancel was asked for the run (``task.cancel()``, from any process).
+
+    Raised in the task's thread by ``update()``, ``log()`` and ``checkpoint()``
+    once the run learns of it; the task may catch it to clean up. However the
+    target then ends, the run ends ``cancelled`` and is never retried.
+    """
+
+    slug = "task_cancelled"
+    logged = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"task '{name}' was cancelled")
+
+
 class SchemaError(SiloError):
     """The database schema is missing or not at the revision this version needs."""
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import click
 from flask import Config, Flask, Response, current_app, g, has_app_context, jsonify, request
 
+from . import live
 from .app_state import REQUEST_KEY, RequestState, SiloApp, current_request
 from .config import CONFIG_DEFAULTS as CONFIG_DEFAULTS
 from .config import SiloConfig
@@ -52,7 +53,7 @@ from .sids import set_tag_key, tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore, undoable
-from .tasks import TaskSpec, mark_registered
+from .tasks import BackgroundTask, TaskSpec, mark_registered
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session as SASession
@@ -268,6 +269,7 @@ class Silo:
         store.task_runner = config.task_runner
         store.task_retries = config.task_retries
         store.task_retry_delay = config.task_retry_delay
+        store.event_retention = config.event_retention
         if not self._first_taken:  # file stores are shared: the first app's settings apply
             for name, files in self._file_stores.items():
                 self._apply_file_settings(app.config, name, files)
@@ -805,6 +807,32 @@ class Silo:
             state.daemon.stop()
             if state.runner is not None and state.runner.running:
                 state.runner.stop()
+
+    # -- live tasks -------------------------------------------------------------------
+
+    def stream_token(self) -> dict[str, Any]:
+        """A short-lived token that opens the current session's event stream, for an
+        ``EventSource`` (which cannot send the SID header): ``{"token", "expires_in",
+        "last_event_id"}``. Answer it from an API view. See :doc:`live-tasks`."""
+        return live.stream_token(self._app_state())
+
+    def stream(self) -> Response:
+        """The current token's session's events as ``text/event-stream`` (the view's answer).
+
+        The token comes in ``?token=``; ``Last-Event-ID`` (or ``?last_event_id=``)
+        replays what the client missed. A bad token answers ``401``/``403`` JSON,
+        too many open streams ``429``/``503``. See :doc:`live-tasks`."""
+        return live.stream(self._app_state(), self._header)
+
+    def publish(self, kind: str, data: Any = None, *, sid: str | None = None) -> None:
+        """Send an event of your own (*kind*, JSON *data*) to the session's streams: the
+        current request's session, with the request's commit; or *sid*'s, now."""
+        live.publish(self._app_state(), kind, data, sid)
+
+    @staticmethod
+    def cancel_response(task: BackgroundTask) -> tuple[Response, int]:
+        """``task.cancel()`` answered as JSON (``200``, or ``202`` while it stops)."""
+        return live.cancel_response(task)
 
     # -- durable tasks ---------------------------------------------------------------
 

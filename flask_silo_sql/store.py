@@ -143,6 +143,8 @@ class SessionStore:
         """Retries of a registered task that names none."""
         self.task_retry_delay = 1.0
         """Seconds before a registered task's first retry (doubling), unless it names one."""
+        self.event_retention = 3600.0
+        """Seconds a session's events are kept for replay (the sweep prunes older ones)."""
         self._clock = clock
         self._touch_interval = touch_interval
         self._sid_gen = sid_generator or new_sid

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .errors import StorageUnavailable, TaskAlreadyRunning, TaskLeaseLost
+from .errors import StorageUnavailable, TaskAlreadyRunning, TaskCancelled, TaskLeaseLost
 from .instruments.hooks import observed_attempt
 from .logs import log_failure, silo_logger
 from .sids import tag
@@ -48,6 +48,11 @@ TASK_MARKER = "__silo_task__"
 NAMESPACE_ARG = "__silo_namespace__"
 """Key of the JSON object that stands, in a durable run's arguments, for the namespace
 holding the task (the worker that runs it passes that namespace, freshly loaded)."""
+
+CANCEL_OUTCOMES = ("cancelled", "cancelling", "finished", "idle")
+"""What :meth:`BackgroundTask.cancel` answers: the run was waiting and never starts; it
+runs and stops at its next ``update()``, ``log()`` or ``checkpoint()``; it was over
+already (nothing done); it never started."""
 
 LOST_WORKER = "worker lost: no heartbeat for {timeout:g} s (its process died or hung)"
 
@@ -237,6 +242,10 @@ class TaskState:
     """A queued durable run, as read from its row: seconds since it was queued."""
     workers: int | None = None
     """With ``queued_for``: the processes alive to run it (0: none, it waits)."""
+    cancelled: bool = False
+    """The run ended cancelled (``task.cancel()``)."""
+    cancel_requested: bool = False
+    """A cancel was asked for while the run runs: it stops at its next write."""
 
     @classmethod
     def from_row(cls, row: RunRow) -> TaskState:
@@ -274,13 +283,19 @@ class TaskState:
             if self.waiting == "queued" and self.queued_for is not None:
                 body["queued_for"] = round(self.queued_for, 1)
                 body["workers"] = self.workers
+        if self.cancelled or self.cancel_requested:
+            body["cancelled"] = self.cancelled
+            body["cancel_requested"] = True
         return body
 
     @property
     def status(self) -> str:
-        """``idle``, ``queued``, ``running``, ``retrying``, ``complete`` or ``failed``."""
+        """``idle``, ``queued``, ``running``, ``retrying``, ``complete``, ``failed`` or
+        ``cancelled``."""
         if self.running:
             return self.waiting or "running"
+        if self.cancelled:
+            return "cancelled"
         if self.error is not None:
             return "failed"
         return "complete" if self.complete else "idle"
@@ -345,6 +360,16 @@ class TaskHome(Protocol):
     def delete(self) -> None:
         """Forget the row (the task's reset)."""
 
+    def cancel(self, name: str) -> str:
+        """Cancel the run the row holds, from any process (what it did, as ``cancel()``).
+
+        A waiting run (queued, retrying) is cancelled now; a running one is marked,
+        and its process learns it at its next write (:meth:`cancel_seen`).
+        """
+
+    def cancel_seen(self) -> bool:
+        """Whether the run's last write found a cancel asked for on its row."""
+
     def namespace(self) -> dict[str, Any] | None:
         """The namespace holding the task (the one its run saves)."""
 
@@ -358,6 +383,8 @@ class BackgroundTask:
     """
 
     __slots__ = (
+        "_cancel",
+        "_cancel_raised",
         "_checkpoint",
         "_dirty",
         "_due",
@@ -390,6 +417,8 @@ class BackgroundTask:
         self._durable: Durable | None = None
         self._checkpoint: str | None = None  # JSON text
         self._lost = False
+        self._cancel = False  # a cancel was asked for this run (learned here)
+        self._cancel_raised = False  # TaskCancelled was raised in the run's thread
         # One flush at a time (task thread or heartbeat): a snapshot taken
         # earlier must never be written after a newer one.
         self._flush_lock = threading.Lock()
@@ -468,6 +497,7 @@ class BackgroundTask:
             self._durable = durable
             self._checkpoint = None
             self._lost = False
+            self._cancel = self._cancel_raised = False
         thread = threading.Thread(
             target=self._run,
             args=(target, args, kwargs, None),
@@ -524,6 +554,7 @@ class BackgroundTask:
             self._checkpoint = claimed.checkpoint
             self._owner = True
             self._lost = False
+            self._cancel = self._cancel_raised = False
             self._dirty = False  # the claim wrote the attempt's start
         self._flushed_at = home.now()
         self._saved_mono = self._written_mono = time.monotonic()
@@ -550,11 +581,18 @@ class BackgroundTask:
             with self._lock:
                 finished = not self._state.running
             if not finished and not self._lost:
-                self._finish(complete=True, message=None)
+                if self._cancel_raised:  # it caught TaskCancelled, cleaned up and returned
+                    self._end_cancelled()
+                else:
+                    self._finish(complete=True, message=None)
         except TaskLeaseLost:
             pass  # logged when it was found out; nothing of this attempt is written
         except Exception as exc:
-            if not self._lost:
+            if self._lost:
+                pass
+            elif self._cancel_raised or isinstance(exc, TaskCancelled):
+                self._end_cancelled()  # never retried
+            else:
                 self._log("task '%s'%s failed", exc)
                 durable = self._durable
                 if durable is not None and self._state.attempt < durable.max_attempts:
@@ -584,6 +622,52 @@ class BackgroundTask:
     def _check_lease(self) -> None:
         if self._lost:
             raise TaskLeaseLost(self.name, self._state.attempt)
+        if self._cancel and not self._cancel_raised and self._owner_of_run():
+            self._cancel_raised = True  # once: the task's clean-up may report as it goes
+            raise TaskCancelled(self.name)
+
+    def _owner_of_run(self) -> bool:
+        """Whether the calling thread is this run's (a cancel is raised there only)."""
+        thread = self._thread
+        return thread is None or thread is threading.current_thread() or not thread.is_alive()
+
+    # -- cancel ----------------------------------------------------------------------
+
+    def cancel(self) -> str:
+        """Cancel the run, from any worker or process; says what it did (a ``str``).
+
+        ``"cancelled"``: the run was queued or waiting for a retry, and never starts.
+        ``"cancelling"``: it runs; its next ``update()``, ``log()`` or ``checkpoint()``
+        raises :class:`TaskCancelled` (which the task may catch to clean up), and it
+        ends ``cancelled``, never retried. ``"finished"``: it was over already, nothing
+        is done; ``"idle"``: it never started. Asking again is harmless.
+        """
+        home = self._home
+        if home is None:
+            with self._lock:
+                if not self._state.running:
+                    return "finished" if self._state.started_at is not None else "idle"
+                self._cancel = True
+                self._state.cancel_requested = True
+            return "cancelling"
+        outcome = home.cancel(self.name)
+        if outcome == "cancelling":
+            _HEARTBEATS.cancel(home.task_id)  # a run in this process learns it now
+            with self._lock:
+                if self._owner:
+                    self._cancel = True
+                    self._state.cancel_requested = True
+        return outcome
+
+    def _end_cancelled(self) -> None:
+        with self._lock:
+            self._state.running = False
+            self._state.waiting = None
+            self._state.cancelled = True
+            self._state.message = "Cancelled"
+            self._state.finished_at = self._now()
+            self._dirty = True
+        self._flush(final=True)
 
     def update(self, progress: float | None = None, message: str | None = None) -> None:
         """Report progress (clamped to 0..100) and/or a status message."""
@@ -595,6 +679,7 @@ class BackgroundTask:
                 self._state.message = message
             self._dirty = True
         self._maybe_flush()
+        self._check_lease()  # the write may have found a cancel
 
     def log(self, message: str) -> None:
         """Append a log line (a linked task keeps the newest ``max_logs``)."""
@@ -607,6 +692,7 @@ class BackgroundTask:
                     del self._state.logs[:excess]
             self._dirty = True
         self._maybe_flush()
+        self._check_lease()  # the write may have found a cancel
 
     def complete(self, message: str = "Done") -> None:
         """Mark the task finished successfully."""
@@ -746,6 +832,10 @@ class BackgroundTask:
                     self._dirty = True
                 raise
             self._saved_mono = time.monotonic()
+            if owned and not self._cancel and home.cancel_seen():
+                with self._lock:
+                    self._cancel = True
+                    self._state.cancel_requested = True
             if not owned and state.durable and not self._lost:
                 self._lost = True
                 logger.warning(
@@ -840,6 +930,15 @@ class _Heartbeats:
     def poke(self) -> None:
         """A task has a write due sooner than the thread planned for."""
         self._wake.set()
+
+    def cancel(self, task_id: str) -> None:
+        """A cancel of *task_id* was recorded: its run here (if it runs here) learns it now."""
+        with self._lock:
+            tasks = [t for t in self._tasks if t._home is not None and t._home.task_id == task_id]
+        for task in tasks:
+            with task._lock:
+                task._cancel = True
+                task._state.cancel_requested = True
 
     def _loop(self) -> None:
         while True:

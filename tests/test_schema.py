@@ -395,6 +395,8 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
             "sid", "key_hash", "idempotency_key", "fingerprint", "status", "headers", "body",
             "locked_until", "expires_at",
         },
+        "silo_events": {"id", "sid", "task_id", "kind", "data", "created_at"},
+        "silo_stream_tokens": {"token_hash", "sid", "expires_at"},
     }
     assert set(required) == SILO_TABLES
     for table, columns in required.items():
@@ -430,7 +432,14 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         "sid", "key_hash",
     ]
 
-    for table in ("silo_namespaces", "silo_files", "silo_tasks", "silo_idempotency_keys"):
+    assert "created_at" in leading_index_columns("silo_events")
+    assert "expires_at" in leading_index_columns("silo_stream_tokens")
+    assert "cancel_requested_at" in {c["name"] for c in inspector.get_columns("silo_tasks")}
+
+    for table in (
+        "silo_namespaces", "silo_files", "silo_tasks", "silo_idempotency_keys", "silo_events",
+        "silo_stream_tokens",
+    ):
         fks = inspector.get_foreign_keys(table)
         assert any(
             fk["referred_table"] == "silo_sessions"
@@ -453,6 +462,8 @@ def test_contract_tables_columns_and_indexes(engine: Engine) -> None:
         ("silo_tasks", False),
         ("silo_workers", False),
         ("silo_idempotency_keys", False),
+        ("silo_events", False),
+        ("silo_stream_tokens", False),
         (VERSION_TABLE, False),
         ("users", True),
         ("alembic_version", True),

@@ -47,6 +47,7 @@ class Policy(Protocol):
     """``thread`` (the process that starts a run runs it) or ``worker`` (start only queues)."""
     task_retries: int
     task_retry_delay: float
+    event_retention: float
 
     @property
     def clock(self) -> Callable[[], float] | None:

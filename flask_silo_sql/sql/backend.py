@@ -17,6 +17,7 @@ from ..backends.base import SweepResult
 from ..codec import serialise
 from ..errors import StateUnreadable, StorageUnavailable
 from ..logs import silo_logger
+from . import event_rows
 from . import sessions as ops
 from . import sweep as sweeping
 from .context import Context
@@ -203,6 +204,7 @@ class SQLBackend:
             result.keys_expired = sweeping.expire_keys(
                 ctx.connector, ctx.st, cutoff=now, batch_size=batch_size
             )
+            event_rows.prune(ctx, cutoff=now - policy.event_retention, batch_size=batch_size)
         return result
 
     def _busy_sids(self, sids: list[str]) -> set[str]:

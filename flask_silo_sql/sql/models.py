@@ -298,6 +298,12 @@ tasks = Table(
     ),
     Column("worker", String(64), nullable=True, comment="Process holding the lease"),
     Column("checkpoint", ClientDocument, nullable=True, comment="The run's last checkpoint (JSON)"),
+    Column(
+        "cancel_requested_at",
+        UTCDateTime(),
+        nullable=True,
+        comment="When a cancel of the running run was asked for (it stops at its next write)",
+    ),
     Index("ix_silo_tasks_sid", "sid"),
     Index("ix_silo_tasks_status_heartbeat_at", "status", "heartbeat_at"),
     Index("ix_silo_tasks_status_run_after", "status", "run_after"),
@@ -388,6 +394,52 @@ idempotency_keys = Table(
     ),
     Index("ix_silo_idempotency_keys_expires_at", "expires_at"),
     comment="One row per Idempotency-Key used in a session: its claim and stored response",
+)
+
+EVENT_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+events = Table(
+    "silo_events",
+    metadata,
+    Column(
+        "id",
+        EVENT_ID,
+        primary_key=True,
+        autoincrement=True,
+        comment="Event ID: increasing in commit order, never reused (the stream's id:)",
+    ),
+    owner_sid(),
+    Column("task_id", String(32), nullable=True, comment="The task it is about, if any"),
+    Column(
+        "kind",
+        String(32),
+        nullable=False,
+        comment="progress, complete, failed, cancelled, cancelling, queued, reset, or the "
+        "name given to silo.publish()",
+    ),
+    Column("data", Text, nullable=False, comment="The event's data, as JSON text"),
+    Column("created_at", UTCDateTime(), nullable=False, comment="When it was written"),
+    Index("ix_silo_events_sid_id", "sid", "id"),
+    Index("ix_silo_events_created_at", "created_at"),
+    comment="One row per event of a session, written with the change it tells of; pruned "
+    "after SILO_EVENT_RETENTION",
+    sqlite_autoincrement=True,
+)
+
+stream_tokens = Table(
+    "silo_stream_tokens",
+    metadata,
+    Column(
+        "token_hash",
+        String(64),
+        primary_key=True,
+        comment="Hex SHA-256 of the stream token's random part (the token is never stored)",
+    ),
+    owner_sid(),
+    Column("expires_at", UTCDateTime(), nullable=False, comment="When the token stops opening"),
+    Index("ix_silo_stream_tokens_expires_at", "expires_at"),
+    Index("ix_silo_stream_tokens_sid", "sid"),
+    comment="One row per event-stream token: which session a token opens a stream of",
 )
 
 SILO_TABLES = frozenset(metadata.tables)

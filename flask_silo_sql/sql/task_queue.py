@@ -96,6 +96,7 @@ class SQLTaskQueue:
                     st.fail_exhausted,
                     {"now": v.time(now), "error": error, "message": f"Failed: {error}"},
                 )
+                ex.run(st.cancel_lapsed, {"now": v.time(now)})
                 self._failed_exhausted_at = now
             rows = ex.run(
                 st.claim_runs,

@@ -41,6 +41,7 @@ from ..tasks import (
     logger,
     running_homes,
 )
+from . import event_rows
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
@@ -111,6 +112,7 @@ def claim(
         ex.run(st.notify_tasks, {})  # delivered with the commit: a worker wakes up
     if durable is not None and durable.queued:
         watch_queue(home.ctx, ex, now, 0.0)
+    home.written(ex, name, state, now)
 
 
 def running_in_session(ex: Executor, st: Statements, sid: str, now: float, policy: Policy) -> bool:
@@ -187,7 +189,7 @@ class _Again(Exception):
 class SQLTaskHome:
     """A linked task's row (the :class:`~flask_silo_sql.tasks.TaskHome` of the SQL backend)."""
 
-    __slots__ = ("ctx", "sid", "slot", "task_id")
+    __slots__ = ("cancelling", "ctx", "last", "sid", "slot", "task_id")
 
     def __init__(self, ctx: Context, sid: str, task_id: str, slot: Slot | None) -> None:
         self.ctx = ctx
@@ -195,6 +197,45 @@ class SQLTaskHome:
         self.task_id = task_id
         self.slot = slot
         """The namespace holding the task, saved when the task's state changes."""
+        self.last: TaskState | None = None
+        """The state this home last wrote (what the next write's event is measured from)."""
+        self.cancelling = False
+        """The last write found a cancel asked for on the row."""
+
+    def written(self, ex: Executor, name: str, state: TaskState, now: float) -> None:
+        """In the write's transaction, last: the event telling of what changed (if any)."""
+        made = event_rows.task_event(name, self.task_id, state, self.last)
+        if made is not None:
+            kind, data = made
+            event_rows.write(ex, self.ctx, self.sid, kind, data, task_id=self.task_id, now=now)
+        self.last = state.copy()
+
+    def cancel_seen(self) -> bool:
+        return self.cancelling
+
+    def cancel(self, name: str) -> str:
+        """Cancel the run (see :meth:`~flask_silo_sql.tasks.TaskHome.cancel`): one transaction
+        that ends a waiting run or marks a running one, with the event that tells of it."""
+        ctx = self.ctx
+        st = ctx.st
+        ids = {"id": self.task_id, "sid": self.sid}
+        with ctx.connector.transaction() as ex:
+            now = ctx.now()
+            stamp = {**ids, "now": st.values.time(now)}
+            data: dict[str, Any] = {"task_id": self.task_id, "task": name}
+            row = ex.run(st.cancel_waiting, stamp).first()
+            if row is not None:
+                data.update(status="cancelled", progress=float(row[0]), message="Cancelled")
+                event_rows.write(ex, ctx, self.sid, "cancelled", data, task_id=self.task_id)
+                return "cancelled"
+            row = ex.run(st.request_cancel, stamp).first()
+            if row is not None:
+                data.update(status="running", progress=float(row[0]), message=row[1])
+                data["cancel_requested"] = True
+                event_rows.write(ex, ctx, self.sid, "cancelling", data, task_id=self.task_id)
+                return "cancelling"
+            row = ex.run(st.task_status, ids).first()
+        return "idle" if row is None or (row[1] is None and row[0] != "complete") else "finished"
 
     @property
     def heartbeat_timeout(self) -> float:
@@ -303,7 +344,7 @@ class SQLTaskHome:
         ctx = self.ctx
         slot = self.slot
         if slot is None:
-            return self._write(state, checkpoint, None, None)
+            return self._write(name, state, checkpoint, None, None)
         with slot.lock:
             try:
                 text = pending_text(ctx, slot)
@@ -319,13 +360,18 @@ class SQLTaskHome:
                 text = None
             for _attempt in range(MERGE_ATTEMPTS):
                 try:
-                    return self._write(state, checkpoint, slot, text)
+                    return self._write(name, state, checkpoint, slot, text)
                 except _Again:
                     continue
             raise StateConflict(self.sid, slot.name)
 
     def _write(
-        self, state: TaskState, checkpoint: str | None, slot: Slot | None, text: str | None
+        self,
+        name: str,
+        state: TaskState,
+        checkpoint: str | None,
+        slot: Slot | None,
+        text: str | None,
     ) -> bool:
         ctx = self.ctx
         now = ctx.now()
@@ -340,8 +386,11 @@ class SQLTaskHome:
                         version = merge_write(ctx, ex, self.sid, slot, text, now)
                     except StateConflict:
                         raise _Again from None
-                if ex.run(ctx.st.save_task, values).rowcount != 1:
+                saved = ex.run(ctx.st.save_task, values).first()
+                if saved is None:
                     raise _Refused
+                self.cancelling = saved[0] is not None
+                self.written(ex, name, state, now)
         except (_Refused, SessionExpired):
             return False
         if slot is not None and text is not None and version is not None:
@@ -371,6 +420,7 @@ class SQLTaskHome:
                 lease,
                 _checkpoint,
                 run_after,
+                cancel_requested,
                 namespace_version,
             ) = row
             if isinstance(logs, str):
@@ -390,6 +440,8 @@ class SQLTaskHome:
                 last_error=None if failed or not durable else error,
                 durable=durable,
                 waiting=status if status in WAITING else None,
+                cancelled=status == "cancelled",
+                cancel_requested=cancel_requested is not None and status != "cancelled",
             )
             now = b.now()
             timeout = self.heartbeat_timeout
@@ -407,16 +459,21 @@ class SQLTaskHome:
             if not durable:
                 beat = v.maybe_unix(heartbeat) or 0.0
                 if state.running and beat < now - timeout:
-                    ex.run(st.mark_task_lost, values)
-                    self._lost(state, values["error"], now)
+                    with ex.transaction():
+                        marked = ex.run(st.mark_task_lost, values).rowcount
+                        self._lost(state, values["error"], now)
+                        if marked:  # (else another reader recorded it, and told it)
+                            self._tell_lost(ex, state, now)
             elif (
                 status == "running"
                 and lease is not None
                 and int(attempt) >= int(max_attempts)
                 and v.unix(lease) < now
-                and ex.run(st.fail_exhausted_one, values).rowcount
             ):
-                self._lost(state, values["error"], now)
+                with ex.transaction():
+                    if ex.run(st.fail_exhausted_one, values).rowcount:
+                        self._lost(state, values["error"], now)
+                        self._tell_lost(ex, state, now)
             slot = self.slot
             if not state.running and slot is not None and namespace_version != slot.version:
                 catch_up(b, ex, self.sid, slot, self._reviver(slot))
@@ -429,6 +486,18 @@ class SQLTaskHome:
             return BackgroundTask.linked(name, SQLTaskHome(ctx, sid, task_id, slot))
 
         return make
+
+    def _tell_lost(self, ex: Executor, state: TaskState, now: float) -> None:
+        """In the transaction that records a run lost: the event that tells its streams."""
+        data = {
+            "task_id": self.task_id,
+            "status": "failed",
+            "progress": round(state.progress, 1),
+            "message": state.message,
+            "logs": [],
+            "error": state.error,
+        }
+        event_rows.write(ex, self.ctx, self.sid, "failed", data, task_id=self.task_id, now=now)
 
     @staticmethod
     def _lost(state: TaskState, error: str, now: float) -> None:

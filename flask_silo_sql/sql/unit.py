@@ -43,7 +43,7 @@ from ..instruments.hooks import traced_commit
 from ..logs import silo_logger
 from ..sids import tag
 from ..tasks import TASK_MARKER, BackgroundTask
-from . import session_locks, task_rows
+from . import event_rows, session_locks, task_rows
 from . import sessions as ops
 from .context import Context, Staged
 from .executor import Executor
@@ -644,7 +644,9 @@ def reset(ctx: Context, sid: str) -> None:
                 if current is not None and policy.vetoes(sid, current):
                     raise SessionBusy(sid)
             ex.run(ctx.st.delete_session_tasks, {"sid": sid})
+            ex.run(ctx.st.events.delete_session, {"sid": sid})
             ops.replace_namespaces(ex, ctx.st, sid, fresh, now)
+            event_rows.write(ex, ctx, sid, "reset", {}, now=now)  # open streams resync
     finally:
         if token is not None:
             ctx.connector.release(token)

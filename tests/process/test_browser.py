@@ -220,3 +220,56 @@ def test_upload_progress_results_then_expired(
         assert errors == []
     finally:
         context.close()
+
+
+def _progress_between(page: Page, timeout: float = 30.0) -> float:
+    """Wait until #progress reads strictly between 0 and 100; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = float(page.eval_on_selector("#progress", "el => el.value"))
+        if 0 < value < 100:
+            return value
+        assert time.monotonic() < deadline, f"no progress under way (at {value})"
+        page.wait_for_timeout(20)
+
+
+def test_live_progress_from_the_stream_then_cancel_and_reload(
+    browser: Browser, served: Served, tmp_path: Path
+) -> None:
+    upload = tmp_path / "fox.txt"
+    upload.write_text(TEXT * 20)
+    context = browser.new_context(viewport={"width": 900, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        paths: list[str] = []
+        page.on(
+            "request", lambda req: paths.append(req.url.split("?")[0].removeprefix(served.base))
+        )
+        page.goto(served.base + "/")
+
+        # A double click starts one run, and the page follows it live from the stream.
+        page.set_input_files("#file", str(upload))
+        page.dblclick("#upload")
+        _progress_between(page)
+        assert paths.count("/api/upload") == 1
+        assert paths.count("/events") >= 1
+        page.click("#cancel")
+        page.wait_for_function(
+            "document.getElementById('status').textContent.startsWith('Cancelled at')"
+        )
+        assert page.is_hidden("#results")
+        assert paths.count("/api/status") <= 3  # the stream, not polling every 300 ms
+        page.screenshot(path=str(tmp_path / "data_processor-cancelled.png"), full_page=True)
+
+        # A reload shows the session's true state.
+        page.reload()
+        page.wait_for_function(
+            "document.getElementById('status').textContent.startsWith('Cancelled at')"
+        )
+        assert page.is_disabled("#cancel")
+        assert errors == []
+    finally:
+        context.close()

@@ -3,7 +3,8 @@
 One module per feature, each a small class that builds that feature's statements from a
 :class:`~.kit.Kit` (one engine's dialect): :mod:`.session` (sessions and namespaces),
 :mod:`.sweep` (expiry), :mod:`.task` (task rows), :mod:`.queue` (claims of durable runs
-and the processes that make them), :mod:`.keys` (idempotency keys). :class:`Statements` is
+and the processes that make them), :mod:`.keys` (idempotency keys), :mod:`.events`
+(session events and stream tokens, reached as ``st.events.<name>``). :class:`Statements` is
 the aggregate a store compiles once per engine; its statements are its attributes
 (``st.touch``), so the row code (``sql/sessions.py``, ``sql/task_rows.py``, ...) names a
 statement, never its group. The statements sit apart from the row code, which reaches
@@ -18,7 +19,16 @@ from __future__ import annotations
 from sqlalchemy import Engine, String, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql as pg
 
-from ..models import expired_sids, file_chunks, files, namespaces, sessions, tasks, workers
+from ..models import (
+    expired_sids,
+    file_chunks,
+    files,
+    namespaces,
+    sessions,
+    tasks,
+    workers,
+)
+from .events import EVENT_CHANNEL, EventStatements
 from .file import FileStatements
 from .keys import KeyStatements
 from .kit import Kit, Values
@@ -29,6 +39,7 @@ from .task import NOTIFY_CHANNEL, WAITING, TaskStatements, live_task
 
 __all__ = [
     "CHILD_TABLES",
+    "EVENT_CHANNEL",
     "NOTIFY_CHANNEL",
     "WAITING",
     "Statements",
@@ -52,6 +63,7 @@ class Statements(
         QueueStatements.__init__(self, kit)
         KeyStatements.__init__(self, kit)
         self.files = FileStatements(kit)
+        self.events = EventStatements(kit)
         self._counts(kit)
 
     def _counts(self, k: Kit) -> None:

@@ -60,6 +60,7 @@ class QueueStatements:
         claimable = and_(
             tasks.c.target.is_not(None),
             tasks.c.attempt < tasks.c.max_attempts,
+            tasks.c.cancel_requested_at.is_(None),
             or_(
                 and_(waiting(), tasks.c.run_after <= now),
                 and_(tasks.c.status == "running", tasks.c.lease_expires_at < now),

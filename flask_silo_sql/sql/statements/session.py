@@ -21,10 +21,20 @@ from sqlalchemy import (
 from sqlalchemy import text as sa_text
 
 from ...sids import SID_LENGTH
-from ..models import expired_sids, file_chunks, files, idempotency_keys, namespaces, sessions, tasks
+from ..models import (
+    events,
+    expired_sids,
+    file_chunks,
+    files,
+    idempotency_keys,
+    namespaces,
+    sessions,
+    stream_tokens,
+    tasks,
+)
 from .kit import Kit, ts
 
-CHILD_TABLES = (namespaces, files, tasks, idempotency_keys)
+CHILD_TABLES = (namespaces, files, tasks, idempotency_keys, events, stream_tokens)
 """The tables whose rows belong to a session (moved by a rotation, deleted with it)."""
 
 

@@ -56,7 +56,13 @@ def live_task(now: Any, stale_before: Any) -> ColumnElement[bool]:
             waiting(),
             and_(
                 tasks.c.status == "running",
-                or_(tasks.c.lease_expires_at >= now, tasks.c.attempt < tasks.c.max_attempts),
+                or_(
+                    tasks.c.lease_expires_at >= now,
+                    and_(
+                        tasks.c.attempt < tasks.c.max_attempts,
+                        tasks.c.cancel_requested_at.is_(None),
+                    ),
+                ),
             ),
         ),
     )
@@ -109,6 +115,27 @@ def lost_values(k: Kit) -> dict[str, Any]:
     }
 
 
+def cancelled_values(k: Kit) -> dict[str, Any]:
+    """A run ended by a cancel (never retried)."""
+    return {
+        "status": "cancelled",
+        "message": "Cancelled",
+        "finished_at": k.now,
+        "lease_expires_at": null(),
+        "run_after": null(),
+    }
+
+
+def lapsed_cancelled(k: Kit) -> ColumnElement[bool]:
+    """A durable run asked to cancel whose lease lapsed (its process died before it stopped)."""
+    return and_(
+        tasks.c.target.is_not(None),
+        tasks.c.status == "running",
+        tasks.c.cancel_requested_at.is_not(None),
+        tasks.c.lease_expires_at < k.now,
+    )
+
+
 def exhausted_run(k: Kit) -> ColumnElement[bool]:
     """A durable run whose lease lapsed with no attempt left."""
     return and_(
@@ -127,6 +154,35 @@ class TaskStatements:
         self._task_fenced(k)
         self._task_failures(k)
         self._task_ends(k)
+        self._task_cancels(k)
+
+    def _task_cancels(self, k: Kit) -> None:
+        """A cancel: a waiting run ended now, a running one marked for its next write."""
+        prepare = k.prepare
+        sid = k.sid
+        now = k.now
+        task_id = TASK_ID
+        mine = (tasks.c.id == task_id, tasks.c.sid == sid)
+        self.cancel_waiting = prepare(
+            "cancel_waiting",
+            update(tasks)
+            .where(*mine, waiting())
+            .values(cancel_requested_at=now, **cancelled_values(k))
+            .returning(tasks.c.progress, tasks.c.attempt, tasks.c.target),
+        )
+        self.request_cancel = prepare(
+            "request_cancel",
+            update(tasks)
+            .where(*mine, tasks.c.status == "running")
+            .values(cancel_requested_at=func.coalesce(tasks.c.cancel_requested_at, now))
+            .returning(tasks.c.progress, tasks.c.message, tasks.c.attempt, tasks.c.target),
+        )
+        self.task_status = prepare(
+            "task_status", select(tasks.c.status, tasks.c.started_at).where(*mine)
+        )
+        self.cancel_lapsed = prepare(
+            "cancel_lapsed", update(tasks).where(lapsed_cancelled(k)).values(**cancelled_values(k))
+        )
 
     def _task_starts(self, k: Kit) -> None:
         """A run starting: its row claimed, unless a live run holds it."""
@@ -150,6 +206,7 @@ class TaskStatements:
             "max_attempts": bindparam("max_attempts", type_=Integer()),
             "retry_delay": bindparam("retry_delay", type_=Float()),
             "worker": worker,
+            "cancel_requested_at": null(),
         }
         claimed = {
             "id": task_id,
@@ -181,7 +238,13 @@ class TaskStatements:
         fields = _written(k)
         owned = _owned(k)
         run_of = _run_of()
-        self.save_task = prepare("save_task", update(tasks).where(*owned).values(**fields))
+        self.save_task = prepare(
+            "save_task",
+            update(tasks)
+            .where(*owned)
+            .values(**fields)
+            .returning(tasks.c.cancel_requested_at),
+        )
         # The session a run's row belongs to now (a rotation moves it to a new SID): the
         # run is named by its row, its start and its attempt, whichever session holds it.
         self.find_run = prepare("find_run", select(tasks.c.sid).where(*run_of))
@@ -206,6 +269,7 @@ class TaskStatements:
                 tasks.c.lease_expires_at,
                 tasks.c.checkpoint,
                 tasks.c.run_after,
+                tasks.c.cancel_requested_at,
                 namespaces.c.version,  # of its namespace now: is a reader's copy behind?
             )
             .select_from(
@@ -256,7 +320,7 @@ class TaskStatements:
         owned = _owned(k)
         # Handing a run back (a worker stopping): queued again at once, and the
         # attempt it did not finish is not counted against its retries.
-        hand_back = update(tasks).values(
+        hand_back = update(tasks).where(tasks.c.cancel_requested_at.is_(None)).values(
             status="queued",
             run_after=now,
             lease_expires_at=null(),
