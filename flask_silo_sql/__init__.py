@@ -42,6 +42,7 @@ from .errors import (
 )
 from .ext import Silo
 from .files import FileStore, StoredFile
+from .keys import session_key
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
@@ -99,4 +100,5 @@ __all__ = [
     "alembic_include_name",
     "alembic_include_object",
     "schema",
+    "session_key",
 ]

@@ -165,7 +165,7 @@ def _run(
             request.__dict__["stream"] = spool  # the view reads the body from the spool
     wanted = KeyRequest(
         header=header,
-        sid=state.sid,
+        sid=state.key,
         key_hash=key_hash(request.method, route, principal, key),
         key=key,
         method=request.method,
