@@ -19,7 +19,8 @@ them): it restores the schema only, and the rows stay under their keys, which
 the previous version cannot reach (its clients start new sessions).
 
 Offline (``--sql``) on PostgreSQL the same is written as set-based SQL with
-``sha256()``; SQLite has no SHA-256 in SQL, so it needs a live database.
+``sha256()``; SQLite has no SHA-256 in SQL, so there the script converts
+nothing (fine for a new database; an existing one needs the live upgrade).
 
 Revision ID: 0009
 Revises: 0007
@@ -84,12 +85,13 @@ def upgrade() -> None:
     context = op.get_context()
     dialect = context.dialect.name
     if context.as_sql:
-        if dialect != "postgresql":
-            raise RuntimeError(
-                "hashing the stored SIDs on SQLite needs a live database: run "
-                "`flask silo-db upgrade` without --sql"
+        if dialect == "postgresql":
+            _upgrade_sql()
+        else:  # nothing to convert in a new database; an existing one needs the live upgrade
+            op.execute(
+                "-- SQLite has no SHA-256 in SQL: this script leaves stored SIDs as they are; "
+                "run `flask silo-db upgrade` (without --sql) on a database that holds sessions"
             )
-        _upgrade_sql()
     else:
         conn = op.get_bind()
         _rekey_sessions(conn)
