@@ -345,7 +345,7 @@ def count_hashes(op: Op) -> int:
     real = keys.hashed
     calls = 0
 
-    def counted(sid: str) -> str:
+    def counted(sid: str) -> keys.SessionKey:
         nonlocal calls
         calls += 1
         return real(sid)

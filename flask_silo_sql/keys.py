@@ -26,20 +26,21 @@ KEY_PATTERN = re.compile(r"sha256\.[0-9a-f]{64}")
 
 
 class SessionKey(str):
-    """A session's key, as read back from the storage of flask-silo's interface.
+    """A session's key as silo hands it out (:func:`session_key`, ``all_sids``,
+    ``on_expire``...): a ``str`` marked as a key.
 
     The bare :class:`~flask_silo_sql.sql.SQLStorage` interface hashes every
-    value that is not one (its SIDs may come straight from a client), so the
-    keys it hands out can be handed back.
+    value that is not one (its SIDs may come straight from a client, whatever
+    their form), so the keys silo hands out can be handed back to it.
     """
 
     __slots__ = ()
 
 
-def hashed(sid: str) -> str:
+def hashed(sid: str) -> SessionKey:
     """The key of *sid*, always hashed (a value from a client, whatever its form)."""
     digest = hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()
-    return KEY_PREFIX + digest
+    return SessionKey(KEY_PREFIX + digest)
 
 
 def is_key(value: str) -> bool:
@@ -47,14 +48,14 @@ def is_key(value: str) -> bool:
     return KEY_PATTERN.fullmatch(value) is not None
 
 
-def session_key(sid: str) -> str:
+def session_key(sid: str) -> SessionKey:
     """The key *sid* is stored under; a key is returned as it is."""
-    if isinstance(sid, SessionKey) or is_key(sid):
+    if isinstance(sid, SessionKey):
         return sid
-    return hashed(sid)
+    return SessionKey(sid) if is_key(sid) else hashed(sid)
 
 
-def client_key(sid: str) -> str:
+def client_key(sid: str) -> SessionKey:
     """The key of a value that may come from a client: hashed unless it is a
     :class:`SessionKey` silo handed out (never looked up as a key because of its form)."""
     return sid if isinstance(sid, SessionKey) else hashed(sid)
