@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, SweepResult, Unit, backend_for
 from .errors import NamespaceError, SiloError
 from .instruments.hooks import observed_sweep
-from .keys import session_key
+from .keys import SessionKey, session_key
 from .logs import log_failure, silo_logger
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
@@ -246,7 +246,7 @@ class SessionStore:
             return False
         self._checking.active = True
         try:
-            return bool(check(session_key(sid), session))
+            return bool(check(SessionKey(sid), session))
         except Exception as exc:
             log_failure(
                 logger,
@@ -260,10 +260,10 @@ class SessionStore:
             self._checking.active = False
 
     def created(self, sid: str) -> None:
-        self._fire(self._registry.on_create, session_key(sid))
+        self._fire(self._registry.on_create, SessionKey(sid))
 
     def expired(self, sid: str) -> None:
-        self._fire(self._registry.on_expire, session_key(sid))
+        self._fire(self._registry.on_expire, SessionKey(sid))
 
     @staticmethod
     def _fire(callbacks: list[Callable[[str], None]], sid: str) -> None:
@@ -444,7 +444,7 @@ class SessionStore:
         result = self._backend.sweep(
             batch_size=batch_size or self.sweep_batch_size, dry_run=dry_run, progress=progress
         )
-        result.expired = [session_key(key) for key in result.expired]
+        result.expired = [SessionKey(key) for key in result.expired]  # keys, as stored
         if not dry_run:
             for upkeep in list(self._registry.after_sweep):
                 try:
@@ -468,4 +468,4 @@ class SessionStore:
     @property
     def all_sids(self) -> list[str]:
         """The key of every live session (a snapshot; every method takes a key as a SID)."""
-        return [session_key(key) for key in self._backend.all_sids()]
+        return [SessionKey(key) for key in self._backend.all_sids()]

@@ -41,7 +41,6 @@ import datetime as dt
 import os
 import shutil
 from collections.abc import Callable
-from functools import wraps
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from ..errors import FileElsewhere, FileNotStored, FileStorageError, SiloError
@@ -88,10 +87,13 @@ def _key(sid: str) -> str:
 def keyed(method: Callable[Concatenate[S, str, P], R]) -> Callable[Concatenate[S, str, P], R]:
     """The method gets the session's key where its caller passed the SID."""
 
-    @wraps(method)
     def with_key(self: S, sid: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return method(self, _key(sid), *args, **kwargs)
 
+    # Named and documented as the method, but no ``__wrapped__``: that marks what the
+    # instruments wrap.
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(with_key, name, getattr(method, name))
     return with_key
 
 
