@@ -31,7 +31,7 @@ from liveserver import APPS_DIR, REPO_ROOT, Gunicorn, gunicorn, process_gone, wa
 from pgserver import PgServer
 from sqlalchemy import Engine, select, text
 
-from flask_silo_sql import schema
+from flask_silo_sql import schema, session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import tasks, workers
 
@@ -528,7 +528,7 @@ def test_a_second_sigterm_hands_running_attempts_back_at_once(
 
 def task_row_of(engine: Engine, sid: str) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(tasks).where(tasks.c.sid == sid)).one()
+        return conn.execute(select(tasks).where(tasks.c.sid == session_key(sid))).one()
 
 
 # -- a stalled process --------------------------------------------------------------------
