@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import os
 import shutil
 from collections.abc import Callable
@@ -94,6 +95,7 @@ def keyed(method: Callable[Concatenate[S, str, P], R]) -> Callable[Concatenate[S
     # instruments wrap.
     for name in ("__module__", "__name__", "__qualname__", "__doc__"):
         setattr(with_key, name, getattr(method, name))
+    setattr(with_key, "__signature__", inspect.signature(method))  # noqa: B010
     return with_key
 
 

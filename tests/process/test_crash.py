@@ -359,7 +359,7 @@ def test_worker_killed_between_rename_and_row(
             assert report.unrecorded == []
         else:
             assert name not in rows  # no row for the killed upload
-            assert report.unrecorded == [f"{sid}/{name}"]
+            assert report.unrecorded == [f"{session_key(sid)}/{name}"]
 
         _upload(server, sid, name, new)  # the store keeps working (and takes the kept version)
         assert name in _listed(server, sid)
