@@ -42,7 +42,7 @@ from .errors import (
 )
 from .ext import Silo
 from .files import FileStore, StoredFile
-from .keys import session_key
+from .keys import SessionKey, session_key
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
@@ -81,6 +81,7 @@ __all__ = [
     "SchemaError",
     "SessionBusy",
     "SessionExpired",
+    "SessionKey",
     "SessionStore",
     "Silo",
     "SiloError",

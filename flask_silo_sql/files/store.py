@@ -93,7 +93,7 @@ def keyed(method: Callable[Concatenate[S, str, P], R]) -> Callable[Concatenate[S
 
     # Named and documented as the method, but no ``__wrapped__``: that marks what the
     # instruments wrap.
-    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+    for name in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
         setattr(with_key, name, getattr(method, name))
     setattr(with_key, "__signature__", inspect.signature(method))  # noqa: B010
     return with_key
