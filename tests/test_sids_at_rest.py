@@ -24,7 +24,7 @@ from harness import Harness
 from pgserver import find_bindir
 from sqlalchemy import Connection, Engine, inspect, make_url, text
 
-from flask_silo_sql import BackgroundTask, FileStore, Silo, schema, session_key
+from flask_silo_sql import BackgroundTask, FileStore, Silo, SQLStorage, schema, session_key
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.keys import SessionKey
 from flask_silo_sql.sids import tag
@@ -359,3 +359,23 @@ def test_offline_sql_on_postgresql_converts_with_sha256() -> None:
     sql = out.getvalue()
     assert "encode(sha256(convert_to(sid, 'UTF8')), 'hex')" in sql
     assert "UPDATE silo_namespaces SET sid =" in sql
+
+
+def test_flask_silos_storage_interface_hashes_what_a_client_could_send(silo_url: str) -> None:
+    """SQLStorage as flask-silo's own storage: flask-silo hands it the client's SID as is,
+    so a key-shaped value is hashed like any other; only a key silo handed out passes."""
+    storage = SQLStorage(silo_url)
+    try:
+        sid = secrets.token_urlsafe(32)
+        storage.set_session(sid, {"cart": {"items": ["mine"]}})
+        (key,) = storage.all_sids()
+        assert isinstance(key, SessionKey)
+        assert key == session_key(sid)
+        assert storage.get_session(str(key)) is None  # as a client would present it
+        assert not storage.has_session(str(key))
+        stored = storage.get_session(key)  # as silo handed it out
+        assert stored is not None
+        assert stored["cart"] == {"items": ["mine"]}
+        assert storage.get_session(sid) is not None
+    finally:
+        storage.dispose()
