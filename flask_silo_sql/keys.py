@@ -21,7 +21,6 @@ import hashlib
 import re
 
 KEY_PREFIX = "sha256."
-KEY_LENGTH = len(KEY_PREFIX) + 64
 KEY_PATTERN = re.compile(r"sha256\.[0-9a-f]{64}")
 
 
