@@ -22,14 +22,14 @@ from flask import Flask, Response, jsonify, request
 from flask.cli import ScriptInfo
 from harness import Harness
 from pgserver import find_bindir
-from sqlalchemy import Connection, Engine, inspect, make_url, text
+from sqlalchemy import Engine, make_url, text
+from support import as_before_hashing, row_counts
 
 from flask_silo_sql import BackgroundTask, FileStore, Silo, SQLStorage, schema, session_key
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.keys import SessionKey
 from flask_silo_sql.sids import tag
 from flask_silo_sql.sql.engine import make_engine
-from flask_silo_sql.sql.models import SILO_TABLES
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "sids-at-rest.md"
 
@@ -232,46 +232,6 @@ def test_the_documented_postgresql_expression_computes_the_key(pg_silo_url: str)
 # -- migration 0009 ---------------------------------------------------------------------------
 
 
-def clear_again(conn: Connection, sids: list[str], uploads: Path) -> None:
-    """Put *sids* back in clear, as the version before 0009 stored them (the test's own
-    inverse of the migration): rows under the SID, directories named by it."""
-    inspector = inspect(conn)
-    children = [
-        t
-        for t in sorted(SILO_TABLES)
-        if t not in ("silo_sessions", "silo_expired_sids")
-        and any(c["name"] == "sid" for c in inspector.get_columns(t))
-    ]
-    columns = ", ".join(
-        c["name"] for c in inspector.get_columns("silo_sessions") if c["name"] != "sid"
-    )
-    for sid in sids:
-        pair = {"old": session_key(sid), "new": sid}
-        conn.execute(
-            text(
-                f"INSERT INTO silo_sessions (sid, {columns}) SELECT :new, {columns} "
-                "FROM silo_sessions WHERE sid = :old"
-            ),
-            pair,
-        )
-        for table in children:
-            conn.execute(text(f"UPDATE {table} SET sid = :new WHERE sid = :old"), pair)
-        conn.execute(text("DELETE FROM silo_sessions WHERE sid = :old"), pair)
-        conn.execute(text("UPDATE silo_expired_sids SET sid = :new WHERE sid = :old"), pair)
-        directory = uploads / session_key(sid)
-        if directory.exists():
-            directory.rename(uploads / sid)
-
-
-def counts(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
-        return {
-            t: int(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
-            for t in sorted(SILO_TABLES)
-            if t != "silo_workers"
-        }
-
-
 def test_migration_converts_rows_and_directories_and_downgrade_keeps_them(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -289,12 +249,12 @@ def test_migration_converts_rows_and_directories_and_downgrade_keeps_them(
         h.store.destroy(gone)
         h.storage.mark_expired(SessionKey(session_key(gone)), h.clock.now)
         clock = h.clock
-    before = counts(engine)
+    before = row_counts(engine)
 
     # The database as the previous version left it: at 0007, every SID in clear.
     schema.downgrade(engine, "0007")
     with engine.begin() as conn:
-        clear_again(conn, [*clients, gone], uploads)
+        as_before_hashing(conn, [*clients, gone], uploads)
     with engine.connect() as conn:
         stored = {r[0] for r in conn.execute(text("SELECT sid FROM silo_sessions"))}
     assert stored == set(clients)
@@ -314,7 +274,7 @@ def test_migration_converts_rows_and_directories_and_downgrade_keeps_them(
     assert upgraded.exit_code == 0, upgraded.output
     assert "session directories renamed" in upgraded.output
     with Client(db_url, clock=clock, **options) as h:
-        assert counts(engine) == before
+        assert row_counts(engine) == before
         raw = raw_database(engine, tmp_path)
         for sid in [*clients, gone]:
             assert sid.encode() not in raw
@@ -326,9 +286,9 @@ def test_migration_converts_rows_and_directories_and_downgrade_keeps_them(
         # Downgrade keeps every row (under its key); upgrading again serves them all.
         schema.downgrade(engine, "0007")
         assert schema.current(engine) == "0007"
-        after_down = counts(engine)
+        after_down = row_counts(engine)
         schema.upgrade(engine)
-        assert counts(engine) == after_down
+        assert row_counts(engine) == after_down
         for sid, item in clients.items():
             served(h, sid, item)
     engine.dispose()
