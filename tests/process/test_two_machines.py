@@ -58,7 +58,7 @@ class Store:
         fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         fs.invalidate_cache()
         try:
-            return [str(k) for k in fs.find(f"{str(root).rstrip('/')}/{sid}")]
+            return [str(k) for k in fs.find(f"{str(root).rstrip('/')}/{session_key(sid)}")]
         except FileNotFoundError:
             return []
 
