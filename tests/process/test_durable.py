@@ -493,7 +493,7 @@ def test_sigterm_lets_running_attempts_finish_then_hands_the_rest_back(
         second = pool.start(1)
         done = until(web, long, "the handed-back run to complete", lambda b: b["task"]["complete"])
         finished = status(web, short)
-    assert handed == {short: ("complete", 1), long: ("queued", 1)}
+    assert handed == {session_key(short): ("complete", 1), session_key(long): ("queued", 1)}
     assert "1 run(s) handed back" in pool.log(first)
     assert finished is not None
     assert finished["result"] == {"attempt": 1, "pid": first}  # finished within the grace
