@@ -24,7 +24,7 @@ from .cli_errors import COMMAND_ERRORS, one_line
 from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, Silo
 from .files import fsck as check_files
-from .files.rekey import rekey_directories
+from .files.rekey import rekey_directories, rekey_objects
 from .instruments.health import check as check_health
 from .keys import session_key
 from .runner import TaskRunner
@@ -99,7 +99,9 @@ def upgrade(revision: str, sql: bool) -> None:
     if not sql:
         click.echo(f"silo schema at {schema.current(_storage().engine)}", err=True)
         for files in cast(Silo, _silo().silo).file_stores.values():
-            if rekey_directories(files.base_dir):  # named by SIDs before they were hashed
+            # Named by SIDs before they were hashed at rest: directories, fsspec objects.
+            renamed = rekey_directories(files.base_dir) + rekey_objects(files.blobs)
+            if renamed:
                 click.echo(f"{files.name}: session directories renamed to their keys", err=True)
 
 

@@ -655,3 +655,19 @@ def test_a_disk_error_is_json_and_its_log_has_no_sid(
         if record.exc_info and record.exc_info[1] is not None:
             assert SID not in str(record.exc_info[1])
     assert a.rows() == []
+
+
+def test_objects_stored_under_a_sid_move_to_its_key(machines: Any, backend: Backend) -> None:
+    """A store's bytes from before SIDs were hashed at rest (``<base or url>/<SID>/``):
+    fsck moves them under the key first, and the file is served again, whole."""
+    a: Machine = machines("host-a")
+    assert a.put("old.bin", DATA).status_code == 201
+    if backend.kind in ("file", "s3"):
+        a.uploads.blobs.move_session(KEY, SID)  # as the previous version named them
+    elif backend.kind == "local":
+        (a.home / KEY).rename(a.home / SID)
+    report = fsck(a.uploads)
+    assert report.clean, report
+    assert a.get("old.bin").get_data() == DATA
+    if backend.kind in ("file", "s3"):
+        assert [o.split("/")[0] for o in backend.objects()] == [KEY]

@@ -6,7 +6,9 @@ upgrade`` for the app's file stores where it runs, and every process's file
 upkeep (after its sweeps) for what is left. A directory's name is the SID
 itself, so renaming needs nothing else and can happen at any time. A key's
 directory already there (an upload after the upgrade) gets what it lacks;
-what both hold is left in the old directory, for ``fsck`` to show.
+what both hold is left in the old directory, for ``fsck`` to show. The
+objects of an fsspec store (``<url>/<SID>/...``) move the same way, by
+:func:`rekey_objects` (``upgrade``, ``fsck`` and the hourly remote upkeep).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 from ..keys import is_key, session_key
 from ..logs import silo_logger
 from ..sids import is_valid_sid
+from .backends.fsspec import FsspecBytes
+from .blobs import Bytes
 
 logger = silo_logger("flask_silo_sql.files")
 
@@ -42,6 +46,22 @@ def rekey_directories(base_dir: str) -> int:
     if renamed:
         logger.info("renamed %d session directory(ies) under %s to their keys", renamed, base_dir)
     return renamed
+
+
+def rekey_objects(backend: Bytes) -> int:
+    """Move every session prefix of an fsspec store still named by its SID to its key;
+    returns how many moved (0 for the other backends)."""
+    if not isinstance(backend, FsspecBytes):
+        return 0
+    moved = 0
+    for prefix in backend.sessions():
+        if is_key(prefix) or not is_valid_sid(prefix):
+            continue
+        backend.move_session(prefix, session_key(prefix))
+        moved += 1
+    if moved:
+        logger.info("moved %d session prefix(es) of an fsspec store to their keys", moved)
+    return moved
 
 
 def _merge(source: str, target: str) -> None:

@@ -59,7 +59,7 @@ from .failures import file_errors, storage_error
 from .limits import TEMP_PREFIX, safe_filename
 from .locks import directory_lock
 from .records import Backend, FileRecords, RecordsProvider
-from .rekey import rekey_directories
+from .rekey import rekey_directories, rekey_objects
 from .rows import FileRow, StoredFile
 from .serving import send as send_file
 from .settings import FileSettings, this_host
@@ -541,4 +541,5 @@ def fsck(
     once the directories still named by a SID have their keys' names (else their rows
     would count as without bytes)."""
     rekey_directories(files.base_dir)
+    rekey_objects(files.blobs)
     return check_files(files, fix=fix, grace=grace, verify=verify)

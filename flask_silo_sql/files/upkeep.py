@@ -29,7 +29,7 @@ from .backends.fsspec import FsspecBytes, mtime
 from .limits import OLD_PREFIX, RETIRED_KEEP_S, STALE_UPLOAD_S, TEMP_PREFIX
 from .locks import directory_lock
 from .records import FileRecords, StoreView
-from .rekey import rekey_directories
+from .rekey import rekey_directories, rekey_objects
 from .rows import kept_aside
 
 logger = silo_logger("flask_silo_sql.files")
@@ -182,6 +182,7 @@ def _maintain_remote(
         return
     _remote_checked[key] = now
     try:
+        rekey_objects(backend)  # objects from before SIDs were hashed at rest
         prefixes = [p for p in backend.sessions() if is_key(p)]
         for start in range(0, len(prefixes), BATCH):
             batch = prefixes[start : start + BATCH]
