@@ -76,6 +76,11 @@ characters of text), plain and registered with ``encrypted=True`` (Fernet, one k
 each on its own database, in the same rounds. Target: the encrypted write and
 read each cost at most 1.1 x the plain ones.
 
+SIDs hashed at rest: every request hashes its SID into the session's key
+(SHA-256; always on, so there is no configuration without it). The SHA-256s a
+write and a read request compute are counted (``flask_silo_sql.keys.hashed``)
+and one is timed on its own; target: together at most 3 % of the request.
+
 The exit status is 0 whatever the verdicts: this is a report.
 
 Run: ``python benchmarks/requests.py [--iterations N] [--rounds R] [--only sqlite|postgresql]
@@ -121,7 +126,7 @@ from sqlalchemy import (
 )
 
 import flask_silo_sql
-from flask_silo_sql import schema
+from flask_silo_sql import keys, schema
 from flask_silo_sql.sids import SID_LENGTH
 from flask_silo_sql.sql.engine import make_engine, sqlite_pragmas
 from flask_silo_sql.sql.models import JSONDocument
@@ -142,6 +147,8 @@ DBAPI_FLOOR_TARGET = 1.15
 """silo / (bare Flask + DBAPI floor), for writes and reads."""
 CORE_FLOOR_TARGET = 1.25
 """silo / (bare Flask + Core floor), for writes and reads."""
+HASHING_TARGET_PCT = 3.0
+"""SIDs hashed at rest: the SHA-256s a request computes, at most this % of it."""
 PEER_TARGET = 3.0
 ATOMIC_TARGET = 1.0
 """Atomic mode's host write / the same write with two commits (non-atomic)."""
@@ -188,6 +195,8 @@ class Bench:
     server_version: str | None = None
     statements: dict[str, int] = field(default_factory=dict)
     """Statements one request sends, by kind (silo configurations)."""
+    hashes: dict[str, int] = field(default_factory=dict)
+    """SHA-256s of a SID (its key at rest) one request computes, by kind (silo_sql)."""
     writes_done: int = 0
     write_rounds: list[float] = field(default_factory=list)
     read_rounds: list[float] = field(default_factory=list)
@@ -324,7 +333,8 @@ def silo_sql_bench(db: str, url: str, sid: str, *, traced: bool = False) -> Benc
         write()  # the session's row: then a write is what the measured ones are
         bench.statements = {"write": count_statements(storage, write),
                             "read": count_statements(storage, read)}
-        bench.writes_done = 2
+        bench.hashes = {"write": count_hashes(write), "read": count_hashes(read)}
+        bench.writes_done = 3
     return bench
 
 
@@ -338,6 +348,45 @@ def count_statements(storage: flask_silo_sql.SQLStorage, op: Op) -> int:
     finally:
         storage.statement_hook = previous
     return len(seen)
+
+
+def count_hashes(op: Op) -> int:
+    """How many times *op* hashes a SID into its key (``flask_silo_sql.keys.hashed``)."""
+    real = keys.hashed
+    calls = 0
+
+    def counted(sid: str) -> keys.SessionKey:
+        nonlocal calls
+        calls += 1
+        return real(sid)
+
+    keys.hashed = counted
+    try:
+        op()
+    finally:
+        keys.hashed = real
+    return calls
+
+
+def hash_us(sid: str, calls: int = 20_000, rounds: int = 7) -> float:
+    """Median time of one ``session_key(sid)`` (a SHA-256 of the SID), in µs."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            keys.session_key(sid)
+        times.append((time.perf_counter_ns() - start) / calls / 1000)
+    return statistics.median(times)
+
+
+def hashing_verdicts(db: str, benches: list[Bench], per_hash_us: float) -> list[Verdict]:
+    """SIDs hashed at rest: the SHA-256s a request computes, as a share of that request."""
+    silo = next(b for b in benches if b.db == db and b.role == "silo_sql")
+    return [
+        Verdict(db, f"SID hashing, % of a {kind} request ({silo.hashes[kind]} x SHA-256)",
+                100 * silo.hashes[kind] * per_hash_us / request_us, HASHING_TARGET_PCT, True)
+        for kind, request_us in (("write", silo.write_us), ("read", silo.read_us))
+    ]
 
 
 def silo_sql_idempotent_bench(db: str, url: str, sid: str) -> Bench:
@@ -858,6 +907,10 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
            verbose: bool) -> None:
     bare = next(b for b in benches if b.role == "bare")
     verdicts = {db: verdicts_for(db, benches, bare) for db in dbs}
+    sid = secrets.token_urlsafe(32)
+    per_hash_us = hash_us(sid)
+    for db in dbs:
+        verdicts[db] += hashing_verdicts(db, benches, per_hash_us)
     columns = ["configuration", "write µs/req", "read µs/req", "write/(bare+DBAPI)",
                "read/(bare+DBAPI)", "write/(bare+Core)", "read/(bare+Core)",
                "FS/silo write", "FS/silo read"]
@@ -953,6 +1006,14 @@ def report(benches: list[Bench], dbs: list[str], skipped: dict[str, str],
               f"{idem.statements['write']}; read {silo.statements['read']}, replay "
               f"{idem.statements['read']}; idempotent POST {idem.write_us:.1f} µs vs "
               f"{silo.write_us:.1f} µs, replay {idem.read_us:.1f} µs vs read {silo.read_us:.1f} µs")
+    print(f"SIDs hashed at rest: one SHA-256 of a {len(sid)}-character SID (session_key) "
+          f"costs {per_hash_us:.2f} µs; hashing is always on, so its share is computed:")
+    for db in dbs:
+        silo = next(b for b in benches if b.db == db and b.role == "silo_sql")
+        for kind, request_us in (("write", silo.write_us), ("read", silo.read_us)):
+            cost = silo.hashes[kind] * per_hash_us
+            print(f"  {DB_TITLES[db]:<10}  {kind:<5} {silo.hashes[kind]} hash(es) = {cost:.2f} µs "
+                  f"of {request_us:.1f} µs ({100 * cost / request_us:.2f} %)")
     host_report(benches, dbs)
     encryption_report(benches, dbs)
     print("Verdicts:")

@@ -44,6 +44,7 @@ from .errors import (
 )
 from .ext import Silo
 from .files import FileStore, StoredFile
+from .keys import SessionKey, session_key
 from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
@@ -82,6 +83,7 @@ __all__ = [
     "SchemaError",
     "SessionBusy",
     "SessionExpired",
+    "SessionKey",
     "SessionStore",
     "Silo",
     "SiloError",
@@ -103,4 +105,5 @@ __all__ = [
     "alembic_include_name",
     "alembic_include_object",
     "schema",
+    "session_key",
 ]

@@ -19,6 +19,7 @@ from .cleanup import CleanupDaemon
 from .config import SiloConfig
 from .errors import OutsideApiPrefix
 from .idempotency import Claim, IdempotencyRecords
+from .keys import session_key
 from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid
 from .store import SessionStore
@@ -139,6 +140,11 @@ class RequestState:
         self.spool: IO[bytes] | None = None
         self.host: HostTransaction | None = None
         """Atomic mode: the hold on the host session's transaction, ended after the view."""
+
+    @property
+    def key(self) -> str:
+        """The session's key at rest (the SID itself stays in the request and response)."""
+        return session_key(self.sid)
 
 
 def current_request() -> RequestState:

@@ -24,9 +24,13 @@ from .cli_errors import COMMAND_ERRORS, one_line
 from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, Silo
 from .files import fsck as check_files
+from .files.rekey import rekey_directories, rekey_objects
 from .instruments.health import check as check_health
+from .keys import session_key
 from .runner import TaskRunner
+from .sids import tag
 from .sql import SQLStorage, schema
+from .sql.lookup import find_session
 from .sql.reseal import ResealResult, reseal
 
 
@@ -95,6 +99,11 @@ def upgrade(revision: str, sql: bool) -> None:
     schema.upgrade(_storage().engine, revision, sql=sql)
     if not sql:
         click.echo(f"silo schema at {schema.current(_storage().engine)}", err=True)
+        for files in cast(Silo, _silo().silo).file_stores.values():
+            # Named by SIDs before they were hashed at rest: directories, fsspec objects.
+            renamed = rekey_directories(files.base_dir) + rekey_objects(files.blobs)
+            if renamed:
+                click.echo(f"{files.name}: session directories renamed to their keys", err=True)
 
 
 @silo_db.command()
@@ -282,6 +291,38 @@ def fsck(fix: bool, grace: float, no_verify: bool) -> None:
         dirty = dirty or (not report.clean and not repaired)
     if dirty:
         sys.exit(1)
+
+
+@silo_db.command()
+@click.argument("sid", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_appcontext
+@_reported
+def find(sid: str | None, as_json: bool) -> None:
+    """Find the session of SID: its key (what every table holds), its log tag, and
+    whether it is live or remembered as expired.
+
+    Without SID, it is read from the first line of standard input, so it stays out of
+    the shell's history and the process list.
+    """
+    if sid is None:
+        sid = sys.stdin.readline().strip()
+    if not sid:
+        raise click.ClickException("give the SID as an argument or on standard input")
+    key = session_key(sid)
+    found = find_session(_migrated().engine, key)
+    if as_json:
+        click.echo(json.dumps({"key": key, "tag": tag(key), **found}, sort_keys=True))
+        return
+    click.echo(f"key           {key}")
+    click.echo(f"tag           {tag(key)}")
+    click.echo(f"state         {found['state']}")
+    for name in ("created_at", "last_active", "expires_at", "expired_at"):
+        if found.get(name) is not None:
+            click.echo(f"{name:<14}{found[name]}")
+    for name in ("namespaces", "files", "tasks"):
+        if name in found:
+            click.echo(f"{name:<14}{found[name]}")
 
 
 @silo_db.command()

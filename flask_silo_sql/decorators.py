@@ -192,7 +192,7 @@ def _key_request(
             request.__dict__["stream"] = spool  # the view reads the body from the spool
     return KeyRequest(
         header=header,
-        sid=state.sid,
+        sid=state.key,
         key_hash=key_hash(request.method, route, principal, key),
         key=key,
         method=request.method,

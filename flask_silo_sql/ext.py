@@ -49,7 +49,7 @@ from .logs import log_failure, silo_logger
 from .runner import TaskRunner
 from .sealing import Sealer
 from .setup_checks import check_views, first_request
-from .sids import set_tag_key, tag
+from .sids import tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore, undoable
@@ -208,9 +208,6 @@ class Silo:
             )
         self._first_taken = True
         self._apps.append(state)
-        secret: Any = app.secret_key
-        if secret:
-            set_tag_key(secret.encode() if isinstance(secret, str) else bytes(secret))
 
         check_views(state)  # a silo decorator above a route decorator: refused now
         app.before_request(functools.partial(first_request, state))
@@ -505,7 +502,7 @@ class Silo:
             if state.replayed:
                 pass  # a stored response: the request changes nothing
             elif claim is not None and claim.response is not None and keep and not state.gone:
-                claim.request.sid = state.sid  # (the view may have rotated it)
+                claim.request.sid = state.key  # (the view may have rotated it)
                 if state.records is not None:
                     state.records.complete(claim, claim.response)  # with the commit
                 state.unit.commit(state=True, files=status < 400)
@@ -559,7 +556,7 @@ class Silo:
             if host is not None:
                 pass  # atomic: the claim was committed or rolled back with the request
             elif claim is not None and not claim.completed and state.records is not None:
-                claim.request.sid = state.sid
+                claim.request.sid = state.key
                 state.records.release(claim)  # the view failed: a retry runs it again
             if state.spool is not None:
                 state.spool.close()
@@ -728,6 +725,12 @@ class Silo:
     def sid(self) -> str:
         """The current request's SID."""
         return current_request().sid
+
+    @property
+    def session_key(self) -> str:
+        """The current session's key at rest: what its rows and directories are named by,
+        and what ``on_create``/``on_expire`` callbacks get (see ``docs/sids-at-rest.md``)."""
+        return current_request().key
 
     def commit(self) -> None:
         """Save the current request's changes now (they are saved at its end anyway).

@@ -16,6 +16,7 @@ from .app_state import SiloApp, current_request
 from .errors import SessionExpired
 from .events import HUBS, StreamDenied, StreamSettings, mint, open_stream, parse_last_id
 from .events import session_of as token_session
+from .keys import session_key
 from .sql import event_rows
 from .sql.backend import SQLBackend
 from .sql.context import Context
@@ -50,10 +51,10 @@ def secret_keys(app: Flask) -> list[str | bytes]:
 def stream_token(state: SiloApp) -> dict[str, Any]:
     """A token that opens the current session's stream, and the newest event's ID."""
     ctx = context_of(state)
-    sid = current_request().sid
+    key = current_request().key  # the session's key: no SID is stored, not even in a token's row
     ttl = state.settings.stream_token_ttl
-    token = mint(ctx, secret_keys(current_app), sid, ttl)
-    return {"token": token, "expires_in": ttl, "last_event_id": event_rows.last_id(ctx, sid)}
+    token = mint(ctx, secret_keys(current_app), key, ttl)
+    return {"token": token, "expires_in": ttl, "last_event_id": event_rows.last_id(ctx, key)}
 
 
 def denied(exc: StreamDenied) -> Response:
@@ -72,7 +73,7 @@ def stream(state: SiloApp, header: str) -> Response:
             ctx, secret_keys(current_app), request.args.get("token", ""), settings.stream_token_ttl
         )
         claimed = request.headers.get(header)
-        if claimed and not hmac.compare_digest(claimed.encode(), sid.encode()):
+        if claimed and not hmac.compare_digest(session_key(claimed).encode(), sid.encode()):
             raise StreamDenied(
                 403,
                 "stream_token_other_session",
@@ -132,8 +133,9 @@ def publish(state: SiloApp, kind: str, data: Any, sid: str | None) -> None:
     if sid is None:
         request_state = current_request()
         unit: Any = request_state.unit
-        unit.stage(StagedEvent(ctx, request_state.sid, kind, payload))
+        unit.stage(StagedEvent(ctx, request_state.key, kind, payload))
         return
+    sid = session_key(sid)
     with ctx.connector.transaction() as ex:
         if ex.run(ctx.st.has_session, {"sid": sid}).first() is None:
             raise SessionExpired(sid)

@@ -5,7 +5,7 @@ client. Silo's log lines name a session by :func:`~flask_silo_sql.sids.tag`
 (8 hex characters of a keyed hash), and an exception logged with a session at
 hand is logged with that SID replaced by its tag wherever the exception's text
 carries it (an ``OSError`` names a path, and a session's directory is its
-SID). Tracebacks print frames and source lines, never local values.
+key). Tracebacks print frames and source lines, never local values.
 
 Every line silo logs is escaped here, once: a character that is not printable
 (a newline, a carriage return, an escape sequence, a Unicode line separator)
@@ -20,6 +20,7 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from .keys import session_key
 from .sids import tag
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
@@ -64,8 +65,10 @@ class Withheld(Exception):
 def scrubbed(exc: BaseException, sid: str | None) -> ExcInfo:
     """*exc* for ``exc_info=``: its traceback, its class, its text with *sid* replaced."""
     text = str(exc)
-    if sid and sid in text:
-        text = text.replace(sid, f"<session {tag(sid)}>")
+    if sid:
+        for name in (sid, session_key(sid)):
+            if name in text:
+                text = text.replace(name, f"<session {tag(sid)}>")
     stand_in = Withheld(escaped(f"{type(exc).__module__}.{type(exc).__qualname__}: {text}"))
     return Withheld, stand_in, exc.__traceback__
 

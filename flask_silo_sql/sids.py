@@ -9,6 +9,8 @@ import re
 import secrets
 import time
 
+from .keys import KEY_PREFIX, session_key
+
 SID_LENGTH = 128
 """Longest SID a client may present (and the tables hold)."""
 
@@ -67,16 +69,9 @@ def is_signed_sid(
     return -60.0 <= age <= max_age  # a minute of leeway for a clock slightly behind
 
 
-_tag_key = secrets.token_bytes(32)
-
-
-def set_tag_key(key: bytes) -> None:
-    """Key the log tags of SIDs (the extension uses the app's secret key, when it has one),
-    so every worker names a session by the same tag."""
-    global _tag_key
-    _tag_key = hashlib.sha256(b"flask-silo-sql tag:" + key).digest()
-
-
 def tag(sid: str) -> str:
-    """How logs name a session: 8 hex characters of a keyed hash, never the SID itself."""
-    return hmac.new(_tag_key, sid.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:8]
+    """How logs name a session: the first 8 hex digits of its key (a SID or a key gives the
+    same tag), so an operator finds its row (``sid LIKE 'sha256.<tag>%'``), and 32 bits of
+    a one-way hash give nobody the SID."""
+    key = session_key(sid)
+    return key[len(KEY_PREFIX) : len(KEY_PREFIX) + 8]

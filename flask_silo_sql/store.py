@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, SweepResult, Unit, backend_for
 from .errors import NamespaceError, SiloError
 from .instruments.hooks import observed_sweep
+from .keys import SessionKey, session_key
 from .logs import log_failure, silo_logger
 from .sealing import Sealer
 from .sids import new_sid, tag
@@ -253,11 +254,13 @@ class SessionStore:
         self._registry.busy_check = predicate
 
     def on_expire(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(sid)`` once per expired session, after the commit."""
+        """Call ``callback(key)`` once per expired session, after the commit (*key*: the
+        session's key at rest, :func:`~flask_silo_sql.session_key`; every method takes it)."""
         self._registry.on_expire.append(callback)
 
     def on_create(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(sid)`` once per created session, after the commit."""
+        """Call ``callback(key)`` once per created session, after the commit (its key at
+        rest, as ``on_expire`` gets it)."""
         self._registry.on_create.append(callback)
 
     def generate_sid(self) -> str:
@@ -277,7 +280,7 @@ class SessionStore:
             return False
         self._checking.active = True
         try:
-            return bool(check(sid, session))
+            return bool(check(SessionKey(sid), session))
         except Exception as exc:
             log_failure(
                 logger,
@@ -291,10 +294,10 @@ class SessionStore:
             self._checking.active = False
 
     def created(self, sid: str) -> None:
-        self._fire(self._registry.on_create, sid)
+        self._fire(self._registry.on_create, SessionKey(sid))
 
     def expired(self, sid: str) -> None:
-        self._fire(self._registry.on_expire, sid)
+        self._fire(self._registry.on_expire, SessionKey(sid))
 
     @staticmethod
     def _fire(callbacks: list[Callable[[str], None]], sid: str) -> None:
@@ -319,8 +322,8 @@ class SessionStore:
         Inside a busy check it is read as it is: nothing created, nothing touched.
         """
         if getattr(self._checking, "active", False):
-            return self._backend.peek(sid)
-        return self._backend.get(sid)
+            return self._backend.peek(session_key(sid))
+        return self._backend.get(session_key(sid))
 
     def get_namespace(self, sid: str, namespace: str) -> dict[str, Any]:
         """The state of one registered namespace of session *sid*."""
@@ -331,25 +334,25 @@ class SessionStore:
 
     def touch(self, sid: str) -> None:
         """Mark *sid* active now, without creating it."""
-        self._backend.touch(sid)
+        self._backend.touch(session_key(sid))
 
     def exists(self, sid: str) -> bool:
         """Whether *sid* is a live session."""
-        return self._backend.exists(sid)
+        return self._backend.exists(session_key(sid))
 
     def is_expired(self, sid: str) -> bool:
         """Whether *sid* expired and is still remembered (for ``410 Gone``)."""
-        return self._backend.is_expired(sid)
+        return self._backend.is_expired(session_key(sid))
 
     # -- units of work -------------------------------------------------------------
 
     def unit(self, sid: str, *, locking: bool = False) -> Unit:
         """A unit of work on *sid*: lazy reads, then one commit."""
-        return self._backend.unit(sid, locking=locking)
+        return self._backend.unit(session_key(sid), locking=locking)
 
     def request(self, sid: str, *, locking: bool = False, issued: bool = False) -> Unit:
         """The unit of the current request (its context shares one connection)."""
-        return self._backend.request(sid, locking=locking, issued=issued)
+        return self._backend.request(session_key(sid), locking=locking, issued=issued)
 
     @contextmanager
     def transaction(self, sid: str, *, host: Session | None = None) -> Iterator[dict[str, Any]]:
@@ -423,15 +426,15 @@ class SessionStore:
         since it was read, and :class:`SessionExpired` when the session was
         expired meanwhile (it is not recreated).
         """
-        self._backend.save(sid, session)
+        self._backend.save(session_key(sid), session)
 
     def reset(self, sid: str) -> None:
         """Give every namespace of *sid* fresh factory state (SessionBusy if busy)."""
-        self._backend.reset(sid)
+        self._backend.reset(session_key(sid))
 
     def destroy(self, sid: str) -> None:
         """Remove session *sid* without remembering it as expired."""
-        self._backend.destroy(sid)
+        self._backend.destroy(session_key(sid))
 
     def rotate(self, old: str, new: str | None = None, *, renew: bool = False) -> str:
         """Give the client of session *old* a new SID (returned), against session fixation.
@@ -446,16 +449,18 @@ class SessionStore:
         new = new or self.generate_sid()
         movers = list(self._registry.on_rotate)
 
-        def before_commit() -> Callable[[], None]:
-            return undoable(functools.partial(mover, old, new) for mover in movers)
+        old_key, new_key = session_key(old), session_key(new)
 
-        self._backend.rotate(old, new, before_commit, renew=renew)
+        def before_commit() -> Callable[[], None]:
+            return undoable(functools.partial(mover, old_key, new_key) for mover in movers)
+
+        self._backend.rotate(old_key, new_key, before_commit, renew=renew)
         return new
 
     # -- expiry --------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
-        """Expire idle sessions, prune old expired-SID records; return expired SIDs."""
+        """Expire idle sessions, prune old expired-SID records; return the expired keys."""
         return self.sweep().expired
 
     @observed_sweep
@@ -475,6 +480,7 @@ class SessionStore:
         result = self._backend.sweep(
             batch_size=batch_size or self.sweep_batch_size, dry_run=dry_run, progress=progress
         )
+        result.expired = [SessionKey(key) for key in result.expired]  # keys, as stored
         if not dry_run:
             for upkeep in list(self._registry.after_sweep):
                 try:
@@ -497,5 +503,5 @@ class SessionStore:
 
     @property
     def all_sids(self) -> list[str]:
-        """Every live SID (a snapshot)."""
-        return self._backend.all_sids()
+        """The key of every live session (a snapshot; every method takes a key as a SID)."""
+        return [SessionKey(key) for key in self._backend.all_sids()]

@@ -36,7 +36,7 @@ from sqlalchemy import Engine
 from support import Clock, sql_storage
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import SessionStore, Silo, SQLStorage
+from flask_silo_sql import SessionStore, Silo, SQLStorage, session_key
 
 HEADER = "X-Session-ID"
 """The SID header of an app that does not choose another (``Silo(header=...)``)."""
@@ -167,7 +167,7 @@ class Harness:
         """Let every session idle past its TTL and run a sweep; *sid* must expire."""
         store = self.silo.store
         self.clock.now += store.ttl + store.touch_interval + 1
-        assert sid in store.cleanup()
+        assert session_key(sid) in store.cleanup()
 
     # -- teardown -------------------------------------------------------------------
 

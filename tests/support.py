@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy import Connection, Engine, inspect, text
 
-from flask_silo_sql import SessionStore, SQLStorage
+from flask_silo_sql import SessionStore, SQLStorage, session_key
+from flask_silo_sql.sql.models import SILO_TABLES
 
 T0 = 1_700_000_000.0
 """The fixed time every :class:`Clock` starts at unless told otherwise."""
@@ -159,3 +161,43 @@ def small_tmpfs(where: Path, size_mib: int) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def as_before_hashing(conn: Connection, sids: list[str], uploads: Path) -> None:
+    """Put *sids* back in clear, as the version before migration 0009 stored them (the
+    tests' own inverse of it): rows under the SID, upload directories named by it."""
+    inspector = inspect(conn)
+    children = [
+        t
+        for t in sorted(SILO_TABLES)
+        if t not in ("silo_sessions", "silo_expired_sids")
+        and any(c["name"] == "sid" for c in inspector.get_columns(t))
+    ]
+    columns = ", ".join(
+        c["name"] for c in inspector.get_columns("silo_sessions") if c["name"] != "sid"
+    )
+    for sid in sids:
+        pair = {"old": session_key(sid), "new": sid}
+        conn.execute(
+            text(
+                f"INSERT INTO silo_sessions (sid, {columns}) SELECT :new, {columns} "
+                "FROM silo_sessions WHERE sid = :old"
+            ),
+            pair,
+        )
+        for table in children:
+            conn.execute(text(f"UPDATE {table} SET sid = :new WHERE sid = :old"), pair)
+        conn.execute(text("DELETE FROM silo_sessions WHERE sid = :old"), pair)
+        conn.execute(text("UPDATE silo_expired_sids SET sid = :new WHERE sid = :old"), pair)
+        directory = uploads / session_key(sid)
+        if directory.exists():
+            directory.rename(uploads / sid)
+
+
+def row_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            t: int(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
+            for t in sorted(SILO_TABLES)
+            if t != "silo_workers"
+        }

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import click
 import pytest
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner, Result
 from flask import Flask
 from flask.cli import ScriptInfo
@@ -30,7 +31,7 @@ from flask.cli import cli as flask_cli
 from sqlalchemy import Engine, func, insert, inspect, select, update
 from support import sql_storage
 
-from flask_silo_sql import InMemoryStorage, SchemaError, Silo, schema
+from flask_silo_sql import InMemoryStorage, SchemaError, Silo, schema, session_key
 from flask_silo_sql.app_state import SiloApp
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.sql.models import SILO_TABLES, expired_sids, files, namespaces, sessions, tasks
@@ -172,7 +173,7 @@ def age_sessions(engine: Engine, sids: list[str], seconds: float) -> None:
                 sessions.c.last_active,
                 sessions.c.expires_at,
                 sessions.c.sweep_after,
-            ).where(sessions.c.sid.in_(sids))
+            ).where(sessions.c.sid.in_([session_key(s) for s in sids]))
         ).all()
         assert len(rows) == len(sids)
         for sid, last_active, expires_at, sweep_after in rows:
@@ -379,9 +380,11 @@ def test_cleanup_expires_idle_sessions(app_module: AppModule, migrated: Engine) 
     assert swept(invoke(app, "cleanup")) == 2
 
     with migrated.connect() as conn:
-        assert list(conn.execute(select(sessions.c.sid)).scalars()) == [fresh]
-        assert set(conn.execute(select(expired_sids.c.sid)).scalars()) == set(idle)
-        assert set(conn.execute(select(namespaces.c.sid)).scalars()) == {fresh}
+        assert list(conn.execute(select(sessions.c.sid)).scalars()) == [session_key(fresh)]
+        assert set(conn.execute(select(expired_sids.c.sid)).scalars()) == set(
+            map(session_key, idle)
+        )
+        assert set(conn.execute(select(namespaces.c.sid)).scalars()) == {session_key(fresh)}
 
     gone = client.get("/api/count", headers={HEADER: idle[0]})
     assert gone.status_code == 410
@@ -474,6 +477,7 @@ def test_stats_reports_counts(app_module: AppModule, migrated: Engine) -> None:
     first, _ = hit(client)
     second, _ = hit(client)
     hit(client, second)
+    first, second = session_key(first), session_key(second)  # what the tables hold
     now = dt.datetime.now(UTC)
     with migrated.begin() as conn:
         conn.execute(
@@ -547,7 +551,8 @@ def test_a_command_on_a_database_behind_by_a_revision_says_so_in_one_sentence(
 ) -> None:
     """A database one revision behind: the message names both revisions, then what to do."""
     head = schema.head()
-    previous = f"{int(head) - 1:04d}"
+    previous = ScriptDirectory.from_config(schema.alembic_config()).get_revision(head).down_revision
+    assert isinstance(previous, str)
     assert invoke_loading(app_module, "upgrade", previous).exit_code == 0
     result = CliRunner().invoke(
         silo_db, ["cleanup"], obj=ScriptInfo(create_app=app_module.create_app)

@@ -28,7 +28,7 @@ from flask import Flask, Response, jsonify, request
 from sqlalchemy import inspect, text
 from support import Clock, small_tmpfs
 
-from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql import Silo, SQLStorage, schema, session_key
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.sql.engine import make_engine
 
@@ -127,7 +127,7 @@ def test_state_is_checked_at_the_size_its_row_holds(value_app: ValueApp) -> None
     with value_app.storage.engine.connect() as conn:
         stored = conn.execute(
             text("SELECT length(CAST(data AS TEXT)) FROM silo_namespaces WHERE sid = :sid"),
-            {"sid": SID},
+            {"sid": session_key(SID)},
         ).scalar_one()
     assert stored < 64 * 1024
     assert stored == len(json.dumps({"value": near}, separators=(",", ":")))
@@ -147,7 +147,7 @@ def test_operators_still_query_keys_of_state_on_postgresql(pg_silo_url: str) -> 
                     "SELECT data->'value'->>'plan', data->'value'->'n' "
                     "FROM silo_namespaces WHERE sid = :sid"
                 ),
-                {"sid": SID},
+                {"sid": session_key(SID)},
             ).one()
         assert row[0] == "pro"
         assert row[1] == 1e20
@@ -168,14 +168,14 @@ def test_migration_0006_converts_state_both_ways_on_postgresql(pg_url: str) -> N
                     "INSERT INTO silo_sessions (sid, created_at, last_active, expires_at) "
                     "VALUES (:sid, now(), now(), now() + interval '1 hour')"
                 ),
-                {"sid": SID},
+                {"sid": session_key(SID)},
             )
             conn.execute(
                 text(
                     "INSERT INTO silo_namespaces (sid, name, data, version, updated_at) "
                     "VALUES (:sid, 'data', CAST(:data AS jsonb), 1, now())"
                 ),
-                {"sid": SID, "data": '{"value": {"n": 1.5, "s": "kept"}}'},
+                {"sid": session_key(SID), "data": '{"value": {"n": 1.5, "s": "kept"}}'},
             )
 
         def column() -> tuple[str, Any]:

@@ -17,7 +17,14 @@ import pytest
 from sqlalchemy import Engine, insert, select, update
 from support import StatementLog, at
 
-from flask_silo_sql import BackgroundTask, SessionStore, SQLStorage, TaskLeaseLost, TaskRunner
+from flask_silo_sql import (
+    BackgroundTask,
+    SessionStore,
+    SQLStorage,
+    TaskLeaseLost,
+    TaskRunner,
+    session_key,
+)
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import namespaces, tasks
 from flask_silo_sql.tasks import PROCESS, TaskSpec, mark_registered
@@ -86,13 +93,15 @@ def namespace(store: SessionStore, sid: str = SID) -> dict[str, Any]:
 
 def row(engine: Engine, sid: str = SID) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(tasks).where(tasks.c.sid == sid)).one()
+        return conn.execute(select(tasks).where(tasks.c.sid == session_key(sid))).one()
 
 
 def stored_result(engine: Engine, sid: str = SID) -> Any:
     with engine.connect() as conn:
         data = conn.execute(
-            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == "job")
+            select(namespaces.c.data).where(
+                namespaces.c.sid == session_key(sid), namespaces.c.name == "job"
+            )
         ).scalar_one()
     return data["result"]
 
@@ -220,7 +229,7 @@ def insert_lapsed(engine: Engine, store: SessionStore, sid: str, target: str, **
     with engine.begin() as conn:
         conn.execute(
             insert(tasks).values(
-                id=task_id, sid=sid, name="job", status="running", progress=40.0,
+                id=task_id, sid=session_key(sid), name="job", status="running", progress=40.0,
                 message="was working", logs=["started"], error=None,
                 started_at=at(now - 60), heartbeat_at=at(now - 50), namespace="job",
                 target=target, args={"args": [{"__silo_namespace__": "job"}], "kwargs": {}},

@@ -24,6 +24,7 @@ from flask_silo_sql import (
     Silo,
     SQLStorage,
     schema,
+    session_key,
 )
 
 TTL = 600
@@ -190,7 +191,7 @@ def test_bad_sid_in_query_is_ignored(api: SiloApp, bad: str) -> None:
     assert issued != bad
     assert SID_RE.fullmatch(issued)
     assert response.get_json() == {"n": 1, "sid": issued}
-    assert api.silo.store.all_sids == [issued]  # no session under the bad SID
+    assert api.silo.store.all_sids == [session_key(issued)]  # no session under the bad SID
 
 
 @pytest.mark.parametrize(
@@ -202,7 +203,7 @@ def test_bad_sid_in_header_is_ignored(api: SiloApp, bad: str) -> None:
     issued = response.headers[HEADER]
     assert issued != bad
     assert SID_RE.fullmatch(issued)
-    assert api.silo.store.all_sids == [issued]
+    assert api.silo.store.all_sids == [session_key(issued)]
 
 
 @pytest.mark.parametrize("length", [16, 128])
@@ -301,18 +302,18 @@ def test_on_create_and_on_expire_fire_once(api: SiloApp) -> None:
     api.read(ALICE)
     api.client.get("/api/ping", headers={HEADER: ALICE})
     api.client.get("/api/data", headers={HEADER: ALICE})
-    assert created.calls == [ALICE]
+    assert created.calls == [session_key(ALICE)]
     api.expire(ALICE)
     api.silo.store.cleanup()
-    assert expired.calls == [ALICE]
+    assert expired.calls == [session_key(ALICE)]
     api.client.get("/api/data", headers={HEADER: ALICE})  # 410: nothing created
-    assert created.calls == [ALICE]
+    assert created.calls == [session_key(ALICE)]
     api.client.get("/api/ping", headers={HEADER: ALICE})  # starts over: no state, no row
-    assert created.calls == [ALICE]
+    assert created.calls == [session_key(ALICE)]
     api.read(ALICE)  # its first use of state creates it
     api.read(ALICE)
-    assert created.calls == [ALICE, ALICE]
-    assert expired.calls == [ALICE]
+    assert created.calls == [session_key(ALICE)] * 2
+    assert expired.calls == [session_key(ALICE)]
 
 
 def test_session_expired_during_a_request_is_not_recreated(

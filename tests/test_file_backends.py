@@ -26,7 +26,7 @@ from sqlalchemy import Engine, func, select
 from support import Clock, sql_storage
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import FileStore, Silo
+from flask_silo_sql import FileStore, Silo, session_key
 from flask_silo_sql.files import fsck
 from flask_silo_sql.files.backends.local import boot_time
 from flask_silo_sql.files.limits import CHUNK, RETIRED_KEEP_S, RETIRED_PREFIX, TEMP_PREFIX
@@ -34,6 +34,7 @@ from flask_silo_sql.files.rows import kept_aside
 from flask_silo_sql.sql.models import file_chunks, files
 
 SID = "backend-test-session-0001"
+KEY = session_key(SID)
 OTHER = "backend-test-session-0002"
 BACKENDS = ["local", "database", "file", "s3"]
 DATA = os.urandom(2 * CHUNK + 12345)  # three chunks, the last one short
@@ -107,7 +108,7 @@ class Machine:
     def rows(self, sid: str | None = None) -> list[Any]:
         query = select(files).order_by(files.c.sid, files.c.filename)
         if sid is not None:
-            query = query.where(files.c.sid == sid)
+            query = query.where(files.c.sid == session_key(sid))
         with self.engine.connect() as conn:
             return list(conn.execute(query).all())
 
@@ -116,7 +117,7 @@ class Machine:
             return int(conn.execute(select(func.count()).select_from(file_chunks)).scalar_one())
 
     def cached(self, sid: str = SID) -> list[str]:
-        directory = self.home / sid
+        directory = self.home / session_key(sid)
         if not directory.is_dir():
             return []
         return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
@@ -207,7 +208,7 @@ def test_a_file_saved_on_one_machine_is_read_on_another(machines: Any, backend: 
     assert row.host == ("host-a" if backend.kind == "local" else None)
     assert a.chunks() == (3 if backend.kind == "database" else 0)
     if backend.kind in ("file", "s3"):
-        assert backend.objects() == [f"{SID}/{row.location}"]
+        assert backend.objects() == [f"{KEY}/{row.location}"]
         assert row.location.endswith("/data.bin")
 
     for machine in (a, b):
@@ -306,10 +307,10 @@ def test_a_replacement_wins_whole_and_a_failed_request_keeps_nothing(
     assert [r.filename for r in a.rows()] == ["f.bin"]
     assert a.chunks() == (1 if backend.kind == "database" else 0)
     if backend.kind in ("file", "s3"):
-        assert backend.objects() == [f"{SID}/{row.location}"]
+        assert backend.objects() == [f"{KEY}/{row.location}"]
     if backend.kind in ("database", "s3"):
         assert a.cached() == [f"{sha(second)[:32]}/f.bin"]
-    assert not [n for n in os.listdir(a.home / SID) if n.startswith(TEMP_PREFIX)]
+    assert not [n for n in os.listdir(a.home / KEY) if n.startswith(TEMP_PREFIX)]
 
 
 def test_serving_is_conditional_and_range_aware(machines: Any, backend: Backend) -> None:
@@ -385,19 +386,19 @@ def test_expiry_leaves_no_bytes_anywhere(machines: Any, backend: Backend) -> Non
         assert b.cached() == [f"{sha(DATA)[:32]}/gone.bin"]
     machines.clock.advance(3600)
     assert a.client.get("/api/data", headers={"X-Session-ID": OTHER}).status_code == 200
-    assert a.silo.store.cleanup() == [SID]
+    assert a.silo.store.cleanup() == [KEY]
 
     for machine in (a, b):
         assert machine.client.get("/api/data", headers={"X-Session-ID": SID}).status_code == 410
         assert machine.uploads.get_path(SID, "gone.bin") is None
-    assert [r.sid for r in a.rows()] == [OTHER]
+    assert [r.sid for r in a.rows()] == [session_key(OTHER)]
     assert a.chunks() == (1 if backend.kind == "database" else 0)
     assert [o.split("/")[0] for o in backend.objects()] == (
-        [OTHER] if backend.kind in ("file", "s3") else []
+        [session_key(OTHER)] if backend.kind in ("file", "s3") else []
     )
-    assert not (a.home / SID).exists()  # the sweeping machine's directory or cache
+    assert not (a.home / KEY).exists()  # the sweeping machine's directory or cache
     b.silo.store.cleanup()  # b's own sweep finds nothing to expire, and tidies up
-    assert not (b.home / SID).exists()
+    assert not (b.home / KEY).exists()
     assert b.uploads.list_files(OTHER) == ["kept.bin"]
 
 
@@ -410,7 +411,7 @@ def test_reset_and_rotation(machines: Any, backend: Backend) -> None:
     assert a.get("one.bin", sid=new).get_data() == DATA
     assert a.uploads.get_path(SID, "one.bin") is None
     if backend.kind in ("file", "s3"):
-        assert [o.split("/")[0] for o in backend.objects()] == [new]
+        assert [o.split("/")[0] for o in backend.objects()] == [session_key(new)]
 
     assert a.client.post("/api/reset", headers={"X-Session-ID": new}).status_code == 200
     assert a.rows() == []
@@ -541,9 +542,9 @@ def test_fsck_reports_bytes_that_differ_and_fixes_the_rest(
     rows = {r.filename: r for r in a.rows()}
     wrong = b"wrong bytes"  # the same size: only the hash tells
     if backend.kind == "local":
-        (a.home / SID / "bad.bin").write_bytes(wrong)
-        os.utime(a.home / SID / "bad.bin", (time.time() - 60, time.time() - 60))
-        (a.home / SID / "gone.bin").unlink()
+        (a.home / KEY / "bad.bin").write_bytes(wrong)
+        os.utime(a.home / KEY / "bad.bin", (time.time() - 60, time.time() - 60))
+        (a.home / KEY / "gone.bin").unlink()
     elif backend.kind == "database":
         with a.engine.begin() as conn:
             conn.execute(
@@ -556,19 +557,19 @@ def test_fsck_reports_bytes_that_differ_and_fixes_the_rest(
         import fsspec.core
 
         fs, root = fsspec.core.url_to_fs(backend.url, **backend.options)
-        fs.pipe(f"{root}/{SID}/{rows['bad.bin'].location}", wrong)
-        fs.rm(f"{root}/{SID}/{rows['gone.bin'].location}")
+        fs.pipe(f"{root}/{KEY}/{rows['bad.bin'].location}", wrong)
+        fs.rm(f"{root}/{KEY}/{rows['gone.bin'].location}")
         fs.invalidate_cache()
     report = fsck(a.uploads)
-    assert report.mismatched == [f"{SID}/bad.bin"]
-    assert report.missing == [f"{SID}/gone.bin"]
+    assert report.mismatched == [f"{KEY}/bad.bin"]
+    assert report.missing == [f"{KEY}/gone.bin"]
     assert not report.clean
     fixed = fsck(a.uploads, fix=True)
-    assert fixed.mismatched == [f"{SID}/bad.bin"]  # reported, left for a person to judge
+    assert fixed.mismatched == [f"{KEY}/bad.bin"]  # reported, left for a person to judge
     assert sorted(r.filename for r in a.rows()) == ["bad.bin", "good.bin"]
     after = fsck(a.uploads)
     assert (after.missing, after.unrecorded, after.partial) == ([], [], [])
-    assert after.mismatched == [f"{SID}/bad.bin"]
+    assert after.mismatched == [f"{KEY}/bad.bin"]
 
 
 def test_a_replaced_version_is_no_problem_for_fsck_and_takes_no_quota(
@@ -595,11 +596,11 @@ def test_fsck_puts_back_a_version_kept_aside_by_an_upload_that_died(
     old, new = b"the committed version", b"an upload never committed"
     assert a.put("f.bin", old).status_code == 201
     (row,) = a.rows()
-    directory = a.home / SID
+    directory = a.home / KEY
     # What a process that died between moving its bytes in and its commit leaves.
     records = a.uploads.records
     assert records is not None
-    committed = records.row(SID, "f.bin")
+    committed = records.row(KEY, "f.bin")
     assert committed is not None
     aside = Path(kept_aside(str(directory), committed))
     os.link(directory / "f.bin", aside)
@@ -609,7 +610,7 @@ def test_fsck_puts_back_a_version_kept_aside_by_an_upload_that_died(
         os.utime(path, (time.time() - 60, time.time() - 60))
     assert a.get("f.bin").get_data() == old  # its readers find it aside
     report = fsck(a.uploads)
-    assert report.partial == [f"{SID}/{aside.name}"], report
+    assert report.partial == [f"{KEY}/{aside.name}"], report
     assert report.mismatched == []  # the row's bytes are those kept aside, and they match
     fsck(a.uploads, fix=True)
     assert (directory / "f.bin").read_bytes() == old
@@ -640,7 +641,7 @@ def test_a_disk_error_is_json_and_its_log_has_no_sid(
 ) -> None:
     a: Machine = machines("host-a")
     a.home.mkdir(parents=True, exist_ok=True)
-    (a.home / SID).write_bytes(b"a file where the session's directory goes")
+    (a.home / KEY).write_bytes(b"a file where the session's directory goes")
     with caplog.at_level(logging.DEBUG):
         answer = a.put("x.bin", b"data")
     assert answer.status_code == 500
@@ -654,3 +655,19 @@ def test_a_disk_error_is_json_and_its_log_has_no_sid(
         if record.exc_info and record.exc_info[1] is not None:
             assert SID not in str(record.exc_info[1])
     assert a.rows() == []
+
+
+def test_objects_stored_under_a_sid_move_to_its_key(machines: Any, backend: Backend) -> None:
+    """A store's bytes from before SIDs were hashed at rest (``<base or url>/<SID>/``):
+    fsck moves them under the key first, and the file is served again, whole."""
+    a: Machine = machines("host-a")
+    assert a.put("old.bin", DATA).status_code == 201
+    if backend.kind in ("file", "s3"):
+        a.uploads.blobs.move_session(KEY, SID)  # as the previous version named them
+    elif backend.kind == "local":
+        (a.home / KEY).rename(a.home / SID)
+    report = fsck(a.uploads)
+    assert report.clean, report
+    assert a.get("old.bin").get_data() == DATA
+    if backend.kind in ("file", "s3"):
+        assert [o.split("/")[0] for o in backend.objects()] == [KEY]

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from support import Clock
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import FileTooLarge
+from flask_silo_sql import FileTooLarge, session_key
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.files import fsck
 from flask_silo_sql.files.limits import TEMP_PREFIX
@@ -29,6 +29,7 @@ from flask_silo_sql.sql.models import files as files_table
 
 SID = "files-test-session-0001"
 OTHER_SID = "files-test-session-0002"
+KEY, OTHER_KEY = session_key(SID), session_key(OTHER_SID)
 
 
 class App(Harness):
@@ -73,12 +74,12 @@ class App(Harness):
         )
 
     def session_dir(self, sid: str = SID) -> Path:
-        return Path(self.uploads.base_dir) / sid
+        return Path(self.uploads.base_dir) / session_key(sid)
 
     def rows(self, sid: str | None = None) -> list[Any]:
         query = select(files_table).order_by(files_table.c.sid, files_table.c.filename)
         if sid is not None:
-            query = query.where(files_table.c.sid == sid)
+            query = query.where(files_table.c.sid == session_key(sid))
         with self.engine.connect() as conn:
             return list(conn.execute(query).all())
 
@@ -123,7 +124,7 @@ def test_upload_is_recorded_with_size_hash_and_type(env: App) -> None:
     assert Path(path).read_bytes() == data
 
     (row,) = env.rows()
-    assert row.sid == SID
+    assert row.sid == KEY
     assert row.store == "uploads"
     assert row.filename == "report.csv"
     assert row.size_bytes == len(data)
@@ -143,12 +144,13 @@ def test_list_get_path_and_total_agree_with_the_table(make_app: Any) -> None:
     assert env.upload("one.bin", b"new" * 5).status_code == 200  # replaces the file and row
 
     rows = env.rows()
-    assert [(r.sid, r.filename, r.size_bytes) for r in rows] == [
-        (SID, "one.bin", 15),
-        (SID, "two.bin", 20),
-        (OTHER_SID, "three.bin", 30),
-    ]
-    assert rows[0].sha256 == hashlib.sha256(b"new" * 5).hexdigest()
+    assert sorted((r.sid, r.filename, r.size_bytes) for r in rows) == sorted([
+        (KEY, "one.bin", 15),
+        (KEY, "two.bin", 20),
+        (OTHER_KEY, "three.bin", 30),
+    ])
+    (one,) = [r for r in rows if (r.sid, r.filename) == (KEY, "one.bin")]
+    assert one.sha256 == hashlib.sha256(b"new" * 5).hexdigest()
     uploads = env.uploads
     assert uploads.list_files(SID) == ["one.bin", "two.bin"]
     assert uploads.list_files(OTHER_SID) == ["three.bin"]
@@ -366,11 +368,11 @@ def test_expiry_removes_files_and_rows(env: App) -> None:
     clock.now += 2 * env.silo.store.ttl
     assert env.upload("fresh.txt", b"still active", sid=OTHER_SID).status_code == 200
 
-    assert env.silo.store.cleanup() == [SID]
+    assert env.silo.store.cleanup() == [KEY]
     assert not env.session_dir(SID).exists()
     assert [(r.sid, r.filename) for r in env.rows()] == [
-        (OTHER_SID, "fresh.txt"),
-        (OTHER_SID, "keep.txt"),
+        (OTHER_KEY, "fresh.txt"),
+        (OTHER_KEY, "keep.txt"),
     ]
     assert env.uploads.list_files(SID) == []
     assert env.uploads.get_path(SID, "old.txt") is None
@@ -385,7 +387,7 @@ def test_reset_removes_files_and_rows(env: App) -> None:
     assert env.upload("b.txt", b"b", sid=OTHER_SID).status_code == 200
     reset = env.client.post("/api/reset", headers={"X-Session-ID": SID})
     assert reset.status_code == 200
-    assert [r.sid for r in env.rows()] == [OTHER_SID]
+    assert [r.sid for r in env.rows()] == [OTHER_KEY]
     assert env.uploads.list_files(SID) == []
     assert not env.session_dir(SID).exists() or not list(env.session_dir(SID).iterdir())
     assert env.uploads.list_files(OTHER_SID) == ["b.txt"]
@@ -427,9 +429,9 @@ def test_fsck_reports_and_fixes(env: App) -> None:
 
     report = fsck(env.uploads)
     assert not report.clean
-    assert report.unrecorded == [f"{SID}/stray.txt", f"{OTHER_SID}/orphan.bin"]
-    assert report.missing == [f"{SID}/gone.txt"]
-    assert report.partial == [f"{SID}/{TEMP_PREFIX}abc123"]
+    assert sorted(report.unrecorded) == sorted([f"{KEY}/stray.txt", f"{OTHER_KEY}/orphan.bin"])
+    assert report.missing == [f"{KEY}/gone.txt"]
+    assert report.partial == [f"{KEY}/{TEMP_PREFIX}abc123"]
     assert not report.fixed
     assert (env.session_dir() / "stray.txt").exists()  # a report changes nothing
     assert len(env.rows()) == 2
@@ -453,10 +455,10 @@ def test_fsck_command_reports_then_repairs(env: App) -> None:
     damage(env)
     found = runner.invoke(silo_db, ["fsck"])
     assert found.exit_code == 1, found.output
-    assert f"file without a row: {SID}/stray.txt" in found.output
-    assert f"file without a row: {OTHER_SID}/orphan.bin" in found.output
-    assert f"row without a file: {SID}/gone.txt" in found.output
-    assert f"partial upload: {SID}/{TEMP_PREFIX}abc123" in found.output
+    assert f"file without a row: {KEY}/stray.txt" in found.output
+    assert f"file without a row: {OTHER_KEY}/orphan.bin" in found.output
+    assert f"row without a file: {KEY}/gone.txt" in found.output
+    assert f"partial upload: {KEY}/{TEMP_PREFIX}abc123" in found.output
     assert "problems found" in found.output
     assert (env.session_dir() / "stray.txt").exists()
 

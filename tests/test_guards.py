@@ -30,6 +30,7 @@ from flask_silo_sql import (
     SQLStorage,
     StateConflict,
     TaskAlreadyRunning,
+    session_key,
 )
 from flask_silo_sql.codec import task_id_for
 from flask_silo_sql.sql.engine import make_engine
@@ -39,6 +40,7 @@ from flask_silo_sql.tasks import TaskState
 
 TTL = 100
 SID = "guarded-session-000000001"
+KEY = session_key(SID)
 
 
 @pytest.fixture
@@ -59,13 +61,16 @@ def store(storage: SQLStorage, clock: Clock) -> SessionStore:
 
 def exists(engine: Engine, sid: str = SID) -> bool:
     with engine.connect() as conn:
-        return conn.execute(select(sessions.c.sid).where(sessions.c.sid == sid)).first() is not None
+        found = select(sessions.c.sid).where(sessions.c.sid == session_key(sid))
+        return conn.execute(found).first() is not None
 
 
 def saved_cart(engine: Engine, sid: str = SID) -> Any:
     with engine.connect() as conn:
         return conn.execute(
-            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == "cart")
+            select(namespaces.c.data).where(
+                namespaces.c.sid == session_key(sid), namespaces.c.name == "cart"
+            )
         ).scalar()
 
 
@@ -110,7 +115,7 @@ def test_a_namespace_written_meanwhile_is_a_conflict(
     with other.begin() as conn:  # another worker's write, version 1 -> 2
         conn.execute(
             update(namespaces)
-            .where(namespaces.c.sid == SID)
+            .where(namespaces.c.sid == KEY)
             .values(data={"items": ["theirs"]}, version=namespaces.c.version + 1)
         )
     session["cart"]["items"].append("lost?")
@@ -133,22 +138,22 @@ def test_a_task_threads_merge_gives_up_instead_of_overwriting(
     def bump(statement: str, sql: str, values: Mapping[str, Any]) -> None:
         if statement in ("update_namespace", "insert_namespace"):
             with other.begin() as conn:
-                row = conn.execute(select(namespaces.c.version).where(namespaces.c.sid == SID))
+                row = conn.execute(select(namespaces.c.version).where(namespaces.c.sid == KEY))
                 if row.first() is None:
                     conn.execute(
                         insert(namespaces).values(
-                            sid=SID, name="cart", data={"items": ["other"]}, version=1,
+                            sid=KEY, name="cart", data={"items": ["other"]}, version=1,
                             updated_at=at(store.now()),
                         )
                     )
                 else:
                     conn.execute(
                         update(namespaces)
-                        .where(namespaces.c.sid == SID)
+                        .where(namespaces.c.sid == KEY)
                         .values(data={"items": ["other"]}, version=namespaces.c.version + 1)
                     )
 
-    home = SQLTaskHome(store.backend.ctx, SID, "0" * 32, slot)  # type: ignore[attr-defined]
+    home = SQLTaskHome(store.backend.ctx, KEY, "0" * 32, slot)  # type: ignore[attr-defined]
     storage.statement_hook = bump
     with pytest.raises(StateConflict):
         home.save(TaskState(running=True, attempt=1), "work")
@@ -188,7 +193,7 @@ def test_a_task_claimed_elsewhere_meanwhile_is_refused(
         with other.begin() as conn:
             conn.execute(
                 insert(tasks).values(
-                    id=task.task_id, sid=SID, name="work", status="running", progress=0.0,
+                    id=task.task_id, sid=KEY, name="work", status="running", progress=0.0,
                     message="elsewhere", logs=[], started_at=at(now), heartbeat_at=at(now),
                 )
             )
@@ -219,7 +224,7 @@ def test_an_upload_into_a_session_destroyed_meanwhile_keeps_nothing(
 
     def destroy() -> None:
         with other.begin() as conn:
-            conn.execute(delete(sessions).where(sessions.c.sid == SID))
+            conn.execute(delete(sessions).where(sessions.c.sid == KEY))
 
     # The row's transaction starts (on PostgreSQL it first locks the session's row, which
     # a destruction after that would wait for).
@@ -293,7 +298,7 @@ def test_a_view_learns_at_once_that_its_task_runs_elsewhere(
     with other.begin() as conn:  # another worker runs it, alive
         conn.execute(
             insert(tasks).values(
-                id=task_id_for(SID, "job", "/task"), sid=SID, name="work", status="running",
+                id=task_id_for(KEY, "job", "/task"), sid=KEY, name="work", status="running",
                 progress=0.0, message="theirs", logs=[], started_at=now, heartbeat_at=now,
             )
         )

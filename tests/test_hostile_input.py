@@ -40,10 +40,11 @@ from hypothesis import strategies as st
 from sqlalchemy import inspect, make_url, text
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import Silo
+from flask_silo_sql import Silo, session_key
 from flask_silo_sql.codec import MAX_NESTING
 from flask_silo_sql.files import FileStore
 from flask_silo_sql.files.limits import TEMP_PREFIX
+from flask_silo_sql.keys import KEY_PATTERN
 from flask_silo_sql.sql.models import SILO_TABLES
 from flask_silo_sql.tasks import TASK_MARKER
 
@@ -375,7 +376,8 @@ def check_sid_outcome(h: HostileApp, response: TestResponse) -> None:
         assert body["secret"] is None
     with h.storage.engine.connect() as conn:
         victim_rows = conn.execute(
-            text("SELECT count(*) FROM silo_sessions WHERE sid = :sid"), {"sid": h.victim_sid}
+            text("SELECT count(*) FROM silo_sessions WHERE sid = :sid"),
+            {"sid": session_key(h.victim_sid)},
         ).scalar_one()
     assert victim_rows == 1
 
@@ -473,7 +475,7 @@ def test_sid_properties_leave_tables_and_victim_intact(hostile: HostileApp) -> N
     with hostile.storage.engine.connect() as conn:
         sids = [row[0] for row in conn.execute(text("SELECT sid FROM silo_sessions"))]
     assert sids
-    assert all(VALID_SID.fullmatch(sid) for sid in sids)
+    assert all(KEY_PATTERN.fullmatch(sid) for sid in sids)  # keys, never a SID
 
 
 # -- file names -------------------------------------------------------------------------
@@ -544,7 +546,7 @@ def check_upload(h: HostileApp, response: TestResponse, content: bytes, before: 
     changed = changes(before, after)
     assert response.status_code < 500, response.get_data(as_text=True)[:500]
     sid = response.headers[HEADER]
-    session_dir = h.base_dir / sid
+    session_dir = h.base_dir / session_key(sid)
     if response.status_code != 200:
         assert response.status_code == 400, response.get_data(as_text=True)[:500]
         if response.is_json:
@@ -557,7 +559,7 @@ def check_upload(h: HostileApp, response: TestResponse, content: bytes, before: 
     body = response.get_json()
     stored = Path(body["path"])
     assert stored.is_absolute()
-    assert stored.resolve().parent == session_dir.resolve()  # strictly inside base_dir/<sid>/
+    assert stored.resolve().parent == session_dir.resolve()  # strictly inside base_dir/<key>/
     assert stored.parent == session_dir
     assert not stored.is_symlink()
     assert SAFE_STORED_NAME.fullmatch(stored.name)

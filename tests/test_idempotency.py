@@ -28,6 +28,7 @@ from flask_silo_sql import (
     InMemoryStorage,
     Silo,
     SQLStorage,
+    session_key,
 )
 from flask_silo_sql.errors import IdempotencyKeyInvalid, SessionExpired
 from flask_silo_sql.idempotency import Claim, KeyRequest, StoredResponse, parse_key
@@ -187,7 +188,7 @@ class KeysApp:
         with self.storage.engine.connect() as conn:
             data = conn.execute(
                 select(namespaces.c.data).where(
-                    namespaces.c.sid == sid, namespaces.c.name == "counter"
+                    namespaces.c.sid == session_key(sid), namespaces.c.name == "counter"
                 )
             ).scalar()
         if data is None:
@@ -465,7 +466,7 @@ def test_a_session_named_by_the_client_is_created_for_its_first_key(
         assert first.status_code == 200, first.get_data(as_text=True)
         again = app.post("/api/inc", sid="fresh-client-00000000")
         assert again.headers["Idempotent-Replayed"] == "true"
-        assert created.calls == ["fresh-client-00000000"]
+        assert created.calls == [session_key("fresh-client-00000000")]
         assert app.counter("fresh-client-00000000") == 1
     finally:
         app.close()
@@ -690,7 +691,7 @@ def test_a_response_stored_outside_a_request_into_a_gone_session_is_refused(
     records = keys_app.silo.store.backend.idempotency_records()
     assert records is not None
     wanted = KeyRequest(
-        header=KEY, sid=ALICE, key_hash="a" * 64, key="k", method="POST",
+        header=KEY, sid=session_key(ALICE), key_hash="a" * 64, key="k", method="POST",
         route="/api/x", fingerprint="f" * 64, ttl=TTL, lease=LEASE,
     )  # fmt: skip
     claim = records.claim(wanted)
@@ -908,7 +909,7 @@ def test_keys_go_with_their_session(keys_app: KeysApp) -> None:
     keys_app.clock.advance(7200 + 3600)  # both sessions idle past their ttl
     keys_app.post("/api/plain", key=None, sid=BOB)
     result = keys_app.silo.store.sweep()
-    assert result.expired == [ALICE]
+    assert result.expired == [session_key(ALICE)]
     assert result.keys_expired == 0  # Alice's key went with her session
     assert keys_app.keys() == 1  # Bob's
     keys_app.silo.store.destroy(BOB)
@@ -938,7 +939,7 @@ def test_a_retry_under_a_sid_rotated_away_or_expired_is_410_and_runs_nothing(
     first_use(keys_app, BOB)
     assert keys_app.post("/api/inc", sid=BOB, key="e").status_code == 200
     keys_app.clock.advance(7200 + 3600)  # idle past its ttl
-    assert BOB in keys_app.silo.store.sweep().expired
+    assert session_key(BOB) in keys_app.silo.store.sweep().expired
     late = keys_app.post("/api/inc", sid=BOB, key="e")
     assert late.status_code == 410
     assert late.get_json()["error"] == "session_expired"

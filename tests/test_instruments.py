@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from flask_silo_sql import BackgroundTask
+from flask_silo_sql import BackgroundTask, session_key
 from flask_silo_sql.instruments import spans
 from flask_silo_sql.sids import tag
 
@@ -127,7 +127,7 @@ def test_sweep_metrics_after_a_sweep(silo_app: AppFactory, tmp_path: Path) -> No
     h.post("/api/notes", BOB, data="two")
     assert scrape(h)["silo_sweeps_total", ()] == 0
     h.clock.now += h.store.ttl + h.store.touch_interval + 1
-    assert sorted(h.store.cleanup()) == sorted([ALICE, BOB])
+    assert sorted(h.store.cleanup()) == sorted(map(session_key, [ALICE, BOB]))
     samples = scrape(h)
     assert samples["silo_sweeps_total", ()] == 1
     assert samples["silo_sweep_expired_sessions_total", ()] == 2

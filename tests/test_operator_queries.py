@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, insert, text
 
-from flask_silo_sql import schema
+from flask_silo_sql import schema, session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import expired_sids, files, namespaces, sessions, tasks
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "operators.md"
 UTC = dt.timezone.utc
+A = session_key("client-a-0123456789")
+B = session_key("client-b-0123456789")
+GONE = session_key("gone-0123456789ab")
 
 
 def readme_queries() -> list[tuple[str, str, str | None]]:
@@ -45,6 +48,8 @@ def test_readme_has_the_queries_operators_need() -> None:
         "Running and failed tasks",
         "Disk used per session",
         "Expired SIDs still remembered",
+        "One client's state",
+        "The session of a log line's tag",
     ):
         assert needed in titles
     for title, _, dialect in QUERIES:
@@ -71,13 +76,13 @@ def seed(url: str) -> Engine:
             insert(sessions),
             [
                 {
-                    "sid": "client-a-0123456789",
+                    "sid": A,
                     "created_at": old,
                     "last_active": now,
                     "expires_at": now + dt.timedelta(hours=1),
                 },
                 {
-                    "sid": "client-b-0123456789",
+                    "sid": B,
                     "created_at": old,
                     "last_active": old,
                     "expires_at": old + dt.timedelta(hours=1),
@@ -88,14 +93,14 @@ def seed(url: str) -> Engine:
             insert(namespaces),
             [
                 {
-                    "sid": "client-a-0123456789",
+                    "sid": A,
                     "name": "counter",
                     "data": {"count": 3},
                     "version": 3,
                     "updated_at": now,
                 },
                 {
-                    "sid": "client-b-0123456789",
+                    "sid": B,
                     "name": "big",
                     "data": {"x": "y" * 5000},
                     "version": 1,
@@ -118,14 +123,14 @@ def seed(url: str) -> Engine:
                 {
                     **task,
                     "id": "a" * 32,
-                    "sid": "client-a-0123456789",
+                    "sid": A,
                     "name": "p",
                     "status": "running",
                 },
                 {
                     **task,
                     "id": "b" * 32,
-                    "sid": "client-b-0123456789",
+                    "sid": B,
                     "name": "q",
                     "status": "failed",
                     "error": "boom",
@@ -133,7 +138,7 @@ def seed(url: str) -> Engine:
                 {
                     **task,
                     "id": "c" * 32,
-                    "sid": "client-b-0123456789",
+                    "sid": B,
                     "name": "r",
                     "status": "complete",
                 },
@@ -143,7 +148,7 @@ def seed(url: str) -> Engine:
             insert(files),
             [
                 {
-                    "sid": "client-a-0123456789",
+                    "sid": A,
                     "store": "uploads",
                     "filename": f"f{i}",
                     "size_bytes": 100 * (i + 1),
@@ -154,7 +159,7 @@ def seed(url: str) -> Engine:
                 for i in range(3)
             ],
         )
-        conn.execute(insert(expired_sids), [{"sid": "gone-0123456789ab", "expired_at": old}])
+        conn.execute(insert(expired_sids), [{"sid": GONE, "expired_at": old}])
     return engine
 
 
@@ -166,17 +171,19 @@ def test_readme_query(request: pytest.FixtureRequest, database: str, title: str)
     with seeded.connect() as conn:
         rows = conn.execute(text(sql)).all()
     if title.startswith("Active sessions"):
-        assert [r.sid for r in rows] == ["client-a-0123456789"]
+        assert [r.sid for r in rows] == [A]
     elif title.startswith("Largest namespaces"):
         assert [r.name for r in rows] == ["big", "counter"]
         assert rows[0].bytes > 1000
     elif title.startswith("Running and failed"):
         assert sorted((r.status, r.name) for r in rows) == [("failed", "q"), ("running", "p")]
     elif title.startswith("Disk used"):
-        assert [(r.sid, r.files, r.bytes) for r in rows] == [("client-a-0123456789", 3, 600)]
+        assert [(r.sid, r.files, r.bytes) for r in rows] == [(A, 3, 600)]
     elif title.startswith("Expired SIDs"):
-        assert [r.sid for r in rows] == ["gone-0123456789ab"]
+        assert [r.sid for r in rows] == [GONE]
     elif title.startswith("One client's state"):
         assert [(r.name, r.version) for r in rows] == [("counter", 3)]
+    elif title.startswith("The session of a log line's tag"):
+        assert [r.sid for r in rows] == [A]
     else:
         raise AssertionError(f"no expectation for query {title!r}")

@@ -21,7 +21,7 @@ from flask import Flask, jsonify, request
 from sqlalchemy import select
 from support import sql_storage
 
-from flask_silo_sql import BackgroundTask, Silo
+from flask_silo_sql import BackgroundTask, Silo, session_key
 from flask_silo_sql.sql.models import files, namespaces, tasks
 
 PLANTED = "planted-by-an-attacker-000001"
@@ -134,8 +134,9 @@ def test_login_rotates_the_sid_and_keeps_everything(
         "items": ["book", "after login", "as the new sid"]
     }
     assert client.get("/api/job", headers=fresh).get_json() == {"running": True}
-    assert (tmp_path / "uploads" / new / "a.txt").read_bytes() == b"file of the session"
-    assert not (tmp_path / "uploads" / PLANTED).exists()
+    moved = tmp_path / "uploads" / session_key(new) / "a.txt"
+    assert moved.read_bytes() == b"file of the session"
+    assert not (tmp_path / "uploads" / session_key(PLANTED)).exists()
 
     # The planted SID reaches nothing: a data endpoint says it expired.
     gone = client.get("/api/cart", headers=old)
@@ -145,7 +146,7 @@ def test_login_rotates_the_sid_and_keeps_everything(
     with engine.connect() as conn:
         for table in (namespaces, tasks, files):
             sids = set(conn.execute(select(table.c.sid)).scalars())
-            assert sids == {new}, table.name
+            assert sids == {session_key(new)}, table.name
     flask_app.config["release"].set()
 
 
@@ -206,5 +207,5 @@ def test_a_running_task_follows_its_session_through_a_rotation(
     engine = sql_storage(silo.store).engine
     with engine.connect() as conn:
         rows = conn.execute(select(tasks.c.sid, tasks.c.name, tasks.c.status)).all()
-    assert (new, "report", "complete") in rows
-    assert not any(sid == PLANTED for sid, _, _ in rows)
+    assert (session_key(new), "report", "complete") in rows
+    assert not any(sid == session_key(PLANTED) for sid, _, _ in rows)

@@ -27,6 +27,7 @@ from flask_silo_sql import (
     StateConflict,
     StateNotSerializable,
     schema,
+    session_key,
 )
 from flask_silo_sql.sql.models import namespaces
 
@@ -57,7 +58,7 @@ def versions(storage: SQLStorage, sid: str = SID) -> dict[str, tuple[int, dt.dat
     with storage.engine.connect() as conn:
         rows = conn.execute(
             select(namespaces.c.name, namespaces.c.version, namespaces.c.updated_at).where(
-                namespaces.c.sid == sid
+                namespaces.c.sid == session_key(sid)
             )
         ).all()
     return {row.name: (row.version, row.updated_at) for row in rows}
@@ -219,7 +220,7 @@ def test_second_of_two_concurrent_writes_conflicts(
     store.save(SID, first)
     with pytest.raises(StateConflict) as info:
         store.save(SID, second)
-    assert (info.value.sid, info.value.namespace) == (SID, "cart")
+    assert (info.value.sid, info.value.namespace) == (session_key(SID), "cart")
     assert stored(storage)["cart"]["total"] == 100
 
 
@@ -265,11 +266,11 @@ def test_save_after_expiry_raises_and_does_not_recreate(
     saved_session(store, cart={"total": 1})
     session = store.get(SID)
     clock.now += TTL + store.touch_interval + 1
-    assert store.cleanup() == [SID]
+    assert store.cleanup() == [session_key(SID)]
     session["cart"]["total"] = 2
     with pytest.raises(SessionExpired) as info:
         store.save(SID, session)
-    assert info.value.sid == SID
+    assert info.value.sid == session_key(SID)
     assert not store.exists(SID)
     assert store.is_expired(SID)
     assert storage.session_count() == 0
@@ -324,8 +325,9 @@ def test_concurrent_sweeps_expire_each_session_once(
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads)
     expired = [sid for result in results for sid in result]
-    assert sorted(expired) == sids
-    assert sorted(fired) == sids
+    keys = sorted(map(session_key, sids))
+    assert sorted(expired) == keys
+    assert sorted(fired) == keys
     assert storage.session_count() == 0
     assert storage.expired_count() == len(sids)
     for other in stores:
@@ -343,7 +345,7 @@ def test_restart_sees_the_state(silo_url: str, clock: Clock) -> None:
     store.get("sid-to-expire-000001")
     clock.now += TTL + store.touch_interval + 1
     store.get(SID)
-    assert store.cleanup() == ["sid-to-expire-000001"]
+    assert store.cleanup() == [session_key("sid-to-expire-000001")]
     first.dispose()
 
     second = SQLStorage(silo_url)
@@ -351,7 +353,7 @@ def test_restart_sees_the_state(silo_url: str, clock: Clock) -> None:
         restarted = make_store(second, clock)
         assert restarted.get_namespace(SID, "cart")["items"] == ["kept"]
         assert restarted.is_expired("sid-to-expire-000001")
-        assert restarted.all_sids == [SID]
+        assert restarted.all_sids == [session_key(SID)]
     finally:
         second.dispose()
 

@@ -27,12 +27,23 @@ from flask_silo_sql import (
     SessionStore,
     SiloStorage,
     SQLStorage,
+    session_key,
 )
 
 pytestmark = pytest.mark.each_executor  # the contract proves both executors send the same
 
 TTL = 100
 RETAIN = 50
+
+
+def key(sid: str) -> str:
+    """What the store names session *sid* by (its key at rest, on every storage)."""
+    return session_key(sid)
+
+
+def stored(storage: SiloStorage, sid: str) -> str:
+    """What *storage* itself lists for *sid*: SQL storage keeps its key, memory the SID."""
+    return session_key(sid) if isinstance(storage, SQLStorage) else sid
 
 
 # -- the storages every contract runs on ----------------------------------------------
@@ -138,7 +149,7 @@ class StorageContract:
         assert storage.get_session("sid-gone-000000000") is None
         assert storage.has_session("sid-gone-000000000") is False
         assert storage.has_session("sid-keep-000000000") is True
-        assert storage.all_sids() == ["sid-keep-000000000"]
+        assert storage.all_sids() == [stored(storage, "sid-keep-000000000")]
         assert storage.is_expired("sid-gone-000000000") is False  # deleting is not expiring
 
     def test_has_session(self, storage: SiloStorage) -> None:
@@ -153,10 +164,11 @@ class StorageContract:
         snapshot = storage.all_sessions()
         storage.set_session("sid-s3-00000000000", session_data(T0, ns={"v": 3}))
         as_dict = dict(snapshot)
-        assert set(as_dict) == {"sid-s1-00000000000", "sid-s2-00000000000"}
-        assert as_dict["sid-s1-00000000000"]["ns"] == {"v": 1}
-        assert as_dict["sid-s2-00000000000"]["ns"] == {"v": 2}
-        assert as_dict["sid-s1-00000000000"]["_meta"]["created_at"] == pytest.approx(T0, abs=1e-3)
+        s1, s2 = stored(storage, "sid-s1-00000000000"), stored(storage, "sid-s2-00000000000")
+        assert set(as_dict) == {s1, s2}
+        assert as_dict[s1]["ns"] == {"v": 1}
+        assert as_dict[s2]["ns"] == {"v": 2}
+        assert as_dict[s1]["_meta"]["created_at"] == pytest.approx(T0, abs=1e-3)
         assert len(storage.all_sessions()) == 3
 
     def test_session_count_and_all_sids(self, storage: SiloStorage) -> None:
@@ -165,10 +177,12 @@ class StorageContract:
             storage.set_session(sid, session_data(T0))
         storage.set_session(sids[0], session_data(T0, ns={"again": True}))  # no duplicate
         assert storage.session_count() == 5
-        assert sorted(storage.all_sids()) == sids
+        assert sorted(storage.all_sids()) == sorted(stored(storage, s) for s in sids)
         storage.delete_session(sids[1])
         assert storage.session_count() == 4
-        assert sorted(storage.all_sids()) == [sids[0], *sids[2:]]
+        assert sorted(storage.all_sids()) == sorted(
+            stored(storage, s) for s in [sids[0], *sids[2:]]
+        )
 
     def test_mark_and_is_expired(self, storage: SiloStorage) -> None:
         storage.set_session("sid-live-000000000", session_data(T0))
@@ -342,7 +356,7 @@ class StoreContract:
         store.destroy("sid-destroy-000000")
         assert not store.exists("sid-destroy-000000")
         assert not store.is_expired("sid-destroy-000000")  # destroyed, not expired
-        assert store.all_sids == ["sid-stays-00000000"]
+        assert store.all_sids == [key("sid-stays-00000000")]
         store.destroy("sid-destroy-000000")  # idempotent
 
     def test_touch_postpones_expiry(self, store: SessionStore, clock: Clock) -> None:
@@ -351,7 +365,7 @@ class StoreContract:
         clock.advance(TTL - 1)
         store.touch("sid-touched-000000")
         clock.advance(self.expiry_after(store) - TTL + 2)  # the idle one is now stale
-        assert store.cleanup() == ["sid-idle-000000000"]
+        assert store.cleanup() == [key("sid-idle-000000000")]
         assert store.exists("sid-touched-000000")
 
     def test_touch_does_not_create(self, store: SessionStore) -> None:
@@ -377,7 +391,7 @@ class StoreContract:
         assert store.cleanup() == []  # idle for exactly the bound: kept
         assert store.exists("sid-exp-0000000000")
         clock.advance(1)
-        assert store.cleanup() == ["sid-exp-0000000000"]
+        assert store.cleanup() == [key("sid-exp-0000000000")]
         assert not store.exists("sid-exp-0000000000")
         assert store.is_expired("sid-exp-0000000000")
         assert store.cleanup() == []  # expired once
@@ -394,7 +408,7 @@ class StoreContract:
         clock.advance(TTL / 2)
         store.get("sid-active-0000000")
         clock.advance(self.expiry_after(store) - TTL / 2 + 1)
-        assert store.cleanup() == ["sid-idle-000000000"]
+        assert store.cleanup() == [key("sid-idle-000000000")]
         assert store.exists("sid-active-0000000")
         assert store.get_namespace("sid-active-0000000", "cart") == {"items": [], "total": 0}
 
@@ -428,11 +442,11 @@ class StoreContract:
         store.get("sid-cb-00000000000")
         store.get("sid-cb-00000000000")
         store.get_namespace("sid-cb-00000000000", "cart")
-        assert created.calls == ["sid-cb-00000000000"]
+        assert created.calls == [key("sid-cb-00000000000")]
         clock.advance(self.expiry_after(store) + 1)
         store.cleanup()
         store.get("sid-cb-00000000000")  # a new session under the same SID
-        assert created.calls == ["sid-cb-00000000000", "sid-cb-00000000000"]
+        assert created.calls == [key("sid-cb-00000000000"), key("sid-cb-00000000000")]
 
     def test_on_expire_fires_once_per_expiry(self, store: SessionStore, clock: Clock) -> None:
         expired = Recorder()
@@ -442,7 +456,9 @@ class StoreContract:
         clock.advance(self.expiry_after(store) + 1)
         store.cleanup()
         store.cleanup()
-        assert sorted(expired.calls) == ["sid-x1-00000000000", "sid-x2-00000000000"]
+        assert sorted(expired.calls) == sorted(
+            map(key, ["sid-x1-00000000000", "sid-x2-00000000000"])
+        )
 
     def test_failing_callback_does_not_break_the_store(
         self, store: SessionStore, clock: Clock
@@ -455,9 +471,9 @@ class StoreContract:
         store.on_create(after)
         store.on_expire(boom)
         store.get("sid-boom-000000000")
-        assert after.calls == ["sid-boom-000000000"]
+        assert after.calls == [key("sid-boom-000000000")]
         clock.advance(self.expiry_after(store) + 1)
-        assert store.cleanup() == ["sid-boom-000000000"]
+        assert store.cleanup() == [key("sid-boom-000000000")]
 
     def test_busy_check_that_reads_the_store_keeps_the_session(
         self, store: SessionStore, clock: Clock
@@ -486,10 +502,10 @@ class StoreContract:
         store.set_busy_check(busy)
         clock.advance(self.expiry_after(store) + 1)
         expired = run_with_deadline(store.cleanup)
-        assert expired == ["sid-free-000000000"]
+        assert expired == [key("sid-free-000000000")]
         assert store.exists("sid-busy-000000000")
         assert not store.is_expired("sid-busy-000000000")
-        assert ("sid-busy-000000000", True, 2) in seen
+        assert (key("sid-busy-000000000"), True, 2) in seen
 
     def test_busy_check_that_raises_keeps_the_session(
         self, store: SessionStore, clock: Clock
@@ -541,17 +557,17 @@ class StoreContract:
         for sid in ("sid-c1-00000000000", "sid-c2-00000000000", "sid-c3-00000000000"):
             store.get(sid)
         assert store.active_count == 3
-        assert sorted(store.all_sids) == [
-            "sid-c1-00000000000",
-            "sid-c2-00000000000",
-            "sid-c3-00000000000",
-        ]
+        assert sorted(store.all_sids) == sorted(
+            key(s) for s in ("sid-c1-00000000000", "sid-c2-00000000000", "sid-c3-00000000000")
+        )
         clock.advance(self.expiry_after(store) + 1)
         store.get("sid-c2-00000000000")
-        assert sorted(store.cleanup()) == ["sid-c1-00000000000", "sid-c3-00000000000"]
+        assert sorted(store.cleanup()) == sorted(
+            map(key, ["sid-c1-00000000000", "sid-c3-00000000000"])
+        )
         assert store.active_count == 1
         assert store.expired_count == 2
-        assert store.all_sids == ["sid-c2-00000000000"]
+        assert store.all_sids == [key("sid-c2-00000000000")]
 
 
 class TestStoreInMemory(InMemoryStorageFixture, StoreContract):

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from sqlalchemy import make_url, text
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql import Silo, SQLStorage, schema, session_key
 from flask_silo_sql.sids import is_signed_sid, new_signed_sid
 
 HEADER = "X-Session-ID"
@@ -85,14 +85,13 @@ class Deployment:
 
     def rows(self, sid: str) -> tuple[int, int]:
         """(session rows, namespace rows) stored under *sid*."""
-        if "\x00" in sid and self.dialect == "postgresql":
-            return 0, 0  # PostgreSQL text cannot hold NUL: there is no such row to count
+        key = {"sid": session_key(sid)}  # sessions are stored under their key
         with self.engine_storage.engine.connect() as conn:
             sessions = conn.execute(
-                text("SELECT count(*) FROM silo_sessions WHERE sid = :sid"), {"sid": sid}
+                text("SELECT count(*) FROM silo_sessions WHERE sid = :sid"), key
             ).scalar_one()
             namespaces = conn.execute(
-                text("SELECT count(*) FROM silo_namespaces WHERE sid = :sid"), {"sid": sid}
+                text("SELECT count(*) FROM silo_namespaces WHERE sid = :sid"), key
             ).scalar_one()
         return int(sessions), int(namespaces)
 

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, insert, select, text
 from support import T0, Clock, at
 
-from flask_silo_sql import SessionStore, SQLStorage
+from flask_silo_sql import SessionStore, SQLStorage, session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import sessions
 
@@ -80,9 +80,9 @@ def test_each_session_keeps_its_own_apps_ttl(silo_url: str) -> None:
         short.get("short-lived-session-000001")
         long.get("long-lived-session-0000001")
         clock.advance(10)
-        assert short.sweep().expired == ["short-lived-session-000001"]
+        assert short.sweep().expired == [session_key("short-lived-session-000001")]
         assert long.exists("long-lived-session-0000001")
         clock.advance(3591)
-        assert short.sweep().expired == ["long-lived-session-0000001"]  # due by its own TTL
+        assert short.sweep().expired == [session_key("long-lived-session-0000001")]  # its TTL
     finally:
         storage.dispose()

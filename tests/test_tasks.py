@@ -24,7 +24,7 @@ from sqlalchemy import Engine, func, insert, select
 from support import T0, Clock, StatementLog, at
 from werkzeug.test import TestResponse
 
-from flask_silo_sql import BackgroundTask, SQLStorage
+from flask_silo_sql import BackgroundTask, SQLStorage, session_key
 from flask_silo_sql.sql.models import files as files_table
 from flask_silo_sql.sql.models import namespaces, tasks
 
@@ -202,13 +202,15 @@ def env(silo_app: AppFactory, tmp_path: Path) -> Iterator[Env]:
 
 def task_rows(engine: Engine, sid: str = SID) -> list[Any]:
     with engine.connect() as conn:
-        return list(conn.execute(select(tasks).where(tasks.c.sid == sid)).all())
+        return list(conn.execute(select(tasks).where(tasks.c.sid == session_key(sid))).all())
 
 
 def namespace_data(engine: Engine, name: str = "proc", sid: str = SID) -> Any:
     with engine.connect() as conn:
         return conn.execute(
-            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == name)
+            select(namespaces.c.data).where(
+                namespaces.c.sid == session_key(sid), namespaces.c.name == name
+            )
         ).scalar_one_or_none()
 
 
@@ -398,7 +400,7 @@ def test_namespace_holds_only_a_reference_to_the_task_row(env: Env) -> None:
     assert "progress" not in str(data)
     (row,) = task_rows(b.sql.engine)
     assert row.id == task_id
-    assert row.sid == SID
+    assert row.sid == session_key(SID)
     assert row.name == "proc"
     assert row.status == "running"
     assert row.progress == 40.0
@@ -526,7 +528,7 @@ def insert_running_row(worker: Worker, task_id: str, heartbeat: float) -> None:
         conn.execute(
             insert(tasks).values(
                 id=task_id,
-                sid=SID,
+                sid=session_key(SID),
                 name="proc",
                 status="running",
                 progress=30.0,

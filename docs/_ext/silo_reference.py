@@ -269,7 +269,9 @@ class ApiDirective(SphinxDirective):
                     "",
                 ]
             elif inspect.ismodule(obj):
+                # automodule moves the current module: the names after it are ours again
                 lines += [f".. automodule:: {obj.__name__}", "   :members:", ""]
+                lines += [".. currentmodule:: flask_silo_sql", ""]
             elif inspect.isclass(obj):
                 lines += [f".. autoclass:: {name}", "   :members:", "   :show-inheritance:", ""]
             else:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, cast
 
 from ..errors import SiloError
-from ..sids import is_valid_sid
+from ..keys import is_key
 from .backends.database import ChunkReader
 from .backends.fsspec import FsspecBytes
 from .digest import sha256_of
@@ -182,7 +182,7 @@ class _Check:
         sids = sorted(os.listdir(base)) if os.path.isdir(base) else []
         for sid in sids:
             directory = os.path.join(base, sid)
-            if not is_valid_sid(sid) or not os.path.isdir(directory) or os.path.islink(directory):
+            if not is_key(sid) or not os.path.isdir(directory) or os.path.islink(directory):
                 continue
             for name in sorted(os.listdir(directory)):
                 path = os.path.join(directory, name)

@@ -2,13 +2,14 @@
 
 Same API as flask-silo 0.1.6 (``save``, ``get_path``, ``list_files``,
 ``cleanup``, ``cleanup_all``, ``total_size_bytes``, ``session_dir``), without
-its path flaws: a SID must be a valid SID before it names a directory, file
+its path flaws: a SID must be a valid SID before it names anything, and then it is
+never a path: a session's directory is named by its key (``docs/sids-at-rest.md``), file
 names go through werkzeug's ``secure_filename`` (so ``../../x`` or
 ``/etc/passwd`` stay inside the session's directory), and bytes are written
 under a temporary name, so a partial file is never visible under its name.
 
 Where the bytes live is the store's *backend* (:mod:`flask_silo_sql.files.backends`):
-``local`` (``<base_dir>/<sid>/<name>`` on the machine that received the
+``local`` (``<base_dir>/<key>/<name>`` on the machine that received the
 upload), ``database`` (chunks in ``silo_file_chunks``) or an fsspec URL
 (``s3://bucket/prefix``, ``file:///mnt/shared``); for the last two
 ``base_dir`` is this machine's cache of verified copies, so ``get_path``
@@ -37,13 +38,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import os
 import shutil
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any, Literal, overload
+from typing import IO, TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from ..errors import FileElsewhere, FileNotStored, FileStorageError, SiloError
 from ..instruments.hooks import traced_save, traced_send
+from ..keys import is_key, session_key
 from ..logs import log_failure, silo_logger
 from ..sids import is_valid_sid
 from . import receive
@@ -56,6 +59,7 @@ from .failures import file_errors, storage_error
 from .limits import TEMP_PREFIX, safe_filename
 from .locks import directory_lock
 from .records import Backend, FileRecords, RecordsProvider
+from .rekey import rekey_directories, rekey_objects
 from .rows import FileRow, StoredFile
 from .serving import send as send_file
 from .settings import FileSettings, this_host
@@ -70,6 +74,29 @@ logger = silo_logger("flask_silo_sql.files")
 
 OPEN_ATTEMPTS = 8
 """Times a download opens a ``local`` file replaced while it was opened, before a 503."""
+
+S = TypeVar("S")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _key(sid: str) -> str:
+    """The key of a valid SID (a key as it is); anything else as it is, for ``_dir`` to refuse."""
+    return session_key(sid) if is_key(sid) or is_valid_sid(sid) else sid
+
+
+def keyed(method: Callable[Concatenate[S, str, P], R]) -> Callable[Concatenate[S, str, P], R]:
+    """The method gets the session's key where its caller passed the SID."""
+
+    def with_key(self: S, sid: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return method(self, _key(sid), *args, **kwargs)
+
+    # Named and documented as the method, but no ``__wrapped__``: that marks what the
+    # instruments wrap.
+    for name in ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(with_key, name, getattr(method, name))
+    setattr(with_key, "__signature__", inspect.signature(method))  # noqa: B010
+    return with_key
 
 
 class FileStore:
@@ -160,11 +187,12 @@ class FileStore:
             )
         return records
 
-    def _dir(self, sid: str) -> str:
-        if not is_valid_sid(sid):
+    def _dir(self, key: str) -> str:
+        if not is_key(key):
             raise ValueError("invalid session id")
-        return os.path.join(self.base_dir, sid)
+        return os.path.join(self.base_dir, key)
 
+    @keyed
     def session_dir(self, sid: str) -> str:
         """The directory of session *sid* (created when ``auto_create``): its files for the
         ``local`` backend, this machine's cached copies for the others."""
@@ -177,6 +205,7 @@ class FileStore:
     # -- storing ---------------------------------------------------------------------------
 
     @traced_save
+    @keyed
     def save(
         self,
         sid: str,
@@ -203,7 +232,7 @@ class FileStore:
         or on a full disk; nothing is kept then.
         """
         name = safe_filename(filename)
-        self._dir(sid)  # a valid SID, or ValueError
+        self._dir(sid)  # a valid SID's key, or ValueError
         records = self._needs_records()
         return receive.save(
             self, sid, name, data, records=records, content_type=content_type, size=size
@@ -231,6 +260,7 @@ class FileStore:
             return records, name, staged.row
         return records, name, records.row(sid, name)
 
+    @keyed
     def get_path(self, sid: str, filename: str) -> str | None:
         """A local path to the stored file, or None (no such file, or a ``local`` file of
         another host). For ``database`` and fsspec backends: a copy in this machine's
@@ -252,6 +282,7 @@ class FileStore:
         with file_errors(self.name, sid, "read a file"):
             return self.blobs.local_copy(row)
 
+    @keyed
     def open(self, sid: str, filename: str) -> IO[bytes]:
         """A readable binary stream of the stored file, from whichever backend holds it.
 
@@ -276,6 +307,7 @@ class FileStore:
                 return open(staged.path, "rb")
         return self._opened(sid, filename, buffered=True)[1]
 
+    @keyed
     def stat(self, sid: str, filename: str) -> StoredFile | None:
         """What is known of a stored file (size, hash, where it is), or None."""
         try:
@@ -307,6 +339,7 @@ class FileStore:
         )
 
     @traced_send
+    @keyed
     def send(
         self,
         sid: str,
@@ -378,6 +411,7 @@ class FileStore:
     def list_files(self, sid: str, *, details: bool = False) -> list[str] | list[StoredFile]:
         """Names of the files stored for *sid*, wherever they are; with *details*, a
         :class:`StoredFile` for each (its size, hash and where it is)."""
+        sid = _key(sid)
         try:
             directory = self._dir(sid)
         except ValueError:
@@ -421,6 +455,7 @@ class FileStore:
 
     def move_session(self, old: str, new: str) -> Callable[[], None]:
         """Move session *old*'s files to *new* (a SID rotation); returns the undo."""
+        old, new = _key(old), _key(new)
         source, target = self._dir(old), self._dir(new)
         undo_bytes = self.blobs.move_session(old, new) if self.blobs.kind != "local" else None
         if not os.path.isdir(source):
@@ -439,6 +474,7 @@ class FileStore:
 
         return undo
 
+    @keyed
     def cleanup(self, sid: str, *, rows: bool = True) -> None:
         """Remove the session's files: rows first (unless *rows* is False: they went with
         their session), then their bytes (fsspec objects, cached copies) and, for an
@@ -501,5 +537,9 @@ class FileStore:
 def fsck(
     files: FileStore, *, fix: bool = False, grace: float = 600.0, verify: bool = True
 ) -> FsckReport:
-    """Compare a file store's bytes with its rows (see :mod:`flask_silo_sql.files.check`)."""
+    """Compare a file store's bytes with its rows (see :mod:`flask_silo_sql.files.check`),
+    once the directories still named by a SID have their keys' names (else their rows
+    would count as without bytes)."""
+    rekey_directories(files.base_dir)
+    rekey_objects(files.blobs)
     return check_files(files, fix=fix, grace=grace, verify=verify)

@@ -22,13 +22,14 @@ import os
 import shutil
 import time
 
+from ..keys import is_key
 from ..logs import silo_logger
-from ..sids import is_valid_sid
 from .backends.cache import SHA_DIR_LENGTH
 from .backends.fsspec import FsspecBytes, mtime
 from .limits import OLD_PREFIX, RETIRED_KEEP_S, STALE_UPLOAD_S, TEMP_PREFIX
 from .locks import directory_lock
 from .records import FileRecords, StoreView
+from .rekey import rekey_directories, rekey_objects
 from .rows import kept_aside
 
 logger = silo_logger("flask_silo_sql.files")
@@ -40,6 +41,7 @@ _remote_checked: dict[int, float] = {}
 
 def maintain(files: StoreView, *, grace: float = 300.0) -> int:
     """See :meth:`FileStore.maintain`; returns how many session directories went."""
+    rekey_directories(files.base_dir)  # directories from before SIDs were hashed at rest
     records = files.records
     if records is None:
         return 0
@@ -57,7 +59,7 @@ def maintain(files: StoreView, *, grace: float = 300.0) -> int:
     sids = [
         e
         for e in entries
-        if is_valid_sid(e)
+        if is_key(e)
         and os.path.isdir(os.path.join(base, e))
         and not os.path.islink(os.path.join(base, e))
     ]
@@ -180,7 +182,8 @@ def _maintain_remote(
         return
     _remote_checked[key] = now
     try:
-        prefixes = [p for p in backend.sessions() if is_valid_sid(p)]
+        rekey_objects(backend)  # objects from before SIDs were hashed at rest
+        prefixes = [p for p in backend.sessions() if is_key(p)]
         for start in range(0, len(prefixes), BATCH):
             batch = prefixes[start : start + BATCH]
             alive, expired = records.live(batch)

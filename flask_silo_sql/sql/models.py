@@ -107,7 +107,12 @@ def owner_sid(*, primary_key: bool = False) -> Column[str]:
 sessions = Table(
     "silo_sessions",
     metadata,
-    Column("sid", String(SID_LENGTH), primary_key=True, comment="Session ID the client presents"),
+    Column(
+        "sid",
+        String(SID_LENGTH),
+        primary_key=True,
+        comment="The session's key: sha256. and the hex SHA-256 of the SID the client presents",
+    ),
     Column("created_at", UTCDateTime(), nullable=False, comment="When the session was created"),
     Column(
         "last_active",
@@ -157,7 +162,12 @@ namespaces = Table(
 expired_sids = Table(
     "silo_expired_sids",
     metadata,
-    Column("sid", String(SID_LENGTH), primary_key=True, comment="SID of an expired session"),
+    Column(
+        "sid",
+        String(SID_LENGTH),
+        primary_key=True,
+        comment="Key of an expired session: sha256. and the hex SHA-256 of its SID",
+    ),
     Column("expired_at", UTCDateTime(), nullable=False, comment="When the session was expired"),
     Index("ix_silo_expired_sids_expired_at", "expired_at"),
     comment="Expired SIDs remembered for expired_retain seconds, to answer 410 Gone",

@@ -17,6 +17,7 @@ from sqlalchemy import URL, Engine
 
 from ..codec import dumps
 from ..errors import SiloError
+from ..keys import SessionKey, client_key
 from ..storage import SiloStorage
 from . import sessions as ops
 from .backend import SQLBackend
@@ -234,13 +235,15 @@ class SQLStorage(SiloStorage):
         return SQLBackend(context)
 
     # -- SiloStorage (flask-silo's interface) -------------------------------------------
+    # Its SIDs may come straight from a client (flask-silo checks only their length):
+    # each is hashed, a key of :func:`all_sids` (a SessionKey) passes as it is.
 
     def _times(self, now: float) -> ops.Times:
         return ops.Times(now, now + DEFAULT_LIFETIME_S, now)
 
     def get_session(self, sid: str) -> dict[str, Any] | None:
         with self.connector.executor() as ex:
-            loaded = ops.load_all(ex, self.statements, sid)
+            loaded = ops.load_all(ex, self.statements, client_key(sid))
         if loaded is None:
             return None
         head, found = loaded
@@ -259,6 +262,7 @@ class SQLStorage(SiloStorage):
         v = st.values
         last_active = float(meta.get("last_active", now))
         fresh = {name: dumps(value) for name, value in data.items() if name != "_meta"}
+        sid = client_key(sid)
         with self.connector.transaction() as ex:
             ex.run(
                 st.upsert_session,
@@ -273,11 +277,12 @@ class SQLStorage(SiloStorage):
 
     def delete_session(self, sid: str) -> None:
         with self.connector.executor() as ex:
-            ops.delete_sessions(ex, self.statements, [sid])
+            ops.delete_sessions(ex, self.statements, [client_key(sid)])
 
     def has_session(self, sid: str) -> bool:
         with self.connector.executor() as ex:
-            return ex.run(self.statements.has_session, {"sid": sid}).first() is not None
+            found = ex.run(self.statements.has_session, {"sid": client_key(sid)}).first()
+            return found is not None
 
     def all_sessions(self) -> list[tuple[str, dict[str, Any]]]:
         st = self.statements
@@ -286,8 +291,8 @@ class SQLStorage(SiloStorage):
             heads = ex.run(st.all_heads, {}).rows
             rows = ex.run(st.all_namespaces, {}).rows
         out: dict[str, dict[str, Any]] = {
-            sid: {"_meta": {"created_at": v.unix(c), "last_active": v.unix(a), "sid": sid}}
-            for sid, c, a in heads
+            key: {"_meta": {"created_at": v.unix(c), "last_active": v.unix(a), "sid": key}}
+            for key, c, a in ((SessionKey(sid), c, a) for sid, c, a in heads)
         }
         for sid, name, data in rows:
             if sid in out:
@@ -300,20 +305,20 @@ class SQLStorage(SiloStorage):
 
     def all_sids(self) -> list[str]:
         with self.connector.executor() as ex:
-            return [row[0] for row in ex.run(self.statements.all_sids, {}).rows]
+            return [SessionKey(row[0]) for row in ex.run(self.statements.all_sids, {}).rows]
 
     def mark_expired(self, sid: str, timestamp: float) -> None:
         st = self.statements
         with self.connector.executor() as ex:
-            ex.run(st.mark_expired, {"sid": sid, "now": st.values.time(timestamp)})
+            ex.run(st.mark_expired, {"sid": client_key(sid), "now": st.values.time(timestamp)})
 
     def is_expired(self, sid: str) -> bool:
         with self.connector.executor() as ex:
-            return ex.run(self.statements.is_expired, {"sid": sid}).first() is not None
+            return ex.run(self.statements.is_expired, {"sid": client_key(sid)}).first() is not None
 
     def clear_expired(self, sid: str) -> None:
         with self.connector.executor() as ex:
-            ex.run(self.statements.clear_expired, {"sid": sid})
+            ex.run(self.statements.clear_expired, {"sid": client_key(sid)})
 
     def prune_expired(
         self, max_age: float, *, now: float | None = None, batch_size: int = 5000

@@ -21,6 +21,7 @@ import requests
 from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, func, select, text
 
+from flask_silo_sql import session_key
 from flask_silo_sql.sql.models import idempotency_keys, namespaces
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,9 @@ def _orders(engine: Engine) -> int:
 def _charges(engine: Engine, sid: str) -> list[int]:
     with engine.connect() as conn:
         data = conn.execute(
-            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == "charges")
+            select(namespaces.c.data).where(
+                namespaces.c.sid == session_key(sid), namespaces.c.name == "charges"
+            )
         ).scalar()
     if data is None:
         return []

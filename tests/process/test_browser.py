@@ -34,7 +34,7 @@ from sqlalchemy import Engine, select
 from support import UNDER_CI, sql_storage
 from werkzeug.serving import make_server
 
-from flask_silo_sql import Silo, schema
+from flask_silo_sql import Silo, schema, session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import expired_sids, sessions
 
@@ -203,11 +203,12 @@ def test_upload_progress_results_then_expired(
             expired = store.cleanup()
         finally:
             store.clock = None
-        assert sid in expired
+        assert session_key(sid) in expired
         with served.engine.connect() as conn:
-            assert conn.execute(select(sessions.c.sid).where(sessions.c.sid == sid)).first() is None
-            assert conn.execute(select(expired_sids).where(expired_sids.c.sid == sid)).first()
-        assert not (tmp_path / "uploads" / sid).exists()
+            key = session_key(sid)
+            assert conn.execute(select(sessions.c.sid).where(sessions.c.sid == key)).first() is None
+            assert conn.execute(select(expired_sids).where(expired_sids.c.sid == key)).first()
+        assert not (tmp_path / "uploads" / session_key(sid)).exists()
 
         # "Show results" now gets 410 Gone: the page says so and hides the old results.
         page.click("#show-results")

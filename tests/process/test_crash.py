@@ -27,7 +27,7 @@ import requests
 from liveserver import Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
-from flask_silo_sql import SessionStore, SQLStorage
+from flask_silo_sql import SessionStore, SQLStorage, session_key
 from flask_silo_sql.files import FileStore, fsck
 from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.files.limits import TEMP_PREFIX as PENDING_PREFIX
@@ -75,7 +75,7 @@ def _rows(engine: Engine, sid: str) -> dict[str, tuple[Any, int]]:
             row.name: (row.data, row.version)
             for row in conn.execute(
                 select(namespaces.c.name, namespaces.c.data, namespaces.c.version).where(
-                    namespaces.c.sid == sid
+                    namespaces.c.sid == session_key(sid)
                 )
             )
         }
@@ -173,7 +173,7 @@ def _file_rows(engine: Engine, sid: str) -> dict[str, tuple[int, str]]:
             row.filename: (int(row.size_bytes), row.sha256)
             for row in conn.execute(
                 select(files.c.filename, files.c.size_bytes, files.c.sha256).where(
-                    files.c.sid == sid,
+                    files.c.sid == session_key(sid),
                     files.c.store == "uploads",
                     ~files.c.filename.startswith(PENDING_PREFIX, autoescape=True),
                 )
@@ -183,7 +183,7 @@ def _file_rows(engine: Engine, sid: str) -> dict[str, tuple[int, str]]:
 
 def _check_store(engine: Engine, db_url: str, base: Path, sid: str) -> Any:
     """No row without its (complete) file; return fsck's report of the store."""
-    directory = base / sid
+    directory = base / session_key(sid)
     records = {r.filename: r for r in _row_objects(engine, sid)}
     for name, (size, sha) in _file_rows(engine, sid).items():
         path = directory / name
@@ -217,7 +217,7 @@ def _row_objects(engine: Engine, sid: str) -> list[FileRow]:
     with engine.connect() as conn:
         found = conn.execute(
             select(files.c.id, files.c.filename, files.c.size_bytes, files.c.sha256).where(
-                files.c.sid == sid, files.c.store == "uploads"
+                files.c.sid == session_key(sid), files.c.store == "uploads"
             )
         ).all()
     return [FileRow(sid, r.filename, int(r.size_bytes), r.sha256, id=int(r.id)) for r in found]
@@ -245,7 +245,7 @@ def test_worker_killed_while_upload_streams_in(
     new = os.urandom(2_000_000)
     with gunicorn(app_env, tmp_path, workers=1) as server:
         sid = _upload(server, None, "data.bin", old)
-        directory = base / sid
+        directory = base / session_key(sid)
         assert _file_rows(engine, sid) == {"data.bin": (len(old), _sha(old))}
         pid = int(requests.get(server.url("/pid"), timeout=10).text)
 
@@ -279,14 +279,14 @@ def test_worker_killed_while_upload_streams_in(
         report = _check_store(engine, db_url, base, sid)
         assert report.missing == []
         assert report.unrecorded == []
-        assert sorted(report.partial) == sorted(f"{sid}/{name}" for name in leftovers)
+        assert sorted(report.partial) == sorted(f"{session_key(sid)}/{name}" for name in leftovers)
 
         # The store keeps working.
         _upload(server, sid, "data.bin", new)
         assert _listed(server, sid) == ["data.bin"]
         log = server.log_text()
     fixed = _fsck_fix(db_url, base)
-    assert fixed.partial == [f"{sid}/{name}" for name in leftovers]
+    assert fixed.partial == [f"{session_key(sid)}/{name}" for name in leftovers]
     assert (directory / "data.bin").read_bytes() == new
     assert _file_rows(engine, sid) == {"data.bin": (len(new), _sha(new))}
     assert "Exception on /api/" not in log, log[-3000:]
@@ -319,7 +319,7 @@ def test_worker_killed_between_rename_and_row(
     name = "data.bin" if replacing else "late.bin"
     with gunicorn(app_env, tmp_path, workers=1) as server:
         sid = _upload(server, None, "data.bin", old)
-        directory = base / sid
+        directory = base / session_key(sid)
         outcome: dict[str, Any] = {}
 
         def doomed() -> None:
@@ -359,7 +359,7 @@ def test_worker_killed_between_rename_and_row(
             assert report.unrecorded == []
         else:
             assert name not in rows  # no row for the killed upload
-            assert report.unrecorded == [f"{sid}/{name}"]
+            assert report.unrecorded == [f"{session_key(sid)}/{name}"]
 
         _upload(server, sid, name, new)  # the store keeps working (and takes the kept version)
         assert name in _listed(server, sid)

@@ -31,7 +31,7 @@ from liveserver import APPS_DIR, REPO_ROOT, Gunicorn, gunicorn, process_gone, wa
 from pgserver import PgServer
 from sqlalchemy import Engine, select, text
 
-from flask_silo_sql import schema
+from flask_silo_sql import schema, session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import tasks, workers
 
@@ -493,7 +493,7 @@ def test_sigterm_lets_running_attempts_finish_then_hands_the_rest_back(
         second = pool.start(1)
         done = until(web, long, "the handed-back run to complete", lambda b: b["task"]["complete"])
         finished = status(web, short)
-    assert handed == {short: ("complete", 1), long: ("queued", 1)}
+    assert handed == {session_key(short): ("complete", 1), session_key(long): ("queued", 1)}
     assert "1 run(s) handed back" in pool.log(first)
     assert finished is not None
     assert finished["result"] == {"attempt": 1, "pid": first}  # finished within the grace
@@ -528,7 +528,7 @@ def test_a_second_sigterm_hands_running_attempts_back_at_once(
 
 def task_row_of(engine: Engine, sid: str) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(tasks).where(tasks.c.sid == sid)).one()
+        return conn.execute(select(tasks).where(tasks.c.sid == session_key(sid))).one()
 
 
 # -- a stalled process --------------------------------------------------------------------

@@ -28,6 +28,7 @@ from liveserver import Gunicorn, parent_pid
 from liveserver import gunicorn as live_gunicorn
 from sqlalchemy import select
 
+from flask_silo_sql import session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import tasks
 
@@ -243,11 +244,13 @@ def test_killed_workers_task_is_run_again_by_a_live_worker(db_url: str, tmp_path
         assert results.status_code == 200
         assert results.json()["results"]["lines"] == 401
 
+        assert client.sid is not None
+        key = session_key(client.sid)
         engine = make_engine(db_url)
         try:
             with engine.connect() as conn:
                 rows = conn.execute(
-                    select(tasks.c.status, tasks.c.attempt).where(tasks.c.sid == client.sid)
+                    select(tasks.c.status, tasks.c.attempt).where(tasks.c.sid == key)
                 ).all()
         finally:
             engine.dispose()

@@ -25,7 +25,7 @@ import requests
 from liveserver import gunicorn
 from sqlalchemy import func, select
 
-from flask_silo_sql import schema
+from flask_silo_sql import schema, session_key
 from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks, files
@@ -90,13 +90,14 @@ def test_parallel_uploads_never_exceed_the_quota(
                         assert body["limit"] == QUOTA
                 with engine.connect() as conn:
                     rows = conn.execute(
-                        select(files.c.filename, files.c.size_bytes).where(files.c.sid == sid)
+                        select(files.c.filename, files.c.size_bytes)
+                        .where(files.c.sid == session_key(sid))
                     ).all()
                     chunks = conn.execute(
                         select(func.count())
                         .select_from(file_chunks)
                         .join(files, files.c.id == file_chunks.c.file_id)
-                        .where(files.c.sid == sid)
+                        .where(files.c.sid == session_key(sid))
                     ).scalar()
                 stored = sum(size for _, size in rows)
                 kept = sorted(name for name, _ in rows)
@@ -106,7 +107,7 @@ def test_parallel_uploads_never_exceed_the_quota(
                 assert all(size == SIZE for _, size in rows)
                 if sized:
                     assert statuses[201] == QUOTA // SIZE  # exactly what fits
-                directory = base_dir / sid
+                directory = base_dir / session_key(sid)
                 on_disk = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
                 if backend == "local":
                     assert on_disk == accepted

@@ -24,7 +24,7 @@ import requests
 from liveserver import gunicorn
 from sqlalchemy import delete, select
 
-from flask_silo_sql import FileStore, SessionStore, SQLStorage, schema
+from flask_silo_sql import FileStore, SessionStore, SQLStorage, schema, session_key
 from flask_silo_sql.files import fsck
 from flask_silo_sql.files.limits import RETIRED_PREFIX
 from flask_silo_sql.files.records import FileRecords
@@ -83,8 +83,8 @@ def test_fsck_fix_during_uploads_deletes_nothing_good(
                     select(files_table).where(files_table.c.filename == "gone.bin")
                 ).one()
             if backend == "local":
-                (base_dir / victim / "gone.bin").unlink()
-                stray = base_dir / victim / "stray.bin"
+                (base_dir / session_key(victim) / "gone.bin").unlink()
+                stray = base_dir / session_key(victim) / "stray.bin"
                 stray.write_bytes(b"no row")
                 an_hour_ago = time.time() - 3600
                 os.utime(stray, (an_hour_ago, an_hour_ago))
@@ -92,7 +92,7 @@ def test_fsck_fix_during_uploads_deletes_nothing_good(
                 with engine.begin() as conn:  # a row without its bytes
                     conn.execute(delete(file_chunks).where(file_chunks.c.file_id == gone.id))
             else:
-                os.unlink(tmp_path / "shared" / victim / gone.location)
+                os.unlink(tmp_path / "shared" / session_key(victim) / gone.location)
 
             def client(index: int) -> None:
                 sid = f"fsck-load-client-{index:02d}-0000"
@@ -137,15 +137,15 @@ def test_fsck_fix_during_uploads_deletes_nothing_good(
             log = server.log_text()
         final = fsck(checker)
         assert final.clean, final
-        assert f"{victim}/gone.bin" in repaired
+        assert f"{session_key(victim)}/gone.bin" in repaired
         if backend == "local":
-            assert f"{victim}/stray.bin" in repaired
+            assert f"{session_key(victim)}/stray.bin" in repaired
             assert not stray.exists()
         with engine.connect() as conn:
             found = conn.execute(select(files_table.c.sid, files_table.c.filename)).all()
         # Besides the files: replaced versions kept an hour for their downloads (not local).
         names = {(sid, name) for sid, name in found if not name.startswith(RETIRED_PREFIX)}
-        assert names == {(sid, name) for sid, name in last}
+        assert names == {(session_key(sid), name) for sid, name in last}
         assert backend != "local" or len(names) == len(found)
     finally:
         stop.set()

@@ -27,6 +27,7 @@ import requests
 from liveserver import REPO_ROOT, Gunicorn, gunicorn, process_gone, wait_for, wait_ready
 from sqlalchemy import Engine, select
 
+from flask_silo_sql import session_key
 from flask_silo_sql.sql.models import idempotency_keys, namespaces
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,9 @@ def _session(server: Gunicorn) -> str:
 def _counter(engine: Engine, sid: str) -> int:
     with engine.connect() as conn:
         data = conn.execute(
-            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == "counter")
+            select(namespaces.c.data).where(
+                namespaces.c.sid == session_key(sid), namespaces.c.name == "counter"
+            )
         ).scalar()
     if data is None:
         return 0
@@ -90,7 +93,7 @@ def _record(engine: Engine, sid: str) -> tuple[Any, ...] | None:
     with engine.connect() as conn:
         row = conn.execute(
             select(idempotency_keys.c.status, idempotency_keys.c.locked_until).where(
-                idempotency_keys.c.sid == sid
+                idempotency_keys.c.sid == session_key(sid)
             )
         ).first()
     return None if row is None else (row[0], row[1] is not None)

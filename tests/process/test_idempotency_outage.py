@@ -18,6 +18,7 @@ from liveserver import gunicorn, wait_for
 from pgserver import PgServer
 from sqlalchemy import select
 
+from flask_silo_sql import session_key
 from flask_silo_sql.sql import schema
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import idempotency_keys, namespaces
@@ -118,7 +119,9 @@ def test_an_outage_at_the_claim_or_the_commit_answers_503_and_frees_the_key(
     engine.dispose()  # its connections did not outlive the server
     with engine.connect() as conn:
         data = conn.execute(
-            select(namespaces.c.data).where(namespaces.c.sid == sid, namespaces.c.name == "counter")
+            select(namespaces.c.data).where(
+                namespaces.c.sid == session_key(sid), namespaces.c.name == "counter"
+            )
         ).scalar()
         statuses = conn.execute(select(idempotency_keys.c.status)).scalars().all()
     assert data is not None

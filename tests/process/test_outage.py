@@ -21,7 +21,7 @@ from liveserver import gunicorn, wait_for, wait_ready
 from pgserver import PgServer
 from sqlalchemy import select
 
-from flask_silo_sql import schema
+from flask_silo_sql import schema, session_key
 from flask_silo_sql.files.limits import TEMP_PREFIX as PENDING_PREFIX
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import files, namespaces
@@ -163,7 +163,8 @@ def test_database_outage_and_recovery(
         rows = {
             row.name: row.data
             for row in conn.execute(
-                select(namespaces.c.name, namespaces.c.data).where(namespaces.c.sid == sid)
+                select(namespaces.c.name, namespaces.c.data)
+                .where(namespaces.c.sid == session_key(sid))
             )
         }
     engine.dispose()
@@ -242,7 +243,7 @@ def test_outage_while_an_upload_replaces_a_file(private_pg: PgServer, tmp_path: 
             row.filename: (row.size_bytes, row.sha256)
             for row in conn.execute(
                 select(files.c.filename, files.c.size_bytes, files.c.sha256).where(
-                    files.c.sid == sid,
+                    files.c.sid == session_key(sid),
                     # not the pending row the failed upload could not remove (the
                     # database was down); it counts as dead after STALE_UPLOAD_S
                     ~files.c.filename.startswith(PENDING_PREFIX, autoescape=True),
@@ -251,12 +252,12 @@ def test_outage_while_an_upload_replaces_a_file(private_pg: PgServer, tmp_path: 
         }
     engine.dispose()
     for name, (size, sha) in rows.items():
-        path = uploads / sid / name
+        path = uploads / session_key(sid) / name
         assert path.is_file(), f"silo_files row without its file: {name}"
         data = path.read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha)
     assert listed["files"] == sorted(rows)
-    on_disk = sorted(p.name for p in (uploads / sid).iterdir())
+    on_disk = sorted(p.name for p in (uploads / session_key(sid)).iterdir())
     assert all(p in rows for p in on_disk), on_disk  # nothing partial, nothing unrecorded
     print(f"\nOUTAGE during a replacing upload: 503; rows={sorted(rows)} on disk={on_disk}")
 

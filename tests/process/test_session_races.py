@@ -34,6 +34,8 @@ import requests
 from liveserver import Gunicorn, gunicorn
 from sqlalchemy import Engine, text
 
+from flask_silo_sql import session_key
+
 HEADER = "X-Session-ID"
 APP = "operations_app:app"
 OPERATIONS = ("start", "reset", "rotate", "upload", "expire")
@@ -76,7 +78,7 @@ def _fresh_session(web: Gunicorn, engine: Engine, *, due: bool) -> str:
         with engine.begin() as conn:
             conn.execute(
                 text("UPDATE silo_sessions SET expires_at = :at WHERE sid = :sid"),
-                {"at": _past(engine), "sid": sid},
+                {"at": _past(engine), "sid": session_key(sid)},
             )
     return sid
 

@@ -22,7 +22,7 @@ import requests
 from liveserver import gunicorn
 from sqlalchemy import func, select
 
-from flask_silo_sql import schema
+from flask_silo_sql import schema, session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks, files
 
@@ -71,7 +71,8 @@ def test_an_upload_cut_short_by_its_client_keeps_nothing(
             assert status == 400, body
             assert body["error"] == "request_body_incomplete"
             with engine.connect() as conn:
-                rows = conn.execute(select(files.c.filename).where(files.c.sid == SID)).all()
+                mine = select(files.c.filename).where(files.c.sid == session_key(SID))
+                rows = conn.execute(mine).all()
                 chunks = conn.execute(select(func.count()).select_from(file_chunks)).scalar()
             assert rows == []  # no file row, and no pending one left
             assert chunks == 0

@@ -31,6 +31,7 @@ from liveserver import REPO_ROOT, Gunicorn, wait_for
 from liveserver import gunicorn as live_gunicorn
 from sqlalchemy import func, select
 
+from flask_silo_sql import session_key
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks, files, sessions
 
@@ -57,7 +58,7 @@ class Store:
         fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         fs.invalidate_cache()
         try:
-            return [str(k) for k in fs.find(f"{str(root).rstrip('/')}/{sid}")]
+            return [str(k) for k in fs.find(f"{str(root).rstrip('/')}/{session_key(sid)}")]
         except FileNotFoundError:
             return []
 
@@ -183,12 +184,12 @@ def test_the_data_processor_on_two_machines(pg_url: str, store: Store, tmp_path:
         engine = make_engine(pg_url)
         try:
             with engine.connect() as conn:
-                (row,) = conn.execute(select(files).where(files.c.sid == sid)).all()
+                (row,) = conn.execute(select(files).where(files.c.sid == session_key(sid))).all()
                 chunks = conn.execute(select(func.count()).select_from(file_chunks)).scalar()
             assert (row.filename, row.size_bytes, row.sha256) == ("big.txt", len(data), digest)
             assert chunks == (1 if store.kind == "database" else 0)
             assert len(store.objects(sid)) == (0 if store.kind == "database" else 1)
-            caches = [tmp_path / name / "cache" / sid for name in ("a", "b")]
+            caches = [tmp_path / name / "cache" / session_key(sid) for name in ("a", "b")]
             if store.kind == "file":
                 assert not any(c.exists() and any(c.rglob("*.txt")) for c in caches)
             else:
@@ -198,7 +199,9 @@ def test_the_data_processor_on_two_machines(pg_url: str, store: Store, tmp_path:
             def swept() -> bool | None:
                 with engine.connect() as conn:
                     left = conn.execute(
-                        select(func.count()).select_from(sessions).where(sessions.c.sid == sid)
+                        select(func.count())
+                        .select_from(sessions)
+                        .where(sessions.c.sid == session_key(sid))
                     ).scalar()
                 return True if left == 0 else None
 

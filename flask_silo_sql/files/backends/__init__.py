@@ -1,6 +1,6 @@
 """Where a file store's bytes live: this machine's disk, the database, or an fsspec URL.
 
-* :class:`LocalBytes` (``local``, the default): ``<base_dir>/<sid>/<name>`` on
+* :class:`LocalBytes` (``local``, the default): ``<base_dir>/<key>/<name>`` on
   the machine that received the upload; its rows record that machine
   (``host``), and other machines answer ``None``/``409`` for them.
 * :class:`DatabaseBytes` (``database``): the bytes in ``silo_file_chunks``,
@@ -12,7 +12,7 @@
   the version it began.
 * :class:`FsspecBytes` (an fsspec URL: ``s3://bucket/prefix``,
   ``file:///mnt/shared/uploads``, any installed protocol): each upload goes to
-  a new object, ``<url>/<sid>/<token>/<name>``, which a row names only once
+  a new object, ``<url>/<key>/<token>/<name>``, which a row names only once
   the request commits (the row is written last), so no object is ever
   overwritten in place.
 
@@ -22,7 +22,7 @@ a replaced ``local`` version is kept aside until the replacement commits,
 then read through the descriptors open on it.
 
 For the last two, ``base_dir`` is this machine's :class:`Cache` of verified
-copies (``<base_dir>/<sid>/<sha256[:32]>/<name>``, one directory per version),
+copies (``<base_dir>/<key>/<sha256[:32]>/<name>``, one directory per version),
 which ``get_path`` and ``save`` answer with, so code that opens a path keeps
 working on any machine. A newer version never removes the copy of another:
 the upkeep removes copies no row names once unused for its grace period.

@@ -28,7 +28,7 @@ SHA_DIR_LENGTH = 32
 
 
 class Cache:
-    """Verified local copies: ``<base_dir>/<sid>/<sha256[:32]>/<name>``."""
+    """Verified local copies: ``<base_dir>/<key>/<sha256[:32]>/<name>``."""
 
     def __init__(self, store: StoreView) -> None:
         self.store = store

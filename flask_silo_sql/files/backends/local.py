@@ -98,7 +98,7 @@ class LocalSink:
 
 
 class LocalBytes:
-    """``local``: the bytes under ``<base_dir>/<sid>/<name>`` of the host that has them."""
+    """``local``: the bytes under ``<base_dir>/<key>/<name>`` of the host that has them."""
 
     kind = "local"
 
