@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, Text, cast, create_engine, select, update
 from support import Clock, sql_storage
 
-from flask_silo_sql import Silo, SiloError
+from flask_silo_sql import Silo, SiloError, session_key
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.sealing import SEALED, Sealer
 from flask_silo_sql.sql.models import namespaces
@@ -259,10 +259,10 @@ def test_a_tampered_row_does_not_stop_the_sweep(silo_url: str, raw: Engine) -> N
         put(client, sid_of(0), SECRET)
         put(client, sid_of(1), SECRET)
         with raw.begin() as conn:
-            tampered = namespaces.c.sid == sid_of(0)
+            tampered = namespaces.c.sid == session_key(sid_of(0))
             conn.execute(update(namespaces).where(tampered).values(data={SEALED: "gAAAA"}))
         clock.advance(2 * 3600)
-        assert silo.store.sweep().expired == [sid_of(1)]
+        assert silo.store.sweep().expired == [session_key(sid_of(1))]
         assert silo.store.exists(sid_of(0))
     finally:
         sql_storage(silo.store).dispose()

@@ -18,7 +18,7 @@ from flask import Flask
 from sqlalchemy import create_engine, select
 from support import T0, Clock, sql_storage, unix
 
-from flask_silo_sql import InMemoryStorage, Silo
+from flask_silo_sql import InMemoryStorage, Silo, session_key
 from flask_silo_sql.sql.models import expired_sids, sessions
 
 MAX_AGE = 1000
@@ -107,12 +107,12 @@ def test_an_active_session_ends_at_its_absolute_lifetime(
     answer = client.get("/api/data", headers={HEADER: sid})
     assert answer.status_code == 410
     assert answer.get_json()["error"] == "session_expired"
-    assert ended == [sid]  # recorded like an expired one, on_expire once
+    assert ended == [session_key(sid)]  # recorded like an expired one, on_expire once
     assert not silo.store.exists(sid)
     assert silo.store.is_expired(sid)
     fresh = client.post("/api/count", headers={HEADER: sid})  # elsewhere: starts over
     assert fresh.get_json() == {"n": 1}
-    assert ended == [sid]
+    assert ended == [session_key(sid)]
 
 
 def test_a_request_that_writes_ends_it_and_starts_afresh(
@@ -124,7 +124,7 @@ def test_a_request_that_writes_ends_it_and_starts_afresh(
     keep_busy(app, clock, CHOSEN, MAX_AGE)
     clock.now = T0 + MAX_AGE
     assert client.post("/api/count", headers={HEADER: CHOSEN}).get_json() == {"n": 1}
-    assert ended == [CHOSEN]
+    assert ended == [session_key(CHOSEN)]
     assert silo.store.exists(CHOSEN)  # the new session, with a lifetime of its own
     clock.advance(MAX_AGE - 1)
     assert client.post("/api/count", headers={HEADER: CHOSEN}).get_json() == {"n": 2}
@@ -138,7 +138,7 @@ def test_locking_mode_ends_it_too(silo_url: str) -> None:
         keep_busy(app, clock, CHOSEN, MAX_AGE)
         clock.now = T0 + MAX_AGE + 1
         assert client.post("/api/count", headers={HEADER: CHOSEN}).get_json() == {"n": 1}
-        assert ended == [CHOSEN]
+        assert ended == [session_key(CHOSEN)]
     finally:
         sql_storage(silo.store).dispose()
 
@@ -151,7 +151,7 @@ def test_a_request_that_reads_no_state_ends_it(
     client.post("/api/count", headers={HEADER: CHOSEN})
     clock.advance(MAX_AGE)
     assert client.get("/api/ping", headers={HEADER: CHOSEN}).status_code == 200
-    assert ended == [CHOSEN]
+    assert ended == [session_key(CHOSEN)]
     assert not silo.store.exists(CHOSEN)
 
 
@@ -174,11 +174,11 @@ def test_the_sweep_ends_sessions_past_their_lifetime(
         clock.now = T0 + MAX_AGE - 1
         assert silo.store.sweep().expired == []
         clock.now = T0 + MAX_AGE + 1
-        assert silo.store.sweep().expired == [CHOSEN]
-        assert ended == [CHOSEN]
+        assert silo.store.sweep().expired == [session_key(CHOSEN)]
+        assert ended == [session_key(CHOSEN)]
         with engine.connect() as conn:
             assert conn.execute(select(sessions.c.sid)).all() == []
-            assert conn.execute(select(expired_sids.c.sid)).scalars().all() == [CHOSEN]
+            assert conn.execute(select(expired_sids.c.sid)).scalars().all() == [session_key(CHOSEN)]
     finally:
         engine.dispose()
     assert client.get("/api/data", headers={HEADER: CHOSEN}).status_code == 410
@@ -194,7 +194,7 @@ def test_rotation_keeps_the_lifetime_and_a_login_renews_it(
     rotated = client.post("/api/rotate", headers={HEADER: CHOSEN}).get_json()["sid"]
     clock.advance(MAX_AGE / 2)
     assert client.get("/api/data", headers={HEADER: rotated}).status_code == 410
-    assert ended == [rotated]
+    assert ended == [session_key(rotated)]
 
     sid = client.post("/api/count").headers[HEADER]
     clock.advance(MAX_AGE / 2)
@@ -223,7 +223,7 @@ def test_an_idempotent_request_ends_it_too(
     clock.now = T0 + MAX_AGE
     again = client.post("/api/once", headers={HEADER: CHOSEN, "Idempotency-Key": "k2"})
     assert again.status_code == 410
-    assert ended == [CHOSEN]
+    assert ended == [session_key(CHOSEN)]
     assert not silo.store.exists(CHOSEN)
 
 
@@ -234,10 +234,10 @@ def test_memory_storage_ends_it_too() -> None:
     keep_busy(app, clock, CHOSEN, MAX_AGE)
     clock.now = T0 + MAX_AGE
     assert client.get("/api/data", headers={HEADER: CHOSEN}).status_code == 410
-    assert ended == [CHOSEN]
+    assert ended == [session_key(CHOSEN)]
     client.post("/api/count", headers={HEADER: "another-client-chosen-sid-0123"})
     clock.advance(MAX_AGE)
-    assert silo.store.sweep().expired == ["another-client-chosen-sid-0123"]
+    assert silo.store.sweep().expired == [session_key("another-client-chosen-sid-0123")]
 
 
 def test_without_the_setting_sessions_live_while_used(

@@ -251,8 +251,8 @@ def test_migration_converts_rows_and_directories_and_downgrade_keeps_them(
         clock = h.clock
     before = row_counts(engine)
 
-    # The database as the previous version left it: at 0007, every SID in clear.
-    schema.downgrade(engine, "0007")
+    # The database as the previous version left it: at 0008, every SID in clear.
+    schema.downgrade(engine, "0008")
     with engine.begin() as conn:
         as_before_hashing(conn, [*clients, gone], uploads)
     with engine.connect() as conn:
@@ -284,8 +284,8 @@ def test_migration_converts_rows_and_directories_and_downgrade_keeps_them(
         assert h.get("/api/items", gone).status_code == 410
 
         # Downgrade keeps every row (under its key); upgrading again serves them all.
-        schema.downgrade(engine, "0007")
-        assert schema.current(engine) == "0007"
+        schema.downgrade(engine, "0008")
+        assert schema.current(engine) == "0008"
         after_down = row_counts(engine)
         schema.upgrade(engine)
         assert row_counts(engine) == after_down
@@ -313,7 +313,7 @@ def test_offline_sql_on_postgresql_converts_with_sha256() -> None:
         import io
 
         out = io.StringIO()
-        schema.upgrade(engine, "0007:0009", sql=True, stdout=out)
+        schema.upgrade(engine, "0008:0009", sql=True, stdout=out)
     finally:
         engine.dispose()
     sql = out.getvalue()

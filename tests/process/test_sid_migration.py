@@ -73,8 +73,8 @@ def test_upgrade_keeps_every_session_and_serves_every_client_under_load(
             wait_for("the task", finished)
     before = row_counts(migrated_engine)
 
-    # The previous version's database: at 0007, SIDs in clear in rows and directory names.
-    schema.downgrade(migrated_engine, "0007")
+    # The previous version's database: at 0008, SIDs in clear in rows and directory names.
+    schema.downgrade(migrated_engine, "0008")
     with migrated_engine.begin() as conn:
         as_before_hashing(conn, sids, uploads)
     with migrated_engine.connect() as conn:
