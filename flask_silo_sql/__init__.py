@@ -45,12 +45,11 @@ from .errors import (
 from .ext import Silo
 from .files import FileStore, StoredFile
 from .keys import SessionKey, session_key
-from .runner import TaskRunner
 from .sql import SQLStorage, schema
 from .sql.schema import alembic_include_name, alembic_include_object
 from .storage import InMemoryStorage, SiloStorage
 from .store import SessionStore
-from .tasks import BackgroundTask, TaskState
+from .tasks import BackgroundTask, TaskRunner, TaskState
 
 __version__ = "0.1.0"
 

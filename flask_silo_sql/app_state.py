@@ -20,9 +20,9 @@ from .config import SiloConfig
 from .errors import OutsideApiPrefix
 from .idempotency import Claim, IdempotencyRecords
 from .keys import session_key
-from .runner import TaskRunner
 from .sids import is_signed_sid, is_valid_sid, new_signed_sid
 from .store import SessionStore
+from .tasks import TaskRunner
 
 if TYPE_CHECKING:
     from .sql.host import HostTransaction

@@ -27,11 +27,11 @@ from .files import fsck as check_files
 from .files.rekey import rekey_directories, rekey_objects
 from .instruments.health import check as check_health
 from .keys import session_key
-from .runner import TaskRunner
 from .sids import tag
 from .sql import SQLStorage, schema
 from .sql.lookup import find_session
 from .sql.reseal import ResealResult, reseal
+from .tasks import TaskRunner
 
 
 def _silo() -> SiloApp:

@@ -46,14 +46,13 @@ from .idempotency import (
 from .instruments import hooks as instruments
 from .instruments.views import health_view, metrics_view
 from .logs import log_failure, silo_logger
-from .runner import TaskRunner
 from .sealing import Sealer
 from .setup_checks import check_views, first_request
 from .sids import tag
 from .sql import SQLStorage, schema
 from .storage import SiloStorage
 from .store import SessionStore, undoable
-from .tasks import BackgroundTask, TaskSpec, mark_registered
+from .tasks import BackgroundTask, TaskRunner, TaskSpec, mark_registered
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session as SASession

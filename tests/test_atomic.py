@@ -39,8 +39,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 
 from flask_silo_sql import BackgroundTask, Silo, SQLStorage, alembic_include_name
-from flask_silo_sql.runner import TaskRunner
 from flask_silo_sql.sql.models import idempotency_keys, tasks
+from flask_silo_sql.tasks import TaskRunner
 
 HEADER = "X-Session-ID"
 KEY = "Idempotency-Key"

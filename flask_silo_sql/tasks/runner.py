@@ -24,16 +24,14 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from .tasks import PROCESS, Claimed
+from .log import logger
+from .process import PROCESS
+from .runs import Claimed
 
 if TYPE_CHECKING:
-    from .backends.base import TaskQueue
-    from .config import SiloConfig
-    from .store import SessionStore
-
-from .logs import silo_logger
-
-logger = silo_logger("flask_silo_sql.tasks")
+    from ..backends.base import TaskQueue
+    from ..config import SiloConfig
+    from ..store import SessionStore
 
 POLL_JITTER = 0.25
 """The spread of a runner's wait between two polls, as a fraction of the poll interval."""
