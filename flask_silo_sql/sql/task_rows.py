@@ -22,7 +22,7 @@ one session run one after the other, never interleaved.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..backends.base import Policy
 from ..codec import dumps
@@ -36,6 +36,7 @@ from ..tasks import (
     PROCESS,
     BackgroundTask,
     Durable,
+    StoredTask,
     TaskSpec,
     TaskState,
     logger,
@@ -47,7 +48,7 @@ from .context import Context
 from .executor import Executor
 from .queue_watch import watch_queue
 from .slots import MERGE_ATTEMPTS, Slot, catch_up, merge_write, pending_text
-from .statements import WAITING, Statements
+from .statements import Statements
 
 
 def _fields(
@@ -184,6 +185,17 @@ class _Refused(Exception):
 
 class _Again(Exception):
     """The namespace changed meanwhile: roll back and merge again."""
+
+
+class _Times(NamedTuple):
+    """What :meth:`SQLTaskHome._settle` reads of a task's row: its times, as stored."""
+
+    status: str
+    durable: bool
+    run_after: Any
+    heartbeat: Any
+    lease: Any
+    max_attempts: int
 
 
 class SQLTaskHome:
@@ -422,62 +434,66 @@ class SQLTaskHome:
                 run_after,
                 cancel_requested,
                 namespace_version,
-            ) = row
-            if isinstance(logs, str):
-                logs = v.json(logs)[0]
-            durable = target is not None
-            failed = status == "failed"
-            state = TaskState(
-                running=status == "running" or status in WAITING,
-                progress=float(progress),
-                message=message,
-                logs=list(logs),
-                complete=status == "complete",
-                error=error if failed or not durable else None,
-                started_at=v.maybe_unix(started),
-                finished_at=v.maybe_unix(finished),
-                attempt=int(attempt or 0),
-                last_error=None if failed or not durable else error,
-                durable=durable,
-                waiting=status if status in WAITING else None,
-                cancelled=status == "cancelled",
-                cancel_requested=cancel_requested is not None and status != "cancelled",
+            ) = row  # (a tuple on the DBAPI executor: by position)
+            state = TaskState.from_stored(
+                StoredTask(
+                    status=status,
+                    progress=float(progress),
+                    message=message,
+                    logs=list(v.json(logs)[0] if isinstance(logs, str) else logs),
+                    error=error,
+                    started_at=v.maybe_unix(started),
+                    finished_at=v.maybe_unix(finished),
+                    attempt=int(attempt or 0),
+                    durable=target is not None,
+                    cancel_requested=cancel_requested is not None,
+                )
             )
-            now = b.now()
-            timeout = self.heartbeat_timeout
-            if durable and status == "queued" and run_after is not None:
-                state.queued_for = max(0.0, now - v.unix(run_after))
-                state.workers = watch_queue(b, ex, now, state.queued_for)
-            values = {
-                "id": self.task_id,
-                "sid": self.sid,
-                "stale_before": v.time(now - timeout),
-                "now": v.time(now),
-                "error": LOST_WORKER.format(timeout=timeout),
-                "message": f"Failed: {LOST_WORKER.format(timeout=timeout)}",
-            }
-            if not durable:
-                beat = v.maybe_unix(heartbeat) or 0.0
-                if state.running and beat < now - timeout:
-                    with ex.transaction():
-                        marked = ex.run(st.mark_task_lost, values).rowcount
-                        self._lost(state, values["error"], now)
-                        if marked:  # (else another reader recorded it, and told it)
-                            self._tell_lost(ex, state, now)
-            elif (
-                status == "running"
-                and lease is not None
-                and int(attempt) >= int(max_attempts)
-                and v.unix(lease) < now
-            ):
-                with ex.transaction():
-                    if ex.run(st.fail_exhausted_one, values).rowcount:
-                        self._lost(state, values["error"], now)
-                        self._tell_lost(ex, state, now)
+            times = _Times(status, target is not None, run_after, heartbeat, lease, max_attempts)
+            self._settle(ex, times, state)
             slot = self.slot
             if not state.running and slot is not None and namespace_version != slot.version:
                 catch_up(b, ex, self.sid, slot, self._reviver(slot))
         return state
+
+    def _settle(self, ex: Executor, row: _Times, state: TaskState) -> None:
+        """What only time tells about a run read back: how long it has been queued, or that
+        its process is gone (recorded, and told to its streams, by the first reader)."""
+        b = self.ctx
+        st = b.st
+        v = st.values
+        now = b.now()
+        timeout = self.heartbeat_timeout
+        durable = row.durable
+        if durable and row.status == "queued" and row.run_after is not None:
+            state.queued_for = max(0.0, now - v.unix(row.run_after))
+            state.workers = watch_queue(b, ex, now, state.queued_for)
+        values = {
+            "id": self.task_id,
+            "sid": self.sid,
+            "stale_before": v.time(now - timeout),
+            "now": v.time(now),
+            "error": LOST_WORKER.format(timeout=timeout),
+            "message": f"Failed: {LOST_WORKER.format(timeout=timeout)}",
+        }
+        if not durable:
+            beat = v.maybe_unix(row.heartbeat) or 0.0
+            if state.running and beat < now - timeout:
+                with ex.transaction():
+                    marked = ex.run(st.mark_task_lost, values).rowcount
+                    self._lost(state, values["error"], now)
+                    if marked:  # (else another reader recorded it, and told it)
+                        self._tell_lost(ex, state, now)
+        elif (
+            row.status == "running"
+            and row.lease is not None
+            and state.attempt >= int(row.max_attempts)
+            and v.unix(row.lease) < now
+        ):
+            with ex.transaction():
+                if ex.run(st.fail_exhausted_one, values).rowcount:
+                    self._lost(state, values["error"], now)
+                    self._tell_lost(ex, state, now)
 
     def _reviver(self, slot: Slot) -> Callable[[str, str], BackgroundTask]:
         ctx, sid = self.ctx, self.sid

@@ -27,7 +27,7 @@ from .spec import (
     spec_of,
     unregistered,
 )
-from .state import CANCEL_OUTCOMES, LOST_WORKER, TaskState
+from .state import CANCEL_OUTCOMES, LOST_WORKER, WAITING, StoredTask, TaskState
 from .task import TASK_MARKER, BackgroundTask, running_homes
 
 __all__ = [
@@ -39,10 +39,12 @@ __all__ = [
     "PROCESS",
     "SPEC_ATTRIBUTE",
     "TASK_MARKER",
+    "WAITING",
     "BackgroundTask",
     "Claimed",
     "Durable",
     "RunRow",
+    "StoredTask",
     "TaskHome",
     "TaskRunner",
     "TaskSpec",

@@ -9,6 +9,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runs import RunRow
 
+WAITING = ("queued", "retrying")
+"""Statuses of a durable run that waits for a process to claim it."""
+
+
+@dataclass(frozen=True)
+class StoredTask:
+    """A task's row as the storage read it: plain values (Unix times, decoded logs)."""
+
+    status: str
+    """``running``, ``queued``, ``retrying``, ``complete``, ``failed`` or ``cancelled``."""
+    progress: float
+    message: str
+    logs: list[str]
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+    attempt: int
+    durable: bool
+    cancel_requested: bool
+
 CANCEL_OUTCOMES = ("cancelled", "cancelling", "finished", "idle")
 """What :meth:`BackgroundTask.cancel` answers: the run was waiting and never starts; it
 runs and stops at its next ``update()``, ``log()`` or ``checkpoint()``; it was over
@@ -48,6 +68,28 @@ class TaskState:
     """The run ended cancelled (``task.cancel()``)."""
     cancel_requested: bool = False
     """A cancel was asked for while the run runs: it stops at its next write."""
+
+    @classmethod
+    def from_stored(cls, row: StoredTask) -> TaskState:
+        """The state a task's row records (any process's run, read back)."""
+        status = row.status
+        failed = status == "failed"
+        return cls(
+            running=status == "running" or status in WAITING,
+            progress=row.progress,
+            message=row.message,
+            logs=list(row.logs),
+            complete=status == "complete",
+            error=row.error if failed or not row.durable else None,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            attempt=row.attempt,
+            last_error=None if failed or not row.durable else row.error,
+            durable=row.durable,
+            waiting=status if status in WAITING else None,
+            cancelled=status == "cancelled",
+            cancel_requested=row.cancel_requested and status != "cancelled",
+        )
 
     @classmethod
     def from_row(cls, row: RunRow) -> TaskState:

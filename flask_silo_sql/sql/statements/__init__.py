@@ -35,13 +35,12 @@ from .kit import Kit, Values
 from .queue import QueueStatements
 from .session import CHILD_TABLES, SessionStatements
 from .sweep import SweepStatements
-from .task import NOTIFY_CHANNEL, WAITING, TaskStatements, live_task
+from .task import NOTIFY_CHANNEL, TaskStatements, live_task
 
 __all__ = [
     "CHILD_TABLES",
     "EVENT_CHANNEL",
     "NOTIFY_CHANNEL",
-    "WAITING",
     "Statements",
     "Values",
     "live_task",

@@ -22,13 +22,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import ColumnElement
 
+from ...tasks.state import WAITING
 from ..models import namespaces, sessions, tasks
 from .kit import Kit, ts
 
 NOTIFY_CHANNEL = "silo_tasks"
 """The PostgreSQL channel a queued durable run is announced on (workers LISTEN to it)."""
-WAITING = ("queued", "retrying")
-"""Statuses of a durable run that waits for a process to claim it."""
 TASK_ID = bindparam("id", type_=String(32))
 STARTED_AT = ts("started_at")
 ATTEMPT = bindparam("attempt", type_=Integer())
