@@ -17,7 +17,7 @@ does the same transfer, through the same test client, in 1 MiB pieces, hashing
 
 * ``local``: the view copies ``request.stream`` into a file, hashing, then
   ``fsync``; a download is ``flask.send_file``;
-* ``database``: the view ``INSERT``\ s the chunks with the DBAPI (a connection
+* ``database``: the view inserts the chunks with the DBAPI (a connection
   of a :func:`~flask_silo_sql.sql.engine.make_engine` pool: the same connection
   settings; a table shaped like ``silo_file_chunks``), hashing, and commits
   once; a download streams the chunks, one ``SELECT`` each (rows in
