@@ -411,5 +411,5 @@ def test_a_chunk_changed_at_rest_fails_its_download(server: Server, size: int) -
     )
     assert response.status_code == 200
     with pytest.raises(FileCorrupt):
-        b"".join(response.response)
+        b"".join(response.iter_encoded())
     response.close()
