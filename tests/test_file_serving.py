@@ -28,11 +28,12 @@ import pytest
 from flask import Flask, jsonify
 from flask import request as incoming
 from flask.testing import FlaskClient
+from sqlalchemy import text
 from support import Clock, sql_storage
 from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileStore, Silo
-from flask_silo_sql.errors import FileStorageError
+from flask_silo_sql.errors import FileCorrupt, FileStorageError
 from flask_silo_sql.files.limits import CHUNK
 from flask_silo_sql.files.serving import byte_range
 
@@ -386,3 +387,29 @@ def test_a_file_replaced_under_a_reused_id_is_never_served_mixed(server: Server)
     assert set(received) == {ord("A")}, "bytes of another version were sent"
     # A local file is read from the file opened; the database's ends early instead.
     assert (received == first) if failed is None else (len(received) < len(first))
+
+
+@pytest.mark.parametrize("size", [SIZE, 2 * CHUNK + 5], ids=["one-chunk", "three-chunks"])
+def test_a_chunk_changed_at_rest_fails_its_download(server: Server, size: int) -> None:
+    """``database``: bytes changed in ``silo_file_chunks`` behind silo's back are
+    caught by the SHA-256 check at the end of a full read: the download fails (its
+    headers are sent, so the stream breaks off) and says so in the log."""
+    if server.uploads.backend != "database":
+        pytest.skip("the check of chunks read back is the database backend's")
+    data = os.urandom(size)
+    assert server.put("rot.bin", data).status_code == 201
+    engine = sql_storage(server.silo.store).engine
+    with engine.begin() as conn:
+        last = conn.execute(text("SELECT max(seq) FROM silo_file_chunks")).scalar_one()
+        changed = conn.execute(
+            text("UPDATE silo_file_chunks SET data = :data WHERE seq = :seq"),
+            {"data": b"x" * (size - last * CHUNK), "seq": last},
+        )
+        assert changed.rowcount >= 1
+    response = server.client.get(
+        "/api/files/rot.bin", headers={"X-Session-ID": SID}, buffered=False
+    )
+    assert response.status_code == 200
+    with pytest.raises(FileCorrupt):
+        b"".join(response.iter_encoded())
+    response.close()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask import Flask, Response, jsonify, stream_with_context
 from sqlalchemy import update
-from support import sql_storage
+from support import StatementLog, sql_storage
 
 from flask_silo_sql import Silo
 from flask_silo_sql.sql.models import namespaces
@@ -65,6 +65,10 @@ def app(silo_url: str) -> Iterator[tuple[Flask, Silo]]:
             yield "done\n"
 
         return Response(stream_with_context(lines()), mimetype="text/plain")
+
+    @app.get("/api/bytes")
+    def plain_bytes() -> Response:
+        return Response(iter([b"a", b"b"]), mimetype="application/octet-stream")
 
     @app.get("/api/lines")
     def read() -> Any:
@@ -119,3 +123,17 @@ def test_a_failed_save_after_the_headers_is_logged_loudly(
         assert client.get("/api/contested", headers=HEADERS).get_data(as_text=True) == "done\n"
     assert any("NOT saved" in r.getMessage() for r in caplog.records), caplog.text
     assert client.get("/api/lines", headers=HEADERS).get_json() == ["seed"]
+
+
+def test_a_stream_that_reads_no_state_looks_at_its_session_once(
+    app: tuple[Flask, Silo],
+) -> None:
+    """A streamed response (a file download) is committed when its view returns and
+    again when its stream ends: a session found live and fresh by the first is not
+    looked up again by the second."""
+    flask_app, silo = app
+    client = flask_app.test_client()
+    client.post("/api/seed", headers=HEADERS)
+    with StatementLog(sql_storage(silo.store)) as log:
+        assert client.get("/api/bytes", headers=HEADERS).get_data() == b"ab"
+    assert log.names == ["probe"]

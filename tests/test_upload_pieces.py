@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from flask import Flask, jsonify, request
 
 from flask_silo_sql import Silo
+from flask_silo_sql.files.body import pieces
 from flask_silo_sql.files.limits import CHUNK
 
 SID = "upload-pieces-session-0001"
@@ -197,3 +199,16 @@ def test_a_view_that_read_the_start_of_the_body_says_what_is_left(
             assert stream.read() == data[4:]
     finally:
         silo.stop()
+
+
+def test_a_body_of_one_piece_holds_one_buffer() -> None:
+    """A file smaller than a piece (most uploads) is read into one buffer: zeroing the
+    memory of a second, never filled, costs as much as its upload's own copying."""
+    tracemalloc.start()
+    try:
+        got = b"".join(bytes(p) for p in pieces(io.BytesIO(b"x" * 1000), 1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == b"x" * 1000
+    assert peak < 1.5 * CHUNK

@@ -110,10 +110,12 @@ def _split(
                 return
             yield bytes(chunk)
     left = expected or 0
-    pair = (bytearray(CHUNK), bytearray(CHUNK))
+    pair: list[bytearray | None] = [bytearray(CHUNK), None]  # the second when it is needed
     turn = 0
     while True:
         piece = pair[turn]  # the other one may still be hashed
+        if piece is None:  # a file of one piece never zeroes the memory of a second
+            piece = pair[turn] = bytearray(CHUNK)
         turn ^= 1
         filled = 0
         view = memoryview(piece)

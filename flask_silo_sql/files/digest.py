@@ -56,9 +56,12 @@ class StreamDigest:
         self._digest = hashlib.sha256()
         self._pending: Future[None] | None = None
 
-    def update(self, piece: bytes | bytearray | memoryview) -> None:
+    def update(self, piece: bytes | bytearray | memoryview, *, last: bool = False) -> None:
+        """Hash *piece* after the ones before it; beside the caller, unless it is small
+        or the *last* one of a read (the check that follows waits for it at once:
+        a helper thread would only add its hand-over)."""
         self.wait()
-        if len(piece) < BESIDE_BYTES:
+        if last or len(piece) < BESIDE_BYTES:
             self._digest.update(piece)
         else:
             self._pending = _hasher().submit(self._digest.update, piece)

@@ -87,6 +87,9 @@ class SQLUnit:
         self._created_at = 0.0
         self._last_active = 0.0
         self._born: float | None = None  # the row's created_at, once this unit has read it
+        # The session's last_active as this unit's own probe left it (a touch that read
+        # no state): a streamed response commits twice, and need not probe twice.
+        self._probed_active: float | None = None
         # When the unit began, by the store's clock: read lazily (a request that asks
         # nothing of the database sends nothing), carried back by the monotonic clock.
         clock = ctx.policy.clock
@@ -513,6 +516,9 @@ class SQLUnit:
         if self._existed is None:  # no state read: one SELECT, which creates nothing
             if self.issued:
                 return  # a SID made for this request has no session yet
+            if self._probed_active is not None and self._probed_active > stale_before:
+                return  # this unit found it live and fresh already (a streamed response)
+            self._probed_active = None
             ended = False
             with b.connector.executor() as ex:
                 head, expired_at = ops.probe(ex, b.st, self.sid)
@@ -520,8 +526,10 @@ class SQLUnit:
                     with ex.transaction():  # past its lifetime: ended; the client starts over
                         ended = ops.end(ex, b.st, self.sid, times, record=False)
                 elif head is not None:
+                    self._probed_active = head.last_active
                     if head.last_active <= stale_before:
                         ops.touch_stale(ex, b.st, self.sid, times.of(head.created_at), stale_before)
+                        self._probed_active = times.now
                 elif expired_at is not None:  # an expired client starts over: no 410 now
                     ex.run(b.st.clear_expired, {"sid": self.sid})
             if ended:
@@ -556,6 +564,7 @@ class SQLUnit:
         reset(self._ctx, self.sid)
         self._slots.clear()
         self._view = None
+        self._probed_active = None
         if self._existed is not None and not self._locked:
             self._existed = None  # read the session's row again with the next namespace
 

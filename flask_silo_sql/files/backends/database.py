@@ -127,7 +127,7 @@ class ChunkReader(io.RawIOBase):
         view = memoryview(buffer)
         view[: len(piece)] = piece
         if self._digest is not None and self._hashed == self._pos:
-            self._digest.update(piece)
+            self._digest.update(piece, last=self._pos + len(piece) == self.size)
             self._hashed += len(piece)
         self._pos += len(piece)
         return len(piece)
@@ -143,7 +143,7 @@ class ChunkReader(io.RawIOBase):
             self._load(seq)  # whole chunks: no copy through a buffer
             piece = self._data[: min(size, len(self._data))]
             if self._digest is not None and self._hashed == self._pos:
-                self._digest.update(piece)
+                self._digest.update(piece, last=self._pos + len(piece) == self.size)
                 self._hashed += len(piece)
             self._pos += len(piece)
             return piece
