@@ -22,7 +22,7 @@ from flask import Flask
 from liveserver import gunicorn
 from support import Clock, small_tmpfs
 
-from flask_silo_sql import Silo, SQLStorage, schema
+from flask_silo_sql import Silo, SQLStorage, schema, session_key
 from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.sql.engine import make_engine
 
@@ -131,7 +131,7 @@ def test_a_full_disk_answers_json_keeps_the_database_working_and_the_sweep_frees
         clock = Clock(float(silo.store.backend.now()) + 2 * 3600)
         silo.store.clock = clock
         result = silo.store.sweep()
-        assert sorted(result.expired) == sorted(stored)
+        assert sorted(result.expired) == sorted(session_key(s) for s in stored)
     finally:
         storage.dispose()
     assert [p.name for p in uploads.iterdir() if p.is_dir()] == []
