@@ -77,7 +77,9 @@ def _fresh_session(web: Gunicorn, engine: Engine, *, due: bool) -> str:
     if due:  # the sweep finds it idle for an hour
         with engine.begin() as conn:
             conn.execute(
-                text("UPDATE silo_sessions SET expires_at = :at WHERE sid = :sid"),
+                text(  # both: the sweep looks at a session once its sweep_after has passed
+                    "UPDATE silo_sessions SET expires_at = :at, sweep_after = :at WHERE sid = :sid"
+                ),
                 {"at": _past(engine), "sid": session_key(sid)},
             )
     return sid
