@@ -435,6 +435,7 @@ def worker(concurrency: int | None, grace: float | None) -> None:
         while not stopping.wait(0.5):
             if not runner.running:
                 raise click.ClickException("the task runner stopped unexpectedly")
+        runner.stop_claiming()  # a claim committed just now is counted below
         running = runner.active
         if running:
             click.echo(

@@ -169,11 +169,7 @@ class TaskRunner:
 
         Returns how many runs were handed back.
         """
-        self._stopped = True
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.poll_interval + 10)
+        self.stop_claiming()
         if not self.store.tasks:
             return 0  # nothing was ever claimed here
         deadline = time.monotonic() + grace
@@ -190,6 +186,15 @@ class TaskRunner:
         except Exception as exc:  # the database is away: the leases lapse instead
             logger.warning("could not hand back this process's task runs: %s", exc)
         return handed
+
+    def stop_claiming(self) -> None:
+        """Claim no more, and wait for a claim under way to hand its runs to their threads,
+        so :attr:`active` counts every run this process holds."""
+        self._stopped = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.poll_interval + 10)
 
     def hurry(self) -> None:
         """End the grace period of a :meth:`stop` under way: hand back what still runs now."""
