@@ -56,8 +56,13 @@ wrongly or did not start. wrk, redis-server and gunicorn are not installed by
 the benchmark: ``apt-get install wrk redis-server`` and ``pip install -e
 ".[postgres,dev,bench]" redis``.
 
+``--server-cpus 1`` pins the database servers to CPU 1 and gunicorn and wrk to the
+others, as when the database has a machine of its own: the ratios then compare what a
+request costs the app's processes, not the database server's share of the same CPUs.
+
 Run: ``python benchmarks/throughput.py [--duration S] [--rounds R] [--connections C]
-[--sessions N] [--workers W] [--warmup S] [--only NAME ...] [--verbose]``.
+[--sessions N] [--workers W] [--warmup S] [--only NAME ...] [--verbose]
+[--server-cpus LIST]``.
 """
 
 from __future__ import annotations
@@ -826,6 +831,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
                         help=f"measure only these configurations ({', '.join(NAMES)})")
     parser.add_argument("--verbose", action="store_true", help="also print every round")
+    parser.add_argument("--server-cpus", type=cpu_list, default=None, metavar="LIST",
+                        help="pin the database servers (Redis, the private PostgreSQL) to these "
+                        "CPUs (e.g. 1) and gunicorn and wrk to the others: the database on a "
+                        "machine of its own, as in production (default: all share every CPU)")
     args = parser.parse_args(argv)
     if min(args.duration, args.rounds, args.connections, args.workers) < 1:
         parser.error("--duration, --rounds, --connections and --workers must be at least 1")
@@ -834,6 +843,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
     return args
+
+
+def cpu_list(text: str) -> set[int]:
+    """``--server-cpus``: CPU numbers separated by commas."""
+    try:
+        cpus = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text!r}") from None
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus < available:
+        raise argparse.ArgumentTypeError(
+            f"give some, not all, of this machine's CPUs {sorted(available)}"
+        )
+    return cpus
+
+
+def pin_servers(pids: list[int], cpus: set[int] | None) -> None:
+    """Move the database servers' processes to *cpus* (their future children follow)."""
+    if cpus is None:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(pid, cpus)
 
 
 @contextlib.contextmanager
@@ -866,6 +898,7 @@ def start_all(configs: list[Config], args: argparse.Namespace, tmp: Path,
             if config.backend not in redis_urls:
                 proc, url, described = start_redis(tmp, config.backend == "redis-fsync")
                 stack.callback(proc.stop)
+                pin_servers([proc.proc.pid], args.server_cpus)
                 redis_urls[config.backend] = url
                 setup.append(described)
             env["THROUGHPUT_REDIS_URL"] = redis_urls[config.backend]
@@ -873,6 +906,7 @@ def start_all(configs: list[Config], args: argparse.Namespace, tmp: Path,
             if pg is None:
                 pg = start_postgresql()
                 stack.callback(pg.destroy)
+                pin_servers(getattr(pg, "processes", list)(), args.server_cpus)
             url = pg.create_database()
             if not any(s.startswith("PostgreSQL") for s in setup):
                 setup.append(f"PostgreSQL {postgresql_version(url)} (fsync=on, "
@@ -918,6 +952,10 @@ def main(argv: list[str] | None = None) -> int:
     setup: list[str] = []
     if busy is not None:
         setup.append(f"CPUs {busy:.0%} busy before the start")
+    if args.server_cpus is not None:
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - args.server_cpus)  # gunicorn, wrk
+        setup.append(f"database servers pinned to CPUs {sorted(args.server_cpus)}, "
+                     f"gunicorn and wrk to {sorted(os.sched_getaffinity(0))}")
     tmp = Path(tempfile.mkdtemp(prefix="silo-throughput-"))
     runs: list[Run] = []
     with terminate_as_interrupt(), contextlib.ExitStack() as stack:

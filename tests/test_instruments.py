@@ -19,6 +19,7 @@ from harness import AppFactory, Harness
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler, SamplingResult
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -254,6 +255,35 @@ def test_a_request_and_its_commit_are_spans_naming_the_session_by_its_tag(
     assert commit.parent.span_id == request_span.context.span_id
     assert_no_sid(finished, ALICE)
     assert "secret-state" not in repr([attributes(s) for s in finished])
+
+
+class CountingSampler(Sampler):
+    """The SDK's sampling, dropping every trace and counting the decisions asked of it."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any
+    ) -> SamplingResult:
+        self.asked.append(name)
+        return ALWAYS_OFF.should_sample(parent_context, trace_id, name, *args, **kwargs)
+
+    def get_description(self) -> str:
+        return "counting"
+
+
+def test_a_trace_sampled_out_starts_no_child_span(silo_app: AppFactory, tmp_path: Path) -> None:
+    """Under a request span the sampler dropped, the commit is not even offered to it:
+    its child would be dropped too, and asking costs a sub-millisecond request dearly."""
+    sampler = CountingSampler()
+    spans.set_tracer_provider(TracerProvider(sampler=sampler))
+    try:
+        h = app_with_metrics(silo_app, tmp_path)
+        assert h.post("/api/notes", ALICE, data="one").status_code == 200
+    finally:
+        spans.set_tracer_provider(None)
+    assert sampler.asked == ["silo.request"]
 
 
 def test_an_error_answer_is_a_request_span_with_its_outcome(

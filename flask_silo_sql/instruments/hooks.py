@@ -103,7 +103,7 @@ def _wrap(fn: F, name: str, attributes: Callable[..., dict[str, Any]]) -> F:
 
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Any:
-        if not spans.on():
+        if not spans.wanted():
             return fn(*args, **kwargs)
         with spans.span(name, attributes(*args, **kwargs)):
             return fn(*args, **kwargs)
@@ -118,7 +118,7 @@ def traced_commit(fn: F) -> F:
 
     @functools.wraps(fn)
     def commit(unit: Any, *, state: bool = True, files: bool = True) -> None:
-        if not spans.on():
+        if not spans.wanted():
             return fn(unit, state=state, files=files)  # type: ignore[no-any-return]
         attributes = {"silo.commit.state": state, "silo.commit.files": files}
         with spans.span("silo.commit", attributes) as current:
@@ -138,7 +138,7 @@ def observed_sweep(fn: F) -> F:
     @functools.wraps(fn)
     def sweep(store: SessionStore, **kwargs: Any) -> Any:
         metrics = METERS.get(store)
-        traced = spans.on()
+        traced = spans.wanted()
         if not traced and metrics is None:
             return fn(store, **kwargs)
         dry_run = bool(kwargs.get("dry_run"))
@@ -173,7 +173,7 @@ def observed_attempt(fn: F) -> F:
         home = task._home
         ctx = getattr(home, "ctx", None)
         metrics = METERS.get(ctx.policy) if ctx is not None and METERS else None
-        traced = spans.on()
+        traced = spans.wanted()
         if not traced and metrics is None:
             return fn(task, *args)  # type: ignore[no-any-return]
         name = task.name
@@ -233,7 +233,7 @@ def traced_send(fn: F) -> F:
 
     @functools.wraps(fn)
     def send(files: FileStore, sid: str, *args: Any, **kwargs: Any) -> Response:
-        if not spans.on():
+        if not spans.wanted():
             return fn(files, sid, *args, **kwargs)  # type: ignore[no-any-return]
         attributes = {"silo.file.store": files.name, "silo.session": tag(sid)}
         with spans.span("silo.file.send", attributes) as current:

@@ -71,6 +71,17 @@ def on() -> bool:
     return not isinstance(provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
 
 
+def wanted() -> bool:
+    """Whether a span started here would be recorded: spans are :func:`on`, and the
+    current span, if any, is recorded. Under a parent the sampler dropped (a trace
+    sampled out), the child is dropped too, so it is not started at all: on a
+    sub-millisecond request the SDK's sampling of a child costs several percent."""
+    if not on():
+        return False
+    current = _trace.get_current_span()
+    return current is _trace.INVALID_SPAN or current.is_recording()
+
+
 _UNKNOWN = object()
 if _trace is not None:
     _trace.get_tracer_provider()  # loads one the environment names
