@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import EXPIRED_MESSAGE
 from .idempotency import (
@@ -51,6 +51,14 @@ def _keys(value: Any) -> tuple[str, ...]:
         text = value.decode() if isinstance(value, bytes) else value
         return tuple(key.strip() for key in text.split(",") if key.strip())
     return tuple(key.decode() if isinstance(key, bytes) else str(key) for key in value)
+
+
+def _prepared(value: Any) -> bool | Literal["auto"]:
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return "auto"
+    raise ValueError(f"SILO_PREPARED_STATEMENTS must be True, False or 'auto', not {value!r}")
 
 
 def _runner(value: Any) -> str:
@@ -115,14 +123,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "SILO_PREPARED_STATEMENTS",
-        "bool",
+        'bool | "auto"',
         "PostgreSQL: let psycopg prepare silo's statements on each connection (after five "
-        "uses), so the server plans each once: requests cost less of the server's time. Only on "
-        "a direct connection, or through PgBouncer 1.21 or later with `max_prepared_statements` "
-        "set: an older pooler in transaction mode hands a prepared statement to another "
-        "client. See [Behind PgBouncer](deployment.md#behind-pgbouncer).",
-        default=False,
-        convert=bool,
+        "uses), so the server plans each once: requests cost less of the server's time. "
+        '`"auto"`: on each connection that reaches the server directly, which silo checks '
+        "when it opens one (the server sees the address and port the client dialled), and on "
+        "none through a pooler or a proxy. `True`: on every connection; only for a direct "
+        "connection silo cannot prove (a Unix socket, a TCP proxy) or PgBouncer 1.21 or later "
+        "with `max_prepared_statements` set: an older pooler in transaction mode hands a "
+        "prepared statement to another client. See "
+        "[Behind PgBouncer](deployment.md#behind-pgbouncer).",
+        default="auto",
+        convert=_prepared,
     ),
     Setting(
         "SILO_EXPIRED_MESSAGE",
@@ -472,7 +484,7 @@ class SiloConfig:
     database_uri: str | None
     db_timeout: float
     engine_options: dict[str, Any]
-    prepared_statements: bool
+    prepared_statements: bool | Literal["auto"]
     expired_message: str
     metrics: Any
     touch_interval: float | None

@@ -39,7 +39,7 @@ def test_each_default_matches_its_declared_type() -> None:
         allowed = [part.strip().split(" ")[0] for part in setting.type.split("|")]
         if default is None:
             assert "None" in allowed, setting.key
-        elif isinstance(default, str) and allowed[0].startswith('"'):
+        elif isinstance(default, str) and any(a.startswith('"') for a in allowed):
             assert f'"{default}"' in allowed, setting.key
         else:
             assert any(type(default) is names[a] for a in allowed if a in names), (

@@ -12,11 +12,12 @@ inherited, without closing them, so parent and children never share one.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import math
 import os
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.pool import StaticPool
@@ -86,13 +87,49 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any, busy_timeout_ms: int = 0
 PREPARE_AFTER = 5
 """Uses of a statement on a connection before psycopg prepares it (with ``prepared``)."""
 
+Prepared = bool | Literal["auto"]
+"""``SILO_PREPARED_STATEMENTS``: always, never, or on connections that reach the server
+directly (``auto``)."""
 
-def postgresql_connect_args(timeout: float, *, prepared: bool = False) -> dict[str, Any]:
+
+def reaches_server_directly(dbapi_connection: Any) -> bool:
+    """Whether a psycopg connection talks to the PostgreSQL server itself, no pooler between.
+
+    The server's own view of the connection's local end (``inet_server_addr()``,
+    ``inet_server_port()``) is the address and port this client dialled only when nothing
+    sits in between: a pooler (PgBouncer, pgcat) or a proxy opens its own connection to the
+    server, from its own socket to the server's. A Unix socket, or any doubt, answers False.
+    """
+    info = dbapi_connection.info
+    try:
+        dialled = ipaddress.ip_address(info.hostaddr)
+    except ValueError:  # a Unix socket: no address to compare
+        return False
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT host(inet_server_addr()), inet_server_port()")
+        address, port = cursor.fetchone()
+    finally:
+        cursor.close()
+        dbapi_connection.rollback()
+    if address is None or port is None:
+        return False
+    return ipaddress.ip_address(address) == dialled and int(port) == int(info.port)
+
+
+def prepare_where_direct(dbapi_connection: Any, _record: Any) -> None:
+    """``auto``: a new connection prepares statements when it reaches the server directly."""
+    if reaches_server_directly(dbapi_connection):
+        dbapi_connection.prepare_threshold = PREPARE_AFTER
+
+
+def postgresql_connect_args(timeout: float, *, prepared: Prepared = False) -> dict[str, Any]:
     """libpq and psycopg settings that bound every wait and work through PgBouncer.
 
-    ``prepare_threshold=None`` unless *prepared*: no server-side prepared
+    ``prepare_threshold=None`` unless *prepared* is True: no server-side prepared
     statements, which a pooler in transaction mode (PgBouncer before 1.21)
-    would hand to other clients. Prepared, the server plans each statement once
+    would hand to other clients (``auto`` turns them on per connection, see
+    :func:`prepare_where_direct`). Prepared, the server plans each statement once
     per connection, which measured 14 % off a write and 22 % off a read on one
     machine (``SILO_PREPARED_STATEMENTS``). TCP keepalives and
     ``tcp_user_timeout`` notice a dead network path; the watchdog
@@ -101,7 +138,7 @@ def postgresql_connect_args(timeout: float, *, prepared: bool = False) -> dict[s
     seconds = max(1, math.ceil(timeout))
     return {
         "connect_timeout": max(2, math.ceil(timeout / 2)),  # libpq: whole seconds, >= 2
-        "prepare_threshold": PREPARE_AFTER if prepared else None,
+        "prepare_threshold": PREPARE_AFTER if prepared is True else None,
         "keepalives": 1,
         "keepalives_idle": seconds,
         "keepalives_interval": 1,
@@ -139,14 +176,18 @@ def check_sqlite_file(database: str) -> None:
 
 
 def make_engine(
-    url: str | URL, *, timeout: float = DEFAULT_TIMEOUT_S, prepared: bool = False, **options: Any
+    url: str | URL,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    prepared: Prepared = False,
+    **options: Any,
 ) -> Engine:
     """Create an engine for *url* with the connection settings silo relies on.
 
     *timeout* (seconds) bounds every wait: connecting, a pool checkout, a
     lock on SQLite, a statement on PostgreSQL (with the watchdog). *prepared*:
-    PostgreSQL statements prepared on each connection (see
-    :func:`postgresql_connect_args`). Other
+    PostgreSQL statements prepared on each connection, or ``auto``: on each connection
+    that reaches the server directly (see :func:`postgresql_connect_args`). Other
     *options* go to ``create_engine`` (a ``connect_args`` dict is merged over
     silo's own).
     """
@@ -186,6 +227,8 @@ def make_engine(
             sqlite_pragmas(conn, record, busy_ms)
 
         event.listen(engine, "connect", on_connect)
+    elif prepared == "auto":
+        event.listen(engine, "connect", prepare_where_direct)
     if kwargs.get("poolclass") is not StaticPool:
         _forkable.add(engine)  # an in-memory database has no connection to share
     return engine

@@ -24,7 +24,7 @@ from .backend import SQLBackend
 from .clock import DatabaseClock
 from .context import Context
 from .disk import SQLiteDisk, database_file
-from .engine import DEFAULT_TIMEOUT_S, make_engine, normalise_url
+from .engine import DEFAULT_TIMEOUT_S, Prepared, make_engine, normalise_url
 from .executor import Connector, ExecutorMode, StatementHook
 from .host import HostExecutor, HostSessions, HostTransaction, host_sessions
 from .models import SILO_TABLES
@@ -78,7 +78,8 @@ class SQLStorage(SiloStorage):
     database: connecting and pool checkouts (engines made from a URL), SQLite
     lock waits, and every PostgreSQL statement (any engine). *prepared_statements*
     (engines made from a URL, PostgreSQL): let psycopg prepare statements on each
-    connection (``SILO_PREPARED_STATEMENTS``; not through PgBouncer before 1.21).
+    connection (``SILO_PREPARED_STATEMENTS``; not through PgBouncer before 1.21), or
+    ``"auto"``: on each connection that reaches the server directly.
     """
 
     def __init__(
@@ -88,7 +89,7 @@ class SQLStorage(SiloStorage):
         executor: ExecutorMode = "auto",
         timeout: float = DEFAULT_TIMEOUT_S,
         atomic: bool | HostSessions = False,
-        prepared_statements: bool = False,
+        prepared_statements: Prepared = "auto",
         **engine_options: Any,
     ) -> None:
         self.host_sessions: HostSessions | None = host_sessions(bind, atomic)
