@@ -247,25 +247,7 @@ class Silo:
         )
 
     def _configure(self, app: Flask, state: SiloApp) -> None:
-        config = state.settings
-        store = state.store
-        if config.touch_interval is not None:
-            store.touch_interval = config.touch_interval
-        if config.max_state_bytes is not None:
-            store.max_state_bytes = config.max_state_bytes
-        floor = config.db_min_free_bytes
-        if floor is None:  # below the uploads' floor: state goes on once uploads stop
-            floor = (config.min_free_bytes or 0) // 2
-        store.db_min_free_bytes = floor or None
-        store.sweep_batch_size = config.sweep_batch_size
-        store.session_max_age = config.session_max_age
-        store.heartbeat_timeout = config.task_heartbeat_timeout
-        store.task_flush_interval = config.task_flush_interval
-        store.task_max_logs = config.task_max_logs
-        store.task_runner = config.task_runner
-        store.task_retries = config.task_retries
-        store.task_retry_delay = config.task_retry_delay
-        store.event_retention = config.event_retention
+        state.store.settings = state.settings
         if not self._first_taken:  # file stores are shared: the first app's settings apply
             for name, files in self._file_stores.items():
                 self._apply_file_settings(app.config, name, files)

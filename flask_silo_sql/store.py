@@ -12,13 +12,15 @@ writes only the namespaces whose JSON changed, each guarded by its version.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .backends import Backend, SweepResult, Unit, backend_for
+from .config import SiloConfig
 from .errors import NamespaceError, SiloError
 from .instruments.hooks import observed_sweep
 from .keys import SessionKey, session_key
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 logger = silo_logger("flask_silo_sql")
 
 META = "_meta"
+T = TypeVar("T")
 
 
 class Registry:
@@ -96,6 +99,22 @@ def _origin(fn: Callable[..., Any]) -> str:
     return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
+class Setting(Generic[T]):
+    """A store attribute that reads, and writes, one field of the store's settings: the
+    settings stay one object, not copies kept in step."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, store: SessionStore, owner: type | None = None) -> T:
+        value: T = getattr(store.settings, self.field)
+        return value
+
+    def __set__(self, store: SessionStore, value: T) -> None:
+        changed: dict[str, Any] = {self.field: value}
+        store.settings = dataclasses.replace(store.settings, **changed)
+
+
 class SessionStore:
     """Per-client state with TTL expiry, over any :class:`SiloStorage`.
 
@@ -124,30 +143,19 @@ class SessionStore:
         self.ttl = ttl
         self.cleanup_interval = cleanup_interval
         self.expired_retain = expired_retain
-        self.max_state_bytes = max_state_bytes
-        self.db_min_free_bytes: int | None = None
-        """SQLite: state writes that grow a session are refused (``507``) while the
-        database's disk has less free space than this (``SILO_DB_MIN_FREE_BYTES``)."""
-        self.heartbeat_timeout = heartbeat_timeout
-        self.sweep_batch_size = sweep_batch_size
+        self.settings = dataclasses.replace(
+            SiloConfig.from_mapping({}, environ={}),
+            touch_interval=touch_interval,
+            max_state_bytes=max_state_bytes,
+            task_heartbeat_timeout=heartbeat_timeout,
+            sweep_batch_size=sweep_batch_size,
+        )
+        """The app's ``SILO_*`` settings, read once by ``init_app`` (the defaults, and the
+        constructor's arguments, for a store made on its own): the one place the store's
+        behaviour is read from."""
         self.sealer: Sealer | None = None
         """Seals the encrypted namespaces (made from ``SILO_ENCRYPTION_KEYS``)."""
-        self.session_max_age: float | None = None
-        """Absolute lifetime of every session, from its creation (``SILO_SESSION_MAX_AGE``)."""
-        self.task_flush_interval = 0.5
-        """Seconds between writes of a running task's progress (coalescing)."""
-        self.task_max_logs = 200
-        """Log lines a linked task keeps (the newest)."""
-        self.task_runner = "thread"
-        """Where durable runs run: ``thread`` (the starting process) or ``worker``."""
-        self.task_retries = 3
-        """Retries of a registered task that names none."""
-        self.task_retry_delay = 1.0
-        """Seconds before a registered task's first retry (doubling), unless it names one."""
-        self.event_retention = 3600.0
-        """Seconds a session's events are kept for replay (the sweep prunes older ones)."""
         self._clock = clock
-        self._touch_interval = touch_interval
         self._sid_gen = sid_generator or new_sid
         self._registry = registry or Registry()
         self._checking = threading.local()  # .active while a busy check runs in this thread
@@ -195,10 +203,43 @@ class SessionStore:
 
     @touch_interval.setter
     def touch_interval(self, value: float | None) -> None:
-        self._touch_interval = value
+        self.settings = dataclasses.replace(self.settings, touch_interval=value)
 
     def touch_interval_for(self, default: float) -> float:
-        return default if self._touch_interval is None else self._touch_interval
+        chosen = self.settings.touch_interval
+        return default if chosen is None else chosen
+
+    # -- settings, read from :attr:`settings` ---------------------------------------------
+
+    max_state_bytes = Setting[int | None]("max_state_bytes")
+    """Largest JSON of one namespace (``SILO_MAX_STATE_BYTES``)."""
+    heartbeat_timeout = Setting[float]("task_heartbeat_timeout")
+    """Seconds without a heartbeat before a run counts as lost."""
+    sweep_batch_size = Setting[int]("sweep_batch_size")
+    session_max_age = Setting[float | None]("session_max_age")
+    """Absolute lifetime of every session, from its creation (``SILO_SESSION_MAX_AGE``)."""
+    task_flush_interval = Setting[float]("task_flush_interval")
+    """Seconds between writes of a running task's progress (coalescing)."""
+    task_max_logs = Setting[int]("task_max_logs")
+    """Log lines a linked task keeps (the newest)."""
+    task_runner = Setting[str]("task_runner")
+    """Where durable runs run: ``thread`` (the starting process) or ``worker``."""
+    task_retries = Setting[int]("task_retries")
+    """Retries of a registered task that names none."""
+    task_retry_delay = Setting[float]("task_retry_delay")
+    """Seconds before a registered task's first retry (doubling), unless it names one."""
+    event_retention = Setting[float]("event_retention")
+    """Seconds a session's events are kept for replay (the sweep prunes older ones)."""
+
+    @property
+    def db_min_free_bytes(self) -> int | None:
+        """SQLite: state writes that grow a session are refused (``507``) while the
+        database's disk has less free space than this (``SILO_DB_MIN_FREE_BYTES``; unset:
+        half the uploads' floor, so state goes on once uploads stop)."""
+        floor = self.settings.db_min_free_bytes
+        if floor is None:
+            floor = (self.settings.min_free_bytes or 0) // 2
+        return floor or None
 
     @property
     def factories(self) -> Mapping[str, Callable[[], dict[str, Any]]]:

@@ -34,20 +34,41 @@ class Policy(Protocol):
 
     ttl: int
     expired_retain: int
-    heartbeat_timeout: float
-    max_state_bytes: int | None
-    db_min_free_bytes: int | None
-    """SQLite: state writes that grow a session stop (``507``) below this much free disk."""
-    sweep_batch_size: int
-    session_max_age: float | None
-    """Absolute lifetime of a session (seconds from its creation), or None."""
-    task_flush_interval: float
-    task_max_logs: int
-    task_runner: str
-    """``thread`` (the process that starts a run runs it) or ``worker`` (start only queues)."""
-    task_retries: int
-    task_retry_delay: float
-    event_retention: float
+    @property
+    def heartbeat_timeout(self) -> float: ...
+
+    @property
+    def max_state_bytes(self) -> int | None: ...
+
+    @property
+    def db_min_free_bytes(self) -> int | None:
+        """SQLite: state writes that grow a session stop (``507``) below this much free disk."""
+
+    @property
+    def sweep_batch_size(self) -> int: ...
+
+    @property
+    def session_max_age(self) -> float | None:
+        """Absolute lifetime of a session (seconds from its creation), or None."""
+
+    @property
+    def task_flush_interval(self) -> float: ...
+
+    @property
+    def task_max_logs(self) -> int: ...
+
+    @property
+    def task_runner(self) -> str:
+        """``thread`` (the process that starts a run runs it) or ``worker`` (start only queues)."""
+
+    @property
+    def task_retries(self) -> int: ...
+
+    @property
+    def task_retry_delay(self) -> float: ...
+
+    @property
+    def event_retention(self) -> float: ...
 
     @property
     def clock(self) -> Callable[[], float] | None:
