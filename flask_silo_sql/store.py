@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .backends import Backend, SweepResult, Unit, backend_for
 from .config import SiloConfig
 from .errors import NamespaceError, SiloError
-from .instruments.hooks import observed_sweep
+from .instruments.seams import observed_sweep
 from .keys import SessionKey, session_key
 from .logs import log_failure, silo_logger
 from .sealing import Sealer
 from .sids import new_sid, tag
 from .storage import InMemoryStorage, SiloStorage
-from .tasks import TaskSpec
+from .tasks.spec import TaskSpec
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

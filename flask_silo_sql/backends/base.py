@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from ..files.records import FileRecords
     from ..idempotency import IdempotencyRecords
     from ..sealing import Sealer
-    from ..tasks import Claimed, TaskSpec
+    from ..tasks.runs import Claimed
+    from ..tasks.spec import TaskSpec
 
 
 class Policy(Protocol):

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from ..errors import FileElsewhere, FileNotStored, FileStorageError, SiloError
-from ..instruments.hooks import traced_save, traced_send
+from ..instruments.seams import traced_save, traced_send
 from ..keys import is_key, session_key
 from ..logs import log_failure, silo_logger
 from ..sids import is_valid_sid

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from flask import Response, jsonify
 
 from . import health
-from .hooks import METERS
+from .seams import METERS
 
 if TYPE_CHECKING:
     from ..app_state import SiloApp

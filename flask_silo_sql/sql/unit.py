@@ -39,7 +39,7 @@ from ..codec import (
 )
 from ..errors import NamespaceError, SessionBusy
 from ..files.locks import directory_lock
-from ..instruments.hooks import traced_commit
+from ..instruments.seams import traced_commit
 from ..logs import silo_logger
 from ..sids import tag
 from ..tasks import TASK_MARKER, BackgroundTask

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import StorageUnavailable, TaskAlreadyRunning, TaskCancelled, TaskLeaseLost
-from ..instruments.hooks import observed_attempt
+from ..instruments.seams import observed_attempt
 from ..logs import log_failure
 from ..sids import tag
 from .home import TaskHome
