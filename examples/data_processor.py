@@ -156,6 +156,11 @@ silo.register(
 # Needs existing data: an expired client gets 410 Gone here, not an empty answer.
 silo.add_data_endpoints("/api/results", "/api/download")
 
+# Operators: SILO_METRICS=true serves Prometheus metrics here; a readiness probe always.
+if app.config.get("SILO_METRICS"):
+    app.add_url_rule("/metrics", view_func=silo.metrics_view())
+app.add_url_rule("/healthz", view_func=silo.health_view())
+
 
 def _error(status: int, error: str, message: str) -> tuple[Response, int]:
     return jsonify(error=error, message=message), status
