@@ -95,7 +95,11 @@ def claim(
     now: float,
     durable: Durable | None,
 ) -> None:
-    """Write a new run's row unless a live run holds it (:class:`TaskAlreadyRunning`)."""
+    """Write a new run's row unless a live run holds it (:class:`TaskAlreadyRunning`).
+
+    The caller holds the session's row in this transaction (a request's commit locks it
+    first, a start outside a request holds it with :func:`~.sessions.hold`; either raises
+    :class:`SessionExpired` when it is gone), so a refused claim is a live run's doing."""
     values = _fields(st, home.sid, home.task_id, state, now, home.heartbeat_timeout, None)
     values["name"] = name
     values["stale_before"] = st.values.time(now - home.heartbeat_timeout)
@@ -106,8 +110,6 @@ def claim(
     values["retry_delay"] = durable.retry_delay if durable else 0.0
     values["worker"] = None if durable is not None and durable.queued else PROCESS.id
     if ex.run(st.claim_task, values).first() is None:
-        if ex.run(st.has_session, {"sid": home.sid}).first() is None:
-            raise SessionExpired(home.sid)
         raise TaskAlreadyRunning(name)
     if durable is not None and durable.queued and st.notify_tasks is not None:
         ex.run(st.notify_tasks, {})  # delivered with the commit: a worker wakes up
