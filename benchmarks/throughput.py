@@ -666,16 +666,16 @@ def measure(runs: list[Run], args: argparse.Namespace) -> None:
 # -- report --------------------------------------------------------------------------------
 
 
-def ratio(runs: dict[str, Run], name: str) -> float | None:
-    ours, ref = runs.get(name), runs.get(REFERENCE)
+def ratio(runs: dict[str, Run], name: str, reference: str = REFERENCE) -> float | None:
+    ours, ref = runs.get(name), runs.get(reference)
     if ours is None or ref is None or not ours.measured or not ref.measured or not ref.rps():
         return None
     return ours.rps() / ref.rps()
 
 
-def paired_ratios(runs: dict[str, Run], name: str) -> list[float]:
+def paired_ratios(runs: dict[str, Run], name: str, reference: str = REFERENCE) -> list[float]:
     """*name*'s rps over the reference's, round by round (both measured in each round)."""
-    ours, ref = runs.get(name), runs.get(REFERENCE)
+    ours, ref = runs.get(name), runs.get(reference)
     if ours is None or ref is None or len(ours.results) != len(ref.results):
         return []
     return [a.rps / b.rps for a, b in zip(ours.results, ref.results, strict=True) if b.rps]
@@ -777,6 +777,14 @@ def report(runs: list[Run], args: argparse.Namespace, setup: list[str],
         paired = paired_ratios(by_name, name)
         if value is not None and paired:
             what = f"{name} rps / flask-silo+Redis (default) rps (a named choice)"
+            print(f"  ------ {what:<66} {value:5.2f}  (per round {min(paired):.2f}-"
+                  f"{max(paired):.2f}, median {statistics.median(paired):.2f})")
+    durable = "flask-silo-redis-fsync"
+    for name in ("silo-sql-pg", "silo-sql-sqlite"):
+        value = ratio(by_name, name, durable)
+        paired = paired_ratios(by_name, name, durable)
+        if value is not None and paired:
+            what = f"{name} rps / flask-silo+Redis (fsync always) rps (as durable)"
             print(f"  ------ {what:<66} {value:5.2f}  (per round {min(paired):.2f}-"
                   f"{max(paired):.2f}, median {statistics.median(paired):.2f})")
     for run in runs:
