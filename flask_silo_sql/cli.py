@@ -25,8 +25,8 @@ from .errors import SchemaError, SiloError
 from .ext import EXTENSION_KEY, Silo
 from .files import fsck as check_files
 from .files.rekey import rekey_directories, rekey_objects
-from .instruments.health import check as check_health
 from .keys import session_key
+from .probes.health import check as check_health
 from .sids import tag
 from .sql import SQLStorage, schema
 from .sql.lookup import find_session

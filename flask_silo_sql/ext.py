@@ -43,9 +43,9 @@ from .files.backends import check_backend
 from .idempotency import (
     DEFAULT_TTL_S,
 )
-from .instruments import hooks as instruments
-from .instruments.views import health_view, metrics_view
 from .logs import log_failure, silo_logger
+from .probes import hooks as probes
+from .probes.views import health_view, metrics_view
 from .sealing import Sealer
 from .setup_checks import check_views, first_request
 from .sids import tag
@@ -216,7 +216,7 @@ class Silo:
         if SiloError not in app.error_handler_spec.get(None, {}).get(None, {}):
             app.register_error_handler(SiloError, self.error_response)
         app.extensions[EXTENSION_KEY] = state
-        instruments.install(app, state, self._api_prefix)  # SILO_METRICS; request spans
+        probes.install(app, state, self._api_prefix)  # SILO_METRICS; request spans
         # The claimer of durable runs starts with the process (runs handed back by a
         # deploy's old processes run at once, without waiting for a request), and in
         # each process forked from it (`gunicorn --preload`), holding nothing of the

@@ -17,7 +17,7 @@ import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .backends import Backend, SweepResult, Unit, backend_for
 from .config import SiloConfig
@@ -32,8 +32,6 @@ from .tasks.spec import TaskSpec
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
-
-    from .sql.host import HostTransaction
 
 logger = silo_logger("flask_silo_sql")
 
@@ -97,6 +95,16 @@ def undoable(actions: Iterable[Callable[[], Callable[[], None]]]) -> Callable[[]
 def _origin(fn: Callable[..., Any]) -> str:
     module = str(getattr(fn, "__module__", "")).rsplit(".", 1)[-1]
     return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class HostHold(Protocol):
+    """A hold on the host session's transaction (the SQL storage's ``join(host)`` gives one)."""
+
+    done: bool
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
 
 
 class Setting(Generic[T]):
@@ -433,7 +441,7 @@ class SessionStore:
             hold.commit()
 
     @contextmanager
-    def _joined(self, host: Session) -> Iterator[HostTransaction]:
+    def _joined(self, host: Session) -> Iterator[HostHold]:
         """This context's silo statements in *host*'s transaction, for the block."""
         storage = self.storage
         join = getattr(storage, "join", None)
@@ -448,7 +456,7 @@ class SessionStore:
             )
         token = connector.hold()
         try:
-            hold: HostTransaction = join(host)
+            hold: HostHold = join(host)
             try:
                 yield hold
             finally:

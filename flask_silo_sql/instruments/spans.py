@@ -11,6 +11,7 @@ exception's class only.
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -44,10 +45,17 @@ def tracer() -> Tracer:
     """Silo's tracer (the global provider's unless one was set)."""
     global _tracer
     if _tracer is None:
-        from flask_silo_sql import __version__
-
-        _tracer = _trace.get_tracer(INSTRUMENTATION, __version__, tracer_provider=_provider)
+        _tracer = _trace.get_tracer(INSTRUMENTATION, _version(), tracer_provider=_provider)
     return _tracer
+
+
+def _version() -> str | None:
+    """The installed package's version (read from its metadata: this module sits below
+    the package's ``__init__``)."""
+    try:
+        return importlib.metadata.version("flask-silo-sql")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return None
 
 
 def on() -> bool:

@@ -16,7 +16,7 @@ from .home import TaskHome
 from .log import logger
 from .process import HAND_BACK, PROCESS
 from .runner import TaskRunner
-from .runs import Claimed, Durable, RunRow
+from .runs import Claimed, Durable
 from .spec import (
     MAX_RETRY_DELAY_S,
     NAMESPACE_ARG,
@@ -27,7 +27,7 @@ from .spec import (
     spec_of,
     unregistered,
 )
-from .state import CANCEL_OUTCOMES, LOST_WORKER, WAITING, StoredTask, TaskState
+from .state import CANCEL_OUTCOMES, LOST_WORKER, WAITING, RunRow, StoredTask, TaskState
 from .task import TASK_MARKER, BackgroundTask, running_homes
 
 __all__ = [

@@ -1,42 +1,20 @@
-"""A durable run as its row records it, and the attempt a process claimed: built from rows."""
+"""What makes a run durable, and the attempt a process claimed: built from its row."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .spec import NAMESPACE_ARG, TaskSpec, unregistered
-from .state import TaskState
-
-if TYPE_CHECKING:
-    from .task import BackgroundTask
+from .state import RunRow, TaskState
 
 
-@dataclass(frozen=True)
-class RunRow:
-    """A durable run a process claimed, as the storage returns its row.
+class Attempting(Protocol):
+    """What runs a claimed attempt: its task (a :class:`~.task.BackgroundTask`)."""
 
-    Plain values: times in Unix seconds, JSON as text (``args``, ``checkpoint``) or
-    decoded (``logs``). The storage fills it; :meth:`Claimed.from_row` makes the attempt.
-    """
-
-    task_id: str
-    sid: str
-    name: str
-    namespace: str | None
-    target: str
-    args: str
-    """``{"args": [...], "kwargs": {...}}`` as JSON text."""
-    attempt: int
-    max_attempts: int
-    retry_delay: float
-    checkpoint: str | None
-    logs: list[str]
-    error: str | None
-    """The previous attempt's error (the run is being retried), or None."""
-    started_at: float | None
+    def execute(self, claimed: Claimed, on_done: Callable[[], None] | None = None) -> None: ...
 
 
 @dataclass
@@ -61,7 +39,7 @@ class Durable:
 class Claimed:
     """An attempt of a durable run that this process claimed, ready to run."""
 
-    task: BackgroundTask
+    task: Attempting
     target: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -74,7 +52,7 @@ class Claimed:
         cls,
         row: RunRow,
         *,
-        task: BackgroundTask,
+        task: Attempting,
         holder: dict[str, Any] | None,
         specs: Mapping[str, TaskSpec],
     ) -> Claimed:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from .task import BackgroundTask
+    pass
 
 NAMESPACE_ARG = "__silo_namespace__"
 """Key of the JSON object that stands, in a durable run's arguments, for the namespace
@@ -56,7 +56,7 @@ def retry_delay(spec_delay: float, attempt: int) -> float:
 def unregistered(target: str) -> Callable[..., Any]:
     """A stand-in for a function this process does not know: the attempt fails saying so."""
 
-    def missing(task: BackgroundTask, *args: Any, **kwargs: Any) -> None:
+    def missing(task: Any, *args: Any, **kwargs: Any) -> None:
         raise LookupError(
             f"task function {target!r} is not registered in this process: import the "
             "module that defines it (@silo.task) in the app"

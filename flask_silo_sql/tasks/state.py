@@ -1,13 +1,11 @@
-"""TaskState: a snapshot of a task's state, as a status endpoint reports it."""
+"""TaskState: a snapshot of a task's state, as a status endpoint reports it, and the rows
+(as plain values) it is built from."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import KW_ONLY, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .runs import RunRow
+from typing import Any
 
 WAITING = ("queued", "retrying")
 """Statuses of a durable run that waits for a process to claim it."""
@@ -28,6 +26,31 @@ class StoredTask:
     attempt: int
     durable: bool
     cancel_requested: bool
+
+@dataclass(frozen=True)
+class RunRow:
+    """A durable run a process claimed, as the storage returns its row.
+
+    Plain values: times in Unix seconds, JSON as text (``args``, ``checkpoint``) or
+    decoded (``logs``). The storage fills it; :meth:`Claimed.from_row` makes the attempt.
+    """
+
+    task_id: str
+    sid: str
+    name: str
+    namespace: str | None
+    target: str
+    args: str
+    """``{"args": [...], "kwargs": {...}}`` as JSON text."""
+    attempt: int
+    max_attempts: int
+    retry_delay: float
+    checkpoint: str | None
+    logs: list[str]
+    error: str | None
+    """The previous attempt's error (the run is being retried), or None."""
+    started_at: float | None
+
 
 CANCEL_OUTCOMES = ("cancelled", "cancelling", "finished", "idle")
 """What :meth:`BackgroundTask.cancel` answers: the run was waiting and never starts; it

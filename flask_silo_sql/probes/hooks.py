@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 
+from ..instruments import spans
+from ..instruments.metrics import Metrics, outcome, registry_for
+from ..instruments.seams import METERS
 from ..sids import tag
-from . import spans
 from .gauges import DatabaseGauges
-from .metrics import Metrics, outcome, registry_for
-from .seams import METERS
 
 if TYPE_CHECKING:
     from ..app_state import SiloApp

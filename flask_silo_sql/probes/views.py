@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from flask import Response, jsonify
 
+from ..instruments.seams import METERS
 from . import health
-from .seams import METERS
 
 if TYPE_CHECKING:
     from ..app_state import SiloApp
