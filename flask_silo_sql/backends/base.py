@@ -8,10 +8,14 @@ semantics), and the SQL backend of :class:`~flask_silo_sql.sql.SQLStorage`.
 
 Work on one session goes through a :class:`Unit`: a request opens one, reads
 namespaces through it, and commits it when the response is known; scripts use
-one as a locked transaction. Files and task rows are capabilities a backend
-may lack (``None``): then file stores keep flask-silo's disk-only behaviour and
-tasks live in their objects only (flask-silo's behaviour too); without
-idempotency records, ``@silo.idempotent`` views answer an error.
+one as a locked transaction. File rows, a task queue and idempotency records
+are capabilities a backend may lack; it then gives an object that says so,
+never ``None``: :data:`~flask_silo_sql.files.unrecorded.UNRECORDED` (file
+stores keep flask-silo's disk-only behaviour),
+:class:`~flask_silo_sql.tasks.local.LocalQueue` (runs live in the process
+that started them, flask-silo's behaviour too), and
+:class:`~flask_silo_sql.errors.IdempotencyUnsupported` raised (an
+``@silo.idempotent`` view answers that error).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import threading
 
-    from ..files.records import FileRecords
+    from ..files.records import FileKeeping
     from ..idempotency import IdempotencyRecords
     from ..sealing import Sealer
     from ..tasks.runs import Claimed
@@ -228,11 +232,12 @@ class Backend(Protocol):
     def peek(self, sid: str) -> dict[str, Any]:
         """The session as it is, for a busy check: nothing created, nothing touched."""
 
-    def file_records(self, store: str) -> FileRecords | None:
-        """Where file store *store* keeps its rows (None: files on disk only)."""
+    def file_records(self, store: str) -> FileKeeping:
+        """Where file store *store* keeps its rows, or ``UNRECORDED`` (its disk alone)."""
 
-    def task_queue(self) -> TaskQueue | None:
-        """Durable task runs (None: every run lives in its process, flask-silo's way)."""
+    def task_queue(self) -> TaskQueue:
+        """Durable task runs, or a ``LocalQueue`` (every run lives in its process, flask-silo's
+        way: nothing is queued, nothing is claimed)."""
 
     def idempotency_records(self) -> IdempotencyRecords:
         """Where idempotency keys are kept; a backend that keeps none raises

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..errors import IdempotencyUnsupported, NamespaceError, SessionBusy
+from ..files.unrecorded import UNRECORDED, Unrecorded
 from ..storage import InMemoryStorage, SiloStorage
+from ..tasks.local import LocalQueue
 from .base import Policy, SweepResult
 
 META = "_meta"
@@ -205,11 +207,13 @@ class MemoryBackend:
         with self.lock:
             return self.storage.all_sids()
 
-    def file_records(self, store: str) -> None:
-        return None
+    def file_records(self, store: str) -> Unrecorded:
+        """No tables: each file store keeps its files on disk only (flask-silo's way)."""
+        return UNRECORDED
 
-    def task_queue(self) -> None:
-        return None
+    def task_queue(self) -> LocalQueue:
+        """No tables: every run lives in the process that started it (flask-silo's way)."""
+        return LocalQueue()
 
     def idempotency_records(self) -> NoReturn:
         """No tables: ``@silo.idempotent`` answers ``IdempotencyUnsupported`` here. Keys kept

@@ -72,18 +72,20 @@ class FsckReport:
 
 
 def fsck(
-    files: StoreView, *, fix: bool = False, grace: float = 600.0, verify: bool = True
+    files: StoreView,
+    records: FileRecords,
+    *,
+    fix: bool = False,
+    grace: float = 600.0,
+    verify: bool = True,
 ) -> FsckReport:
-    """Compare *files*' bytes with its rows (see the module docstring).
+    """Compare *files*' bytes with its rows, *records* (see the module docstring).
 
     *grace*: seconds a pending row stays an upload in progress after its last
     sign of life. *verify*: read every file to check its SHA-256 (else sizes
     only). With *fix*: bytes without a row and leftovers of interrupted
     uploads are deleted, rows without their bytes are forgotten.
     """
-    records = files.records
-    if records is None:
-        raise ValueError(f"file store {files.name!r} has no SQL storage to check against")
     check = _Check(files, records, grace=grace, verify=verify, fix=fix)
     kind = files.blobs.kind
     if kind == "local":

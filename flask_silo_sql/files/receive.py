@@ -17,10 +17,9 @@ from collections.abc import Iterator
 
 from ..errors import FileTooLarge, InsufficientStorage, SiloError
 from ..logs import log_failure, silo_logger
-from .backends.local import create_temp
 from .body import Piece, Readable, announced_length, declared_size, pieces
 from .digest import StreamDigest
-from .failures import file_errors, storage_error
+from .failures import storage_error
 from .limits import CHUNK, FREE_SPACE_STEP, HEARTBEAT_S, TEMP_PREFIX
 from .records import FileRecords, StoreView
 from .rows import FileRow, Reservation
@@ -29,15 +28,16 @@ from .staging import StagedUpload
 logger = silo_logger("flask_silo_sql.files")
 
 
-def check_free_space(store: StoreView, directory: str, records: FileRecords | None) -> None:
-    """``507`` while the disk holding *directory* (and an SQLite database the bytes go
-    to) has less free space than the store's ``min_free_bytes``: the database keeps room."""
+def check_free_space(store: StoreView, directory: str, database_dir: str | None) -> None:
+    """``507`` while the disk holding *directory* (and *database_dir*, an SQLite database's,
+    when the bytes go to it) has less free space than the store's ``min_free_bytes``: the
+    database keeps room."""
     floor = store.min_free_bytes
     if not floor:
         return
     places = [directory]
-    if records is not None and records.database_dir and store.blobs.kind == "database":
-        places.append(records.database_dir)
+    if database_dir and store.blobs.kind == "database":
+        places.append(database_dir)
     for place in places:
         try:
             free = shutil.disk_usage(place).free
@@ -69,18 +69,17 @@ def upload_errors(store: StoreView, records: FileRecords, row: FileRow) -> Itera
         raise storage_error(exc, store.name, row.sid, "store a file") from None
 
 
-def save(
+def incoming(
     store: StoreView,
     sid: str,
     name: str,
     data: Readable | bytes,
     *,
-    records: FileRecords | None,
-    content_type: str | None,
     size: int | None,
-) -> str:
-    """Store *data* as *name* of session *sid* (see :meth:`FileStore.save
-    <flask_silo_sql.files.FileStore.save>`); the local path of the stored file."""
+    database_dir: str | None,
+) -> tuple[int | None, str, Iterator[Piece]]:
+    """An upload's declared size, its session's directory and its pieces, once its size
+    and the free space allow it (what every upload checks before a byte is read)."""
     declared = size if size is not None else declared_size(data)
     # A body that says nothing of its size (a server's own stream) is held to the
     # request's Content-Length: read whole, or refused.
@@ -90,11 +89,26 @@ def save(
     limit = store.max_file_bytes
     if declared is not None and limit is not None and declared > limit:
         raise FileTooLarge(name, declared, limit)
-    check_free_space(store, store.base_dir, records)  # a refusal creates no directory
+    check_free_space(store, store.base_dir, database_dir)  # a refusal creates no directory
     directory = store.session_dir(sid)
-    chunks = pieces(data, declared, announced)
-    if records is None:
-        return _save_unrecorded(store, sid, name, directory, chunks)
+    return declared, directory, pieces(data, declared, announced)
+
+
+def save(
+    store: StoreView,
+    sid: str,
+    name: str,
+    data: Readable | bytes,
+    *,
+    records: FileRecords,
+    content_type: str | None,
+    size: int | None,
+) -> str:
+    """Store *data* as *name* of session *sid* (see :meth:`FileStore.save
+    <flask_silo_sql.files.FileStore.save>`); the local path of the stored file."""
+    declared, directory, chunks = incoming(
+        store, sid, name, data, size=size, database_dir=records.database_dir
+    )
     row = FileRow(
         sid,
         name,
@@ -169,7 +183,7 @@ def _receive(
             if limit is not None and size > limit:
                 raise FileTooLarge(row.filename, size, limit)
             if size - checked >= FREE_SPACE_STEP:
-                check_free_space(store, directory, records)
+                check_free_space(store, directory, records.database_dir)
                 checked = size
             over = quota is not None and size > reservation.reserved
             if over or time.monotonic() - beat > HEARTBEAT_S:
@@ -190,32 +204,3 @@ def _receive(
     row.size_bytes = size
     row.sha256 = digest.hexdigest()
     return StagedUpload(store.blobs, row, reservation, sink.tmp, sink.path(row))
-
-
-def _save_unrecorded(
-    store: StoreView, sid: str, name: str, directory: str, chunks: Iterator[Piece]
-) -> str:
-    """flask-silo's behaviour, for a store without rows: the file on disk, nothing else."""
-    limit = store.max_file_bytes
-    path = os.path.join(directory, name)
-    with file_errors(store.name, sid, "store a file"):
-        fd, tmp = create_temp(directory, TEMP_PREFIX + secrets.token_hex(8))
-    try:
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                size += len(chunk)
-                if limit is not None and size > limit:
-                    raise FileTooLarge(name, size, limit)
-                with file_errors(store.name, sid, "store a file"):
-                    out.write(chunk)
-            with file_errors(store.name, sid, "store a file"):
-                out.flush()
-                os.fsync(out.fileno())
-        with file_errors(store.name, sid, "store a file"):
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path

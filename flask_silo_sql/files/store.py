@@ -27,7 +27,10 @@ the old version whole until then, and a download reads the version it began
 to its end (see ``docs/file-versions.md``). A request that fails or answers
 an error keeps nothing (for ``local``, the previous version comes back).
 Reads (``list_files``, ``get_path``, ``open``, ``send``) answer from the
-rows, and this request's uploads.
+rows, and this request's uploads. The store checks SIDs and names, then hands
+each operation to its catalog: :mod:`.recorded` (its rows), or, for a store
+without rows (a ``FileStore`` of its own, a storage without tables),
+:mod:`.unrecorded` (its disk alone, flask-silo's way).
 
 File operations never let an ``OSError`` reach the application: it becomes a
 :class:`~flask_silo_sql.errors.SiloError` with a JSON answer (``507`` when
@@ -36,35 +39,29 @@ the disk is full), logged without the SID its path carries.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import inspect
 import os
 import shutil
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
-from ..errors import FileElsewhere, FileNotStored, FileStorageError, SiloError
+from ..errors import FileNotStored
 from ..instruments.seams import traced_save, traced_send
 from ..keys import is_key, session_key
 from ..logs import log_failure, silo_logger
 from ..sids import is_valid_sid
-from . import receive
 from .backends import make_bytes
 from .blobs import Bytes
 from .body import Readable
 from .check import FsckReport
-from .check import fsck as check_files
-from .failures import file_errors, storage_error
-from .limits import TEMP_PREFIX, safe_filename
-from .locks import directory_lock
-from .records import Backend, FileRecords, RecordsProvider
+from .failures import file_errors
+from .limits import safe_filename
+from .records import Backend, Catalog, FileKeeping, FileRecords, RecordsProvider
 from .rekey import rekey_directories, rekey_objects
 from .rows import FileRow, StoredFile
 from .serving import send as send_file
 from .settings import FileSettings, this_host
-from .staging import StagedUpload
-from .upkeep import maintain as maintain_files
+from .unrecorded import UNRECORDED, DiskOnly
 
 if TYPE_CHECKING:
     from flask import Response
@@ -72,12 +69,14 @@ if TYPE_CHECKING:
 
 logger = silo_logger("flask_silo_sql.files")
 
-OPEN_ATTEMPTS = 8
-"""Times a download opens a ``local`` file replaced while it was opened, before a 503."""
-
 S = TypeVar("S")
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def _unrecorded() -> FileKeeping:
+    """The keeping of a ``FileStore`` of its own: no rows, its disk alone."""
+    return UNRECORDED
 
 
 def _key(sid: str) -> str:
@@ -139,7 +138,7 @@ class FileStore:
         """Uploads are refused (``507``) while the disk has less free space than this."""
         self.storage_options: dict[str, Any] = dict(storage_options or {})
         self.host = host or this_host()
-        self._records = records
+        self._records: RecordsProvider = records or _unrecorded
         self._backend: Backend = backend or "local"
         self._blobs: Bytes | None = None
         if auto_create:
@@ -175,17 +174,14 @@ class FileStore:
         return found
 
     @property
-    def records(self) -> FileRecords | None:
-        """Where this store's rows are kept, if anywhere (None: files on disk only)."""
-        return self._records() if self._records is not None else None
+    def records(self) -> FileRecords:
+        """Where this store's rows are kept (a store without rows raises the error that
+        says so)."""
+        return self._catalog().records
 
-    def _needs_records(self) -> FileRecords | None:
-        records = self.records
-        if records is None and self.blobs.kind != "local":
-            raise SiloError(
-                f"file store {self.name!r}: the {self.blobs.kind} backend needs SQL storage"
-            )
-        return records
+    def _catalog(self) -> Catalog:
+        """How this store knows its files: from its rows, or, without rows, its disk."""
+        return self._records().catalog(self)
 
     def _dir(self, key: str) -> str:
         if not is_key(key):
@@ -201,6 +197,12 @@ class FileStore:
             with file_errors(self.name, sid, "create a session directory"):
                 os.makedirs(path, exist_ok=True)
         return path
+
+    def _named(self, sid: str, filename: str) -> str:
+        """*filename* made safe, once *sid* is a valid key (else ValueError)."""
+        name = safe_filename(filename)
+        self._dir(sid)
+        return name
 
     # -- storing ---------------------------------------------------------------------------
 
@@ -231,34 +233,10 @@ class FileStore:
         limit, :class:`InsufficientStorage` (``507``) below the free-space floor
         or on a full disk; nothing is kept then.
         """
-        name = safe_filename(filename)
-        self._dir(sid)  # a valid SID's key, or ValueError
-        records = self._needs_records()
-        return receive.save(
-            self, sid, name, data, records=records, content_type=content_type, size=size
-        )
+        name = self._named(sid, filename)
+        return self._catalog().save(sid, name, data, content_type=content_type, size=size)
 
     # -- reading ---------------------------------------------------------------------------
-
-    def _staged(self, records: FileRecords | None, sid: str, name: str) -> StagedUpload | None:
-        if records is None:
-            return None
-        for upload in records.staged(sid):
-            if upload.row.filename == name:
-                return upload
-        return None
-
-    def _lookup(self, sid: str, filename: str) -> tuple[FileRecords | None, str, FileRow | None]:
-        """``(records, name, row)``; the row is this request's upload if it saved one."""
-        name = safe_filename(filename)
-        self._dir(sid)
-        records = self._needs_records()
-        if records is None:
-            return None, name, None
-        staged = self._staged(records, sid, name)
-        if staged is not None:
-            return records, name, staged.row
-        return records, name, records.row(sid, name)
 
     @keyed
     def get_path(self, sid: str, filename: str) -> str | None:
@@ -266,21 +244,10 @@ class FileStore:
         another host). For ``database`` and fsspec backends: a copy in this machine's
         cache, fetched when absent and checked against the row's SHA-256."""
         try:
-            records, name, row = self._lookup(sid, filename)
+            name = self._named(sid, filename)
         except ValueError:
             return None
-        if records is None:
-            path = os.path.join(self._dir(sid), name)
-            return path if os.path.isfile(path) else None
-        if row is None:
-            return None
-        staged = self._staged(records, sid, name)
-        if staged is not None:
-            return staged.path
-        if not self.blobs.here(row):
-            return None
-        with file_errors(self.name, sid, "read a file"):
-            return self.blobs.local_copy(row)
+        return self._catalog().path(sid, name)
 
     @keyed
     def open(self, sid: str, filename: str) -> IO[bytes]:
@@ -290,53 +257,19 @@ class FileStore:
         such file, :class:`FileElsewhere` (``409``) for a ``local`` file of another host.
         """
         try:
-            records, name, _ = self._lookup(sid, filename)
+            name = self._named(sid, filename)
         except ValueError:
             raise FileNotStored(filename) from None
-        if records is None:
-            path = os.path.join(self._dir(sid), name)
-            try:
-                return open(path, "rb")
-            except FileNotFoundError:
-                raise FileNotStored(name) from None
-            except OSError as exc:
-                raise storage_error(exc, self.name, sid, "read a file") from None
-        staged = self._staged(records, sid, name)
-        with file_errors(self.name, sid, "read a file"):
-            if staged is not None:
-                return open(staged.path, "rb")
-        return self._opened(sid, filename, buffered=True)[1]
+        return self._catalog().open(sid, name, filename)
 
     @keyed
     def stat(self, sid: str, filename: str) -> StoredFile | None:
         """What is known of a stored file (size, hash, where it is), or None."""
         try:
-            records, name, row = self._lookup(sid, filename)
+            name = self._named(sid, filename)
         except ValueError:
             return None
-        if records is None:
-            path = os.path.join(self._dir(sid), name)
-            if not os.path.isfile(path):
-                return None
-            return StoredFile(name, os.path.getsize(path), "", None, None, "local", None, True)
-        return None if row is None else self._describe(row)
-
-    def _describe(self, row: FileRow) -> StoredFile:
-        created = (
-            None
-            if row.created_at is None
-            else dt.datetime.fromtimestamp(row.created_at, dt.timezone.utc)
-        )
-        return StoredFile(
-            row.filename,
-            row.size_bytes,
-            row.sha256,
-            row.content_type,
-            created,
-            row.backend,
-            row.host,
-            self.blobs.here(row),
-        )
+        return self._catalog().stat(sid, name)
 
     @traced_send
     @keyed
@@ -351,53 +284,12 @@ class FileStore:
         """A Flask response streaming the file from its backend: ``ETag`` (its SHA-256),
         ``Last-Modified``, ``304`` to a matching conditional request, ``206`` to a single
         ``Range`` (``416`` when unsatisfiable), a safe ``Content-Disposition``."""
-        info, stream = self._opened(sid, filename)
+        try:
+            name = self._named(sid, filename)
+        except ValueError:
+            raise FileNotStored(filename) from None
+        info, stream = self._catalog().opened(sid, name, filename, buffered=False)
         return send_file(info, stream, as_attachment=as_attachment, download_name=download_name)
-
-    def _opened(
-        self, sid: str, filename: str, *, buffered: bool = False
-    ) -> tuple[StoredFile, IO[bytes]]:
-        """The file's description and a stream of the same version's bytes.
-
-        One lookup of its row gives both (a lookup for each could find a version each,
-        and send one's bytes under the other's ``ETag`` and length). A ``local`` file is
-        opened by its name, so its row is read again after: a replacement in between is
-        opened anew. Raises :class:`FileNotStored` when there is no such file.
-        """
-        for _ in range(OPEN_ATTEMPTS):
-            try:
-                records, name, row = self._lookup(sid, filename)
-            except ValueError:
-                raise FileNotStored(filename) from None
-            if records is None or row is None or self._staged(records, sid, name) is not None:
-                # No rows (a FileStore of its own), none for it, or this request's own upload.
-                info = self.stat(sid, filename)
-                if info is None:
-                    raise FileNotStored(filename)
-                return info, self.open(sid, info.name)
-            if not self.blobs.here(row):
-                raise FileElsewhere(name, row.host)
-            info = self._describe(row)
-            try:
-                with file_errors(self.name, sid, "read a file"):
-                    stream = self.blobs.open(row, buffered=buffered)
-            except FileNotStored:
-                if row.backend != "local" or not self._replaced(records, row):
-                    raise
-                continue
-            if row.backend != "local":
-                return info, stream  # opened from the row itself (its id, its location)
-            if not self._replaced(records, row):
-                return info, stream
-            stream.close()
-        raise FileStorageError(self.name, "read a file", "it was replaced each time it was opened")
-
-    @staticmethod
-    def _replaced(records: FileRecords, row: FileRow) -> bool:
-        """Whether *row* is no longer the file's committed row (a ``local`` file is opened
-        by its name, so the row is read again once its bytes are open)."""
-        again = records.row(row.sid, row.filename)
-        return again is None or again.sha256 != row.sha256
 
     @overload
     def list_files(self, sid: str) -> list[str]: ...
@@ -413,36 +305,16 @@ class FileStore:
         :class:`StoredFile` for each (its size, hash and where it is)."""
         sid = _key(sid)
         try:
-            directory = self._dir(sid)
+            self._dir(sid)
         except ValueError:
             return []
-        records = self._needs_records()
-        if records is not None:
-            rows = {row.filename: row for row in records.session_rows(sid)}
-            for upload in records.staged(sid):
-                rows[upload.row.filename] = upload.row
-            if details:
-                return [self._describe(rows[name]) for name in sorted(rows)]
-            return sorted(rows)
-        if not os.path.isdir(directory):
-            return []
-        names = sorted(n for n in os.listdir(directory) if not n.startswith(TEMP_PREFIX))
-        if details:
-            return [found for n in names if (found := self.stat(sid, n)) is not None]
-        return names
+        catalog = self._catalog()
+        return catalog.details(sid) if details else catalog.names(sid)
 
     @property
     def total_size_bytes(self) -> int:
         """Bytes used by every stored file (on every machine)."""
-        records = self.records
-        if records is not None:
-            return records.total_bytes()
-        total = 0
-        for dirpath, _, filenames in os.walk(self.base_dir):
-            for name in filenames:
-                with contextlib.suppress(OSError):
-                    total += os.path.getsize(os.path.join(dirpath, name))
-        return total
+        return self._catalog().total_bytes()
 
     # -- removing --------------------------------------------------------------------------
 
@@ -491,29 +363,13 @@ class FileStore:
             directory = self._dir(sid)
         except ValueError:
             return
-        records = self.records
-        if records is None or not rows:
-            if self.blobs.kind != "local":
-                self.blobs.remove_session(sid)
-            if os.path.isdir(directory):
-                shutil.rmtree(directory, ignore_errors=True)
-            return
-        local = self.blobs.kind == "local" and os.path.isdir(directory)
-        with directory_lock(directory) if local else contextlib.nullcontext():
-            forgotten = [row for row in records.forget(sid) if not row.pending]
-            self.drop_bytes(forgotten)
-            if not local:
-                return
-            for row in forgotten:
-                if row.backend == "local" and (row.host is None or row.host == self.host):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(directory, row.filename))
+        # Rows gone with their session leave the disk's part, as a store without rows has.
+        catalog = self._catalog() if rows else DiskOnly(self)
+        catalog.cleanup(sid, directory)
 
     def cleanup_all(self) -> None:
         """Remove every session's files (rows, bytes, directories here)."""
-        records = self.records
-        if records is not None:
-            self.drop_bytes(records.forget())
+        self._catalog().forget_all()
         if self.blobs.kind != "local":
             self.blobs.remove_all()
         if os.path.isdir(self.base_dir):
@@ -527,11 +383,16 @@ class FileStore:
         directories and cached copies; for fsspec, the objects of sessions whose removal
         failed before), and cached copies no row names. Run after each sweep; returns
         how many session directories went."""
-        return maintain_files(self, grace=grace)
+        rekey_directories(self.base_dir)  # directories from before SIDs were hashed at rest
+        return self._catalog().maintain(grace=grace)
 
     def check(self, *, fix: bool = False, grace: float = 600.0, verify: bool = True) -> FsckReport:
         """:func:`fsck` of this store."""
-        return fsck(self, fix=fix, grace=grace, verify=verify)
+        # Directories still named by a SID get their keys' names first (else their rows
+        # would count as without bytes).
+        rekey_directories(self.base_dir)
+        rekey_objects(self.blobs)
+        return self._catalog().check(fix=fix, grace=grace, verify=verify)
 
 
 def fsck(
@@ -540,6 +401,4 @@ def fsck(
     """Compare a file store's bytes with its rows (see :mod:`flask_silo_sql.files.check`),
     once the directories still named by a SID have their keys' names (else their rows
     would count as without bytes)."""
-    rekey_directories(files.base_dir)
-    rekey_objects(files.blobs)
-    return check_files(files, fix=fix, grace=grace, verify=verify)
+    return files.check(fix=fix, grace=grace, verify=verify)

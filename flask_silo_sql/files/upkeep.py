@@ -29,7 +29,7 @@ from .backends.fsspec import FsspecBytes, mtime
 from .limits import OLD_PREFIX, RETIRED_KEEP_S, STALE_UPLOAD_S, TEMP_PREFIX
 from .locks import directory_lock
 from .records import FileRecords, StoreView
-from .rekey import rekey_directories, rekey_objects
+from .rekey import rekey_objects
 from .rows import kept_aside
 
 logger = silo_logger("flask_silo_sql.files")
@@ -39,12 +39,9 @@ REMOTE_EVERY_S = 3600.0
 _remote_checked: dict[int, float] = {}
 
 
-def maintain(files: StoreView, *, grace: float = 300.0) -> int:
-    """See :meth:`FileStore.maintain`; returns how many session directories went."""
-    rekey_directories(files.base_dir)  # directories from before SIDs were hashed at rest
-    records = files.records
-    if records is None:
-        return 0
+def maintain(files: StoreView, records: FileRecords, *, grace: float = 300.0) -> int:
+    """See :meth:`FileStore.maintain` (*records*: its rows); returns how many session
+    directories went."""
     backend = files.blobs
     if backend.kind != "local":
         _forget_retired(files, records)

@@ -26,7 +26,7 @@ import contextlib
 import os
 import secrets
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     FileTooLarge,
@@ -38,12 +38,16 @@ from ..errors import (
 from ..files.body import Piece
 from ..files.limits import RETIRED_PREFIX, STALE_UPLOAD_S, UNLIMITED
 from ..files.locks import directory_lock
+from ..files.recorded import Recorded
 from ..files.rows import FileRow, Reservation
 from ..files.staging import StagedUpload
 from ..logs import silo_logger
 from . import sessions as ops
 from .context import Context
 from .executor import Executor
+
+if TYPE_CHECKING:
+    from ..files.store import FileStore
 
 logger = silo_logger("flask_silo_sql.files")
 
@@ -90,6 +94,10 @@ class SQLFileRecords:
 
     def now(self) -> float:
         return self._b.now()
+
+    def catalog(self, store: FileStore) -> Recorded:
+        """A store with rows knows its files from them."""
+        return Recorded(store, self)
 
     def _key(self, sid: str, filename: str) -> dict[str, Any]:
         return {"store": self.store, "sid": sid, "filename": filename}

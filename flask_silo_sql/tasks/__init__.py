@@ -7,7 +7,8 @@ runs with leases and retries, and the process that claims them.
 - :mod:`.runs`: a durable run and a claimed attempt, built from their rows;
 - :mod:`.home`: :class:`TaskHome`, where a linked task's state lives (the storage's side);
 - :mod:`.process`: this process's identity, and what it hands back at exit;
-- :mod:`.runner`: :class:`TaskRunner`, a process's claimer of durable runs.
+- :mod:`.runner`: :class:`TaskRunner`, a process's claimer of durable runs;
+- :mod:`.local`: the task queue of a storage without tables (nothing in it, ever).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class TaskRunner:
         """Whether its thread is alive in this process."""
         return self._thread is not None and self._pid == os.getpid() and self._thread.is_alive()
 
-    def _queue(self) -> TaskQueue | None:
+    def _queue(self) -> TaskQueue:
         return self.store.backend.task_queue()
 
     # -- starting and stopping ---------------------------------------------------------
@@ -177,8 +177,6 @@ class TaskRunner:
             while self._active and time.monotonic() < deadline and not self._hurry.is_set():
                 self._idle.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         queue = self._queue()
-        if queue is None:
-            return 0
         handed = 0
         try:
             handed = queue.hand_back(self.worker_id)
@@ -211,15 +209,11 @@ class TaskRunner:
         beat_every = self.store.heartbeat_timeout / 4
         last_beat = 0.0
         failing = False
-        queue: TaskQueue | None = None
+        queue = self._queue()
         while not self._stop.is_set():
             if not self.store.tasks:  # no durable task in this app: nothing to claim
                 self._stop.wait(self.poll_interval)
                 continue
-            if queue is None:
-                queue = self._queue()
-                if queue is None:
-                    return
             if self.listen and self._listener is None:
                 self._listen(queue)
             claimed: list[Claimed] = []

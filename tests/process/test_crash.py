@@ -31,7 +31,7 @@ from flask_silo_sql import SessionStore, SQLStorage, session_key
 from flask_silo_sql.files import FileStore, fsck
 from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.files.limits import TEMP_PREFIX as PENDING_PREFIX
-from flask_silo_sql.files.records import FileRecords
+from flask_silo_sql.files.records import FileKeeping
 from flask_silo_sql.files.rows import FileRow, kept_aside
 from flask_silo_sql.sql.models import files, namespaces
 
@@ -201,7 +201,7 @@ def _check_store(engine: Engine, db_url: str, base: Path, sid: str) -> Any:
         storage.dispose()
 
 
-def records_of(storage: SQLStorage) -> Callable[[], FileRecords | None]:
+def records_of(storage: SQLStorage) -> Callable[[], FileKeeping]:
     """The rows of the ``uploads`` store in *storage*, as a Silo's file store reads them."""
     store = SessionStore(storage=storage)
     return lambda: store.backend.file_records("uploads")

@@ -27,7 +27,7 @@ from sqlalchemy import delete, select
 from flask_silo_sql import FileStore, SessionStore, SQLStorage, schema, session_key
 from flask_silo_sql.files import fsck
 from flask_silo_sql.files.limits import RETIRED_PREFIX
-from flask_silo_sql.files.records import FileRecords
+from flask_silo_sql.files.records import FileKeeping
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks
 from flask_silo_sql.sql.models import files as files_table
@@ -40,7 +40,7 @@ NAMES = 4
 HEADER = "X-Session-ID"
 
 
-def records_of(storage: SQLStorage) -> Callable[[], FileRecords | None]:
+def records_of(storage: SQLStorage) -> Callable[[], FileKeeping]:
     store = SessionStore(storage=storage)
     return lambda: store.backend.file_records("uploads")
 
