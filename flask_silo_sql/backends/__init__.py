@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backend, Policy, SweepResult, TaskQueue, Unit
+from ..tasks.queue import TaskQueue
+from .base import Backend, Policy, SweepResult, Unit
 from .memory import MemoryBackend
 
 __all__ = [

@@ -24,13 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
-    import threading
+from ..tasks.queue import TaskQueue
 
-    from ..files.records import FileKeeping
+if TYPE_CHECKING:
+    from ..files.catalog import FileKeeping
     from ..idempotency import IdempotencyRecords
     from ..sealing import Sealer
-    from ..tasks.runs import Claimed
     from ..tasks.spec import TaskSpec
 
 
@@ -116,25 +115,6 @@ class SweepResult:
     pruned: int = 0
     keys_expired: int = 0
     """Idempotency keys forgotten (older than their view's ttl)."""
-
-
-class TaskQueue(Protocol):
-    """Durable task runs, as the processes that claim and run them see them."""
-
-    def register(self, worker: str, kind: str, concurrency: int) -> None:
-        """Record (or refresh) process *worker* as live."""
-
-    def unregister(self, worker: str) -> None: ...
-
-    def claim(self, worker: str, limit: int) -> list[Claimed]:
-        """Claim up to *limit* due runs for *worker*, each as its next attempt."""
-
-    def hand_back(self, worker: str) -> int:
-        """Queue again, at once, the runs *worker* holds (it is stopping); how many."""
-
-    def listen(self, stop: threading.Event, wake: Callable[[], None]) -> bool:
-        """Call *wake* whenever a run is queued, until *stop*; False at once when this
-        database has no notifications (then claimers poll)."""
 
 
 class Unit(Protocol):

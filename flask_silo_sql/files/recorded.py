@@ -27,7 +27,7 @@ from .staging import StagedUpload
 from .unrecorded import stat_and_open
 
 if TYPE_CHECKING:
-    from .store import FileStore
+    from .catalog import CatalogStore
 
 OPEN_ATTEMPTS = 8
 """Times a download opens a ``local`` file replaced while it was opened, before a 503."""
@@ -38,7 +38,7 @@ class Recorded:
 
     __slots__ = ("records", "store")
 
-    def __init__(self, store: FileStore, records: FileRecords) -> None:
+    def __init__(self, store: CatalogStore, records: FileRecords) -> None:
         self.store = store
         self.records = records
 

@@ -53,10 +53,11 @@ from ..sids import is_valid_sid
 from .backends import make_bytes
 from .blobs import Bytes
 from .body import Readable
+from .catalog import Catalog, FileKeeping, RecordsProvider
 from .check import FsckReport
 from .failures import file_errors
 from .limits import safe_filename
-from .records import Backend, Catalog, FileKeeping, FileRecords, RecordsProvider
+from .records import Backend, FileRecords
 from .rekey import rekey_directories, rekey_objects
 from .rows import FileRow, StoredFile
 from .serving import send as send_file

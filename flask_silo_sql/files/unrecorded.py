@@ -26,8 +26,8 @@ from .receive import incoming
 from .rows import StoredFile
 
 if TYPE_CHECKING:
+    from .catalog import CatalogStore
     from .check import FsckReport
-    from .store import FileStore
 
 
 class Unrecorded:
@@ -35,7 +35,7 @@ class Unrecorded:
 
     __slots__ = ()
 
-    def catalog(self, store: FileStore) -> DiskOnly:
+    def catalog(self, store: CatalogStore) -> DiskOnly:
         return DiskOnly(store)
 
 
@@ -48,7 +48,7 @@ class DiskOnly:
 
     __slots__ = ("store",)
 
-    def __init__(self, store: FileStore) -> None:
+    def __init__(self, store: CatalogStore) -> None:
         self.store = store
 
     @property
@@ -143,7 +143,7 @@ class DiskOnly:
         raise ValueError(f"file store {self.store.name!r} has no SQL storage to check against")
 
 
-def stat_and_open(store: FileStore, sid: str, filename: str) -> tuple[StoredFile, IO[bytes]]:
+def stat_and_open(store: CatalogStore, sid: str, filename: str) -> tuple[StoredFile, IO[bytes]]:
     """A file as :meth:`FileStore.stat` and :meth:`FileStore.open` find it (no row to
     stream from: a store without rows, or this request's own upload)."""
     info = store.stat(sid, filename)
@@ -152,7 +152,9 @@ def stat_and_open(store: FileStore, sid: str, filename: str) -> tuple[StoredFile
     return info, store.open(sid, info.name)
 
 
-def _write(store: FileStore, sid: str, name: str, directory: str, chunks: Iterator[Piece]) -> str:
+def _write(
+    store: CatalogStore, sid: str, name: str, directory: str, chunks: Iterator[Piece]
+) -> str:
     """The file on disk, nothing else: under a temporary name, then renamed."""
     limit = store.max_file_bytes
     path = os.path.join(directory, name)

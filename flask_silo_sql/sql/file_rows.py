@@ -47,7 +47,7 @@ from .context import Context
 from .executor import Executor
 
 if TYPE_CHECKING:
-    from ..files.store import FileStore
+    from ..files.catalog import CatalogStore
 
 logger = silo_logger("flask_silo_sql.files")
 
@@ -95,7 +95,7 @@ class SQLFileRecords:
     def now(self) -> float:
         return self._b.now()
 
-    def catalog(self, store: FileStore) -> Recorded:
+    def catalog(self, store: CatalogStore) -> Recorded:
         """A store with rows knows its files from them."""
         return Recorded(store, self)
 

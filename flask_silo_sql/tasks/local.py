@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 class LocalQueue:
-    """A :class:`~flask_silo_sql.backends.TaskQueue` with nothing in it, ever."""
+    """A :class:`~.queue.TaskQueue` with nothing in it, ever."""
 
     __slots__ = ()
 

@@ -22,16 +22,36 @@ import random
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from .log import logger
 from .process import PROCESS
 from .runs import Claimed
 
 if TYPE_CHECKING:
-    from ..backends.base import TaskQueue
     from ..config import SiloConfig
-    from ..store import SessionStore
+    from .queue import TaskQueue
+    from .spec import TaskSpec
+
+
+class Queues(Protocol):
+    """Where a store's backend keeps its durable runs."""
+
+    def task_queue(self) -> TaskQueue: ...
+
+
+class RunnerStore(Protocol):
+    """What a runner uses of its store (a :class:`~flask_silo_sql.SessionStore`)."""
+
+    @property
+    def backend(self) -> Queues: ...
+
+    @property
+    def tasks(self) -> Mapping[str, TaskSpec]: ...
+
+    @property
+    def heartbeat_timeout(self) -> float: ...
 
 POLL_JITTER = 0.25
 """The spread of a runner's wait between two polls, as a fraction of the poll interval."""
@@ -43,7 +63,7 @@ class TaskRunner:
     @classmethod
     def from_config(
         cls,
-        store: SessionStore,
+        store: RunnerStore,
         config: SiloConfig,
         *,
         kind: str,
@@ -62,7 +82,7 @@ class TaskRunner:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: RunnerStore,
         *,
         kind: str = "worker",
         concurrency: int = 4,

@@ -29,9 +29,9 @@ from sqlalchemy import Engine, select
 
 from flask_silo_sql import SessionStore, SQLStorage, session_key
 from flask_silo_sql.files import FileStore, fsck
+from flask_silo_sql.files.catalog import FileKeeping
 from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.files.limits import TEMP_PREFIX as PENDING_PREFIX
-from flask_silo_sql.files.records import FileKeeping
 from flask_silo_sql.files.rows import FileRow, kept_aside
 from flask_silo_sql.sql.models import files, namespaces
 

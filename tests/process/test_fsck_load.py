@@ -26,8 +26,8 @@ from sqlalchemy import delete, select
 
 from flask_silo_sql import FileStore, SessionStore, SQLStorage, schema, session_key
 from flask_silo_sql.files import fsck
+from flask_silo_sql.files.catalog import FileKeeping
 from flask_silo_sql.files.limits import RETIRED_PREFIX
-from flask_silo_sql.files.records import FileKeeping
 from flask_silo_sql.sql.engine import make_engine
 from flask_silo_sql.sql.models import file_chunks
 from flask_silo_sql.sql.models import files as files_table
