@@ -148,11 +148,11 @@ def _run(
         # record could be found again; the view runs as it would without a key.
         return view(*args, **kwargs)
     wanted = _key_request(app_state, options, header, key)
-    if app_state.store.session_max_age is not None and state.unit.expired():
-        # Past its absolute lifetime (ended now, its keys with it), or expired: a retry
-        # under this SID cannot be told from a new request, as for an expired session.
-        state.gone = True
-        raise SessionExpired(state.sid)
+    if app_state.store.session_max_age is not None:
+        # A session past its absolute lifetime ends now, its keys with it: the claim
+        # then finds no session and answers as for an expired one (a retry under this
+        # SID cannot be told from a new request).
+        state.unit.expired()
     try:
         outcome = _claim(records, wanted, options.wait)
     except SessionExpired:

@@ -208,6 +208,22 @@ def test_a_task_claimed_elsewhere_meanwhile_is_refused(
         assert conn.execute(select(tasks.c.message)).scalar() == "elsewhere"
 
 
+def test_a_task_started_outside_a_request_for_a_session_gone_meanwhile_is_refused(
+    store: SessionStore, other: Engine
+) -> None:
+    """A script holds a session's task, and the session is destroyed before it starts it:
+    the start raises SessionExpired, writes no run and starts nothing."""
+    task = store.get(SID)["job"]["task"]
+    with other.begin() as conn:
+        conn.execute(delete(sessions).where(sessions.c.sid == KEY))
+    ran: list[bool] = []
+    with pytest.raises(SessionExpired):
+        task.start(lambda t: ran.append(True))
+    assert ran == []
+    with other.connect() as conn:
+        assert conn.execute(select(tasks.c.id)).first() is None
+
+
 # -- files -------------------------------------------------------------------------
 
 
@@ -236,6 +252,35 @@ def test_an_upload_into_a_session_destroyed_meanwhile_keeps_nothing(
     storage.statement_hook = None
     assert not exists(other)
     assert not (tmp_path / "up" / SID / "a.txt").exists()
+    with other.connect() as conn:
+        assert conn.execute(select(files.c.id)).first() is None
+
+
+def test_an_upload_whose_session_and_bytes_went_meanwhile_is_410_not_interrupted(
+    store: SessionStore, storage: SQLStorage, other: Engine, tmp_path: Path
+) -> None:
+    """Outside a request, ``local``: the session is destroyed, its directory with it, after
+    the bytes moved in and before the row: the client's session is gone (410), which a
+    409 "upload interrupted" would hide."""
+    from flask_silo_sql import FileStore
+
+    locks = storage.statements.files.lock_session_row
+    if locks is None:
+        pytest.skip("SQLite: no statement of the row's transaction comes before its check")
+    store.get(SID)
+    uploads = FileStore(
+        str(tmp_path / "up"), name="up", records=lambda: store.backend.file_records("up")
+    )
+
+    def destroy() -> None:
+        with other.begin() as conn:
+            conn.execute(delete(sessions).where(sessions.c.sid == KEY))
+        os.remove(tmp_path / "up" / KEY / "a.txt")  # a reset removes the session's files
+
+    at_statement(storage, "lock_session_row", destroy)
+    with pytest.raises(SessionExpired):
+        uploads.save(SID, "a.txt", b"hello")
+    storage.statement_hook = None
     with other.connect() as conn:
         assert conn.execute(select(files.c.id)).first() is None
 

@@ -68,6 +68,7 @@ def make_app(url: str | None, **config: Any) -> tuple[Flask, Silo, Clock, list[s
         @app.post("/api/once")
         @silo.idempotent
         def once() -> dict[str, Any]:
+            app.config["ONCE_RAN"] = app.config.get("ONCE_RAN", 0) + 1
             state = silo.state("counter")
             state["n"] += 1
             return {"n": state["n"]}
@@ -221,8 +222,10 @@ def test_an_idempotent_request_ends_it_too(
     assert expires == clock.now + TTL  # the idle expiry: its end is further off
     keep_busy(app, clock, CHOSEN, MAX_AGE)
     clock.now = T0 + MAX_AGE
+    ran = app.config["ONCE_RAN"]
     again = client.post("/api/once", headers={HEADER: CHOSEN, "Idempotency-Key": "k2"})
     assert again.status_code == 410
+    assert app.config["ONCE_RAN"] == ran  # the view never ran for the ended session
     assert ended == [session_key(CHOSEN)]
     assert not silo.store.exists(CHOSEN)
 
