@@ -49,7 +49,10 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(abc|contextlib|time)\..*"),
     # Internal types that appear in public signatures; their modules are not public API.
     (r"py:class", r"flask_silo_sql\.(tasks|files|sql|store|backends|ext|sealing)\..*"),
-    (r"py:(class|func)", r"(FsckReport|SQLBackend|SchemaError|new_sid|fsck|RunRow|StoredTask|RunnerStore)"),
+    (
+        r"py:(class|func)",
+        r"(FsckReport|SQLBackend|SchemaError|new_sid|fsck|RunRow|StoredTask|RunnerStore)",
+    ),
 ]
 
 myst_enable_extensions = ["attrs_block", "attrs_inline", "colon_fence", "deflist", "substitution"]
