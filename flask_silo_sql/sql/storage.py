@@ -9,7 +9,9 @@ compiled :class:`~.statements.Statements` and the database clock. A
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -117,6 +119,16 @@ class SQLStorage(SiloStorage):
         self._ready = threading.Lock()
         self._parts: _Parts | None = None
         self._hook: StatementHook | None = None
+        _fork_safe(self)
+
+    def _forking(self) -> None:
+        self._ready.acquire()  # no fork while another thread makes the parts
+
+    def _forked(self, *, child: bool) -> None:
+        if child:  # the lock is this process's own now, and free
+            self._ready = threading.Lock()
+        else:
+            self._ready.release()
 
     # -- engine ------------------------------------------------------------------
 
@@ -391,3 +403,27 @@ class SQLStorage(SiloStorage):
                 in health
             },
         }
+
+
+def _fork_safe(storage: SQLStorage) -> None:
+    """A process forked while another thread made the storage's parts (a ``--preload``
+    master's task runner, say) would inherit their lock held, and wait on it for ever:
+    the fork waits for the parts instead, and the child gets a free lock."""
+    this = weakref.ref(storage)
+
+    def before() -> None:
+        found = this()
+        if found is not None:
+            found._forking()
+
+    def in_parent() -> None:
+        found = this()
+        if found is not None:
+            found._forked(child=False)
+
+    def in_child() -> None:
+        found = this()
+        if found is not None:
+            found._forked(child=True)
+
+    os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)
