@@ -100,9 +100,13 @@ def _client(base: str, number: int, outcomes: Counter[str], workers: Counter[int
     """One client: uploads its own file, then polls; every answer must be its own."""
     http = requests.Session()
     name = f"client{number}.txt"
-    reply = http.post(
-        base + "/api/upload", files={"file": (name, f"client {number}\n".encode())}, timeout=10
-    )
+    try:
+        reply = http.post(
+            base + "/api/upload", files={"file": (name, f"client {number}\n".encode())}, timeout=10
+        )
+    except requests.RequestException as exc:  # counted, not lost with the thread
+        outcomes[f"upload {type(exc).__name__}"] += 1
+        return
     if reply.status_code != 200:
         outcomes[f"upload {reply.status_code}"] += 1
         return
