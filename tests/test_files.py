@@ -10,7 +10,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,14 @@ import pytest
 from flask import jsonify, request
 from harness import AppFactory, Harness
 from sqlalchemy import select
-from support import Clock
+from support import Clock, StatementLog
 from werkzeug.test import TestResponse
 
 from flask_silo_sql import FileTooLarge, session_key
 from flask_silo_sql.cli import silo_db
 from flask_silo_sql.files import fsck
 from flask_silo_sql.files.limits import TEMP_PREFIX
+from flask_silo_sql.sql import SQLStorage
 from flask_silo_sql.sql.models import files as files_table
 
 SID = "files-test-session-0001"
@@ -391,6 +392,37 @@ def test_reset_removes_files_and_rows(env: App) -> None:
     assert env.uploads.list_files(SID) == []
     assert not env.session_dir(SID).exists() or not list(env.session_dir(SID).iterdir())
     assert env.uploads.list_files(OTHER_SID) == ["b.txt"]
+
+
+class RotatedAfterTheRowsWent(StatementLog):
+    """The session's directory renamed (a rotation that waited for the reset's lock, and
+    moved no rows: they went) once the reset's rows are deleted, before their bytes go."""
+
+    def __init__(self, env: App) -> None:
+        assert isinstance(env.silo.store.storage, SQLStorage)
+        super().__init__(env.silo.store.storage)
+        self.env = env
+        self.renamed = False
+
+    def seen(self, name: str, values: Mapping[str, Any]) -> None:
+        if name == "forget_session_files" and not self.renamed:
+            self.renamed = True
+            os.rename(self.env.session_dir(SID), self.env.session_dir(OTHER_SID))
+
+
+def test_a_reset_leaves_no_bytes_behind_when_a_rotation_renames_its_directory(
+    env: App,
+) -> None:
+    assert env.upload("a.txt", b"a").status_code == 200
+    with RotatedAfterTheRowsWent(env) as rotation:
+        reset = env.client.post("/api/reset", headers={"X-Session-ID": SID})
+    assert reset.status_code == 200
+    assert rotation.renamed
+    assert env.rows() == []
+    assert all_files(Path(env.uploads.base_dir)) == set()  # none without its row
+    report = fsck(env.uploads)
+    assert report.unrecorded == []
+    assert report.missing == []
 
 
 def test_cleanup_all_removes_every_session_files_and_rows(env: App) -> None:

@@ -9,7 +9,9 @@ still holds the old SID is answered as an expired session.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from sqlalchemy import select
 from support import sql_storage
 
 from flask_silo_sql import BackgroundTask, Silo, session_key
+from flask_silo_sql.files.locks import make_directory
 from flask_silo_sql.sql.models import files, namespaces, tasks
 
 PLANTED = "planted-by-an-attacker-000001"
@@ -209,3 +212,27 @@ def test_a_running_task_follows_its_session_through_a_rotation(
         rows = conn.execute(select(tasks.c.sid, tasks.c.name, tasks.c.status)).all()
     assert (session_key(new), "report", "complete") in rows
     assert not any(sid == session_key(PLANTED) for sid, _, _ in rows)
+
+
+def test_a_session_directory_renamed_away_while_it_is_made_is_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload that makes its session's directory as a rotation renames it: the
+    directory was there when ``mkdir`` looked and gone when ``makedirs`` checked it
+    (a 500 "could not create a session directory" before)."""
+    directory = tmp_path / "uploads" / "session"
+    directory.mkdir(parents=True)
+    real_mkdir = os.mkdir
+
+    def mkdir_as_a_rotation_renames(path: Any, mode: int = 0o777, **kw: Any) -> None:
+        if os.fspath(path) == str(directory) and directory.exists():
+            directory.rename(tmp_path / "uploads" / "rotated")  # after mkdir saw it
+            raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
+        real_mkdir(path, mode, **kw)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_as_a_rotation_renames)
+    make_directory(str(directory))
+    assert directory.is_dir()
+    (tmp_path / "uploads" / "in-the-way").write_bytes(b"")
+    with pytest.raises(FileExistsError):  # a file where the directory goes is still refused
+        make_directory(str(tmp_path / "uploads" / "in-the-way"))

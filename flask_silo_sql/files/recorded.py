@@ -177,7 +177,7 @@ class Recorded:
         directory's lock; see :meth:`FileStore.cleanup`)."""
         store = self.store
         local = store.blobs.kind == "local" and os.path.isdir(directory)
-        with directory_lock(directory) if local else contextlib.nullcontext():
+        with directory_lock(directory) if local else contextlib.nullcontext() as held:
             forgotten = [row for row in self.records.forget(sid) if not row.pending]
             store.drop_bytes(forgotten)
             if not local:
@@ -185,7 +185,12 @@ class Recorded:
             for row in forgotten:
                 if row.backend == "local" and (row.host is None or row.host == store.host):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(directory, row.filename))
+                        # Through the held directory: a rotation that renamed it after
+                        # the rows went (its own moved none) took these bytes along.
+                        if held is None:
+                            os.unlink(os.path.join(directory, row.filename))
+                        else:
+                            os.unlink(row.filename, dir_fd=held)
 
     def forget_all(self) -> None:
         self.store.drop_bytes(self.records.forget())

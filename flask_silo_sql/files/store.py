@@ -57,6 +57,7 @@ from .catalog import Catalog, FileKeeping, RecordsProvider
 from .check import FsckReport
 from .failures import file_errors
 from .limits import safe_filename
+from .locks import make_directory
 from .records import Backend, FileRecords
 from .rekey import rekey_directories, rekey_objects
 from .rows import FileRow, StoredFile
@@ -196,7 +197,7 @@ class FileStore:
         path = self._dir(sid)
         if self.auto_create:
             with file_errors(self.name, sid, "create a session directory"):
-                os.makedirs(path, exist_ok=True)
+                make_directory(path)
         return path
 
     def _named(self, sid: str, filename: str) -> str:

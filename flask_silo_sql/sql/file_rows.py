@@ -72,7 +72,7 @@ class StagedFile:
         self.records.undo(self.upload)
 
 
-def _lock(directory: str | None) -> AbstractContextManager[None]:
+def _lock(directory: str | None) -> AbstractContextManager[int | None]:
     return directory_lock(directory) if directory is not None else nullcontext()
 
 

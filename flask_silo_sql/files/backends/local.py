@@ -12,6 +12,7 @@ from ...errors import FileNotStored
 from ..blobs import Sink
 from ..body import Piece
 from ..limits import FILE_MODE
+from ..locks import make_directory
 from ..records import StoreView
 from ..rows import FileRow, kept_aside
 
@@ -23,7 +24,7 @@ def create_temp(directory: str, name: str) -> tuple[int, str]:
     try:
         return os.open(path, flags, FILE_MODE), path
     except FileNotFoundError:
-        os.makedirs(directory, exist_ok=True)
+        make_directory(directory)
         return os.open(path, flags, FILE_MODE), path
 
 
