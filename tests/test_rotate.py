@@ -23,7 +23,8 @@ from flask import Flask, jsonify, request
 from sqlalchemy import select
 from support import sql_storage
 
-from flask_silo_sql import BackgroundTask, Silo, session_key
+from flask_silo_sql import BackgroundTask, SessionExpired, Silo, session_key
+from flask_silo_sql.files.limits import TEMP_PREFIX
 from flask_silo_sql.files.locks import make_directory
 from flask_silo_sql.sql.models import files, namespaces, tasks
 
@@ -51,7 +52,8 @@ def app(silo_url: str, tmp_path: Path) -> Iterator[tuple[Flask, Silo]]:
 
     @app.post("/api/upload")
     def upload() -> Any:
-        uploads.save(silo.sid, "a.txt", io.BytesIO(b"file of the session"))
+        name = request.args.get("name", "a.txt")
+        uploads.save(silo.sid, name, io.BytesIO(b"file of the session"))
         return jsonify(ok=True)
 
     @app.post("/api/start")
@@ -236,3 +238,78 @@ def test_a_session_directory_renamed_away_while_it_is_made_is_made_anew(
     (tmp_path / "uploads" / "in-the-way").write_bytes(b"")
     with pytest.raises(FileExistsError):  # a file where the directory goes is still refused
         make_directory(str(tmp_path / "uploads" / "in-the-way"))
+
+
+@pytest.mark.parametrize("where", ["request", "script"])
+def test_an_upload_whose_session_rotates_before_its_bytes_land_is_refused_whole(
+    app: tuple[Flask, Silo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The rotation moves the upload's pending row and the session's directory after the
+    upload began and before it made its temporary file, which then goes into the old
+    SID's directory made anew. The upload is refused (410, as one whose SID rotated),
+    in a request or outside one (a task, a script), not kept under a row that names
+    bytes in the new SID's directory (a file without its bytes, and bytes without a
+    row)."""
+    flask_app, silo = app
+    client = flask_app.test_client()
+    old = {HEADER: PLANTED}
+    assert client.post("/api/upload", headers=old).status_code == 200
+    uploads = silo.file_store("uploads")
+    real_open = os.open
+    rotated: list[str] = []
+
+    def open_after_a_rotation(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if not rotated and os.path.basename(os.fspath(path)).startswith(TEMP_PREFIX):
+            rotated.append(silo.store.rotate(PLANTED))  # between the row and the file
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", open_after_a_rotation)
+    if where == "request":
+        late = client.post("/api/upload?name=late.txt", headers=old)
+        assert late.status_code == 410, late.get_data(as_text=True)
+    else:
+        with pytest.raises(SessionExpired):
+            uploads.save(PLANTED, "late.txt", io.BytesIO(b"written by a task"))
+    monkeypatch.undo()
+    assert rotated
+    assert uploads.list_files(rotated[0]) == ["a.txt"]
+    report = uploads.check(grace=0.0)
+    assert report.unrecorded == []
+    assert report.missing == []
+    leftover = {p.name for p in (tmp_path / "uploads").rglob("*") if p.is_file()}
+    assert leftover == {"a.txt"}
+
+
+class RotatedWhileRead(io.BytesIO):
+    """An upload's body whose first read rotates its session: the temporary file the
+    upload writes to goes along with the session's directory."""
+
+    def __init__(self, silo: Silo, sid: str, data: bytes) -> None:
+        super().__init__(data)
+        self.silo, self.sid = silo, sid
+        self.rotated: list[str] = []
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if not self.rotated:
+            self.rotated.append(self.silo.store.rotate(self.sid))
+        return super().read(size)
+
+
+def test_an_upload_whose_session_rotates_while_it_streams_leaves_nothing_behind(
+    app: tuple[Flask, Silo], tmp_path: Path
+) -> None:
+    """Refused (its SID rotated), and its temporary file, which went into the new SID's
+    directory with the rest, is gone too (fsck would find it as a leftover)."""
+    flask_app, silo = app
+    client = flask_app.test_client()
+    assert client.post("/api/upload", headers={HEADER: PLANTED}).status_code == 200
+    uploads = silo.file_store("uploads")
+    body = RotatedWhileRead(silo, PLANTED, b"written by a task")
+    with pytest.raises(SessionExpired):
+        uploads.save(PLANTED, "late.txt", body)
+    assert body.rotated
+    assert uploads.list_files(body.rotated[0]) == ["a.txt"]
+    report = uploads.check(grace=0.0)
+    assert (report.unrecorded, report.missing, report.partial) == ([], [], [])
+    leftover = {p.name for p in (tmp_path / "uploads").rglob("*") if p.is_file()}
+    assert leftover == {"a.txt"}

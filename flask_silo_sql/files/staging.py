@@ -98,11 +98,13 @@ class StagedUpload:
     def moved_to(self, sid: str) -> None:
         """Its session moved to *sid* (a rotation) before the upload was kept: its bytes
         went along (directory, objects), and are removed there if still its own."""
-        old = self.row.sid
-        moved = os.sep.join(sid if part == old else part for part in self.path.split(os.sep))
+        moved = self._moved(self.path, sid)
         if self.blobs.kind != "local":
             self.blobs.drop_upload(replace(self.row, sid=sid), moved)
             return
+        if self.tmp is not None:  # not installed yet: its temporary file went along
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._moved(self.tmp, sid))
         if self._identity is None:
             return
         try:
@@ -111,6 +113,10 @@ class StagedUpload:
                 os.unlink(moved)
         except FileNotFoundError:
             pass
+
+    def _moved(self, path: str, sid: str) -> str:
+        """*path* in the directory of session *sid* instead of this upload's own."""
+        return os.sep.join(sid if part == self.row.sid else part for part in path.split(os.sep))
 
     def keep(self) -> None:
         """The row is committed: the replaced version's bytes go (a reader that opened

@@ -155,10 +155,12 @@ class FileStatements:
         """The commit of an upload: its row renamed, the version it replaces deleted or
         retired."""
         prepare, file_id = self._prepare, self._file_id
+        # Still the session's: a rotation that moved its pending row meanwhile took the
+        # directory, not bytes written after it into a directory made anew.
         self.finish_upload = prepare(
             "finish_upload",
             update(files)
-            .where(files.c.id == file_id)
+            .where(files.c.id == file_id, files.c.sid == self._sid)
             .values(
                 filename=self._filename,
                 size_bytes=bindparam("size_bytes", type_=BigInteger()),
