@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, NoReturn
 
 from ..errors import FileNotStored, FileTooLarge, SiloError
-from .backends.local import create_temp
+from .backends.local import LocalSink
 from .body import Piece, Readable
 from .failures import file_errors, storage_error
 from .limits import TEMP_PREFIX
@@ -82,12 +82,15 @@ class DiskOnly:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def _file(self, sid: str, name: str) -> str:
+        return os.path.join(self._directory(sid), name)
+
     def path(self, sid: str, name: str) -> str | None:
-        path = os.path.join(self._directory(sid), name)
+        path = self._file(sid, name)
         return path if os.path.isfile(path) else None
 
     def open(self, sid: str, name: str, filename: str) -> IO[bytes]:
-        path = os.path.join(self._directory(sid), name)
+        path = self._file(sid, name)
         try:
             return open(path, "rb")
         except FileNotFoundError:
@@ -96,7 +99,7 @@ class DiskOnly:
             raise storage_error(exc, self.store.name, sid, "read a file") from None
 
     def stat(self, sid: str, name: str) -> StoredFile | None:
-        path = os.path.join(self._directory(sid), name)
+        path = self._file(sid, name)
         if not os.path.isfile(path):
             return None
         return StoredFile(name, os.path.getsize(path), "", None, None, "local", None, True)
@@ -155,27 +158,23 @@ def stat_and_open(store: CatalogStore, sid: str, filename: str) -> tuple[StoredF
 def _write(
     store: CatalogStore, sid: str, name: str, directory: str, chunks: Iterator[Piece]
 ) -> str:
-    """The file on disk, nothing else: under a temporary name, then renamed."""
+    """The file on disk, nothing else: written to a temporary file, synced, then renamed."""
     limit = store.max_file_bytes
     path = os.path.join(directory, name)
     with file_errors(store.name, sid, "store a file"):
-        fd, tmp = create_temp(directory, TEMP_PREFIX + secrets.token_hex(8))
+        sink = LocalSink(directory, TEMP_PREFIX + secrets.token_hex(8), lambda _row: path)
     try:
         size = 0
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                size += len(chunk)
-                if limit is not None and size > limit:
-                    raise FileTooLarge(name, size, limit)
-                with file_errors(store.name, sid, "store a file"):
-                    out.write(chunk)
+        for chunk in chunks:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise FileTooLarge(name, size, limit)
             with file_errors(store.name, sid, "store a file"):
-                out.flush()
-                os.fsync(out.fileno())
+                sink.write(chunk)
         with file_errors(store.name, sid, "store a file"):
-            os.replace(tmp, path)
+            sink.finish()
+            os.replace(sink.tmp_path, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        sink.abort()
         raise
     return path

@@ -9,9 +9,7 @@ compiled :class:`~.statements.Statements` and the database clock. A
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +17,7 @@ from sqlalchemy import URL, Engine
 
 from ..codec import dumps
 from ..errors import SiloError
+from ..forks import at_fork
 from ..keys import SessionKey, client_key
 from ..storage import SiloStorage
 from . import sessions as ops
@@ -119,7 +118,14 @@ class SQLStorage(SiloStorage):
         self._ready = threading.Lock()
         self._parts: _Parts | None = None
         self._hook: StatementHook | None = None
-        _fork_safe(self)
+        # A process forked while another thread made the parts (a ``--preload`` master's
+        # task runner, say) would inherit their lock held: the fork waits for the parts.
+        at_fork(
+            self,
+            before=SQLStorage._forking,
+            in_parent=lambda storage: storage._forked(child=False),
+            in_child=lambda storage: storage._forked(child=True),
+        )
 
     def _forking(self) -> None:
         self._ready.acquire()  # no fork while another thread makes the parts
@@ -403,27 +409,3 @@ class SQLStorage(SiloStorage):
                 in health
             },
         }
-
-
-def _fork_safe(storage: SQLStorage) -> None:
-    """A process forked while another thread made the storage's parts (a ``--preload``
-    master's task runner, say) would inherit their lock held, and wait on it for ever:
-    the fork waits for the parts instead, and the child gets a free lock."""
-    this = weakref.ref(storage)
-
-    def before() -> None:
-        found = this()
-        if found is not None:
-            found._forking()
-
-    def in_parent() -> None:
-        found = this()
-        if found is not None:
-            found._forked(child=False)
-
-    def in_child() -> None:
-        found = this()
-        if found is not None:
-            found._forked(child=True)
-
-    os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)

@@ -21,10 +21,10 @@ import os
 import random
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from ..forks import at_fork
 from .log import logger
 from .process import PROCESS
 from .runs import Claimed
@@ -138,24 +138,12 @@ class TaskRunner:
         self.start()
         if not self._fork_hook:
             self._fork_hook = True
-            this = weakref.ref(self)
-
-            def before() -> None:
-                runner = this()
-                if runner is not None:
-                    runner._claiming.acquire()  # not forked in the middle of a claim
-
-            def in_parent() -> None:
-                runner = this()
-                if runner is not None:
-                    runner._claiming.release()
-
-            def in_child() -> None:
-                runner = this()
-                if runner is not None:
-                    runner._start_in_child()
-
-            os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)
+            at_fork(
+                self,
+                before=lambda runner: runner._claiming.acquire(),  # not mid-claim
+                in_parent=lambda runner: runner._claiming.release(),
+                in_child=TaskRunner._start_in_child,
+            )
 
     def _start_in_child(self) -> None:
         """After a fork: the parent's threads are not here, and its locks may be held."""

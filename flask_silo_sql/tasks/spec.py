@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    pass
+from typing import Any, TypeVar
 
 NAMESPACE_ARG = "__silo_namespace__"
 """Key of the JSON object that stands, in a durable run's arguments, for the namespace
